@@ -1,0 +1,1 @@
+//! The `podgpu` command line: one file per subcommand, each with its clap `Args` and a `run`.

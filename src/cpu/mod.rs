@@ -1,0 +1,61 @@
+//! Shared pieces of the CPU backend: parallel GEMM and the thresholds that decide when rayon is worth it.
+
+use crate::tensor::Elem;
+use rayon::prelude::*;
+
+/// Below this many multiply-adds a loop runs on one thread: rayon's fork/join costs more than it saves.
+pub const PAR_MIN_WORK: usize = 1 << 15;
+
+/// Row-major C[m×n] = alpha·op(A)·op(B) + beta·C, with op = transpose when the flag says so.
+/// A is stored m×k (or k×m when `ta`), B is k×n (or n×k when `tb`). Rows of C are split over rayon.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm<T: Elem>(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: T,
+    a: &[T],
+    ta: bool,
+    b: &[T],
+    tb: bool,
+    beta: T,
+    c: &mut [T],
+) {
+    assert_eq!(a.len(), m * k, "gemm: A has {} values, expected {m}×{k}", a.len());
+    assert_eq!(b.len(), k * n, "gemm: B has {} values, expected {k}×{n}", b.len());
+    assert_eq!(c.len(), m * n, "gemm: C has {} values, expected {m}×{n}", c.len());
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
+    let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
+    let work = m * n * k.max(1);
+    let threads = rayon::current_num_threads();
+    if work < PAR_MIN_WORK * 4 || threads == 1 || m < 2 * threads {
+        T::gemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, n as isize, 1);
+        return;
+    }
+    // Split C (and A) by row blocks; each block is an independent GEMM.
+    let rows = m.div_ceil(threads * 2).max(8);
+    c.par_chunks_mut(rows * n).enumerate().for_each(|(blk, cb)| {
+        let r0 = blk * rows;
+        let mb = cb.len() / n;
+        let a_off = if ta { r0 } else { r0 * k };
+        T::gemm(mb, k, n, alpha, &a[a_off..], rsa, csa, b, rsb, csb, beta, cb, n as isize, 1);
+    });
+}
+
+/// Runs `f(i, chunk)` over equal chunks of `out` in parallel when the work is large enough.
+pub fn par_chunks<T: Send, F>(out: &mut [T], chunk: usize, work_per_chunk: usize, f: F)
+where
+    F: Fn(usize, &mut [T]) + Send + Sync,
+{
+    if chunk == 0 {
+        return;
+    }
+    if out.len() / chunk * work_per_chunk < PAR_MIN_WORK {
+        out.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
+    } else {
+        out.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}

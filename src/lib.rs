@@ -1,0 +1,14 @@
+//! podgpu: a training engine for image classifiers with the POD loss (NaC + SC over a frozen PEDCC
+//! head), on CUDA (cuDNN, cuBLAS, our own kernels) and on the CPU (rayon), with one autodiff tape.
+
+pub mod autograd;
+pub mod cli;
+pub mod cpu;
+pub mod cuda;
+pub mod gradcheck;
+pub mod ops;
+pub mod rng;
+pub mod tensor;
+
+pub use autograd::{ParamId, ParamKind, ParamStore, Tape, Var};
+pub use tensor::{DType, Device, Tensor};

@@ -1,0 +1,22 @@
+//! The `podgpu` command line.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "podgpu", version, about = "Train image classifiers with the POD loss on GPU or CPU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {}
+
+fn main() {
+    let cli = Cli::parse();
+    let result: anyhow::Result<()> = match cli.command {};
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

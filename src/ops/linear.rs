@@ -1,0 +1,111 @@
+//! Matrix products: the linear layer (FC1, softmax heads) and the PEDCC projection `x Pᵀ`.
+
+use super::assert_same_place;
+use crate::autograd::{Tape, Var};
+use crate::cpu;
+use crate::cuda;
+use crate::tensor::{Elem, Tensor};
+
+/// op(A)·op(B) for 2-D tensors; `ta`/`tb` transpose the stored matrix.
+pub fn matmul_fwd(a: &Tensor, ta: bool, b: &Tensor, tb: bool) -> Tensor {
+    assert!(a.rank() == 2 && b.rank() == 2, "matmul of {a:?} and {b:?}");
+    assert_same_place("matmul", &[a, b]);
+    let (m, k) = if ta { (a.dim(1), a.dim(0)) } else { (a.dim(0), a.dim(1)) };
+    let (k2, n) = if tb { (b.dim(1), b.dim(0)) } else { (b.dim(0), b.dim(1)) };
+    assert_eq!(k, k2, "matmul: inner dimensions differ ({a:?}, ta={ta}; {b:?}, tb={tb})");
+    dispatch!(a, matmul_host, cuda::kernels::matmul, a, ta, b, tb, m, k, n)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_host<T: Elem>(
+    a: &Tensor,
+    ta: bool,
+    b: &Tensor,
+    tb: bool,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Tensor {
+    let mut c = vec![T::zero(); m * n];
+    cpu::gemm(m, k, n, T::one(), a.host(), ta, b.host(), tb, T::zero(), &mut c);
+    Tensor::from_vec(&[m, n], c)
+}
+
+/// y[b, j] += bias[j] for a [rows, cols] tensor.
+pub fn bias_add_fwd(y: &Tensor, bias: &Tensor) -> Tensor {
+    assert_eq!(y.rank(), 2);
+    assert_eq!(bias.shape(), &[y.dim(1)], "bias shape {:?} for output {:?}", bias.shape(), y.shape());
+    assert_same_place("bias_add", &[y, bias]);
+    dispatch!(y, bias_add_host, cuda::kernels::bias_add, y, bias)
+}
+
+fn bias_add_host<T: Elem>(y: &Tensor, bias: &Tensor) -> Tensor {
+    let b = bias.host::<T>();
+    let mut out = y.host::<T>().to_vec();
+    for row in out.chunks_mut(b.len()) {
+        for (o, &bv) in row.iter_mut().zip(b) {
+            *o += bv;
+        }
+    }
+    Tensor::from_vec(y.shape(), out)
+}
+
+/// Column sums of a [rows, cols] tensor → [cols] (the bias gradient).
+pub fn sum_rows_fwd(x: &Tensor) -> Tensor {
+    assert_eq!(x.rank(), 2);
+    dispatch!(x, sum_rows_host, cuda::kernels::sum_rows, x)
+}
+
+fn sum_rows_host<T: Elem>(x: &Tensor) -> Tensor {
+    let cols = x.dim(1);
+    let mut out = vec![T::zero(); cols];
+    for row in x.host::<T>().chunks(cols) {
+        for (o, &v) in out.iter_mut().zip(row) {
+            *o += v;
+        }
+    }
+    Tensor::from_vec(&[cols], out)
+}
+
+/// op(A)·op(B) on the tape.
+pub fn matmul(t: &mut Tape, a: &Var, ta: bool, b: &Var, tb: bool) -> Var {
+    let y = matmul_fwd(a.value(), ta, b.value(), tb);
+    let (sa, sb) = (a.value().clone(), b.value().clone());
+    t.op(y, &[a, b], move || {
+        Box::new(move |g, needs| {
+            // C = op(A) op(B):  d op(A) = G op(B)ᵀ,  d op(B) = op(A)ᵀ G; transposing back where stored so.
+            let da = needs[0].then(|| {
+                if ta {
+                    matmul_fwd(&sb, tb, g, true)
+                } else {
+                    matmul_fwd(g, false, &sb, !tb)
+                }
+            });
+            let db = needs[1].then(|| {
+                if tb {
+                    matmul_fwd(g, true, &sa, ta)
+                } else {
+                    matmul_fwd(&sa, !ta, g, false)
+                }
+            });
+            vec![da, db]
+        })
+    })
+}
+
+/// y = x Wᵀ + b with x [B, in], W [out, in] (PyTorch's layout), b [out].
+pub fn linear(t: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Var {
+    let xw = matmul(t, x, false, w, true);
+    match b {
+        Some(b) => bias_add(t, &xw, b),
+        None => xw,
+    }
+}
+
+/// Adds a bias row to every row of y.
+pub fn bias_add(t: &mut Tape, y: &Var, b: &Var) -> Var {
+    let out = bias_add_fwd(y.value(), b.value());
+    t.op(out, &[y, b], || {
+        Box::new(|g, needs| vec![Some(g.clone()), needs[1].then(|| sum_rows_fwd(g))])
+    })
+}
