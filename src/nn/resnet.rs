@@ -1,0 +1,162 @@
+//! ResNet18/34/50/101/152 with the reference code's structure and parameter names (DESIGN.md §1.7):
+//! `pre_layers.{0,1}` stem conv + BN, `layerL.I.layers.{0,1,3,4[,6,7]}` the block's convs and BNs,
+//! `layerL.0.shortcut.{0,1}` the projection, then global average pooling → `fc` (FC1, to the latent dim).
+
+use super::layers::{BatchNorm, Conv};
+use crate::autograd::{ParamStore, Tape, Var};
+use crate::ops;
+use crate::rng::Rng;
+use crate::tensor::DType;
+
+/// The stem: how the first layers treat the input resolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stem {
+    /// 3×3 stride-1 conv, no max-pool (CIFAR, 32×32).
+    Cifar,
+    /// The CIFAR stem followed by a 3×3 stride-2 max-pool (Tiny ImageNet, FaceScrub, 64×64).
+    TinyImageNet,
+    /// 7×7 stride-2 conv and a 3×3 stride-2 max-pool (ImageNet, 224×224).
+    ImageNet,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BlockKind {
+    Basic,
+    Bottleneck,
+}
+
+impl BlockKind {
+    fn expansion(self) -> usize {
+        match self {
+            BlockKind::Basic => 1,
+            BlockKind::Bottleneck => 4,
+        }
+    }
+}
+
+/// One residual block: `layers` (conv, BN, ReLU, …) plus an optional projection shortcut.
+struct Block {
+    convs: Vec<(Conv, BatchNorm)>,
+    shortcut: Option<(Conv, BatchNorm)>,
+}
+
+impl Block {
+    fn forward(&self, t: &mut Tape, ps: &mut ParamStore, x: &Var) -> Var {
+        let mut y = x.clone();
+        let last = self.convs.len() - 1;
+        for (i, (conv, bn)) in self.convs.iter().enumerate() {
+            y = conv.forward(t, ps, &y);
+            y = bn.forward(t, ps, &y);
+            if i != last {
+                y = ops::relu(t, &y);
+            }
+        }
+        let residual = match &self.shortcut {
+            Some((conv, bn)) => {
+                let s = conv.forward(t, ps, x);
+                bn.forward(t, ps, &s)
+            }
+            None => x.clone(),
+        };
+        let sum = ops::add(t, &y, &residual);
+        ops::relu(t, &sum)
+    }
+}
+
+/// The ResNet backbone up to global average pooling: images [N, C, H, W] → pooled features [N, out_dim].
+pub struct ResNet {
+    stem_conv: Conv,
+    stem_bn: BatchNorm,
+    stem: Stem,
+    layers: Vec<Vec<Block>>,
+    pub out_dim: usize,
+}
+
+impl ResNet {
+    /// `depth` ∈ {18, 34, 50, 101, 152}; `width` is the stem's channel count (64 in the paper; smaller
+    /// widths keep the topology for fast tests and fixtures).
+    pub fn new(
+        depth: usize,
+        width: usize,
+        in_channels: usize,
+        stem: Stem,
+        ps: &mut ParamStore,
+        dtype: DType,
+        rng: &mut Rng,
+    ) -> Result<ResNet, String> {
+        let (kind, blocks) = match depth {
+            18 => (BlockKind::Basic, [2, 2, 2, 2]),
+            34 => (BlockKind::Basic, [3, 4, 6, 3]),
+            50 => (BlockKind::Bottleneck, [3, 4, 6, 3]),
+            101 => (BlockKind::Bottleneck, [3, 4, 23, 3]),
+            152 => (BlockKind::Bottleneck, [3, 8, 36, 3]),
+            _ => return Err(format!("no ResNet of depth {depth} (choose 18, 34, 50, 101 or 152)")),
+        };
+        let stem_conv = match stem {
+            Stem::ImageNet => Conv::new(ps, "pre_layers.0", in_channels, width, 7, 2, 3, 1, false, dtype, rng),
+            _ => Conv::new(ps, "pre_layers.0", in_channels, width, 3, 1, 1, 1, false, dtype, rng),
+        };
+        let stem_bn = BatchNorm::new(ps, "pre_layers.1", width, dtype);
+        let mut in_planes = width;
+        let mut layers = Vec::new();
+        for (l, &n) in blocks.iter().enumerate() {
+            let planes = width << l;
+            let stride = if l == 0 { 1 } else { 2 };
+            let mut layer = Vec::new();
+            for i in 0..n {
+                let p = format!("layer{}.{i}", l + 1);
+                let s = if i == 0 { stride } else { 1 };
+                let out = planes * kind.expansion();
+                let shortcut = (i == 0 && (s != 1 || in_planes != out)).then(|| {
+                    (
+                        Conv::new(ps, &format!("{p}.shortcut.0"), in_planes, out, 1, s, 0, 1, false, dtype, rng),
+                        BatchNorm::new(ps, &format!("{p}.shortcut.1"), out, dtype),
+                    )
+                });
+                let conv = |ps: &mut ParamStore, rng: &mut Rng, idx: usize, cin, cout, k, s, pad| {
+                    (
+                        Conv::new(ps, &format!("{p}.layers.{idx}"), cin, cout, k, s, pad, 1, false, dtype, rng),
+                        BatchNorm::new(ps, &format!("{p}.layers.{}", idx + 1), cout, dtype),
+                    )
+                };
+                let convs = match kind {
+                    BlockKind::Basic => vec![
+                        conv(ps, rng, 0, in_planes, planes, 3, s, 1),
+                        conv(ps, rng, 3, planes, planes, 3, 1, 1),
+                    ],
+                    // The reference puts the stride on the 3×3 conv (ResNet v1.5).
+                    BlockKind::Bottleneck => vec![
+                        conv(ps, rng, 0, in_planes, planes, 1, 1, 0),
+                        conv(ps, rng, 3, planes, planes, 3, s, 1),
+                        conv(ps, rng, 6, planes, out, 1, 1, 0),
+                    ],
+                };
+                layer.push(Block { convs, shortcut });
+                in_planes = out;
+            }
+            layers.push(layer);
+        }
+        Ok(ResNet {
+            stem_conv,
+            stem_bn,
+            stem,
+            layers,
+            out_dim: in_planes,
+        })
+    }
+
+    pub fn forward(&self, t: &mut Tape, ps: &mut ParamStore, x: &Var) -> Var {
+        let y = self.stem_conv.forward(t, ps, x);
+        let y = self.stem_bn.forward(t, ps, &y);
+        let mut y = ops::relu(t, &y);
+        if self.stem != Stem::Cifar {
+            y = ops::max_pool2d(t, &y, 3, 2, 1);
+        }
+        for layer in &self.layers {
+            for block in layer {
+                y = block.forward(t, ps, &y);
+            }
+        }
+        ops::global_avg_pool(t, &y)
+    }
+}
