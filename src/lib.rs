@@ -7,8 +7,10 @@ pub mod cpu;
 pub mod cuda;
 pub mod gradcheck;
 pub mod ops;
+pub mod optim;
 pub mod rng;
 pub mod tensor;
+pub mod train;
 
 pub use autograd::{ParamId, ParamKind, ParamStore, Tape, Var};
 pub use tensor::{DType, Device, Tensor};

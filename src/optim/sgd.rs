@@ -1,0 +1,209 @@
+//! Stochastic gradient descent with momentum and weight decay, with PyTorch's `optim.SGD` semantics
+//! (dampening 0):
+//!
+//! ```text
+//! g   = grad + wd · w
+//! buf = g                      on a parameter's first step
+//! buf = momentum · buf + g     afterwards
+//! d   = g + momentum · buf     if nesterov, else d = buf
+//! w  -= lr · d
+//! ```
+//!
+//! Only `ParamKind::Trainable` parameters are updated or decayed; the frozen PEDCC head and the
+//! batch-norm buffers are never touched. A trainable parameter without a gradient is skipped, as
+//! PyTorch skips parameters whose `.grad` is `None`.
+
+use crate::autograd::{ParamKind, ParamStore};
+use crate::tensor::{DType, Device, Elem, Tensor};
+use anyhow::{bail, Result};
+use std::collections::BTreeMap;
+
+/// What SGD remembers between steps: one momentum buffer per trainable parameter (by parameter
+/// name) and the number of steps taken. Saved in checkpoints.
+#[derive(Clone, Debug, Default)]
+pub struct SgdState {
+    pub momentum: BTreeMap<String, Tensor>,
+    pub steps: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Sgd {
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub nesterov: bool,
+    state: SgdState,
+}
+
+impl Sgd {
+    /// Errors on negative or non-finite hyper-parameters and on nesterov without momentum (the
+    /// checks PyTorch makes).
+    pub fn new(momentum: f64, weight_decay: f64, nesterov: bool) -> Result<Sgd> {
+        if !(momentum.is_finite() && momentum >= 0.0) {
+            bail!("SGD momentum must be a finite number >= 0, got {momentum}");
+        }
+        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+            bail!("SGD weight decay must be a finite number >= 0, got {weight_decay}");
+        }
+        if nesterov && momentum == 0.0 {
+            bail!("nesterov momentum needs momentum > 0");
+        }
+        Ok(Sgd {
+            momentum,
+            weight_decay,
+            nesterov,
+            state: SgdState::default(),
+        })
+    }
+
+    /// One update of every trainable parameter that has a gradient, at learning rate `lr`.
+    pub fn step(&mut self, store: &mut ParamStore, lr: f64) {
+        for p in store.iter_mut() {
+            if p.kind != ParamKind::Trainable {
+                continue;
+            }
+            let Some(grad) = &p.grad else { continue };
+            // Taking the buffer out of the map leaves it uniquely owned, so it updates in place.
+            let mut buf = if self.momentum == 0.0 {
+                None
+            } else {
+                self.state.momentum.remove(&p.name)
+            };
+            sgd_update(
+                &mut p.value,
+                grad,
+                &mut buf,
+                lr,
+                self.momentum,
+                self.weight_decay,
+                self.nesterov,
+            );
+            if let Some(buf) = buf {
+                self.state.momentum.insert(p.name.clone(), buf);
+            }
+        }
+        self.state.steps += 1;
+    }
+
+    /// Forgets all momentum, as re-creating the optimizer does (the reference code does this at every
+    /// lr step, DESIGN.md §1.6.4). The next step starts every buffer afresh from the gradient.
+    pub fn reset_momentum(&mut self) {
+        self.state.momentum.clear();
+    }
+
+    pub fn state(&self) -> &SgdState {
+        &self.state
+    }
+
+    /// Restores a saved state. Every buffer must belong to a trainable parameter of `store` with the
+    /// same shape; buffers are moved to that parameter's device and dtype.
+    pub fn load_state(&mut self, state: SgdState, store: &ParamStore) -> Result<()> {
+        let mut momentum = BTreeMap::new();
+        for (name, buf) in state.momentum {
+            let Some(id) = store.find(&name) else {
+                bail!("optimizer state has a momentum buffer for `{name}`, which the model does not have; the checkpoint is from another model");
+            };
+            let p = store.get(id);
+            if p.kind != ParamKind::Trainable {
+                bail!("optimizer state has a momentum buffer for `{name}`, which is not a trainable parameter of this model");
+            }
+            if p.value.shape() != buf.shape() {
+                bail!(
+                    "momentum buffer for `{name}` has shape {:?} but the parameter has shape {:?}",
+                    buf.shape(),
+                    p.value.shape()
+                );
+            }
+            momentum.insert(name, to_place_of(&buf, &p.value));
+        }
+        self.state = SgdState {
+            momentum,
+            steps: state.steps,
+        };
+        Ok(())
+    }
+}
+
+fn to_place_of(t: &Tensor, like: &Tensor) -> Tensor {
+    match like.device() {
+        Device::Cpu => t.to_dtype(like.dtype()),
+        d => t.to_device(d),
+    }
+}
+
+/// One SGD update of a parameter `w` in place, on its device. `buf` is the momentum buffer: `None`
+/// before the first step (it is then created from the gradient) and always `None` when
+/// `momentum == 0`.
+#[allow(clippy::too_many_arguments)]
+pub fn sgd_update(
+    w: &mut Tensor,
+    grad: &Tensor,
+    buf: &mut Option<Tensor>,
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+    nesterov: bool,
+) {
+    crate::ops::assert_same_place("sgd_update", &[w, grad]);
+    assert_eq!(w.shape(), grad.shape(), "sgd_update: gradient shape");
+    match (w.device(), w.dtype()) {
+        (Device::Cuda(_), _) => {
+            crate::cuda::kernels::sgd_update(w, grad, buf, lr, momentum, weight_decay, nesterov)
+        }
+        (Device::Cpu, DType::F32) => {
+            sgd_update_host::<f32>(w, grad, buf, lr, momentum, weight_decay, nesterov)
+        }
+        (Device::Cpu, DType::F64) => {
+            sgd_update_host::<f64>(w, grad, buf, lr, momentum, weight_decay, nesterov)
+        }
+    }
+}
+
+/// The host kernel, in the element type of the parameter (hyper-parameters are rounded to it first,
+/// as PyTorch does with its Python-float scalars).
+fn sgd_update_host<T: Elem>(
+    w: &mut Tensor,
+    grad: &Tensor,
+    buf: &mut Option<Tensor>,
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+    nesterov: bool,
+) {
+    let (lr, m, wd) = (T::of(lr), T::of(momentum), T::of(weight_decay));
+    // PyTorch adds the decay term only when weight_decay != 0 (0·w would turn an inf weight into NaN).
+    let decay = weight_decay != 0.0;
+    let decayed = |g: T, w: T| if decay { g + wd * w } else { g };
+    let g_host = grad.host::<T>();
+    let shape = w.shape().to_vec();
+    let w_host = w.host_mut::<T>();
+    if momentum == 0.0 {
+        for (wi, &gi) in w_host.iter_mut().zip(g_host) {
+            let g = decayed(gi, *wi);
+            *wi -= lr * g;
+        }
+        return;
+    }
+    match buf {
+        None => {
+            // First step: buf = g.
+            let mut b = Vec::with_capacity(w_host.len());
+            for (wi, &gi) in w_host.iter_mut().zip(g_host) {
+                let g = decayed(gi, *wi);
+                let d = if nesterov { g + m * g } else { g };
+                *wi -= lr * d;
+                b.push(g);
+            }
+            *buf = Some(Tensor::from_vec(&shape, b));
+        }
+        Some(b) => {
+            assert_eq!(b.shape(), &shape[..], "sgd_update: momentum buffer shape");
+            let b_host = b.host_mut::<T>();
+            for ((wi, &gi), bi) in w_host.iter_mut().zip(g_host).zip(b_host.iter_mut()) {
+                let g = decayed(gi, *wi);
+                *bi = m * *bi + g;
+                let d = if nesterov { g + m * *bi } else { *bi };
+                *wi -= lr * d;
+            }
+        }
+    }
+}

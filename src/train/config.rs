@@ -1,0 +1,428 @@
+//! `TrainConfig`: every knob of `podgpu train`, with the paper's recipe as defaults (DESIGN.md §1.7).
+//! Loaded from TOML (any subset of the fields; the rest keep their defaults), overridden by flags,
+//! validated, and saved as `config.toml` in the run folder.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Which loss trains the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LossKind {
+    /// NaC + λ·SC over the frozen PEDCC head (the paper's method).
+    Pod,
+    /// Softmax cross-entropy over a trainable classifier (the baseline).
+    Softmax,
+}
+
+/// Paper formulas or the public reference code's (DESIGN.md §1.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Variant {
+    Paper,
+    Reference,
+}
+
+/// GPU math mode (DESIGN.md §2); the CPU always computes in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Fp32,
+    Tf32,
+    Bf16,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Model name (resnet18, resnet50, ...).
+    pub model: String,
+    /// Dataset file (`.bin`); None → the small dataset shipped in `datasets/`.
+    pub data: Option<PathBuf>,
+    pub loss: LossKind,
+    pub variant: Variant,
+    /// `auto` (CUDA when usable, else CPU), `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    pub seed: u64,
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Initial learning rate.
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub nesterov: bool,
+    /// 0-based epochs at which the lr is multiplied by `gamma`.
+    pub milestones: Vec<usize>,
+    pub gamma: f64,
+    /// α of the δ schedule δ(e, M) = α·e·M.
+    pub alpha: f64,
+    /// λ weighting SC in POD = NaC + λ·SC.
+    pub lambda: f64,
+    /// M₀, the mean norm assumed before the first epoch (paper) / the first epoch's δ (reference).
+    pub initial_mean_norm: f64,
+    /// Latent dimension n; None → from the class count (DESIGN.md §1.1).
+    pub feature_dim: Option<usize>,
+    /// PEDCC centroids from a file instead of generated from the seed.
+    pub pedcc: Option<PathBuf>,
+    /// Allow K > n+1 classes with the approximate repelling-points PEDCC.
+    pub pedcc_repulsion: bool,
+    /// Train on the first N (shuffled) training images only, for quick runs.
+    pub limit_train: Option<usize>,
+    /// Evaluate on the first N test images only.
+    pub limit_test: Option<usize>,
+    /// Run folder; None → chosen by the trainer.
+    pub out: Option<PathBuf>,
+    /// CPU threads (augmentation and CPU kernels); None → all cores.
+    pub threads: Option<usize>,
+    /// Evaluate on the test split every N epochs (and always after the last).
+    pub eval_every: usize,
+    /// Batches prepared ahead of the GPU.
+    pub prefetch: usize,
+    pub precision: Precision,
+    /// Bit-identical results for a seed whatever the thread count (slower on the GPU).
+    pub deterministic: bool,
+    /// Find the first op that produces a non-finite value (slow).
+    pub detect_anomaly: bool,
+}
+
+impl Default for TrainConfig {
+    /// The paper's recipe (§4): ResNet50, SGD 0.1 / 0.9 / 5e-4, ×0.1 at 30, 60, 90, 100 epochs,
+    /// batch 128, α 0.01, λ 1, M₀ 0.05.
+    fn default() -> TrainConfig {
+        TrainConfig {
+            model: "resnet50".into(),
+            data: None,
+            loss: LossKind::Pod,
+            variant: Variant::Paper,
+            device: "auto".into(),
+            seed: 0,
+            epochs: 100,
+            batch_size: 128,
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            nesterov: false,
+            milestones: vec![30, 60, 90],
+            gamma: 0.1,
+            alpha: 0.01,
+            lambda: 1.0,
+            initial_mean_norm: 0.05,
+            feature_dim: None,
+            pedcc: None,
+            pedcc_repulsion: false,
+            limit_train: None,
+            limit_test: None,
+            out: None,
+            threads: None,
+            eval_every: 1,
+            prefetch: 4,
+            precision: Precision::Fp32,
+            deterministic: false,
+            detect_anomaly: false,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Parses TOML; fields left out keep their defaults, unknown fields are an error.
+    pub fn from_toml_str(text: &str) -> Result<TrainConfig> {
+        toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))
+    }
+
+    /// Reads and validates a TOML config file.
+    pub fn load(path: &Path) -> Result<TrainConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("could not read config file {}", path.display()))?;
+        let cfg = TrainConfig::from_toml_str(&text)
+            .with_context(|| format!("config file {} is not valid", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("config file {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml_string(&self) -> String {
+        toml::to_string(self).expect("a TrainConfig always serializes to TOML")
+    }
+
+    /// Writes the config as TOML, atomically (the run folder's `config.toml`).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        super::write_atomic(path, self.to_toml_string().as_bytes())
+    }
+
+    /// The config as a JSON value, for checkpoint metadata.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("a TrainConfig always serializes to JSON")
+    }
+
+    pub fn from_json(v: &serde_json::Value) -> Result<TrainConfig> {
+        serde_json::from_value(v.clone()).context("the saved training configuration is not valid")
+    }
+
+    /// Checks every field; the error lists every problem found, one per line.
+    pub fn validate(&self) -> Result<()> {
+        let mut bad: Vec<String> = Vec::new();
+        let mut need = |ok: bool, msg: String| {
+            if !ok {
+                bad.push(msg)
+            }
+        };
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        let non_negative = |v: f64| v.is_finite() && v >= 0.0;
+
+        need(
+            !self.model.trim().is_empty(),
+            "model must be named (e.g. resnet50)".into(),
+        );
+        need(
+            parse_device(&self.device).is_ok(),
+            format!(
+                "device must be auto, cpu, cuda or cuda:N, got `{}`",
+                self.device
+            ),
+        );
+        need(self.epochs >= 1, "epochs must be at least 1, got 0".into());
+        need(
+            self.batch_size >= 1,
+            "batch_size must be at least 1, got 0".into(),
+        );
+        need(
+            positive(self.lr),
+            format!("lr must be a finite number > 0, got {}", self.lr),
+        );
+        need(
+            non_negative(self.momentum) && self.momentum <= 1.0,
+            format!("momentum must be in [0, 1], got {}", self.momentum),
+        );
+        need(
+            non_negative(self.weight_decay),
+            format!(
+                "weight_decay must be a finite number >= 0, got {}",
+                self.weight_decay
+            ),
+        );
+        need(
+            !self.nesterov || self.momentum > 0.0,
+            "nesterov needs momentum > 0".into(),
+        );
+        need(
+            positive(self.gamma),
+            format!("gamma must be a finite number > 0, got {}", self.gamma),
+        );
+        need(
+            self.milestones.windows(2).all(|w| w[0] < w[1]),
+            format!(
+                "milestones must be strictly increasing epochs, got {:?}",
+                self.milestones
+            ),
+        );
+        need(
+            non_negative(self.alpha),
+            format!("alpha must be a finite number >= 0, got {}", self.alpha),
+        );
+        need(
+            non_negative(self.lambda),
+            format!("lambda must be a finite number >= 0, got {}", self.lambda),
+        );
+        need(
+            non_negative(self.initial_mean_norm),
+            format!(
+                "initial_mean_norm must be a finite number >= 0, got {}",
+                self.initial_mean_norm
+            ),
+        );
+        need(
+            self.feature_dim.is_none_or(|n| n >= 2),
+            format!(
+                "feature_dim must be at least 2, got {}",
+                self.feature_dim.unwrap_or(0)
+            ),
+        );
+        need(
+            self.limit_train != Some(0),
+            "limit_train must be at least 1 (leave it out to use every image)".into(),
+        );
+        need(
+            self.limit_test != Some(0),
+            "limit_test must be at least 1 (leave it out to use every image)".into(),
+        );
+        need(
+            self.threads != Some(0),
+            "threads must be at least 1 (leave it out to use every core)".into(),
+        );
+        need(self.eval_every >= 1, "eval_every must be at least 1".into());
+        need(self.prefetch >= 1, "prefetch must be at least 1".into());
+
+        if bad.is_empty() {
+            return Ok(());
+        }
+        let mut msg = String::from("invalid training configuration:");
+        for b in &bad {
+            msg.push_str("\n  - ");
+            msg.push_str(b);
+        }
+        bail!(msg)
+    }
+}
+
+/// Parses a device name: `Ok(None)` for `auto`, else the device.
+pub fn parse_device(s: &str) -> Result<Option<crate::tensor::Device>> {
+    use crate::tensor::Device;
+    match s.trim() {
+        "auto" => Ok(None),
+        "cpu" => Ok(Some(Device::Cpu)),
+        "cuda" => Ok(Some(Device::Cuda(0))),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Ok(Some(Device::Cuda(i))),
+            _ => bail!("unknown device `{s}`: use auto, cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_papers_recipe_and_valid() {
+        let c = TrainConfig::default();
+        assert_eq!((c.epochs, c.batch_size), (100, 128));
+        assert_eq!(
+            (c.lr, c.momentum, c.weight_decay, c.gamma),
+            (0.1, 0.9, 5e-4, 0.1)
+        );
+        assert_eq!(c.milestones, vec![30, 60, 90]);
+        assert_eq!((c.alpha, c.lambda), (0.01, 1.0));
+        assert_eq!((c.loss, c.variant), (LossKind::Pod, Variant::Paper));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn toml_round_trip_keeps_every_field() {
+        let c = TrainConfig {
+            model: "resnet18".into(),
+            data: Some("data/cifar10.bin".into()),
+            loss: LossKind::Softmax,
+            variant: Variant::Reference,
+            device: "cuda:1".into(),
+            seed: 12345678901234,
+            epochs: 3,
+            batch_size: 64,
+            lr: 0.05,
+            weight_decay: 1e-4,
+            milestones: vec![1, 2],
+            alpha: 0.1 + 0.2,
+            feature_dim: Some(256),
+            limit_train: Some(2000),
+            out: Some("runs/a b".into()),
+            threads: Some(2),
+            precision: Precision::Bf16,
+            deterministic: true,
+            ..TrainConfig::default()
+        };
+        let text = c.to_toml_string();
+        assert_eq!(TrainConfig::from_toml_str(&text).unwrap(), c);
+        assert_eq!(TrainConfig::from_json(&c.to_json()).unwrap(), c);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        c.save(&path).unwrap();
+        assert_eq!(TrainConfig::load(&path).unwrap(), c);
+    }
+
+    #[test]
+    fn a_partial_file_keeps_the_other_defaults() {
+        let c =
+            TrainConfig::from_toml_str("model = \"resnet18\"\nepochs = 2\nloss = \"softmax\"\n")
+                .unwrap();
+        assert_eq!(
+            c,
+            TrainConfig {
+                model: "resnet18".into(),
+                epochs: 2,
+                loss: LossKind::Softmax,
+                ..TrainConfig::default()
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_names_are_errors_that_name_them() {
+        let e = TrainConfig::from_toml_str("learning_rate = 0.1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("learning_rate"), "{e}");
+        let e = TrainConfig::from_toml_str("loss = \"arcface\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("arcface") && e.contains("pod"), "{e}");
+        let e = TrainConfig::from_toml_str("batch_size = -1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("batch_size"), "{e}");
+    }
+
+    #[test]
+    fn validation_lists_every_problem() {
+        let c = TrainConfig {
+            epochs: 0,
+            batch_size: 0,
+            lr: f64::NAN,
+            momentum: -0.5,
+            weight_decay: -1e-4,
+            gamma: 0.0,
+            alpha: f64::INFINITY,
+            lambda: -1.0,
+            milestones: vec![60, 30],
+            device: "gpu".into(),
+            feature_dim: Some(1),
+            limit_train: Some(0),
+            threads: Some(0),
+            eval_every: 0,
+            ..TrainConfig::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        for needle in [
+            "epochs must be at least 1",
+            "batch_size must be at least 1",
+            "lr must be a finite number > 0, got NaN",
+            "momentum must be in [0, 1], got -0.5",
+            "weight_decay must be a finite number >= 0, got -0.0001",
+            "gamma must be a finite number > 0, got 0",
+            "alpha must be a finite number >= 0, got inf",
+            "lambda must be a finite number >= 0, got -1",
+            "milestones must be strictly increasing epochs, got [60, 30]",
+            "device must be auto, cpu, cuda or cuda:N, got `gpu`",
+            "feature_dim must be at least 2",
+            "limit_train must be at least 1",
+            "threads must be at least 1",
+            "eval_every must be at least 1",
+        ] {
+            assert!(e.contains(needle), "missing `{needle}` in:\n{e}");
+        }
+    }
+
+    #[test]
+    fn loading_a_file_with_bad_values_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "lr = -0.1\n").unwrap();
+        let e = format!("{:#}", TrainConfig::load(&path).unwrap_err());
+        assert!(e.contains("bad.toml") && e.contains("lr must be"), "{e}");
+        let e = format!(
+            "{:#}",
+            TrainConfig::load(&dir.path().join("none.toml")).unwrap_err()
+        );
+        assert!(e.contains("could not read config file"), "{e}");
+    }
+
+    #[test]
+    fn device_names_parse() {
+        use crate::tensor::Device;
+        assert_eq!(parse_device("auto").unwrap(), None);
+        assert_eq!(parse_device("cpu").unwrap(), Some(Device::Cpu));
+        assert_eq!(parse_device("cuda").unwrap(), Some(Device::Cuda(0)));
+        assert_eq!(parse_device("cuda:3").unwrap(), Some(Device::Cuda(3)));
+        assert!(parse_device("cuda:x").is_err());
+    }
+}

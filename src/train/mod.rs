@@ -1,0 +1,17 @@
+//! Training infrastructure around the trainer loop: configuration, checkpoints, per-epoch metrics,
+//! plots and the progress display.
+
+pub mod checkpoint;
+pub mod config;
+pub mod metrics;
+pub mod plot;
+pub mod progress;
+
+pub use checkpoint::{
+    load_checkpoint, save_checkpoint, save_epoch_checkpoints, write_atomic, Checkpoint,
+    EpochCheckpoints, TrainState,
+};
+pub use config::{LossKind, Precision, TrainConfig, Variant};
+pub use metrics::{read_csv, read_jsonl, EpochRecord, MetricsLog};
+pub use plot::{plot_curves, plot_metrics};
+pub use progress::{Progress, ProgressMode};
