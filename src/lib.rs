@@ -5,8 +5,11 @@ pub mod autograd;
 pub mod cli;
 pub mod cpu;
 pub mod cuda;
+pub mod fixture;
 pub mod gradcheck;
+pub mod loss;
 pub mod ops;
+pub mod pedcc;
 pub mod rng;
 pub mod tensor;
 

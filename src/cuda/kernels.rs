@@ -13,3 +13,16 @@ pub fn relu6_bwd(y: &Tensor, dy: &Tensor) -> Tensor { not_yet("relu6_bwd") }
 pub fn matmul(a: &Tensor, ta: bool, b: &Tensor, tb: bool, m: usize, k: usize, n: usize) -> Tensor { not_yet("matmul") }
 pub fn bias_add(y: &Tensor, b: &Tensor) -> Tensor { not_yet("bias_add") }
 pub fn sum_rows(x: &Tensor) -> Tensor { not_yet("sum_rows") }
+
+// ---- loss ops (loss helper) ----
+pub fn row_normalize(x: &Tensor) -> Tensor { not_yet("row_normalize") }
+pub fn row_normalize_bwd(x: &Tensor, dy: &Tensor) -> Tensor { not_yet("row_normalize_bwd") }
+pub fn row_norms(x: &Tensor) -> Tensor { not_yet("row_norms") }
+pub fn scale_by_scalar(x: &Tensor, s: &Tensor) -> Tensor { not_yet("scale_by_scalar") }
+pub fn argmax_rows(logits: &Tensor) -> Tensor { not_yet("argmax_rows") }
+pub fn nac(x: &Tensor, p: &Tensor, labels: &Tensor, delta: f64, variant: crate::loss::Variant, with_grad: bool) -> (Tensor, Option<Tensor>) { not_yet("nac") }
+pub fn sub_class_centroids(xn: &Tensor, p: &Tensor, labels: &Tensor) -> Tensor { not_yet("sub_class_centroids") }
+pub fn col_sumsq(d: &Tensor) -> Tensor { not_yet("col_sumsq") }
+pub fn sc_value(m: &Tensor, s: &Tensor, coef: f64) -> Tensor { not_yet("sc_value") }
+pub fn sc_grad(md: &Tensor, d: &Tensor, s: &Tensor, g: &Tensor, coef4: f64) -> Tensor { not_yet("sc_grad") }
+pub fn softmax_ce(logits: &Tensor, labels: &Tensor, with_grad: bool) -> (Tensor, Option<Tensor>) { not_yet("softmax_ce") }
