@@ -10,11 +10,19 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Generate PEDCC class centroids (the frozen head) and verify them.
+    Pedcc(podgpu::cli::pedcc::Args),
+    /// Compare podgpu's loss and gradients with a reference fixture (e.g. from tools/make_fixtures.py).
+    Fidelity(podgpu::cli::fidelity::Args),
+}
 
 fn main() {
     let cli = Cli::parse();
-    let result: anyhow::Result<()> = match cli.command {};
+    let result: anyhow::Result<()> = match cli.command {
+        Command::Pedcc(a) => podgpu::cli::pedcc::run(a),
+        Command::Fidelity(a) => podgpu::cli::fidelity::run(a),
+    };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);

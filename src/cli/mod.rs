@@ -1,1 +1,4 @@
 //! The `podgpu` command line: one file per subcommand, each with its clap `Args` and a `run`.
+
+pub mod fidelity;
+pub mod pedcc;

@@ -17,12 +17,16 @@ macro_rules! dispatch {
         }
     };
 }
+// Lets op families outside `ops` (the losses) use the same dispatch: `use crate::ops::dispatch;`.
+pub(crate) use dispatch;
 
 mod elementwise;
 mod linear;
+mod normalize;
 
 pub use elementwise::*;
 pub use linear::*;
+pub use normalize::*;
 
 use crate::tensor::Tensor;
 

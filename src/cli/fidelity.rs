@@ -1,0 +1,328 @@
+//! `podgpu fidelity FIXTURE...`: runs the computation a reference fixture describes (DESIGN.md §2,
+//! fidelity way (b)) and compares every expected tensor with podgpu's result, ‖a − b‖/‖b‖ per tensor.
+//!
+//! The fixture schema is in docs/FIXTURES.md. Each `kind` has one runner that turns the fixture into
+//! named outputs (`loss`, `grad.<name>`, extras); the comparison is the same for all kinds.
+
+use crate::autograd::{ParamStore, Tape};
+use crate::fixture::{Fixture, FixtureTensor};
+use crate::loss::{self, PodConfig, ScForm, Variant};
+use crate::tensor::{rel_error, DType, Device, Tensor};
+use anyhow::{anyhow, bail, Result};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Fixture files (safetensors; see docs/FIXTURES.md).
+    #[arg(required = true)]
+    pub fixtures: Vec<PathBuf>,
+    /// Where to run: cpu, cuda (or cuda:N), or auto (cuda when usable, else cpu).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Largest relative error ‖a − b‖/‖b‖ that passes, per tensor.
+    #[arg(long, default_value_t = 1e-4, allow_negative_numbers = true)]
+    pub tolerance: f64,
+    /// Precision podgpu computes in: f32 (training precision) or f64 (CPU only; a check of the math).
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    pub dtype: DType,
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f64" => Ok(DType::F64),
+        _ => Err(format!("unknown dtype `{s}`; use f32 or f64")),
+    }
+}
+
+/// Parses `cpu`, `cuda`, `cuda:N` or `auto`; a CUDA device must be usable.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let cuda = |i: usize| -> Result<Device> {
+        crate::cuda::Gpu::get(i).map_err(|e| {
+            anyhow!("--device {s}: the GPU is not usable ({e}); run with --device cpu")
+        })?;
+        Ok(Device::Cuda(i))
+    };
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
+        "auto" => Ok(crate::cuda::Gpu::get(0).map_or(Device::Cpu, |_| Device::Cuda(0))),
+        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => cuda(i),
+            _ => bail!("unknown device `{s}`; use cpu, cuda, cuda:N or auto"),
+        },
+    }
+}
+
+/// Where and in which precision a fixture runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Place {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Place {
+    fn put(&self, t: &FixtureTensor) -> Tensor {
+        t.to_tensor(self.dtype, self.device)
+    }
+}
+
+/// Named results of a computation (`loss`, `grad.x`, ...), matched against `expected.<name>`.
+pub type Outputs = BTreeMap<String, Tensor>;
+
+/// Runs the computation of any fixture kind.
+pub fn run_fixture(fx: &Fixture, place: Place) -> Result<Outputs> {
+    match fx.kind()? {
+        "pod_loss" => run_pod_loss(fx, place),
+        "softmax_ce" => run_softmax_ce(fx, place),
+        "model" => run_model(fx, place),
+        other => bail!(
+            "{}: unknown fixture kind `{other}`; podgpu knows pod_loss, softmax_ce and model \
+             (see docs/FIXTURES.md)",
+            fx.path.display()
+        ),
+    }
+}
+
+/// kind = pod_loss: POD = NaC + λ·SC of `input.x` [B, n] against `input.pedcc` [K, n].
+/// Outputs: loss, nac, sc, grad.x.
+fn run_pod_loss(fx: &Fixture, place: Place) -> Result<Outputs> {
+    let path = fx.path.display();
+    let variant: Variant = fx.meta("variant")?.parse()?;
+    let lambda: f64 = fx.meta_parse("lambda")?;
+    let delta: f64 = fx.meta_parse("delta")?;
+    if !lambda.is_finite() || !delta.is_finite() || delta < 0.0 {
+        bail!("{path}: λ = {lambda} and δ = {delta} must be finite, δ ≥ 0");
+    }
+    let x = fx.tensor("input.x")?;
+    x.expect_shape(&[None, None])?;
+    let (b, n) = (x.shape[0], x.shape[1]);
+    let p = fx.tensor("input.pedcc")?;
+    p.expect_shape(&[None, Some(n)])?;
+    let k = p.shape[0];
+    fx.check_meta_usize("batch", b)?;
+    fx.check_meta_usize("feature_dim", n)?;
+    fx.check_meta_usize("classes", k)?;
+    if b < 2 {
+        bail!("{path}: the SC loss needs a batch of at least 2 samples; input.x has {b}");
+    }
+    if variant == Variant::Reference && n < 2 {
+        bail!("{path}: the reference SC divides by n−1 and needs a feature dim ≥ 2");
+    }
+    let labels = fx.labels("input.labels", b, k)?;
+
+    let xs = place.put(x);
+    let pt = place.put(p);
+    let lt = loss::labels_tensor(&labels, &xs);
+    let cfg = PodConfig {
+        variant,
+        lambda,
+        sc_form: ScForm::Auto,
+    };
+    let mut tape = Tape::train();
+    let xv = tape.leaf(xs);
+    let out = loss::pod(&mut tape, &xv, &pt, &lt, delta, &cfg);
+    tape.backward(&out.loss, &mut ParamStore::new());
+    let gx = tape
+        .grad_of(&xv)
+        .cloned()
+        .ok_or_else(|| anyhow!("no gradient reached x"))?;
+    Ok(BTreeMap::from([
+        ("loss".to_string(), out.loss.value().clone()),
+        ("nac".to_string(), out.nac.value().clone()),
+        ("sc".to_string(), out.sc.value().clone()),
+        ("grad.x".to_string(), gx),
+    ]))
+}
+
+/// kind = softmax_ce: mean cross-entropy of `input.logits` [B, K]. Outputs: loss, grad.logits.
+fn run_softmax_ce(fx: &Fixture, place: Place) -> Result<Outputs> {
+    let z = fx.tensor("input.logits")?;
+    z.expect_shape(&[None, None])?;
+    let (b, k) = (z.shape[0], z.shape[1]);
+    if b == 0 || k == 0 {
+        bail!("{}: input.logits is empty", fx.path.display());
+    }
+    fx.check_meta_usize("batch", b)?;
+    fx.check_meta_usize("classes", k)?;
+    let labels = fx.labels("input.labels", b, k)?;
+    let zs = place.put(z);
+    let lt = loss::labels_tensor(&labels, &zs);
+    let mut tape = Tape::train();
+    let zv = tape.leaf(zs);
+    let l = loss::softmax_cross_entropy(&mut tape, &zv, &lt);
+    tape.backward(&l, &mut ParamStore::new());
+    let gz = tape
+        .grad_of(&zv)
+        .cloned()
+        .ok_or_else(|| anyhow!("no gradient reached the logits"))?;
+    Ok(BTreeMap::from([
+        ("loss".to_string(), l.value().clone()),
+        ("grad.logits".to_string(), gz),
+    ]))
+}
+
+/// kind = model: a whole network's forward and backward (schema in docs/FIXTURES.md: metadata `model`,
+/// `base_width`, `classes`, `feature_dim`, ...; `input.image`, `input.labels`, `param.<state_dict
+/// key>`; outputs loss, grad.image, grad.<state_dict key>, buffer.<state_dict key>).
+///
+/// Extension point: when the networks exist, build the model named by `model` from the metadata, load
+/// every `param.*` tensor by its state_dict key, run forward in training mode, the loss named by
+/// `loss` (pod with `variant`/`lambda`/`delta`, or softmax), and backward; return the outputs above.
+pub fn run_model(fx: &Fixture, _place: Place) -> Result<Outputs> {
+    let model = fx.meta("model").unwrap_or("?");
+    bail!(
+        "{}: fixture kind `model` (model `{model}`) is not supported yet: podgpu has no networks \
+         to run it on; only pod_loss and softmax_ce fixtures can be checked for now",
+        fx.path.display()
+    )
+}
+
+/// One row of the report.
+#[derive(Clone, Debug)]
+pub struct Comparison {
+    pub name: String,
+    pub rel_error: f64,
+    pub max_abs_error: f64,
+    pub passed: bool,
+}
+
+/// Compares every `expected.*` tensor with the output of the same name.
+pub fn compare(fx: &Fixture, outputs: &Outputs, tolerance: f64) -> Result<Vec<Comparison>> {
+    let mut expected = fx.expected();
+    // The loss first, then the other outputs, then the gradients.
+    expected.sort_by_key(|(n, _)| (*n != "loss", n.starts_with("grad."), n.to_string()));
+    if !expected.iter().any(|(n, _)| *n == "loss") {
+        bail!(
+            "{}: no `expected.loss` tensor; a fixture must give at least the loss",
+            fx.path.display()
+        );
+    }
+    let mut rows = Vec::new();
+    for (name, want) in expected {
+        let got = outputs.get(name).ok_or_else(|| {
+            anyhow!(
+                "{}: `expected.{name}` is not an output of a {} computation (outputs: {})",
+                fx.path.display(),
+                fx.kind().unwrap_or("?"),
+                outputs.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })?;
+        // A scalar loss may be stored as [] (PyTorch) or [1]; everything else must match exactly.
+        let same_shape =
+            got.shape() == want.shape.as_slice() || (got.numel() == 1 && want.numel() == 1);
+        if !same_shape {
+            bail!(
+                "{}: `expected.{name}` has shape {:?} but podgpu's {name} is {:?}",
+                fx.path.display(),
+                want.shape,
+                got.shape()
+            );
+        }
+        let a = got.to_vec_f64();
+        let rel = rel_error(&a, &want.values);
+        let max_abs =
+            a.iter()
+                .zip(&want.values)
+                .map(|(x, y)| (x - y).abs())
+                .fold(
+                    0.0,
+                    |m: f64, d| if d.is_nan() { f64::NAN } else { m.max(d) },
+                );
+        rows.push(Comparison {
+            name: name.to_string(),
+            rel_error: rel,
+            max_abs_error: max_abs,
+            // NaN never passes (DESIGN.md §2): `<` is false for NaN.
+            passed: rel < tolerance,
+        });
+    }
+    Ok(rows)
+}
+
+fn describe(fx: &Fixture) -> String {
+    let keys = [
+        "variant",
+        "model",
+        "base_width",
+        "batch",
+        "feature_dim",
+        "classes",
+        "lambda",
+        "delta",
+    ];
+    let parts: Vec<String> = keys
+        .iter()
+        .filter_map(|k| fx.meta.get(*k).map(|v| format!("{k}={v}")))
+        .collect();
+    format!("{} {}", fx.kind().unwrap_or("?"), parts.join(" "))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    if device != Device::Cpu && args.dtype == DType::F64 {
+        bail!("--dtype f64 runs on the CPU only; use --device cpu or --dtype f32");
+    }
+    if args.tolerance.is_nan() || args.tolerance <= 0.0 {
+        bail!(
+            "--tolerance must be a positive number, got {}",
+            args.tolerance
+        );
+    }
+    let place = Place {
+        device,
+        dtype: args.dtype,
+    };
+    let dt = match args.dtype {
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+    };
+    let mut failures: Vec<String> = Vec::new();
+    for path in &args.fixtures {
+        println!("{}", path.display());
+        let result = Fixture::read(path).and_then(|fx| {
+            println!("  [{}]  on {device} {dt}", describe(&fx));
+            let outputs = run_fixture(&fx, place)?;
+            compare(&fx, &outputs, args.tolerance)
+        });
+        match result {
+            Ok(rows) => {
+                println!(
+                    "  {:<28} {:>12} {:>12}  result",
+                    "tensor", "rel error", "max |Δ|"
+                );
+                for r in &rows {
+                    println!(
+                        "  {:<28} {:>12.3e} {:>12.3e}  {}",
+                        r.name,
+                        r.rel_error,
+                        r.max_abs_error,
+                        if r.passed { "ok" } else { "FAIL" }
+                    );
+                    if !r.passed {
+                        failures.push(format!("{}: {}", path.display(), r.name));
+                    }
+                }
+            }
+            Err(e) => {
+                println!("  error: {e:#}");
+                failures.push(format!("{}: {e:#}", path.display()));
+            }
+        }
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} check(s) failed (tolerance {:.1e}):\n  {}",
+            failures.len(),
+            args.tolerance,
+            failures.join("\n  ")
+        );
+    }
+    println!(
+        "all {} fixture(s) within tolerance {:.1e}",
+        args.fixtures.len(),
+        args.tolerance
+    );
+    Ok(())
+}

@@ -1,0 +1,196 @@
+//! Losses: POD (= NaC + λ·SC over the frozen PEDCC head, DESIGN.md §1.3–1.5), softmax cross-entropy,
+//! the δ schedule, and the small helpers a trainer needs around them (logits, predictions, norms).
+//!
+//! Every loss is a scalar `Var` of shape [1] (mean over the batch). Labels are a [B] tensor holding
+//! class indices as floats, on the same device as the features (`labels_tensor`), so GPU kernels read
+//! them without a host round trip. The PEDCC `P` [K, n] is a plain tensor: it is frozen, no gradient
+//! ever flows into it.
+
+mod delta;
+mod nac;
+mod pod;
+mod sc;
+mod softmax;
+
+pub use delta::{DeltaSchedule, NormSource, ALPHA, INITIAL_DELTA, INITIAL_MEAN_NORM};
+pub use nac::{nac, nac_fwd};
+pub use pod::{pod, PodConfig, PodLoss};
+pub use sc::{
+    col_sumsq_fwd, sc, sc_coefficient, sc_grad_fwd, sc_of_normalized, sc_value_fwd,
+    sub_class_centroids_fwd, ScForm,
+};
+pub use softmax::{softmax_ce_fwd, softmax_cross_entropy};
+
+use crate::autograd::{Tape, Var};
+use crate::cuda;
+use crate::ops;
+use crate::ops::dispatch;
+use crate::tensor::{Elem, Tensor};
+use std::fmt;
+use std::str::FromStr;
+
+/// Which form of the POD loss: the paper's equations, or what the public reference code computes
+/// (DESIGN.md §1.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
+pub enum Variant {
+    /// NaC denominator ‖x‖ + δ; SC not divided by n−1; δ from mean ‖x‖, starting at α·0.05.
+    #[default]
+    Paper,
+    /// NaC denominator √(‖x‖² + δ²); SC divided by n−1; δ from mean ‖xPᵀ‖, starting at 0.05.
+    Reference,
+}
+
+impl Variant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Paper => "paper",
+            Variant::Reference => "reference",
+        }
+    }
+}
+
+impl fmt::Display for Variant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Variant {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Variant> {
+        match s {
+            "paper" => Ok(Variant::Paper),
+            "reference" => Ok(Variant::Reference),
+            _ => anyhow::bail!("unknown POD variant `{s}`; expected `paper` or `reference`"),
+        }
+    }
+}
+
+// ---- labels ----
+
+/// Class indices as a [B] tensor of the same dtype and device as `like` (what the loss ops take).
+pub fn labels_tensor(labels: &[usize], like: &Tensor) -> Tensor {
+    let v: Vec<f64> = labels.iter().map(|&l| l as f64).collect();
+    Tensor::from_f64_as(&[labels.len()], &v, like.dtype()).to_device(like.device())
+}
+
+/// The class indices of a host labels tensor, checked against `classes` and the batch size.
+/// Panics on a bad label: data loaders and fixture readers validate labels before they get here.
+pub(crate) fn label_indices(labels: &Tensor, batch: usize, classes: usize) -> Vec<usize> {
+    assert_eq!(
+        labels.shape(),
+        &[batch],
+        "labels must be [{batch}], got {:?}",
+        labels.shape()
+    );
+    labels
+        .to_vec_f64()
+        .iter()
+        .map(|&l| {
+            assert!(
+                l >= 0.0 && l.fract() == 0.0 && (l as usize) < classes,
+                "label {l} is not a class index in 0..{classes}"
+            );
+            l as usize
+        })
+        .collect()
+}
+
+// ---- scale by a scalar tensor ----
+
+/// x · s for a one-element tensor s: the upstream gradient of a loss scales its saved gradient
+/// without reading the scalar back to the host.
+pub fn scale_by_scalar_fwd(x: &Tensor, s: &Tensor) -> Tensor {
+    assert_eq!(
+        s.numel(),
+        1,
+        "scale_by_scalar: s must have one element, got {:?}",
+        s.shape()
+    );
+    ops::assert_same_place("scale_by_scalar", &[x, s]);
+    dispatch!(
+        x,
+        scale_by_scalar_host,
+        cuda::kernels::scale_by_scalar,
+        x,
+        s
+    )
+}
+
+fn scale_by_scalar_host<T: Elem>(x: &Tensor, s: &Tensor) -> Tensor {
+    let s = s.host::<T>()[0];
+    Tensor::from_vec(x.shape(), x.host::<T>().iter().map(|&v| v * s).collect())
+}
+
+// ---- the PEDCC head and classification ----
+
+/// logits = x Pᵀ [B, K] with the frozen PEDCC P [K, n] (the gradient flows into x only).
+pub fn pedcc_logits(t: &mut Tape, x: &Var, p: &Tensor) -> Var {
+    let pv = t.constant(p.clone());
+    ops::matmul(t, x, false, &pv, true)
+}
+
+/// Index of the largest entry of every row → [B] (class indices as floats, like `labels_tensor`).
+/// With unit-norm PEDCC rows the argmax of x Pᵀ is the argmax of the cosine (DESIGN.md §1.2).
+/// Ties go to the lowest index (as `torch.argmax`); NaN rows give index 0.
+pub fn argmax_rows_fwd(logits: &Tensor) -> Tensor {
+    assert_eq!(logits.rank(), 2, "argmax_rows of {:?}", logits.shape());
+    dispatch!(logits, argmax_rows_host, cuda::kernels::argmax_rows, logits)
+}
+
+fn argmax_rows_host<T: Elem>(logits: &Tensor) -> Tensor {
+    let (b, k) = (logits.dim(0), logits.dim(1));
+    let idx: Vec<T> = logits
+        .host::<T>()
+        .chunks_exact(k.max(1))
+        .map(|row| {
+            let mut best = 0;
+            for (j, &v) in row.iter().enumerate() {
+                if v > row[best] {
+                    best = j;
+                }
+            }
+            T::of(best as f64)
+        })
+        .collect();
+    Tensor::from_vec(&[b], idx)
+}
+
+/// Predicted classes on the host.
+pub fn predictions(logits: &Tensor) -> Vec<usize> {
+    argmax_rows_fwd(logits)
+        .to_vec_f64()
+        .iter()
+        .map(|&v| v as usize)
+        .collect()
+}
+
+/// How many rows of `logits` have their argmax at the label.
+pub fn count_correct(logits: &Tensor, labels: &[usize]) -> usize {
+    let pred = predictions(logits);
+    assert_eq!(
+        pred.len(),
+        labels.len(),
+        "count_correct: batch sizes differ"
+    );
+    pred.iter().zip(labels).filter(|(p, l)| p == l).count()
+}
+
+/// Σ_b ‖x_b‖ over the rows of x (the δ schedule accumulates these; divide by the sample count).
+pub fn sum_row_norms(x: &Tensor) -> f64 {
+    ops::row_norms_fwd(x).to_vec_f64().iter().sum()
+}
+
+/// mean_b ‖x_b‖ (paper δ schedule: the latent features x).
+pub fn mean_row_norm(x: &Tensor) -> f64 {
+    sum_row_norms(x) / x.dim(0).max(1) as f64
+}
+
+/// What the δ schedule of `variant` needs from a batch: Σ_b ‖x_b‖ (paper) or Σ_b ‖x_b Pᵀ‖ (reference),
+/// given the features and the logits x Pᵀ of the same batch.
+pub fn delta_norm_sum(variant: Variant, x: &Tensor, logits: &Tensor) -> f64 {
+    match DeltaSchedule::norm_source(variant) {
+        NormSource::Features => sum_row_norms(x),
+        NormSource::Logits => sum_row_norms(logits),
+    }
+}
