@@ -184,12 +184,14 @@ fn cli_writes_and_verifies_and_refuses_nonsense() {
         "300",
         "--dim",
         "256",
-        "--repulsion",
         "--out",
         out.to_str().unwrap(),
     ]);
     assert!(ok, "{stdout}{stderr}");
-    assert!(stderr.contains("warning"), "{stderr}");
+    assert!(
+        stderr.contains("warning") && stderr.contains("repulsion"),
+        "K > n+1 must warn that the repulsion method is used: {stderr}"
+    );
     assert!(pedcc::verify_tensor(&pedcc::load(&out).unwrap()).max_cosine < 0.05);
 
     let o = out.to_str().unwrap();
@@ -201,10 +203,6 @@ fn cli_writes_and_verifies_and_refuses_nonsense() {
         (
             vec!["pedcc", "--classes", "4", "--dim", "0", "--out", o],
             "at least 1",
-        ),
-        (
-            vec!["pedcc", "--classes", "300", "--dim", "256", "--out", o],
-            "--repulsion",
         ),
         (
             vec![

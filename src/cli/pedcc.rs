@@ -16,7 +16,8 @@ pub struct Args {
     /// Seed of the random rotation (or of the repulsion's start).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Use the approximate repulsion method; needed when K > n+1, where no exact simplex exists.
+    /// Use the approximate repulsion method (chosen automatically, with a warning, when K > n+1,
+    /// where no exact simplex exists).
     #[arg(long)]
     pub repulsion: bool,
     /// Output file (safetensors with tensor `pedcc` [K, n] f32).
@@ -28,7 +29,9 @@ pub fn run(args: Args) -> Result<()> {
     let dim = args
         .dim
         .unwrap_or_else(|| pedcc::recommended_dim(args.classes));
-    let method = if args.repulsion {
+    // K > n+1 has no exact simplex: the CLI falls back to the repulsion method with a warning (the
+    // trainer, where a silent approximation would change an experiment, asks for the flag instead).
+    let method = if args.repulsion || args.classes > dim + 1 {
         Method::Repulsion
     } else {
         Method::Simplex
