@@ -52,6 +52,16 @@ fn cuda_errors_name_what_is_missing() {
     }
 }
 
+/// tools/gpu-check.sh sets PODGPU_REQUIRE_GPU=1: there, no usable GPU is a failure, not a fallback.
+#[test]
+fn gpu_is_usable_when_required() {
+    if std::env::var("PODGPU_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        if let Err(why) = usable_gpu(0) {
+            panic!("PODGPU_REQUIRE_GPU=1 but no CUDA device is usable: {why}");
+        }
+    }
+}
+
 #[test]
 fn library_report_lists_every_library_once() {
     let r = libs::ensure_loaded();

@@ -39,10 +39,11 @@ for line in sys.stdin:
     # Debug info is not needed there; stripping keeps the folder small.
     strip "$GPU_DIR"/bin/* 2>/dev/null || true
     # Fixtures and a small real-data sample, when they exist in the repo.
-    [ -d tests/fixtures ] && cp -r tests/fixtures "$GPU_DIR/data/fixtures"
+    if [ -d tests/fixtures ]; then cp -r tests/fixtures "$GPU_DIR/data/fixtures"; fi
     local sample=""
-    for s in datasets/samples ../shared/data/cifar10-subset shared/data/cifar10-subset; do
-        if [ -d "$s" ]; then sample="$s"; break; fi
+    for s in "${PODGPU_SAMPLE:-}" datasets/samples shared/data/cifar10-subset \
+             ../shared/data/cifar10-subset /work/shared/data/cifar10-subset; do
+        if [ -n "$s" ] && [ -d "$s" ]; then sample="$s"; break; fi
     done
     if [ -n "$sample" ]; then
         local kib
@@ -108,6 +109,8 @@ run() {
     libs="$(cuda_lib_dirs)"
     export PODGPU_CUDA_LIBS="${libs%:}${PODGPU_CUDA_LIBS:+:$PODGPU_CUDA_LIBS}"
     export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:-}"
+    # The tests fail instead of skipping when no GPU is usable.
+    export PODGPU_REQUIRE_GPU=1
     export PODGPU_CACHE_DIR="${PODGPU_CACHE_DIR:-$PWD/$GPU_DIR/cache}"
     echo "PODGPU_CUDA_LIBS=$PODGPU_CUDA_LIBS"
 

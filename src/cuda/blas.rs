@@ -97,6 +97,10 @@ pub fn gemm(
         return;
     }
     let blas = handle(gpu).unwrap_or_else(|e| panic!("cuda:{}: {e}", gpu.ordinal));
+    // cuBLAS uses the calling thread's current context; test and rayon threads may have none.
+    gpu.ctx
+        .bind_to_thread()
+        .unwrap_or_else(|e| panic!("cuda:{}: {e}", gpu.ordinal));
     blas.apply_mode(math_mode())
         .unwrap_or_else(|e| panic!("{e}"));
     let op = |t: bool| {

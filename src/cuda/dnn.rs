@@ -15,6 +15,7 @@ use super::libs::{self, Lib};
 use super::{buf, math_mode, tensor, Gpu, MathMode};
 use crate::tensor::{numel, Tensor};
 use cudarc::cudnn::sys;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::c_void;
 
@@ -197,11 +198,10 @@ impl Dnn {
             geom: *geom,
             mode: mode as u8,
         };
-        if !self.plans.contains_key(&key) {
-            let p = build_plan(x, w, geom, mode)?;
-            self.plans.insert(key, p);
-        }
-        Ok(self.plans.get_mut(&key).unwrap())
+        Ok(match self.plans.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(v) => v.insert(build_plan(x, w, geom, mode)?),
+        })
     }
 }
 
@@ -579,7 +579,7 @@ impl Dnn {
         &mut self,
         d: [usize; 4],
     ) -> Result<(sys::cudnnTensorDescriptor_t, sys::cudnnTensorDescriptor_t), String> {
-        if !self.bn.contains_key(&d) {
+        if let Entry::Vacant(slot) = self.bn.entry(d) {
             let xd = TensorDesc::nchw(d)?;
             let bd = TensorDesc(
                 cudarc::cudnn::result::create_tensor_descriptor().map_err(|e| format!("{e:?}"))?,
@@ -589,7 +589,7 @@ impl Dnn {
                 unsafe { sys::cudnnDeriveBNTensorDescriptor(bd.0, xd.0, BN_MODE) },
                 "cudnnDeriveBNTensorDescriptor",
             )?;
-            self.bn.insert(d, (xd, bd));
+            slot.insert((xd, bd));
         }
         let (xd, bd) = &self.bn[&d];
         Ok((xd.0, bd.0))

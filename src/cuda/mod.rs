@@ -144,17 +144,17 @@ impl Gpu {
             ));
         }
         let mut gpus = GPUS.get_or_init(|| Mutex::new(Vec::new())).lock().unwrap();
-        if gpus.len() <= ordinal {
-            gpus.resize(ordinal + 1, None);
-        }
-        if let Some(g) = &gpus[ordinal] {
+        if let Some(Some(g)) = gpus.get(ordinal) {
             return Ok(g.clone());
         }
         let count = CudaContext::device_count().map_err(|e| format!("CUDA driver: {e}"))?;
-        if ordinal as i32 >= count {
+        if ordinal >= count.max(0) as usize {
             return Err(format!(
                 "cuda:{ordinal} requested but the driver reports {count} device(s)"
             ));
+        }
+        if gpus.len() <= ordinal {
+            gpus.resize(ordinal + 1, None);
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| format!("cuda:{ordinal}: {e}"))?;
         // One stream for everything: buffers need no per-use events.
