@@ -28,16 +28,25 @@
 //! - `global_avg_pool_fwd(x) -> [N, C]`, `global_avg_pool_bwd(dy, x_shape) -> dx`
 //! - `concat_channels(&[&Tensor]) -> y`, `split_channels(dy, &[channels]) -> Vec<dx>`
 //! - `l2norm_rows_fwd(x, eps) -> (y, norms)`, `l2norm_rows_bwd(dy, y, norms, eps) -> dx`
-//! - `gather_rows(src, labels) -> out`, `axpy_(y, a, x)` (in place), `scale_by(x, s_device_scalar)`
+//! - `gather_rows(src, labels) -> out`, `axpy_(y, a, x)` (in place), `scale_by(x, s_device_scalar)`,
+//!   `fill(shape, v, &gpu)`
 //!
 //! `cuda::loss_kernels` (labels are i32 GPU tensors, see `labels_to_gpu`):
 //! - `nac_fwd_bwd(x, p, labels, delta, variant) -> Nac { loss: [1], dx, norms }`
 //! - `sc_fwd_bwd(x, p, labels, variant) -> Sc { loss: [1], dx }` (cuBLAS Gram products inside)
 //! - `softmax_ce_fwd_bwd(logits, labels) -> (loss [1], dlogits)`
 //! - `argmax_rows(logits, labels, correct)`, `pedcc_predict(x, p, labels, correct)` -> predictions
-//! - `row_norms(x)`, `sum_into(acc, x, accumulate)` (device-side running sums)
+//! - `row_norms(x)`, `sum(x) -> [1]`, `accumulator(&gpu)`, `sum_into(acc, x, accumulate)`
+//!   (device-side running sums), `labels_to_gpu(&gpu, &[i32])`, `ints_to_host(t)`
+//! - `Variant::{Paper, Reference}` selects the NaC denominator and the SC normalisation (DESIGN §1.6)
 //!
 //! `cuda::optim`: `sgd_step(&[SgdParam], lr, momentum)` (one launch for all tensors).
+//!
+//! Wiring an op: its CUDA arm calls the launcher with the op's tensors, e.g.
+//! `dispatch!(x, conv2d_host, |x, w| cuda::dnn::conv2d_fwd(x, w, &geom), x, w)`. Launchers panic
+//! only on CUDA failures (a broken device or a podgpu bug); validate user input before dispatching.
+//! Memory figures for the trainer: `Gpu::pool_stats()` (bytes in use, peak, device allocations),
+//! `Gpu::reset_peak_memory()`. Math mode: `cuda::set_math_mode(MathMode::Fp32 | MathMode::Tf32)`.
 
 use super::launch::{check, column_tiles, func, gpu_of, grid_1d};
 use super::{blas, buf, tensor};

@@ -221,7 +221,7 @@ fn preload_companions(lib: Lib, dir: &Path, errors: &mut Vec<(PathBuf, String)>)
             todo.push(dir.join(n));
         }
     }
-    for _pass in 0..3 {
+    for pass in 0..3 {
         let mut failed = Vec::new();
         for p in todo.drain(..) {
             if let Err(e) = dlopen_global(&p) {
@@ -231,7 +231,7 @@ fn preload_companions(lib: Lib, dir: &Path, errors: &mut Vec<(PathBuf, String)>)
         if failed.is_empty() {
             return;
         }
-        if _pass == 2 {
+        if pass == 2 {
             errors.extend(failed);
             return;
         }
