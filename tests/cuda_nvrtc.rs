@@ -60,6 +60,15 @@ fn every_kernel_source_compiles_for_compute_90() {
                         s.name
                     );
                 }
+                // Machine code for sm_90 straight from NVRTC (what the GPU loads first).
+                match nvrtc::compile_cubin(s.name, s.src, "sm_90") {
+                    Ok(bin) => assert!(
+                        bin.starts_with(b"\x7fELF"),
+                        "cuda/{}.cu: CUBIN is not ELF",
+                        s.name
+                    ),
+                    Err(e) => failures.push(e),
+                }
                 if let Some(p) = &ptxas {
                     if let Err(e) = assemble(p, s.name, &ptx) {
                         failures.push(e);
@@ -150,4 +159,38 @@ fn assemble(ptxas: &PathBuf, name: &str, ptx: &str) -> Result<(), String> {
         println!("{name}: {}", line.trim());
     }
     Ok(())
+}
+
+/// Compiled modules are cached on disk and read back instead of recompiling.
+#[test]
+fn compiled_modules_are_cached_on_disk() {
+    if nvrtc::version().is_err() {
+        println!("SKIPPED: NVRTC not found (see every_kernel_source_compiles_for_compute_90)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("podgpu-cache-{}", std::process::id()));
+    // Only this test in this binary reads PODGPU_CACHE_DIR.
+    std::env::set_var("PODGPU_CACHE_DIR", &dir);
+    let src = nvrtc::source("elementwise").unwrap();
+    for target in ["compute_90", "sm_90"] {
+        let first = nvrtc::image_cached(src, target).expect("compiles");
+        let files: Vec<_> = std::fs::read_dir(dir.join("ptx"))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert!(
+            files
+                .iter()
+                .any(|f| f.file_name().to_string_lossy().contains(target)),
+            "no cache file for {target} in {}",
+            dir.display()
+        );
+        let again = nvrtc::image_cached(src, target).expect("cached");
+        match (first, again) {
+            (nvrtc::Image::Ptx(a), nvrtc::Image::Ptx(b)) => assert_eq!(a, b),
+            (nvrtc::Image::Cubin(a), nvrtc::Image::Cubin(b)) => assert_eq!(a, b),
+            _ => panic!("{target}: cached image of another kind"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

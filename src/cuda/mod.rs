@@ -253,10 +253,11 @@ impl Gpu {
             .map_err(|e| format!("cuda:{}: {e}", self.ordinal))
     }
 
-    /// The `compute_XY` architecture our kernels are compiled for on this device.
+    /// The targets our kernels are compiled for on this device, preferred first (`sm_90`, then
+    /// `compute_90` on an H200).
     pub fn kernel_arch(&self) -> Result<String, String> {
         let (ma, mi) = self.info.compute_capability;
-        nvrtc::arch_for(ma, mi)
+        nvrtc::targets_for(ma, mi).map(|t| t.join(", then "))
     }
 
     /// A kernel of one of our `.cu` modules, compiling and loading the module at first use.
@@ -271,19 +272,7 @@ impl Gpu {
                 None => {
                     let src = nvrtc::source(module)
                         .ok_or_else(|| format!("no kernel module {module}"))?;
-                    let arch = self.kernel_arch()?;
-                    let ptx = nvrtc::ptx_cached(src, &arch)?;
-                    let m = self
-                        .ctx
-                        .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-                        .map_err(|e| {
-                            format!(
-                                "loading cuda/{module}.cu ({arch}) failed: {e}; a PTX version newer \
-                                 than the driver supports means NVRTC is newer than the driver \
-                                 (driver API {}): use NVRTC 13.0 with driver 580",
-                                self.info.driver_version
-                            )
-                        })?;
+                    let m = self.load_kernel_module(src)?;
                     mods.insert(module, m.clone());
                     m
                 }
@@ -294,6 +283,37 @@ impl Gpu {
             .map_err(|e| format!("kernel {kernel} not in cuda/{module}.cu: {e}"))?;
         self.funcs.lock().unwrap().insert(kernel, f.clone());
         Ok(f)
+    }
+}
+
+impl Gpu {
+    /// Compiles (or takes from the disk cache) and loads one `.cu` module: CUBIN for the device's
+    /// exact architecture first, PTX for the JIT as the fallback. Errors list every attempt.
+    fn load_kernel_module(&self, src: &nvrtc::KernelSource) -> Result<Arc<CudaModule>, String> {
+        let (ma, mi) = self.info.compute_capability;
+        let mut errors = Vec::new();
+        for target in nvrtc::targets_for(ma, mi)? {
+            let image = match nvrtc::image_cached(src, &target) {
+                Ok(i) => i,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            let ptx = match image {
+                nvrtc::Image::Ptx(p) => cudarc::nvrtc::Ptx::from_src(p),
+                nvrtc::Image::Cubin(b) => cudarc::nvrtc::Ptx::from_binary(b),
+            };
+            match self.ctx.load_module(ptx) {
+                Ok(m) => return Ok(m),
+                Err(e) => errors.push(format!(
+                    "loading cuda/{}.cu ({target}) failed: {e} (driver API {}; PTX newer than the \
+                     driver is rejected: use NVRTC 13.0 with driver 580)",
+                    src.name, self.info.driver_version
+                )),
+            }
+        }
+        Err(errors.join("; "))
     }
 }
 

@@ -1,5 +1,5 @@
 //! Our CUDA C kernels (`cuda/*.cu`), compiled with NVRTC for the device's architecture at first use
-//! and cached on disk as PTX.
+//! (CUBIN for the exact `sm_XY` when NVRTC supports it, else PTX for `compute_XY`) and cached on disk.
 //!
 //! The cache key is a hash of the source, the target architecture, the NVRTC version and the compiler
 //! options, so editing a kernel, changing GPU or upgrading NVRTC all recompile. The cache folder is
@@ -56,6 +56,31 @@ fn options(arch: &str) -> CompileOptions {
         options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
         name: None,
         ..Default::default()
+    }
+}
+
+trait BuildStrings {
+    fn build_strings(self) -> Vec<String>;
+}
+
+impl BuildStrings for CompileOptions {
+    /// The option strings cudarc would pass (its `build` is crate-private).
+    fn build_strings(self) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(b) = self.ftz {
+            v.push(format!("--ftz={b}"));
+        }
+        if let Some(b) = self.prec_sqrt {
+            v.push(format!("--prec-sqrt={b}"));
+        }
+        if let Some(b) = self.prec_div {
+            v.push(format!("--prec-div={b}"));
+        }
+        if let Some(b) = self.fmad {
+            v.push(format!("--fmad={b}"));
+        }
+        v.extend(self.options);
+        v
     }
 }
 
@@ -126,6 +151,54 @@ pub fn compile(name: &str, src: &str, arch: &str) -> Result<String, String> {
     }
 }
 
+/// Compiles one source straight to machine code (CUBIN) for a real architecture such as `sm_90`.
+///
+/// Loading SASS needs no PTX JIT in the driver, so a CUBIN from a newer NVRTC of the same major
+/// version still loads on an older driver (CUDA minor-version compatibility), where its PTX would be
+/// rejected with CUDA_ERROR_UNSUPPORTED_PTX_VERSION. `Gpu::func` therefore prefers CUBIN.
+pub fn compile_cubin(name: &str, src: &str, sm: &str) -> Result<Vec<u8>, String> {
+    use cudarc::nvrtc::{result, sys};
+    version()?;
+    let csrc = std::ffi::CString::new(src).map_err(|e| e.to_string())?;
+    let cname = std::ffi::CString::new(format!("{name}.cu")).map_err(|e| e.to_string())?;
+    let prog = result::create_program(&csrc, Some(&cname))
+        .map_err(|e| format!("nvrtcCreateProgram: {e}"))?;
+    let opts = options(sm).build_strings();
+    // SAFETY: `prog` is live until destroy_program below; buffers are sized by NVRTC's own queries.
+    let out = unsafe {
+        match result::compile_program(prog, &opts) {
+            Err(e) => {
+                let log = result::get_program_log(prog).unwrap_or_default();
+                let log: Vec<u8> = log
+                    .iter()
+                    .take_while(|&&c| c != 0)
+                    .map(|&c| c as u8)
+                    .collect();
+                Err(format!(
+                    "NVRTC failed to compile cuda/{name}.cu for {sm} ({e}); options {opts:?}; log:\n{}",
+                    String::from_utf8_lossy(&log)
+                ))
+            }
+            Ok(()) => {
+                let mut size = 0usize;
+                match sys::nvrtcGetCUBINSize(prog, &mut size).result() {
+                    Err(e) => Err(format!("nvrtcGetCUBINSize for cuda/{name}.cu: {e}")),
+                    Ok(()) => {
+                        let mut bin = vec![0u8; size];
+                        sys::nvrtcGetCUBIN(prog, bin.as_mut_ptr() as *mut _)
+                            .result()
+                            .map(|()| bin)
+                            .map_err(|e| format!("nvrtcGetCUBIN for cuda/{name}.cu: {e}"))
+                    }
+                }
+            }
+        }
+    };
+    // SAFETY: created above, destroyed once.
+    let _ = unsafe { result::destroy_program(prog) };
+    out
+}
+
 /// 64-bit FNV-1a: a stable hash (unlike `DefaultHasher`) for cache file names.
 fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -152,38 +225,71 @@ pub fn cache_dir() -> Option<PathBuf> {
         .map(|h| PathBuf::from(h).join(".cache").join("podgpu").join("ptx"))
 }
 
-/// PTX of a source for `arch`, from the disk cache when present, else compiled and cached.
-pub fn ptx_cached(src: &KernelSource, arch: &str) -> Result<String, String> {
+/// Compiled code of one module: PTX text for a virtual architecture, or CUBIN for a real one.
+pub enum Image {
+    Ptx(String),
+    Cubin(Vec<u8>),
+}
+
+/// The compiled module for `target` (`compute_XY` → PTX, `sm_XY` → CUBIN), from the disk cache when
+/// present, else compiled and cached.
+pub fn image_cached(src: &KernelSource, target: &str) -> Result<Image, String> {
     let (maj, min) = version()?;
     let nv = format!("{maj}.{min}");
-    let opts = format!("{:?}", options(arch).options);
+    let opts = format!("{:?}", options(target).options);
     let key = fnv1a(&[
         src.src.as_bytes(),
-        arch.as_bytes(),
+        target.as_bytes(),
         nv.as_bytes(),
         opts.as_bytes(),
     ]);
-    let file = cache_dir().map(|d| d.join(format!("{}-{arch}-{key:016x}.ptx", src.name)));
+    let cubin = target.starts_with("sm_");
+    let ext = if cubin { "cubin" } else { "ptx" };
+    let file = cache_dir().map(|d| d.join(format!("{}-{target}-{key:016x}.{ext}", src.name)));
     if let Some(f) = &file {
-        if let Ok(ptx) = std::fs::read_to_string(f) {
-            if ptx.contains(".entry") {
-                return Ok(ptx);
+        if let Ok(bytes) = std::fs::read(f) {
+            if cubin && bytes.starts_with(b"\x7fELF") {
+                return Ok(Image::Cubin(bytes));
+            }
+            if let Ok(ptx) = String::from_utf8(bytes) {
+                if !cubin && ptx.contains(".entry") {
+                    return Ok(Image::Ptx(ptx));
+                }
             }
         }
     }
-    let ptx = compile(src.name, src.src, arch)?;
+    let (image, bytes) = if cubin {
+        let b = compile_cubin(src.name, src.src, target)?;
+        (Image::Cubin(b.clone()), b)
+    } else {
+        let p = compile(src.name, src.src, target)?;
+        let b = p.clone().into_bytes();
+        (Image::Ptx(p), b)
+    };
     if let Some(f) = &file {
         // Write to a temporary name and rename, so concurrent processes never read half a file.
         if let Some(dir) = f.parent() {
             if std::fs::create_dir_all(dir).is_ok() {
                 let tmp = f.with_extension(format!("tmp{}", std::process::id()));
-                if std::fs::write(&tmp, &ptx).is_ok() {
+                if std::fs::write(&tmp, &bytes).is_ok() {
                     let _ = std::fs::rename(&tmp, f);
                 }
             }
         }
     }
-    Ok(ptx)
+    Ok(image)
+}
+
+/// The targets to try for a device of compute capability `major.minor`, best first: CUBIN for its
+/// exact architecture when NVRTC supports it, then PTX for `arch_for`.
+pub fn targets_for(major: i32, minor: i32) -> Result<Vec<String>, String> {
+    let want = major * 10 + minor;
+    let mut t = Vec::new();
+    if supported_archs()?.contains(&want) {
+        t.push(format!("sm_{want}"));
+    }
+    t.push(arch_for(major, minor)?);
+    Ok(t)
 }
 
 #[cfg(test)]
