@@ -20,7 +20,7 @@ pack() {
     # --no-run builds the test executables; their paths come from cargo's JSON messages.
     local json
     json="$(cargo test --release -j 1 --no-run --message-format=json \
-        --test cuda_parity --test cuda_device --test cuda_nvrtc 2>/dev/null)"
+        --test cuda_parity --test cuda_device --test cuda_nvrtc)"
     rm -rf "$GPU_DIR"
     mkdir -p "$GPU_DIR/bin" "$GPU_DIR/data"
     cp target/release/podgpu "$GPU_DIR/bin/"
@@ -66,9 +66,19 @@ RESULTS=()
 record() { RESULTS+=("$(printf '%-34s %-8s %6ss  %s' "$1" "$2" "$3" "$4")"); }
 
 # step NAME LIMIT_SECONDS COMMAND...: runs with a time limit, records PASS/FAIL/TIMEOUT.
+# The whole run must stay under 8 minutes: no step may run past TOTAL_LIMIT seconds after the start.
+TOTAL_LIMIT=460
+RUN_START=$(date +%s)
+
 step() {
     local name="$1" limit="$2"
     shift 2
+    local left=$(( TOTAL_LIMIT - ($(date +%s) - RUN_START) ))
+    if [ "$left" -lt 5 ]; then
+        skip "$name" "no time left in the ${TOTAL_LIMIT}s budget"
+        return 1
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     echo
     echo "=================== $name (limit ${limit}s)"
     echo "\$ $*"
@@ -99,7 +109,7 @@ cuda_lib_dirs() {
 
 run() {
     local start bin
-    start=$(date +%s)
+    start=$RUN_START
     bin="$GPU_DIR/bin"
     if [ ! -x "$bin/podgpu" ]; then
         echo "no $bin/podgpu: run 'tools/gpu-check.sh pack' on the build machine and copy $GPU_DIR here"
@@ -123,9 +133,9 @@ run() {
     ls /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib 2>/dev/null | grep -E 'lib(cudnn|cublas|cublasLt|nvrtc)\.so' | sort -u || true
 
     # Device, library versions and where each library was loaded from (printed by the test).
-    step "device + libraries" 60 "$bin/cuda_device" --nocapture --test-threads=1
-    step "kernels compile (NVRTC)" 60 "$bin/cuda_nvrtc" --nocapture
-    step "parity CPU vs GPU" 240 "$bin/cuda_parity" --nocapture --test-threads=1
+    step "device + libraries" 45 "$bin/cuda_device" --nocapture --test-threads=1
+    step "kernels compile (NVRTC)" 45 "$bin/cuda_nvrtc" --nocapture
+    step "parity CPU vs GPU" 180 "$bin/cuda_parity" --nocapture --test-threads=1
 
     if "$bin/podgpu" help fidelity > /dev/null 2>&1; then
         if [ -d "$GPU_DIR/data/fixtures" ]; then
@@ -142,7 +152,7 @@ run() {
     if "$bin/podgpu" help train > /dev/null 2>&1; then
         if [ -d "$GPU_DIR/data/sample" ]; then
             # shellcheck disable=SC2086
-            step "short train on GPU" 150 "$bin/podgpu" train ${PODGPU_TRAIN_ARGS:-resnet18 --data $GPU_DIR/data/sample --device cuda --epochs 1}
+            step "short train on GPU" 100 "$bin/podgpu" train ${PODGPU_TRAIN_ARGS:-resnet18 --data $GPU_DIR/data/sample --device cuda --epochs 1}
         else
             skip "short train on GPU" "no data sample packed"
         fi
