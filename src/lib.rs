@@ -6,6 +6,7 @@ pub mod cli;
 pub mod cpu;
 pub mod cuda;
 pub mod fixture;
+pub mod device;
 pub mod gradcheck;
 pub mod loss;
 pub mod ops;

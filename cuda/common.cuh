@@ -1,0 +1,86 @@
+// Shared helpers, prepended to every cuda/*.cu before NVRTC compiles it (NVRTC has no host headers:
+// no <cmath>, no INFINITY, no <cstdint>).
+typedef unsigned long long u64;
+typedef long long i64;
+
+#define PODGPU_INF __int_as_float(0x7f800000)
+
+// Grid-stride loop over [0, n).
+#define FOR_N(i, n) for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the whole block, returned to every thread. Every thread of the block must call it (it
+// synchronises); blockDim.x must be a multiple of 32 and at most 1024.
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // a previous call may still be reading part[0]
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float t = lane < nwarps ? part[lane] : 0.0f;
+        t = warp_sum(t);
+        if (lane == 0) part[0] = t;
+    }
+    __syncthreads();
+    return part[0];
+}
+
+// Maximum over the whole block, returned to every thread (same rules as block_sum).
+__device__ float block_max(float v) {
+    __shared__ float part[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float t = lane < nwarps ? part[lane] : -PODGPU_INF;
+        t = warp_max(t);
+        if (lane == 0) part[0] = t;
+    }
+    __syncthreads();
+    return part[0];
+}
+
+// Arg-max over the block: the largest value, ties to the smallest index (as the CPU reference's
+// first-maximum rule). Returns the index to every thread.
+__device__ int block_argmax(float v, int idx) {
+    __shared__ float pv[32];
+    __shared__ int pi[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ov > v || (ov == v && oi < idx)) { v = ov; idx = oi; }
+    }
+    __syncthreads();
+    if (lane == 0) { pv[warp] = v; pi[warp] = idx; }
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < nwarps ? pv[lane] : -PODGPU_INF;
+        idx = lane < nwarps ? pi[lane] : 0x7fffffff;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, v, o);
+            int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+            if (ov > v || (ov == v && oi < idx)) { v = ov; idx = oi; }
+        }
+        if (lane == 0) pi[0] = idx;
+    }
+    __syncthreads();
+    return pi[0];
+}

@@ -1,0 +1,154 @@
+// Loss kernels: NaC (fused forward + backward), the SC pieces around the cuBLAS Gram products, and
+// softmax cross-entropy (fused forward + backward). Per-row losses are written to a [B] buffer and
+// summed by sum_into_f32 (deterministic, no float atomics).
+
+// Each thread keeps up to ROW_REGS of its row's elements in registers, so a row of up to
+// ROW_REGS * blockDim.x values (4096 with 256 threads) is read from memory once.
+#define ROW_REGS 16
+
+// NaC, forward and backward in one pass over x. Per row b with y = labels[b], p = P[y]:
+//   variant 0 (paper):     den = ||x|| + delta
+//   variant 1 (reference): den = sqrt(||x||^2 + delta^2)
+//   c = <x, p> / den,  row_loss[b] = (1 - c)^2 / B   (so that sum(row_loss) = L_NaC)
+//   dx[b] = dL_NaC/dx_b = -(2 / B) (1 - c) dc/dx with
+//     variant 0: dc/dx = p / den - <x, p> / den^2 * x / ||x||   (x / ||x|| taken as 0 when x = 0)
+//     variant 1: dc/dx = p / den - <x, p> / den^3 * x
+//   norms[b] = ||x_b|| (for the delta schedule; may be null). One block per row.
+extern "C" __global__ void nac_fwd_bwd_f32(float* __restrict__ row_loss, float* __restrict__ dx,
+                                           float* __restrict__ norms, const float* __restrict__ x,
+                                           const float* __restrict__ P, const int* __restrict__ labels,
+                                           int B, int n, float delta, int variant) {
+    const int b = blockIdx.x;
+    const float* xb = x + (i64)b * n;
+    const float* pb = P + (i64)labels[b] * n;
+    float xr[ROW_REGS], pr[ROW_REGS];
+    float sxx = 0.0f, sxp = 0.0f;
+#pragma unroll
+    for (int j = 0; j < ROW_REGS; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        xr[j] = 0.0f;
+        pr[j] = 0.0f;
+        if (i < n) { xr[j] = xb[i]; pr[j] = pb[i]; }
+        sxx += xr[j] * xr[j];
+        sxp += xr[j] * pr[j];
+    }
+    for (int i = threadIdx.x + ROW_REGS * blockDim.x; i < n; i += blockDim.x) {
+        sxx += xb[i] * xb[i];
+        sxp += xb[i] * pb[i];
+    }
+    sxx = block_sum(sxx);
+    sxp = block_sum(sxp);
+    const float nx = sqrtf(sxx);
+    float den, kx;  // dc/dx = p / den - kx * x
+    if (variant == 0) {
+        den = nx + delta;
+        kx = nx > 0.0f ? sxp / (den * den * nx) : 0.0f;
+    } else {
+        den = sqrtf(sxx + delta * delta);
+        kx = sxp / (den * den * den);
+    }
+    const float c = sxp / den;
+    const float g = -2.0f * (1.0f - c) / (float)B;  // dL/dc
+    const float kp = g / den;
+    kx *= -g;  // dx = kp * p - g * kx * x
+    float* db = dx + (i64)b * n;
+#pragma unroll
+    for (int j = 0; j < ROW_REGS; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < n) db[i] = kp * pr[j] + kx * xr[j];
+    }
+    for (int i = threadIdx.x + ROW_REGS * blockDim.x; i < n; i += blockDim.x) db[i] = kp * pb[i] + kx * xb[i];
+    if (threadIdx.x == 0) {
+        row_loss[b] = (1.0f - c) * (1.0f - c) / (float)B;
+        if (norms) norms[b] = nx;
+    }
+}
+
+// SC step 1: D = xt - P[labels] (xt the row-normalised features), B x n.
+extern "C" __global__ void sc_diff_f32(float* __restrict__ D, const float* __restrict__ xt,
+                                       const float* __restrict__ P, const int* __restrict__ labels,
+                                       int B, int n) {
+    FOR_N(i, (i64)B * n) {
+        const i64 b = i / n, c = i % n;
+        D[i] = xt[i] - P[(i64)labels[b] * n + c];
+    }
+}
+
+// SC step 2: s[c] = sum_b D[b, c]^2 (column sums of squares). Same tiling as sum_rows_f32:
+// block (32, 8), grid ceil(n / 32).
+extern "C" __global__ void col_sumsq_f32(float* __restrict__ s, const float* __restrict__ D, int B, int n) {
+    __shared__ float part[8][33];
+    const int c = blockIdx.x * 32 + threadIdx.x;
+    float acc = 0.0f;
+    if (c < n)
+        for (int r = threadIdx.y; r < B; r += 8) { const float v = D[(i64)r * n + c]; acc += v * v; }
+    part[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < n) {
+        float t = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 8; k++) t += part[k][threadIdx.x];
+        s[c] = t;
+    }
+}
+
+// SC step 3 (after G = D D^T by cuBLAS): loss[0] = (||G||_F^2 - sum_c s[c]^2) * norm, where
+// norm = 1 / (B-1)^2 (paper) or 1 / ((B-1)^2 (n-1)) (reference code). One block.
+extern "C" __global__ void sc_loss_f32(float* __restrict__ loss, const float* __restrict__ G,
+                                       const float* __restrict__ s, int B, int n, float norm) {
+    float a = 0.0f;
+    for (i64 i = threadIdx.x; i < (i64)B * B; i += blockDim.x) a += G[i] * G[i];
+    float d = 0.0f;
+    for (int c = threadIdx.x; c < n; c += blockDim.x) d += s[c] * s[c];
+    a = block_sum(a);
+    d = block_sum(d);
+    if (threadIdx.x == 0) loss[0] = (a - d) * norm;
+}
+
+// SC step 4 (after GD = G D by cuBLAS): dD = 4 norm (GD - D * s[col]), the gradient of the loss
+// above with respect to D (and so to xt: P is constant).
+extern "C" __global__ void sc_grad_f32(float* __restrict__ dD, const float* __restrict__ GD,
+                                       const float* __restrict__ D, const float* __restrict__ s,
+                                       int B, int n, float norm) {
+    const float k = 4.0f * norm;
+    FOR_N(i, (i64)B * n) dD[i] = k * (GD[i] - D[i] * s[i % n]);
+}
+
+// Softmax cross-entropy, forward and backward in one kernel. Per row b:
+//   row_loss[b] = (logsumexp(z_b) - z_b[y_b]) / B,  dz[b] = (softmax(z_b) - onehot(y_b)) / B.
+// One block per row; the row is cached in registers (K <= ROW_REGS * blockDim.x read once).
+extern "C" __global__ void softmax_ce_f32(float* __restrict__ row_loss, float* __restrict__ dz,
+                                          const float* __restrict__ z, const int* __restrict__ labels,
+                                          int B, int K) {
+    const int b = blockIdx.x;
+    const float* zb = z + (i64)b * K;
+    const int y = labels[b];
+    float zr[ROW_REGS];
+    float m = -PODGPU_INF;
+#pragma unroll
+    for (int j = 0; j < ROW_REGS; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        zr[j] = i < K ? zb[i] : -PODGPU_INF;
+        m = fmaxf(m, zr[j]);
+    }
+    for (int i = threadIdx.x + ROW_REGS * blockDim.x; i < K; i += blockDim.x) m = fmaxf(m, zb[i]);
+    m = block_max(m);
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < ROW_REGS; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < K) s += expf(zr[j] - m);
+    }
+    for (int i = threadIdx.x + ROW_REGS * blockDim.x; i < K; i += blockDim.x) s += expf(zb[i] - m);
+    s = block_sum(s);
+    const float inv_s = 1.0f / s, inv_b = 1.0f / (float)B;
+    float* db = dz + (i64)b * K;
+#pragma unroll
+    for (int j = 0; j < ROW_REGS; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < K) db[i] = (expf(zr[j] - m) * inv_s - (i == y ? 1.0f : 0.0f)) * inv_b;
+    }
+    for (int i = threadIdx.x + ROW_REGS * blockDim.x; i < K; i += blockDim.x)
+        db[i] = (expf(zb[i] - m) * inv_s - (i == y ? 1.0f : 0.0f)) * inv_b;
+    if (threadIdx.x == 0) row_loss[b] = (m + logf(s) - zb[y]) * inv_b;
+}

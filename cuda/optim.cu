@@ -1,0 +1,28 @@
+// SGD with momentum and weight decay over all parameters in one launch (PyTorch's torch.optim.SGD,
+// dampening 0, no Nesterov):
+//   g = grad + wd * p;  m = momentum * m + g;  p -= lr * m
+// The table has one entry per parameter tensor; blockIdx.y picks the entry, blockIdx.x and the
+// threads stride over its elements. Frozen tensors (flags & 1) are skipped: the PEDCC head and
+// BN buffers never change. The layout matches `SgdEntry` in src/cuda/optim.rs (40 bytes).
+struct SgdEntry {
+    float* p;
+    const float* g;
+    float* m;
+    i64 n;
+    float wd;
+    int flags;
+};
+
+extern "C" __global__ void sgd_multi_f32(const SgdEntry* __restrict__ table, int count, float lr,
+                                         float momentum) {
+    const int t = blockIdx.y;
+    if (t >= count) return;
+    const SgdEntry e = table[t];
+    if (e.flags & 1) return;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < e.n; i += (i64)gridDim.x * blockDim.x) {
+        const float g = e.g[i] + e.wd * e.p[i];
+        const float m = momentum * e.m[i] + g;
+        e.m[i] = m;
+        e.p[i] -= lr * m;
+    }
+}

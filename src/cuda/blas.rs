@@ -1,0 +1,138 @@
+//! cuBLAS: row-major matrix products for linear layers, the PEDCC projection and the SC Gram terms.
+//!
+//! cuBLAS is column-major. A row-major [r, c] matrix is the same memory as a column-major [c, r]
+//! matrix, its transpose, so the row-major product C = op(A)·op(B) is computed as the column-major
+//! product Cᵀ = op(B)ᵀ·op(A)ᵀ: swap the operands, keep each operand's transpose flag, and pass the
+//! row-major leading dimensions.
+
+use super::libs::{self, Lib};
+use super::{math_mode, CudaBuf, Gpu, MathMode};
+use cudarc::cublas::sys::{cublasMath_t, cublasOperation_t};
+use cudarc::cublas::CudaBlas;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// The device's cuBLAS handle (bound to its stream) and the math mode last set on it.
+pub struct Blas {
+    handle: CudaBlas,
+    mode: AtomicU8,
+}
+
+impl Blas {
+    fn new(gpu: &Gpu) -> Result<Blas, String> {
+        let report = libs::ensure_loaded();
+        if !report.has(Lib::Cublas) || !report.has(Lib::CublasLt) {
+            return Err(format!(
+                "cuBLAS is not available ({})",
+                report.missing_message(&[Lib::Cublas, Lib::CublasLt])
+            ));
+        }
+        let handle =
+            CudaBlas::new(gpu.stream.clone()).map_err(|e| format!("cublasCreate: {e:?}"))?;
+        Ok(Blas {
+            handle,
+            mode: AtomicU8::new(u8::MAX),
+        })
+    }
+
+    /// Sets the handle's math mode when it differs from the requested one.
+    fn apply_mode(&self, mode: MathMode) -> Result<(), String> {
+        if self.mode.load(Ordering::Relaxed) == mode as u8 {
+            return Ok(());
+        }
+        let m = match mode {
+            // Default math in CUDA ≥ 11 is true fp32 (TF32 only when asked for).
+            MathMode::Fp32 => cublasMath_t::CUBLAS_DEFAULT_MATH,
+            MathMode::Tf32 => cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
+        };
+        // SAFETY: valid handle; sets a host-side flag.
+        unsafe { cudarc::cublas::sys::cublasSetMathMode(*self.handle.handle(), m) }
+            .result()
+            .map_err(|e| format!("cublasSetMathMode: {e:?}"))?;
+        self.mode.store(mode as u8, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The device's cuBLAS handle, created at first use.
+pub fn handle(gpu: &Gpu) -> Result<&Blas, String> {
+    gpu.blas
+        .get_or_init(|| Blas::new(gpu))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// cuBLAS's version number (e.g. 130001), or an error naming what is missing.
+pub fn version(gpu: &Gpu) -> Result<i32, String> {
+    let b = handle(gpu)?;
+    let mut v = 0;
+    // SAFETY: valid handle; writes one int.
+    unsafe { cudarc::cublas::sys::cublasGetVersion_v2(*b.handle.handle(), &mut v) }
+        .result()
+        .map_err(|e| format!("cublasGetVersion: {e:?}"))?;
+    Ok(v)
+}
+
+/// Row-major `c = alpha · op(a) · op(b) + beta · c` with op(a) [m, k], op(b) [k, n], c [m, n];
+/// `ta`/`tb` say the stored matrix is the transpose ([k, m] / [n, k]). Panics on a cuBLAS error
+/// (a device fault or a bug: shapes were checked by the caller).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    gpu: &Gpu,
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &CudaBuf,
+    ta: bool,
+    b: &CudaBuf,
+    tb: bool,
+    beta: f32,
+    c: &mut CudaBuf,
+) {
+    assert!(
+        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+        "gemm: buffers too small"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let blas = handle(gpu).unwrap_or_else(|e| panic!("cuda:{}: {e}", gpu.ordinal));
+    // cuBLAS uses the calling thread's current context; test and rayon threads may have none.
+    gpu.ctx
+        .bind_to_thread()
+        .unwrap_or_else(|e| panic!("cuda:{}: {e}", gpu.ordinal));
+    blas.apply_mode(math_mode())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let op = |t: bool| {
+        if t {
+            cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    // Column-major: C' (n x m) = op(B)' (n x k) · op(A)' (k x m).
+    let (op_b, ld_b) = (op(tb), if tb { k } else { n });
+    let (op_a, ld_a) = (op(ta), if ta { m } else { k });
+    let (pa, pb, pc) = (a.device_ptr(), b.device_ptr(), c.device_ptr());
+    // SAFETY: pointers are live device buffers of the sizes asserted above; the handle is bound to
+    // the stream that owns them. k == 0 is legal (C = beta C).
+    let r = unsafe {
+        cudarc::cublas::result::sgemm(
+            *blas.handle.handle(),
+            op_b,
+            op_a,
+            n as i32,
+            m as i32,
+            k as i32,
+            &alpha,
+            pb as *const f32,
+            ld_b.max(1) as i32,
+            pa as *const f32,
+            ld_a.max(1) as i32,
+            &beta,
+            pc as *mut f32,
+            n as i32,
+        )
+    };
+    r.unwrap_or_else(|e| panic!("cuBLAS sgemm (m={m} k={k} n={n} ta={ta} tb={tb}) failed: {e:?}"));
+}

@@ -1,0 +1,88 @@
+//! The SGD update of every parameter tensor in one kernel launch (optim.cu).
+
+use super::buf;
+use super::launch::{check, func, gpu_of, THREADS};
+use crate::tensor::Tensor;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// One row of the kernel's table; the layout matches `struct SgdEntry` in cuda/optim.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct SgdEntry {
+    p: u64,
+    g: u64,
+    m: u64,
+    n: i64,
+    wd: f32,
+    flags: i32,
+}
+
+/// One parameter's update inputs. `param` and `momentum` are updated in place: their buffers must
+/// belong to the parameter store alone.
+pub struct SgdParam<'a> {
+    pub param: &'a Tensor,
+    pub grad: &'a Tensor,
+    pub momentum: &'a Tensor,
+    pub weight_decay: f32,
+    /// Frozen tensors (the PEDCC head) are skipped.
+    pub frozen: bool,
+}
+
+/// g = grad + wd·p; m = momentum·m + g; p −= lr·m for every entry, in one launch (PyTorch's SGD
+/// with dampening 0; a zero momentum buffer makes the first step m = g as in PyTorch).
+pub fn sgd_step(params: &[SgdParam], lr: f32, momentum: f32) {
+    if params.is_empty() {
+        return;
+    }
+    let gpu = gpu_of(params[0].param);
+    let mut table = Vec::with_capacity(params.len());
+    let mut max_n = 0usize;
+    for p in params {
+        let n = p.param.numel();
+        assert!(
+            p.grad.numel() == n && p.momentum.numel() == n,
+            "sgd: sizes differ for a parameter"
+        );
+        max_n = max_n.max(n);
+        table.push(SgdEntry {
+            p: buf(p.param).device_ptr(),
+            g: buf(p.grad).device_ptr(),
+            m: buf(p.momentum).device_ptr(),
+            n: n as i64,
+            wd: p.weight_decay,
+            flags: p.frozen as i32,
+        });
+    }
+    let words: &[f32] = bytemuck::cast_slice(&table);
+    let dev_table = gpu.upload(words);
+    let count = table.len();
+    assert!(
+        count <= 65_535,
+        "sgd: {count} tensors exceed one launch's grid"
+    );
+    let blocks_x = max_n
+        .div_ceil(THREADS as usize)
+        .clamp(1, gpu.info.multiprocessors.max(1) * 4);
+    let cfg = LaunchConfig {
+        grid_dim: (blocks_x as u32, count as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let f = func(&gpu, "optim", "sgd_multi_f32");
+    let c32 = count as i32;
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(dev_table.raw()).arg(&c32).arg(&lr).arg(&momentum);
+    // SAFETY: matches sgd_multi_f32(const SgdEntry*, int, float, float); every pointer in the table
+    // is a live buffer of n floats, kept alive by `params` until the kernel is queued (and by the
+    // stream order after that, as the pool only reuses blocks for later work).
+    check(unsafe { l.launch(cfg) }, "sgd_multi_f32");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn entry_layout_matches_the_kernel_struct() {
+        assert_eq!(std::mem::size_of::<super::SgdEntry>(), 40);
+        assert_eq!(std::mem::align_of::<super::SgdEntry>(), 8);
+    }
+}
