@@ -18,11 +18,19 @@ macro_rules! dispatch {
     };
 }
 
+mod batchnorm;
+mod concat;
+mod conv;
 mod elementwise;
 mod linear;
+mod pool;
 
+pub use batchnorm::*;
+pub use concat::*;
+pub use conv::*;
 pub use elementwise::*;
 pub use linear::*;
+pub use pool::*;
 
 use crate::tensor::Tensor;
 
