@@ -20,13 +20,21 @@ macro_rules! dispatch {
 // Lets op families outside `ops` (the losses) use the same dispatch: `use crate::ops::dispatch;`.
 pub(crate) use dispatch;
 
+mod batchnorm;
+mod concat;
+mod conv;
 mod elementwise;
 mod linear;
 mod normalize;
+mod pool;
 
+pub use batchnorm::*;
+pub use concat::*;
+pub use conv::*;
 pub use elementwise::*;
 pub use linear::*;
 pub use normalize::*;
+pub use pool::*;
 
 use crate::tensor::Tensor;
 

@@ -1,0 +1,494 @@
+//! Batch normalisation over the channels of NCHW tensors, as PyTorch's `BatchNorm2d`.
+//!
+//! Training mode normalises with the batch statistics (biased variance), back-propagates through them,
+//! and updates the running statistics in the parameter store: `running = (1 − m)·running + m·batch`
+//! with momentum m = 0.1 and the *unbiased* batch variance, and `num_batches_tracked += 1`.
+//! Evaluation mode normalises with the running statistics: a per-channel affine map.
+//!
+//! The tensor-level entry points mirror cuDNN's (`BatchNormalizationForwardTraining` returns the saved
+//! mean and inverse standard deviation and the new running statistics; the backward takes them back).
+
+use super::assert_same_place;
+use crate::autograd::{ParamId, ParamKind, ParamStore, Tape, Var};
+use crate::cpu;
+use crate::cuda;
+use crate::tensor::{DType, Device, Elem, Tensor};
+use rayon::prelude::*;
+
+/// PyTorch's defaults for `BatchNorm2d`.
+pub const BN_EPS: f64 = 1e-5;
+pub const BN_MOMENTUM: f64 = 0.1;
+
+/// The five tensors of one batch-norm layer in a `ParamStore`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchNormIds {
+    /// γ, trainable, initialised to 1.
+    pub weight: ParamId,
+    /// β, trainable, initialised to 0.
+    pub bias: ParamId,
+    pub running_mean: ParamId,
+    pub running_var: ParamId,
+    /// A 1-element tensor of the parameters' dtype counting training steps (PyTorch keeps an int64).
+    pub num_batches_tracked: ParamId,
+}
+
+impl BatchNormIds {
+    /// Registers `{prefix}.weight`, `.bias`, `.running_mean`, `.running_var`, `.num_batches_tracked`
+    /// as f32 host tensors with PyTorch's initial values. `ParamStore::to_dtype` converts them for f64
+    /// gradient checks.
+    pub fn register(store: &mut ParamStore, prefix: &str, channels: usize) -> BatchNormIds {
+        BatchNormIds::register_as(store, prefix, channels, DType::F32)
+    }
+
+    /// `register` with an explicit dtype.
+    pub fn register_as(
+        store: &mut ParamStore,
+        prefix: &str,
+        channels: usize,
+        dtype: DType,
+    ) -> BatchNormIds {
+        let c = [channels];
+        let full = |v: f64, shape: &[usize]| Tensor::full(shape, v, dtype, Device::Cpu);
+        BatchNormIds {
+            weight: store.add(
+                format!("{prefix}.weight"),
+                full(1.0, &c),
+                ParamKind::Trainable,
+            ),
+            bias: store.add(
+                format!("{prefix}.bias"),
+                full(0.0, &c),
+                ParamKind::Trainable,
+            ),
+            running_mean: store.add(
+                format!("{prefix}.running_mean"),
+                full(0.0, &c),
+                ParamKind::Buffer,
+            ),
+            running_var: store.add(
+                format!("{prefix}.running_var"),
+                full(1.0, &c),
+                ParamKind::Buffer,
+            ),
+            num_batches_tracked: store.add(
+                format!("{prefix}.num_batches_tracked"),
+                full(0.0, &[1]),
+                ParamKind::Buffer,
+            ),
+        }
+    }
+}
+
+/// Everything a training-mode forward produces.
+pub struct BatchNormTrainOut {
+    pub y: Tensor,
+    /// Batch mean per channel [C] (saved for backward).
+    pub mean: Tensor,
+    /// 1/√(biased batch variance + eps) per channel [C] (saved for backward).
+    pub invstd: Tensor,
+    /// Updated running statistics [C].
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+}
+
+/// Gradients of a batch-norm layer.
+pub struct BatchNormGrads {
+    pub dx: Tensor,
+    pub dweight: Tensor,
+    pub dbias: Tensor,
+}
+
+fn check_shapes(op: &str, x: &Tensor, per_channel: &[&Tensor]) {
+    assert_eq!(x.rank(), 4, "{op}: input must be NCHW, got {:?}", x.shape());
+    for p in per_channel {
+        assert_eq!(
+            p.shape(),
+            &[x.dim(1)],
+            "{op}: per-channel tensor {:?} for input {:?}",
+            p.shape(),
+            x.shape()
+        );
+    }
+    let mut all = vec![x];
+    all.extend_from_slice(per_channel);
+    assert_same_place(op, &all);
+}
+
+// ---- tensor-level entry points ----
+
+/// Training-mode forward: normalise with batch statistics and compute new running statistics.
+pub fn batch_norm2d_train_fwd(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    momentum: f64,
+    eps: f64,
+) -> BatchNormTrainOut {
+    check_shapes(
+        "batch_norm2d",
+        x,
+        &[weight, bias, running_mean, running_var],
+    );
+    let per_channel = x.dim(0) * x.dim(2) * x.dim(3);
+    assert!(
+        per_channel > 1,
+        "batch_norm2d: training needs more than one value per channel, got input {:?} \
+         (use a batch of at least 2, or evaluation mode)",
+        x.shape()
+    );
+    dispatch!(
+        x,
+        bn_train_fwd_host,
+        cuda::kernels::batch_norm2d_train,
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        momentum,
+        eps
+    )
+}
+
+/// Training-mode backward, through the batch statistics.
+pub fn batch_norm2d_train_bwd(
+    x: &Tensor,
+    dy: &Tensor,
+    weight: &Tensor,
+    mean: &Tensor,
+    invstd: &Tensor,
+) -> BatchNormGrads {
+    check_shapes("batch_norm2d_train_bwd", x, &[weight, mean, invstd]);
+    assert_eq!(x.shape(), dy.shape(), "batch_norm2d_train_bwd: dy shape");
+    dispatch!(
+        x,
+        bn_train_bwd_host,
+        cuda::kernels::batch_norm2d_train_bwd,
+        x,
+        dy,
+        weight,
+        mean,
+        invstd
+    )
+}
+
+/// Evaluation-mode forward: normalise with the running statistics.
+pub fn batch_norm2d_eval_fwd(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> Tensor {
+    check_shapes(
+        "batch_norm2d",
+        x,
+        &[weight, bias, running_mean, running_var],
+    );
+    dispatch!(
+        x,
+        bn_eval_fwd_host,
+        cuda::kernels::batch_norm2d_eval,
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        eps
+    )
+}
+
+/// Evaluation-mode backward: the gradient of a per-channel affine map.
+pub fn batch_norm2d_eval_bwd(
+    x: &Tensor,
+    dy: &Tensor,
+    weight: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> BatchNormGrads {
+    check_shapes(
+        "batch_norm2d_eval_bwd",
+        x,
+        &[weight, running_mean, running_var],
+    );
+    assert_eq!(x.shape(), dy.shape(), "batch_norm2d_eval_bwd: dy shape");
+    dispatch!(
+        x,
+        bn_eval_bwd_host,
+        cuda::kernels::batch_norm2d_eval_bwd,
+        x,
+        dy,
+        weight,
+        running_mean,
+        running_var,
+        eps
+    )
+}
+
+/// x + 1 for a 1-element counter (num_batches_tracked), on its own device.
+pub fn increment_fwd(x: &Tensor) -> Tensor {
+    assert_eq!(
+        x.numel(),
+        1,
+        "increment of a tensor of shape {:?}",
+        x.shape()
+    );
+    dispatch!(x, increment_host, cuda::kernels::increment, x)
+}
+
+// ---- tape-level op ----
+
+/// Batch norm in the tape's mode (`tape.is_training()`); training mode updates the running statistics
+/// in `store`, like a PyTorch module in `train()` mode, whether or not the tape records.
+pub fn batch_norm2d(t: &mut Tape, store: &mut ParamStore, x: &Var, bn: &BatchNormIds) -> Var {
+    let training = t.is_training();
+    batch_norm2d_in_mode(t, store, x, bn, training)
+}
+
+/// Batch norm in an explicit mode (gradient checks of evaluation mode on a recording tape).
+pub fn batch_norm2d_in_mode(
+    t: &mut Tape,
+    store: &mut ParamStore,
+    x: &Var,
+    bn: &BatchNormIds,
+    training: bool,
+) -> Var {
+    let gamma = t.param(store, bn.weight);
+    let beta = t.param(store, bn.bias);
+    let rm = store.value(bn.running_mean).clone();
+    let rv = store.value(bn.running_var).clone();
+    let sx = x.value().clone();
+    let sg = gamma.value().clone();
+    if training {
+        let out = batch_norm2d_train_fwd(
+            x.value(),
+            gamma.value(),
+            beta.value(),
+            &rm,
+            &rv,
+            BN_MOMENTUM,
+            BN_EPS,
+        );
+        store.set_value(bn.running_mean, out.running_mean);
+        store.set_value(bn.running_var, out.running_var);
+        let count = increment_fwd(store.value(bn.num_batches_tracked));
+        store.set_value(bn.num_batches_tracked, count);
+        let (mean, invstd) = (out.mean, out.invstd);
+        t.op(out.y, &[x, &gamma, &beta], move || {
+            Box::new(move |g, needs| {
+                let d = batch_norm2d_train_bwd(&sx, g, &sg, &mean, &invstd);
+                vec![
+                    needs[0].then_some(d.dx),
+                    needs[1].then_some(d.dweight),
+                    needs[2].then_some(d.dbias),
+                ]
+            })
+        })
+    } else {
+        let y = batch_norm2d_eval_fwd(x.value(), gamma.value(), beta.value(), &rm, &rv, BN_EPS);
+        t.op(y, &[x, &gamma, &beta], move || {
+            Box::new(move |g, needs| {
+                let d = batch_norm2d_eval_bwd(&sx, g, &sg, &rm, &rv, BN_EPS);
+                vec![
+                    needs[0].then_some(d.dx),
+                    needs[1].then_some(d.dweight),
+                    needs[2].then_some(d.dbias),
+                ]
+            })
+        })
+    }
+}
+
+// ---- host kernels ----
+
+/// (N, C, H·W) of an NCHW tensor.
+fn dims(x: &Tensor) -> (usize, usize, usize) {
+    (x.dim(0), x.dim(1), x.dim(2) * x.dim(3))
+}
+
+/// Per-channel f64 sums of `f(x, dy)` over batch and space (f64 so that large batches stay exact).
+fn channel_sums<T: Elem>(
+    xs: &[T],
+    dys: Option<&[T]>,
+    (n, c, hw): (usize, usize, usize),
+    f: impl Fn(usize, T, T) -> f64 + Sync,
+) -> Vec<f64> {
+    (0..c)
+        .into_par_iter()
+        .with_min_len((cpu::PAR_MIN_WORK / (n * hw).max(1)).max(1))
+        .map(|ch| {
+            let mut acc = 0.0;
+            for i in 0..n {
+                let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+                match dys {
+                    Some(d) => {
+                        for (&xv, &dv) in xs[r.clone()].iter().zip(&d[r]) {
+                            acc += f(ch, xv, dv);
+                        }
+                    }
+                    None => {
+                        for &xv in &xs[r] {
+                            acc += f(ch, xv, T::zero());
+                        }
+                    }
+                }
+            }
+            acc
+        })
+        .collect()
+}
+
+/// out[n, c] = x[n, c]·scale[c] + shift[c] for every plane.
+fn affine<T: Elem>(
+    xs: &[T],
+    scale: &[f64],
+    shift: &[f64],
+    (_, c, hw): (usize, usize, usize),
+) -> Vec<T> {
+    let mut out = vec![T::zero(); xs.len()];
+    cpu::par_chunks(&mut out, hw, hw, |p, o| {
+        let (a, b) = (T::of(scale[p % c]), T::of(shift[p % c]));
+        for (o, &v) in o.iter_mut().zip(&xs[p * hw..(p + 1) * hw]) {
+            *o = v * a + b;
+        }
+    });
+    out
+}
+
+fn f64s<T: Elem>(t: &Tensor) -> Vec<f64> {
+    t.host::<T>().iter().map(|v| v.f64()).collect()
+}
+
+fn tensor_of<T: Elem>(shape: &[usize], v: &[f64]) -> Tensor {
+    Tensor::from_vec(shape, v.iter().map(|&x| T::of(x)).collect::<Vec<T>>())
+}
+
+fn bn_train_fwd_host<T: Elem>(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    momentum: f64,
+    eps: f64,
+) -> BatchNormTrainOut {
+    let d @ (n, c, hw) = dims(x);
+    let m = (n * hw) as f64;
+    let xs = x.host::<T>();
+    // Two passes (mean, then centred squares) for accuracy.
+    let mean: Vec<f64> = channel_sums(xs, None, d, |_, v, _| v.f64())
+        .iter()
+        .map(|s| s / m)
+        .collect();
+    let var: Vec<f64> = channel_sums(xs, None, d, |ch, v, _| (v.f64() - mean[ch]).powi(2))
+        .iter()
+        .map(|s| s / m)
+        .collect();
+    let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let (g, b) = (f64s::<T>(weight), f64s::<T>(bias));
+    let scale: Vec<f64> = (0..c).map(|ch| g[ch] * invstd[ch]).collect();
+    let shift: Vec<f64> = (0..c).map(|ch| b[ch] - mean[ch] * scale[ch]).collect();
+    let y = affine(xs, &scale, &shift, d);
+
+    let (rm, rv) = (f64s::<T>(running_mean), f64s::<T>(running_var));
+    let unbias = m / (m - 1.0);
+    let new_rm: Vec<f64> = (0..c)
+        .map(|ch| (1.0 - momentum) * rm[ch] + momentum * mean[ch])
+        .collect();
+    let new_rv: Vec<f64> = (0..c)
+        .map(|ch| (1.0 - momentum) * rv[ch] + momentum * var[ch] * unbias)
+        .collect();
+    BatchNormTrainOut {
+        y: Tensor::from_vec(x.shape(), y),
+        mean: tensor_of::<T>(&[c], &mean),
+        invstd: tensor_of::<T>(&[c], &invstd),
+        running_mean: tensor_of::<T>(&[c], &new_rm),
+        running_var: tensor_of::<T>(&[c], &new_rv),
+    }
+}
+
+/// With x̂ = (x − μ)·σ⁻¹ and M values per channel:
+/// dβ = Σ dy,  dγ = Σ dy·x̂,  dx = γσ⁻¹ (dy − dβ/M − x̂·dγ/M).
+fn bn_train_bwd_host<T: Elem>(
+    x: &Tensor,
+    dy: &Tensor,
+    weight: &Tensor,
+    mean: &Tensor,
+    invstd: &Tensor,
+) -> BatchNormGrads {
+    let d @ (n, c, hw) = dims(x);
+    let m = (n * hw) as f64;
+    let (xs, dys) = (x.host::<T>(), dy.host::<T>());
+    let (g, mu, is) = (f64s::<T>(weight), f64s::<T>(mean), f64s::<T>(invstd));
+    let dbeta = channel_sums(xs, Some(dys), d, |_, _, dv| dv.f64());
+    let dgamma = channel_sums(xs, Some(dys), d, |ch, v, dv| {
+        dv.f64() * (v.f64() - mu[ch]) * is[ch]
+    });
+    let mut dx = vec![T::zero(); xs.len()];
+    cpu::par_chunks(&mut dx, hw, hw, |p, o| {
+        let ch = p % c;
+        let k = g[ch] * is[ch];
+        let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
+        let r = p * hw..(p + 1) * hw;
+        for ((o, &v), &dv) in o.iter_mut().zip(&xs[r.clone()]).zip(&dys[r]) {
+            let xhat = (v.f64() - mu[ch]) * is[ch];
+            *o = T::of(k * (dv.f64() - mb - xhat * mg));
+        }
+    });
+    BatchNormGrads {
+        dx: Tensor::from_vec(x.shape(), dx),
+        dweight: tensor_of::<T>(&[c], &dgamma),
+        dbias: tensor_of::<T>(&[c], &dbeta),
+    }
+}
+
+fn bn_eval_fwd_host<T: Elem>(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> Tensor {
+    let d @ (_, c, _) = dims(x);
+    let (g, b) = (f64s::<T>(weight), f64s::<T>(bias));
+    let (rm, rv) = (f64s::<T>(running_mean), f64s::<T>(running_var));
+    let scale: Vec<f64> = (0..c).map(|ch| g[ch] / (rv[ch] + eps).sqrt()).collect();
+    let shift: Vec<f64> = (0..c).map(|ch| b[ch] - rm[ch] * scale[ch]).collect();
+    Tensor::from_vec(x.shape(), affine(x.host::<T>(), &scale, &shift, d))
+}
+
+/// y = γ(x − μ_r)/√(σ²_r + eps) + β:  dx = dy·γ/√(σ²_r + eps),  dγ = Σ dy·x̂,  dβ = Σ dy.
+fn bn_eval_bwd_host<T: Elem>(
+    x: &Tensor,
+    dy: &Tensor,
+    weight: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> BatchNormGrads {
+    let d @ (_, c, _) = dims(x);
+    let (xs, dys) = (x.host::<T>(), dy.host::<T>());
+    let g = f64s::<T>(weight);
+    let (rm, rv) = (f64s::<T>(running_mean), f64s::<T>(running_var));
+    let is: Vec<f64> = rv.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let dbeta = channel_sums(xs, Some(dys), d, |_, _, dv| dv.f64());
+    let dgamma = channel_sums(xs, Some(dys), d, |ch, v, dv| {
+        dv.f64() * (v.f64() - rm[ch]) * is[ch]
+    });
+    let scale: Vec<f64> = (0..c).map(|ch| g[ch] * is[ch]).collect();
+    let dx = affine(dys, &scale, &vec![0.0; c], d);
+    BatchNormGrads {
+        dx: Tensor::from_vec(x.shape(), dx),
+        dweight: tensor_of::<T>(&[c], &dgamma),
+        dbias: tensor_of::<T>(&[c], &dbeta),
+    }
+}
+
+fn increment_host<T: Elem>(x: &Tensor) -> Tensor {
+    Tensor::from_vec(x.shape(), vec![x.host::<T>()[0] + T::one()])
+}

@@ -1,0 +1,835 @@
+//! 2-D convolution (NCHW), with groups: plain, grouped and depthwise (MobileNetV2).
+//!
+//! CPU strategy: im2col per image and group, then one GEMM, with images spread over rayon threads (each
+//! GEMM on its own thread, weight gradients accumulated per thread and summed). With fewer images than
+//! threads the images run one after another and each GEMM is parallel instead. When an image has few
+//! output positions (late layers), several images share one GEMM so that it is not too thin. 1×1
+//! stride-1 unpadded convolutions skip im2col (the image already is the column matrix). Depthwise
+//! convolutions (one input and one output channel per group) use a direct loop: their im2col would be
+//! KH·KW times the input for a GEMM with a single output row.
+
+use super::assert_same_place;
+use crate::autograd::{Tape, Var};
+use crate::cpu;
+use crate::cuda;
+use crate::tensor::{Elem, Tensor};
+use rayon::prelude::*;
+
+/// Stride, symmetric zero padding (each per axis: (height, width)) and groups of a convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dSpec {
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+    pub groups: usize,
+}
+
+impl Conv2dSpec {
+    /// Same stride and padding on both axes, one group.
+    pub fn new(stride: usize, padding: usize) -> Conv2dSpec {
+        Conv2dSpec {
+            stride: (stride, stride),
+            padding: (padding, padding),
+            groups: 1,
+        }
+    }
+
+    pub fn with_groups(self, groups: usize) -> Conv2dSpec {
+        Conv2dSpec { groups, ..self }
+    }
+}
+
+impl Default for Conv2dSpec {
+    fn default() -> Self {
+        Conv2dSpec::new(1, 0)
+    }
+}
+
+/// Every size of one convolution, derived from the input shape, the weight shape and the spec.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvGeom {
+    pub n: usize,
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub ph: usize,
+    pub pw: usize,
+    pub groups: usize,
+    /// Input and output channels per group.
+    pub cin_g: usize,
+    pub cout_g: usize,
+}
+
+/// Output length of a sliding window along one axis.
+fn out_len(input: usize, kernel: usize, stride: usize, pad: usize, what: &str) -> usize {
+    assert!(stride >= 1, "{what}: stride must be at least 1");
+    assert!(
+        input + 2 * pad >= kernel,
+        "{what}: kernel {kernel} larger than the padded input {input}+2·{pad}"
+    );
+    (input + 2 * pad - kernel) / stride + 1
+}
+
+impl ConvGeom {
+    pub fn new(x_shape: &[usize], w_shape: &[usize], spec: Conv2dSpec) -> ConvGeom {
+        assert_eq!(
+            x_shape.len(),
+            4,
+            "conv2d: input must be NCHW, got {x_shape:?}"
+        );
+        assert_eq!(
+            w_shape.len(),
+            4,
+            "conv2d: weight must be [Cout, Cin/groups, KH, KW], got {w_shape:?}"
+        );
+        let (n, cin, h, w) = (x_shape[0], x_shape[1], x_shape[2], x_shape[3]);
+        let (cout, cin_g, kh, kw) = (w_shape[0], w_shape[1], w_shape[2], w_shape[3]);
+        let groups = spec.groups;
+        assert!(
+            n >= 1 && cin >= 1 && cout >= 1,
+            "conv2d: empty batch or channels (input {x_shape:?}, weight {w_shape:?})"
+        );
+        assert!(
+            groups >= 1 && cin % groups == 0 && cout % groups == 0,
+            "conv2d: {groups} groups do not divide Cin={cin} and Cout={cout}"
+        );
+        assert_eq!(
+            cin_g,
+            cin / groups,
+            "conv2d: weight {w_shape:?} does not fit input {x_shape:?} with {groups} groups"
+        );
+        let oh = out_len(h, kh, spec.stride.0, spec.padding.0, "conv2d");
+        let ow = out_len(w, kw, spec.stride.1, spec.padding.1, "conv2d");
+        ConvGeom {
+            n,
+            cin,
+            h,
+            w,
+            cout,
+            kh,
+            kw,
+            oh,
+            ow,
+            sh: spec.stride.0,
+            sw: spec.stride.1,
+            ph: spec.padding.0,
+            pw: spec.padding.1,
+            groups,
+            cin_g,
+            cout_g: cout / groups,
+        }
+    }
+
+    pub fn x_shape(&self) -> [usize; 4] {
+        [self.n, self.cin, self.h, self.w]
+    }
+    pub fn y_shape(&self) -> [usize; 4] {
+        [self.n, self.cout, self.oh, self.ow]
+    }
+    pub fn w_shape(&self) -> [usize; 4] {
+        [self.cout, self.cin_g, self.kh, self.kw]
+    }
+    fn hw(&self) -> usize {
+        self.h * self.w
+    }
+    fn ohw(&self) -> usize {
+        self.oh * self.ow
+    }
+    /// Rows of the im2col matrix of one group (= columns of its weight matrix).
+    fn k_cols(&self) -> usize {
+        self.cin_g * self.kh * self.kw
+    }
+    /// 1×1, stride 1, no padding: the input of a group is its own column matrix.
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.sh == 1 && self.sw == 1 && self.ph == 0 && self.pw == 0
+    }
+    /// One input and one output channel per group.
+    fn is_depthwise(&self) -> bool {
+        self.cin_g == 1 && self.cout_g == 1
+    }
+}
+
+/// Output positions `[lo, hi)` along one axis whose input index `o·stride + k − pad` lies in
+/// `[0, in_len)`, for kernel offset `k`. Outside this range the window reads zero padding.
+fn valid_range(
+    k: usize,
+    pad: usize,
+    stride: usize,
+    in_len: usize,
+    out_len: usize,
+) -> (usize, usize) {
+    let lo = if pad > k {
+        (pad - k).div_ceil(stride)
+    } else {
+        0
+    };
+    let hi = if in_len + pad > k {
+        ((in_len - 1 + pad - k) / stride + 1).min(out_len)
+    } else {
+        0
+    };
+    (lo.min(hi), hi)
+}
+
+// ---- tensor-level entry points ----
+
+/// y = conv(x, w) + b. x [N, Cin, H, W], w [Cout, Cin/groups, KH, KW], b [Cout].
+pub fn conv2d_fwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, spec: Conv2dSpec) -> Tensor {
+    let g = ConvGeom::new(x.shape(), w.shape(), spec);
+    assert_same_place("conv2d", &[x, w]);
+    if let Some(b) = b {
+        assert_eq!(
+            b.shape(),
+            &[g.cout],
+            "conv2d: bias {:?} for {} output channels",
+            b.shape(),
+            g.cout
+        );
+        assert_same_place("conv2d", &[x, b]);
+    }
+    dispatch!(x, conv2d_host, cuda::kernels::conv2d, x, w, b, spec)
+}
+
+/// dx of a convolution, given dy, the weight and the input's shape.
+pub fn conv2d_bwd_data(dy: &Tensor, w: &Tensor, x_shape: &[usize], spec: Conv2dSpec) -> Tensor {
+    let g = ConvGeom::new(x_shape, w.shape(), spec);
+    assert_eq!(dy.shape(), &g.y_shape(), "conv2d_bwd_data: dy shape");
+    assert_same_place("conv2d_bwd_data", &[dy, w]);
+    dispatch!(
+        dy,
+        conv2d_bwd_data_host,
+        cuda::kernels::conv2d_bwd_data,
+        dy,
+        w,
+        x_shape,
+        spec
+    )
+}
+
+/// dw of a convolution, given the input, dy and the weight's shape.
+pub fn conv2d_bwd_weight(x: &Tensor, dy: &Tensor, w_shape: &[usize], spec: Conv2dSpec) -> Tensor {
+    let g = ConvGeom::new(x.shape(), w_shape, spec);
+    assert_eq!(dy.shape(), &g.y_shape(), "conv2d_bwd_weight: dy shape");
+    assert_same_place("conv2d_bwd_weight", &[x, dy]);
+    dispatch!(
+        x,
+        conv2d_bwd_weight_host,
+        cuda::kernels::conv2d_bwd_weight,
+        x,
+        dy,
+        w_shape,
+        spec
+    )
+}
+
+/// db of a convolution: dy summed over batch and space, [N, C, H, W] → [C].
+pub fn conv2d_bwd_bias(dy: &Tensor) -> Tensor {
+    assert_eq!(
+        dy.rank(),
+        4,
+        "conv2d_bwd_bias: dy must be NCHW, got {:?}",
+        dy.shape()
+    );
+    dispatch!(dy, conv2d_bwd_bias_host, cuda::kernels::conv2d_bwd_bias, dy)
+}
+
+// ---- tape-level op ----
+
+/// A 2-D convolution on the tape; gradients for x (skipped when x needs none, e.g. the image), w and b.
+pub fn conv2d(t: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, spec: Conv2dSpec) -> Var {
+    let y = conv2d_fwd(x.value(), w.value(), b.map(|b| b.value()), spec);
+    let mut inputs = vec![x, w];
+    inputs.extend(b);
+    let (sx, sw) = (x.value().clone(), w.value().clone());
+    t.op(y, &inputs, move || {
+        Box::new(move |g, needs| {
+            let dx = needs[0].then(|| conv2d_bwd_data(g, &sw, sx.shape(), spec));
+            let dw = needs[1].then(|| conv2d_bwd_weight(&sx, g, sw.shape(), spec));
+            let mut grads = vec![dx, dw];
+            if needs.len() == 3 {
+                grads.push(needs[2].then(|| conv2d_bwd_bias(g)));
+            }
+            grads
+        })
+    })
+}
+
+// ---- host kernels ----
+
+/// Fewest GEMM columns (output positions) worth one GEMM call. Late layers have few positions per
+/// image (4×4 in ResNet's last stage on CIFAR) and a GEMM that thin spends its time packing the weights,
+/// so several images share one GEMM, their column matrices side by side.
+const MIN_GEMM_COLS: usize = 256;
+
+/// How the images of a batch are spread over threads and GEMMs.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    /// Images spread over rayon threads, each GEMM on one thread; otherwise the images run in turn and
+    /// each GEMM is parallel (batches smaller than the thread count).
+    batch_par: bool,
+    /// Images per GEMM.
+    nb: usize,
+    /// Images per thread when `batch_par`: contiguous ranges, so that per-thread weight gradients are
+    /// summed in a fixed order (deterministic for a given thread count).
+    per_thread: usize,
+}
+
+impl Plan {
+    fn new(g: &ConvGeom) -> Plan {
+        let threads = rayon::current_num_threads();
+        let batch_par = threads > 1 && g.n >= threads;
+        let per_thread = if batch_par {
+            g.n.div_ceil(threads)
+        } else {
+            g.n.max(1)
+        };
+        let nb = MIN_GEMM_COLS.div_ceil(g.ohw()).clamp(1, per_thread);
+        Plan {
+            batch_par,
+            nb,
+            per_thread,
+        }
+    }
+}
+
+/// Row-major C[m×n] = op(A)·op(B) + beta·C (op = transpose when the flag says so), like `cpu::gemm`;
+/// on the calling thread unless `par`.
+#[allow(clippy::too_many_arguments)]
+fn gemm<T: Elem>(
+    par: bool,
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[T],
+    ta: bool,
+    b: &[T],
+    tb: bool,
+    beta: T,
+    c: &mut [T],
+) {
+    if par {
+        cpu::gemm(m, k, n, T::one(), a, ta, b, tb, beta, c);
+        return;
+    }
+    debug_assert!(a.len() == m * k && b.len() == k * n && c.len() == m * n);
+    let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
+    let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
+    T::gemm(
+        m,
+        k,
+        n,
+        T::one(),
+        a,
+        rsa,
+        csa,
+        b,
+        rsb,
+        csb,
+        beta,
+        c,
+        n as isize,
+        1,
+    );
+}
+
+/// Unfolds one group of one image, x [cin_g, H, W], into the columns `col0..col0 + OH·OW` of a column
+/// matrix with `ld` columns and cin_g·KH·KW rows.
+fn im2col<T: Elem>(x: &[T], g: &ConvGeom, cols: &mut [T], ld: usize, col0: usize) {
+    let (hw, ohw) = (g.hw(), g.ohw());
+    for ci in 0..g.cin_g {
+        let plane = &x[ci * hw..(ci + 1) * hw];
+        for kh in 0..g.kh {
+            let (oh_lo, oh_hi) = valid_range(kh, g.ph, g.sh, g.h, g.oh);
+            for kw in 0..g.kw {
+                let (ow_lo, ow_hi) = valid_range(kw, g.pw, g.sw, g.w, g.ow);
+                let r = (ci * g.kh + kh) * g.kw + kw;
+                let row = &mut cols[r * ld + col0..r * ld + col0 + ohw];
+                for oh in 0..g.oh {
+                    let out = &mut row[oh * g.ow..(oh + 1) * g.ow];
+                    if oh < oh_lo || oh >= oh_hi {
+                        out.fill(T::zero());
+                        continue;
+                    }
+                    let ih = oh * g.sh + kh - g.ph;
+                    let xrow = &plane[ih * g.w..(ih + 1) * g.w];
+                    out[..ow_lo].fill(T::zero());
+                    out[ow_hi..].fill(T::zero());
+                    if ow_lo == ow_hi {
+                        continue;
+                    }
+                    let iw0 = ow_lo * g.sw + kw - g.pw;
+                    let dst = &mut out[ow_lo..ow_hi];
+                    if g.sw == 1 {
+                        dst.copy_from_slice(&xrow[iw0..iw0 + dst.len()]);
+                    } else {
+                        for (o, &v) in dst.iter_mut().zip(xrow[iw0..].iter().step_by(g.sw)) {
+                            *o = v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Folds the columns `col0..col0 + OH·OW` of a column matrix (`ld` columns) back onto one group of one
+/// image, dx [cin_g, H, W], accumulating.
+fn col2im<T: Elem>(cols: &[T], ld: usize, col0: usize, g: &ConvGeom, dx: &mut [T]) {
+    let (hw, ohw) = (g.hw(), g.ohw());
+    for ci in 0..g.cin_g {
+        let plane = &mut dx[ci * hw..(ci + 1) * hw];
+        for kh in 0..g.kh {
+            let (oh_lo, oh_hi) = valid_range(kh, g.ph, g.sh, g.h, g.oh);
+            for kw in 0..g.kw {
+                let (ow_lo, ow_hi) = valid_range(kw, g.pw, g.sw, g.w, g.ow);
+                if ow_lo == ow_hi {
+                    continue;
+                }
+                let r = (ci * g.kh + kh) * g.kw + kw;
+                let row = &cols[r * ld + col0..r * ld + col0 + ohw];
+                for oh in oh_lo..oh_hi {
+                    let ih = oh * g.sh + kh - g.ph;
+                    let iw0 = ow_lo * g.sw + kw - g.pw;
+                    let src = &row[oh * g.ow + ow_lo..oh * g.ow + ow_hi];
+                    strided_axpy(
+                        T::one(),
+                        src,
+                        &mut plane[ih * g.w + iw0..(ih + 1) * g.w],
+                        g.sw,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// dst [cols, rows] = srcᵀ for src [rows, cols], in cache-sized tiles.
+fn transpose<T: Copy>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
+    const TILE: usize = 32;
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                let src_row = &src[r * cols..(r + 1) * cols];
+                for c in c0..(c0 + TILE).min(cols) {
+                    dst[c * rows + r] = src_row[c];
+                }
+            }
+        }
+    }
+}
+
+/// Gathers group `grp` of dy for a chunk of images, [nb, Cout, OHW], into one matrix [Cout_g, nb·OHW].
+fn gather_dy<T: Elem>(dy: &[T], g: &ConvGeom, grp: usize, nb: usize, out: &mut [T]) {
+    let (ohw, ld) = (g.ohw(), nb * g.ohw());
+    for co in 0..g.cout_g {
+        for j in 0..nb {
+            let src = (j * g.cout + grp * g.cout_g + co) * ohw;
+            out[co * ld + j * ohw..co * ld + (j + 1) * ohw].copy_from_slice(&dy[src..src + ohw]);
+        }
+    }
+}
+
+/// Forward of a chunk of images: y [nb, Cout, OHW] from x [nb, Cin, HW].
+fn conv_chunk<T: Elem>(
+    x: &[T],
+    w: &[T],
+    g: &ConvGeom,
+    par: bool,
+    scratch: &mut Vec<T>,
+    y: &mut [T],
+) {
+    let (k, ohw, hw) = (g.k_cols(), g.ohw(), g.hw());
+    let nb = y.len() / (g.cout * ohw);
+    let ld = nb * ohw;
+    // One image writes straight into y (and a pointwise one reads straight from x).
+    let single = nb == 1;
+    let cols_len = if single && g.is_pointwise() {
+        0
+    } else {
+        k * ld
+    };
+    let tmp_len = if single { 0 } else { g.cout_g * ld };
+    scratch.resize(cols_len + tmp_len, T::zero());
+    let (cols, tmp) = scratch.split_at_mut(cols_len);
+    for grp in 0..g.groups {
+        let wg = &w[grp * g.cout_g * k..(grp + 1) * g.cout_g * k];
+        let colm: &[T] = if cols_len == 0 {
+            &x[grp * g.cin_g * hw..(grp + 1) * g.cin_g * hw]
+        } else {
+            for j in 0..nb {
+                let xg = &x[(j * g.cin + grp * g.cin_g) * hw..][..g.cin_g * hw];
+                if g.is_pointwise() {
+                    for (r, src) in xg.chunks(hw).enumerate() {
+                        cols[r * ld + j * ohw..r * ld + (j + 1) * ohw].copy_from_slice(src);
+                    }
+                } else {
+                    im2col(xg, g, cols, ld, j * ohw);
+                }
+            }
+            cols
+        };
+        if single {
+            let yg = &mut y[grp * g.cout_g * ohw..(grp + 1) * g.cout_g * ohw];
+            gemm(par, g.cout_g, k, ohw, wg, false, colm, false, T::zero(), yg);
+        } else {
+            gemm(par, g.cout_g, k, ld, wg, false, colm, false, T::zero(), tmp);
+            for co in 0..g.cout_g {
+                for j in 0..nb {
+                    let dst = (j * g.cout + grp * g.cout_g + co) * ohw;
+                    y[dst..dst + ohw]
+                        .copy_from_slice(&tmp[co * ld + j * ohw..co * ld + (j + 1) * ohw]);
+                }
+            }
+        }
+    }
+}
+
+fn conv2d_host<T: Elem>(x: &Tensor, w: &Tensor, b: Option<&Tensor>, spec: Conv2dSpec) -> Tensor {
+    let g = ConvGeom::new(x.shape(), w.shape(), spec);
+    let (xs, ws) = (x.host::<T>(), w.host::<T>());
+    let (x_img, y_img) = (g.cin * g.hw(), g.cout * g.ohw());
+    let mut y = vec![T::zero(); g.n * y_img];
+    let plan = Plan::new(&g);
+    let chunk = |c: usize, par: bool, s: &mut Vec<T>, yc: &mut [T]| {
+        let (i0, nb) = (c * plan.nb, yc.len() / y_img);
+        conv_chunk(&xs[i0 * x_img..(i0 + nb) * x_img], ws, &g, par, s, yc);
+    };
+    if g.is_depthwise() {
+        depthwise_fwd(xs, ws, &g, &mut y);
+    } else if plan.batch_par {
+        y.par_chunks_mut(plan.nb * y_img)
+            .enumerate()
+            .for_each_init(Vec::new, |s, (c, yc)| chunk(c, false, s, yc));
+    } else {
+        let mut s = Vec::new();
+        for (c, yc) in y.chunks_mut(plan.nb * y_img).enumerate() {
+            chunk(c, true, &mut s, yc);
+        }
+    }
+    if let Some(b) = b {
+        let bs = b.host::<T>();
+        let (ohw, cout) = (g.ohw(), g.cout);
+        cpu::par_chunks(&mut y, ohw, ohw, |i, plane| {
+            let bv = bs[i % cout];
+            plane.iter_mut().for_each(|v| *v += bv);
+        });
+    }
+    Tensor::from_vec(&g.y_shape(), y)
+}
+
+/// dx of a chunk of images: dx [nb, Cin, HW] from dy [nb, Cout, OHW].
+fn conv_bwd_data_chunk<T: Elem>(
+    dy: &[T],
+    w: &[T],
+    g: &ConvGeom,
+    par: bool,
+    scratch: &mut Vec<T>,
+    dx: &mut [T],
+) {
+    let (k, ohw, hw) = (g.k_cols(), g.ohw(), g.hw());
+    let nb = dx.len() / (g.cin * hw);
+    let ld = nb * ohw;
+    let single = nb == 1;
+    let dym_len = if single { 0 } else { g.cout_g * ld };
+    let dcols_len = if single && g.is_pointwise() {
+        0
+    } else {
+        k * ld
+    };
+    scratch.resize(dym_len + dcols_len, T::zero());
+    let (dym, dcols) = scratch.split_at_mut(dym_len);
+    for grp in 0..g.groups {
+        let wg = &w[grp * g.cout_g * k..(grp + 1) * g.cout_g * k];
+        let dyg: &[T] = if single {
+            &dy[grp * g.cout_g * ohw..(grp + 1) * g.cout_g * ohw]
+        } else {
+            gather_dy(dy, g, grp, nb, dym);
+            dym
+        };
+        // dcols [K, nb·OHW] = W_gᵀ · dy_g
+        if dcols_len == 0 {
+            let dxg = &mut dx[grp * g.cin_g * hw..(grp + 1) * g.cin_g * hw];
+            gemm(par, k, g.cout_g, ohw, wg, true, dyg, false, T::zero(), dxg);
+            continue;
+        }
+        gemm(par, k, g.cout_g, ld, wg, true, dyg, false, T::zero(), dcols);
+        for j in 0..nb {
+            let dxg = &mut dx[(j * g.cin + grp * g.cin_g) * hw..][..g.cin_g * hw];
+            if g.is_pointwise() {
+                for (r, dst) in dxg.chunks_mut(hw).enumerate() {
+                    dst.copy_from_slice(&dcols[r * ld + j * ohw..r * ld + (j + 1) * ohw]);
+                }
+            } else {
+                col2im(dcols, ld, j * ohw, g, dxg);
+            }
+        }
+    }
+}
+
+fn conv2d_bwd_data_host<T: Elem>(
+    dy: &Tensor,
+    w: &Tensor,
+    x_shape: &[usize],
+    spec: Conv2dSpec,
+) -> Tensor {
+    let g = ConvGeom::new(x_shape, w.shape(), spec);
+    let (dys, ws) = (dy.host::<T>(), w.host::<T>());
+    let (x_img, y_img) = (g.cin * g.hw(), g.cout * g.ohw());
+    let mut dx = vec![T::zero(); g.n * x_img];
+    let plan = Plan::new(&g);
+    let chunk = |c: usize, par: bool, s: &mut Vec<T>, dxc: &mut [T]| {
+        let (i0, nb) = (c * plan.nb, dxc.len() / x_img);
+        conv_bwd_data_chunk(&dys[i0 * y_img..(i0 + nb) * y_img], ws, &g, par, s, dxc);
+    };
+    if g.is_depthwise() {
+        depthwise_bwd_data(dys, ws, &g, &mut dx);
+    } else if plan.batch_par {
+        dx.par_chunks_mut(plan.nb * x_img)
+            .enumerate()
+            .for_each_init(Vec::new, |s, (c, dxc)| chunk(c, false, s, dxc));
+    } else {
+        let mut s = Vec::new();
+        for (c, dxc) in dx.chunks_mut(plan.nb * x_img).enumerate() {
+            chunk(c, true, &mut s, dxc);
+        }
+    }
+    Tensor::from_vec(&g.x_shape(), dx)
+}
+
+/// Accumulates a chunk of images' contribution into dw [Cout, K]: dW_g += dy_g · colsᵀ. The column
+/// matrix is stored transposed ([nb·OHW, K]): matrixmultiply runs this product about twice as fast
+/// with both operands in natural layout than with a strided right operand, which pays for the
+/// transpose many times over.
+fn conv_bwd_weight_chunk<T: Elem>(
+    x: &[T],
+    dy: &[T],
+    g: &ConvGeom,
+    par: bool,
+    scratch: &mut Vec<T>,
+    dw: &mut [T],
+) {
+    let (k, ohw, hw) = (g.k_cols(), g.ohw(), g.hw());
+    let nb = x.len() / (g.cin * hw);
+    let ld = nb * ohw;
+    let single = nb == 1;
+    let cols_len = if g.is_pointwise() { 0 } else { k * ohw };
+    let dym_len = if single { 0 } else { g.cout_g * ld };
+    scratch.resize(cols_len + k * ld + dym_len, T::zero());
+    let (cols, rest) = scratch.split_at_mut(cols_len);
+    let (cols_t, dym) = rest.split_at_mut(k * ld);
+    for grp in 0..g.groups {
+        for j in 0..nb {
+            let xg = &x[(j * g.cin + grp * g.cin_g) * hw..][..g.cin_g * hw];
+            let src: &[T] = if g.is_pointwise() {
+                xg
+            } else {
+                im2col(xg, g, cols, ohw, 0);
+                cols
+            };
+            transpose(src, k, ohw, &mut cols_t[j * ohw * k..(j + 1) * ohw * k]);
+        }
+        let dyg: &[T] = if single {
+            &dy[grp * g.cout_g * ohw..(grp + 1) * g.cout_g * ohw]
+        } else {
+            gather_dy(dy, g, grp, nb, dym);
+            dym
+        };
+        let dwg = &mut dw[grp * g.cout_g * k..(grp + 1) * g.cout_g * k];
+        // dW_g [Cout_g, K] += dy_g [Cout_g, nb·OHW] · colsᵀ [nb·OHW, K]
+        gemm(
+            par,
+            g.cout_g,
+            ld,
+            k,
+            dyg,
+            false,
+            cols_t,
+            false,
+            T::one(),
+            dwg,
+        );
+    }
+}
+
+fn conv2d_bwd_weight_host<T: Elem>(
+    x: &Tensor,
+    dy: &Tensor,
+    w_shape: &[usize],
+    spec: Conv2dSpec,
+) -> Tensor {
+    let g = ConvGeom::new(x.shape(), w_shape, spec);
+    let (xs, dys) = (x.host::<T>(), dy.host::<T>());
+    let (x_img, y_img) = (g.cin * g.hw(), g.cout * g.ohw());
+    let w_len = g.cout * g.k_cols();
+    let plan = Plan::new(&g);
+    // Images [a, b) in chunks of `plan.nb`, accumulated into one dw.
+    let range = |a: usize, b: usize, par: bool| {
+        let mut dw = vec![T::zero(); w_len];
+        let mut s = Vec::new();
+        let mut i = a;
+        while i < b {
+            let e = (i + plan.nb).min(b);
+            let (xc, dyc) = (&xs[i * x_img..e * x_img], &dys[i * y_img..e * y_img]);
+            conv_bwd_weight_chunk(xc, dyc, &g, par, &mut s, &mut dw);
+            i = e;
+        }
+        dw
+    };
+    let dw = if g.is_depthwise() {
+        let mut dw = vec![T::zero(); w_len];
+        depthwise_bwd_weight(xs, dys, &g, &mut dw);
+        dw
+    } else if plan.batch_par {
+        let per = plan.per_thread;
+        let partial: Vec<Vec<T>> = (0..g.n.div_ceil(per))
+            .into_par_iter()
+            .map(|r| range(r * per, ((r + 1) * per).min(g.n), false))
+            .collect();
+        let mut parts = partial.into_iter();
+        let mut dw = parts.next().expect("at least one range");
+        for p in parts {
+            dw.iter_mut().zip(&p).for_each(|(a, &b)| *a += b);
+        }
+        dw
+    } else {
+        range(0, g.n, true)
+    };
+    Tensor::from_vec(&g.w_shape(), dw)
+}
+
+fn conv2d_bwd_bias_host<T: Elem>(dy: &Tensor) -> Tensor {
+    let (n, c, hw) = (dy.dim(0), dy.dim(1), dy.dim(2) * dy.dim(3));
+    let dys = dy.host::<T>();
+    let mut db = vec![T::zero(); c];
+    cpu::par_chunks(&mut db, 1, n * hw, |ch, out| {
+        out[0] = (0..n)
+            .map(|i| {
+                dys[(i * c + ch) * hw..(i * c + ch + 1) * hw]
+                    .iter()
+                    .copied()
+                    .sum::<T>()
+            })
+            .sum();
+    });
+    Tensor::from_vec(&[c], db)
+}
+
+// ---- depthwise: direct loops, one plane (image, channel) at a time ----
+//
+// For each tap (kh, kw), the valid output positions of a row form a contiguous range whose inputs sit at
+// stride `sw` in one input row: the inner loops are zips of slices (no bounds checks, vectorised for
+// stride 1).
+
+/// Σ a[j]·b[j·stride] over j < a.len() (b starts at the first input).
+#[inline(always)]
+fn strided_dot<T: Elem>(a: &[T], b: &[T], stride: usize) -> T {
+    let mut acc = T::zero();
+    if stride == 1 {
+        for (&u, &v) in a.iter().zip(&b[..a.len()]) {
+            acc += u * v;
+        }
+    } else {
+        for (&u, &v) in a.iter().zip(b.iter().step_by(stride)) {
+            acc += u * v;
+        }
+    }
+    acc
+}
+
+/// out[j·stride] += s·a[j] for j < a.len().
+#[inline(always)]
+fn strided_axpy<T: Elem>(s: T, a: &[T], out: &mut [T], stride: usize) {
+    if stride == 1 {
+        for (o, &v) in out[..a.len()].iter_mut().zip(a) {
+            *o += s * v;
+        }
+    } else {
+        for (o, &v) in out.iter_mut().step_by(stride).zip(a) {
+            *o += s * v;
+        }
+    }
+}
+
+/// y[j] += s·x[j·stride] for j < y.len().
+#[inline(always)]
+fn gather_axpy<T: Elem>(s: T, x: &[T], y: &mut [T], stride: usize) {
+    if stride == 1 {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o += s * v;
+        }
+    } else {
+        for (o, &v) in y.iter_mut().zip(x.iter().step_by(stride)) {
+            *o += s * v;
+        }
+    }
+}
+
+/// Calls `f(tap, oh, ow_lo..ow_hi, input offset of (oh, ow_lo))` for every tap and output row with
+/// valid inputs.
+#[inline(always)]
+fn for_each_tap_row(g: &ConvGeom, mut f: impl FnMut(usize, usize, usize, usize, usize)) {
+    for kh in 0..g.kh {
+        let (oh_lo, oh_hi) = valid_range(kh, g.ph, g.sh, g.h, g.oh);
+        for kw in 0..g.kw {
+            let (ow_lo, ow_hi) = valid_range(kw, g.pw, g.sw, g.w, g.ow);
+            if ow_lo == ow_hi {
+                continue;
+            }
+            for oh in oh_lo..oh_hi {
+                let x0 = (oh * g.sh + kh - g.ph) * g.w + ow_lo * g.sw + kw - g.pw;
+                f(kh * g.kw + kw, oh, ow_lo, ow_hi, x0);
+            }
+        }
+    }
+}
+
+/// y[n, c] = Σ_{kh,kw} w[c, kh, kw] · x[n, c] shifted; each output plane on its own.
+fn depthwise_fwd<T: Elem>(x: &[T], w: &[T], g: &ConvGeom, y: &mut [T]) {
+    let (hw, ohw, kk) = (g.hw(), g.ohw(), g.kh * g.kw);
+    cpu::par_chunks(y, ohw, ohw * kk, |p, yp| {
+        let (xp, wc) = (&x[p * hw..(p + 1) * hw], &w[(p % g.cout) * kk..][..kk]);
+        for_each_tap_row(g, |tap, oh, lo, hi, x0| {
+            gather_axpy(
+                wc[tap],
+                &xp[x0..],
+                &mut yp[oh * g.ow + lo..oh * g.ow + hi],
+                g.sw,
+            );
+        });
+    });
+}
+
+fn depthwise_bwd_data<T: Elem>(dy: &[T], w: &[T], g: &ConvGeom, dx: &mut [T]) {
+    let (hw, ohw, kk) = (g.hw(), g.ohw(), g.kh * g.kw);
+    cpu::par_chunks(dx, hw, ohw * kk, |p, dxp| {
+        let (dyp, wc) = (&dy[p * ohw..(p + 1) * ohw], &w[(p % g.cin) * kk..][..kk]);
+        for_each_tap_row(g, |tap, oh, lo, hi, x0| {
+            strided_axpy(
+                wc[tap],
+                &dyp[oh * g.ow + lo..oh * g.ow + hi],
+                &mut dxp[x0..],
+                g.sw,
+            );
+        });
+    });
+}
+
+/// dw[c] = Σ_n Σ_{oh,ow} dy[n, c, oh, ow] · x[n, c, shifted]: one channel's KH×KW taps per task.
+fn depthwise_bwd_weight<T: Elem>(x: &[T], dy: &[T], g: &ConvGeom, dw: &mut [T]) {
+    let (hw, ohw, kk) = (g.hw(), g.ohw(), g.kh * g.kw);
+    cpu::par_chunks(dw, kk, g.n * ohw * kk, |c, dwc| {
+        for i in 0..g.n {
+            let p = i * g.cin + c;
+            let (xp, dyp) = (&x[p * hw..(p + 1) * hw], &dy[p * ohw..(p + 1) * ohw]);
+            for_each_tap_row(g, |tap, oh, lo, hi, x0| {
+                dwc[tap] += strided_dot(&dyp[oh * g.ow + lo..oh * g.ow + hi], &xp[x0..], g.sw);
+            });
+        }
+    });
+}
