@@ -9,6 +9,7 @@ pub mod fixture;
 pub mod device;
 pub mod gradcheck;
 pub mod loss;
+pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod pedcc;

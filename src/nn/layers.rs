@@ -45,11 +45,7 @@ impl Conv {
         Conv {
             weight,
             bias,
-            spec: ops::Conv2dSpec {
-                stride,
-                padding,
-                groups,
-            },
+            spec: ops::Conv2dSpec::new(stride, padding).with_groups(groups),
         }
     }
 
@@ -68,7 +64,7 @@ pub struct BatchNorm {
 impl BatchNorm {
     pub fn new(ps: &mut ParamStore, prefix: &str, channels: usize, dtype: DType) -> BatchNorm {
         BatchNorm {
-            ids: ops::BatchNormIds::register(ps, prefix, channels, dtype),
+            ids: ops::BatchNormIds::register_as(ps, prefix, channels, dtype),
         }
     }
 

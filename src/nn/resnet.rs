@@ -150,7 +150,7 @@ impl ResNet {
         let y = self.stem_bn.forward(t, ps, &y);
         let mut y = ops::relu(t, &y);
         if self.stem != Stem::Cifar {
-            y = ops::max_pool2d(t, &y, 3, 2, 1);
+            y = ops::max_pool2d(t, &y, ops::Pool2dSpec::new(3, 2, 1));
         }
         for layer in &self.layers {
             for block in layer {

@@ -72,7 +72,7 @@ impl BatchNormIds {
             ),
             num_batches_tracked: store.add(
                 format!("{prefix}.num_batches_tracked"),
-                full(0.0, &[1]),
+                full(0.0, &[]), // a scalar, like PyTorch's state_dict
                 ParamKind::Buffer,
             ),
         }
