@@ -5,6 +5,7 @@ pub mod autograd;
 pub mod cli;
 pub mod cpu;
 pub mod cuda;
+pub mod data;
 pub mod gradcheck;
 pub mod ops;
 pub mod rng;

@@ -1,1 +1,3 @@
 //! The `podgpu` command line: one file per subcommand, each with its clap `Args` and a `run`.
+
+pub mod data;
