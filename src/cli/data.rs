@@ -105,10 +105,8 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
         _ => match a.norm.as_str() {
             "auto" => Norm::Auto,
             "computed" => Norm::Computed,
-            name => match convert::norm_preset(name) {
-                Some((mean, std)) => Norm::Fixed { mean, std },
-                None => bail!("unknown --norm '{name}'; use auto, computed, cifar10, cifar100, imagenet or mnist"),
-            },
+            name if convert::norm_preset(name).is_some() => Norm::Preset(name.to_string()),
+            name => bail!("unknown --norm '{name}'; use auto, computed, cifar10, cifar100, imagenet or mnist"),
         },
     };
     if !(0.0..1.0).contains(&a.test_fraction) {

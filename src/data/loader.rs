@@ -75,7 +75,7 @@ impl LoaderConfig {
 }
 
 /// One batch: images normalised to f32, N×C×H×W row-major, and their labels.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Batch {
     /// N×C×H×W values.
     pub images: Vec<f32>,
@@ -89,6 +89,23 @@ pub struct Batch {
     pub epoch: u64,
     /// Position of this batch within its epoch (0-based).
     pub index: usize,
+}
+
+/// Short form: a failing `assert_eq!` on batches should not print a million floats.
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sum: f64 = self.images.iter().map(|&x| x as f64).sum();
+        let head = &self.labels[..self.labels.len().min(8)];
+        write!(
+            f,
+            "Batch {{ epoch {}, index {}, shape {:?}, labels {:?}…, indices {:?}…, image sum {sum:.6} }}",
+            self.epoch,
+            self.index,
+            self.shape,
+            head,
+            &self.indices[..self.indices.len().min(8)]
+        )
+    }
 }
 
 impl Batch {

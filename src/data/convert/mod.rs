@@ -61,6 +61,8 @@ pub enum Norm {
     Auto,
     /// Mean and std of every pixel of the train split, per channel.
     Computed,
+    /// A published normalisation by name (see `norm_preset`).
+    Preset(String),
     /// Fixed values on the [0, 1] scale.
     Fixed { mean: Vec<f32>, std: Vec<f32> },
 }
@@ -273,6 +275,12 @@ pub fn convert(opts: &ConvertOptions) -> Result<(SourceFormat, DatasetSpec)> {
     let stats_split = raw.splits.iter().find(|s| s.name == "train").unwrap_or(&raw.splits[0]);
     let (mean, std, how) = match &opts.norm {
         Norm::Fixed { mean, std } => (mean.clone(), std.clone(), "given on the command line".to_string()),
+        Norm::Preset(name) => {
+            let (m, s) = norm_preset(name).with_context(|| {
+                format!("unknown normalisation preset '{name}'; use cifar10, cifar100, imagenet or mnist")
+            })?;
+            (m, s, format!("the published {name} values"))
+        }
         Norm::Auto if matches!(format, SourceFormat::Cifar10Bin | SourceFormat::Cifar10Python) => {
             let (m, s) = norm_preset("cifar10").unwrap();
             (m, s, "CIFAR-10 values of the paper recipe".into())
