@@ -3,14 +3,17 @@
 //! where they should be.
 
 use podgpu::data::augment::{
-    augment_image, hflip, pad_crop, resized_crop, sample_crop_box, sample_pad_crop, Augment, CropBox, Normalizer,
+    augment_image, hflip, pad_crop, resized_crop, sample_crop_box, sample_pad_crop, Augment,
+    CropBox, Normalizer,
 };
 use podgpu::rng::Rng;
 
 fn random_image(shape: [usize; 3], seed: u64) -> Vec<u8> {
     let mut rng = Rng::new(seed);
     // 1..=255 so that a zero in an output can only come from padding.
-    (0..shape.iter().product::<usize>()).map(|_| 1 + rng.below(255) as u8).collect()
+    (0..shape.iter().product::<usize>())
+        .map(|_| 1 + rng.below(255) as u8)
+        .collect()
 }
 
 /// The textbook version: build the zero-padded image, cut the window out.
@@ -37,13 +40,22 @@ fn naive_pad_crop(src: &[u8], [c, h, w]: [usize; 3], pad: usize, dy: usize, dx: 
 
 #[test]
 fn pad_crop_is_the_crop_of_the_padded_image() {
-    for (shape, pad) in [([3, 7, 9], 4), ([1, 32, 32], 4), ([2, 3, 2], 5), ([3, 5, 6], 0)] {
+    for (shape, pad) in [
+        ([3, 7, 9], 4),
+        ([1, 32, 32], 4),
+        ([2, 3, 2], 5),
+        ([3, 5, 6], 0),
+    ] {
         let src = random_image(shape, 11);
         let mut out = vec![0u8; src.len()];
         for dy in 0..=2 * pad {
             for dx in 0..=2 * pad {
                 pad_crop(&src, shape, pad, dy, dx, &mut out);
-                assert_eq!(out, naive_pad_crop(&src, shape, pad, dy, dx), "shape {shape:?} pad {pad} dy {dy} dx {dx}");
+                assert_eq!(
+                    out,
+                    naive_pad_crop(&src, shape, pad, dy, dx),
+                    "shape {shape:?} pad {pad} dy {dy} dx {dx}"
+                );
             }
         }
     }
@@ -72,16 +84,25 @@ fn crop_offsets_stay_in_bounds_and_cover_every_position() {
     for i in 0..draws {
         let mut rng = Rng::derive(99, i);
         let (dy, dx, f) = sample_pad_crop(&mut rng, pad, true);
-        assert!(dy <= 2 * pad && dx <= 2 * pad, "offset ({dy}, {dx}) out of bounds");
+        assert!(
+            dy <= 2 * pad && dx <= 2 * pad,
+            "offset ({dy}, {dx}) out of bounds"
+        );
         seen[0][dy] += 1;
         seen[1][dx] += 1;
         flips += f as usize;
     }
-    assert!(seen.iter().flatten().all(|&k| k > draws as usize / 9 / 2), "offsets not uniform: {seen:?}");
+    assert!(
+        seen.iter().flatten().all(|&k| k > draws as usize / 9 / 2),
+        "offsets not uniform: {seen:?}"
+    );
     let p = flips as f64 / draws as f64;
     assert!((p - 0.5).abs() < 0.04, "flip rate {p}");
     let mut rng = Rng::new(1);
-    assert!((0..100).all(|_| !sample_pad_crop(&mut rng, pad, false).2), "flip disabled");
+    assert!(
+        (0..100).all(|_| !sample_pad_crop(&mut rng, pad, false).2),
+        "flip disabled"
+    );
 }
 
 #[test]
@@ -129,23 +150,55 @@ fn resized_crop_identity_and_exact_subimage() {
     let shape = [3, 12, 10];
     let src = random_image(shape, 14);
     let mut out = vec![0u8; src.len()];
-    resized_crop(&src, shape, CropBox { top: 0, left: 0, h: 12, w: 10 }, 12, 10, &mut out);
+    resized_crop(
+        &src,
+        shape,
+        CropBox {
+            top: 0,
+            left: 0,
+            h: 12,
+            w: 10,
+        },
+        12,
+        10,
+        &mut out,
+    );
     assert_eq!(out, src);
     // A box resized to its own size is the box.
-    let b = CropBox { top: 3, left: 2, h: 5, w: 6 };
+    let b = CropBox {
+        top: 3,
+        left: 2,
+        h: 5,
+        w: 6,
+    };
     let mut sub = vec![0u8; 3 * 5 * 6];
     resized_crop(&src, shape, b, 5, 6, &mut sub);
     for ch in 0..3 {
         for y in 0..5 {
             for x in 0..6 {
-                assert_eq!(sub[ch * 30 + y * 6 + x], src[ch * 120 + (y + 3) * 10 + x + 2]);
+                assert_eq!(
+                    sub[ch * 30 + y * 6 + x],
+                    src[ch * 120 + (y + 3) * 10 + x + 2]
+                );
             }
         }
     }
     // Upsampling a horizontal ramp stays a monotone ramp between the box's end values.
     let ramp: Vec<u8> = (0..4 * 8).map(|i| (10 + 20 * (i % 8)) as u8).collect();
     let mut up = vec![0u8; 4 * 16];
-    resized_crop(&ramp, [1, 4, 8], CropBox { top: 0, left: 0, h: 4, w: 8 }, 4, 16, &mut up);
+    resized_crop(
+        &ramp,
+        [1, 4, 8],
+        CropBox {
+            top: 0,
+            left: 0,
+            h: 4,
+            w: 8,
+        },
+        4,
+        16,
+        &mut up,
+    );
     for row in up.chunks(16) {
         assert!(row.windows(2).all(|p| p[0] <= p[1]), "{row:?}");
         assert_eq!((row[0], row[15]), (10, 150));
@@ -159,15 +212,29 @@ fn random_resized_crop_boxes_are_inside_and_follow_scale() {
     let mut areas = Vec::new();
     for i in 0..2000 {
         let b = sample_crop_box(&mut Rng::derive(5, i), h, w, scale, ratio);
-        assert!(b.h >= 1 && b.w >= 1 && b.top + b.h <= h && b.left + b.w <= w, "{b:?}");
+        assert!(
+            b.h >= 1 && b.w >= 1 && b.top + b.h <= h && b.left + b.w <= w,
+            "{b:?}"
+        );
         areas.push((b.h * b.w) as f64 / (h * w) as f64);
     }
     let mean = areas.iter().sum::<f64>() / areas.len() as f64;
-    assert!(areas.iter().all(|&a| a > 0.06), "an area below the scale range");
+    assert!(
+        areas.iter().all(|&a| a > 0.06),
+        "an area below the scale range"
+    );
     assert!(mean > 0.4 && mean < 0.65, "mean area fraction {mean}"); // uniform(0.08, 1) has mean 0.54
-    // An impossible ratio falls back to torchvision's centre crop with the aspect clamped into range.
+                                                                     // An impossible ratio falls back to torchvision's centre crop with the aspect clamped into range.
     let b = sample_crop_box(&mut Rng::new(1), 10, 100, (0.99, 1.0), (0.5, 0.5));
-    assert_eq!(b, CropBox { top: 0, left: 47, h: 10, w: 5 });
+    assert_eq!(
+        b,
+        CropBox {
+            top: 0,
+            left: 47,
+            h: 10,
+            w: 5
+        }
+    );
 }
 
 #[test]
@@ -178,7 +245,15 @@ fn augment_image_composes_the_pieces_with_the_images_own_draws() {
     let mut scratch = Vec::new();
     let mut out = vec![0f32; src.len()];
 
-    augment_image(Augment::None, &src, shape, &mut Rng::new(1), &norm, &mut scratch, &mut out);
+    augment_image(
+        Augment::None,
+        &src,
+        shape,
+        &mut Rng::new(1),
+        &norm,
+        &mut scratch,
+        &mut out,
+    );
     let mut plain = vec![0f32; src.len()];
     norm.apply(&src, &mut plain);
     assert_eq!(out, plain);
@@ -186,7 +261,15 @@ fn augment_image_composes_the_pieces_with_the_images_own_draws() {
     let aug = Augment::Auto.resolve(32, 32);
     assert_eq!(aug, Augment::PadCropFlip { pad: 4, flip: true });
     for seed in 0..20 {
-        augment_image(aug, &src, shape, &mut Rng::new(seed), &norm, &mut scratch, &mut out);
+        augment_image(
+            aug,
+            &src,
+            shape,
+            &mut Rng::new(seed),
+            &norm,
+            &mut scratch,
+            &mut out,
+        );
         let (dy, dx, f) = sample_pad_crop(&mut Rng::new(seed), 4, true);
         let mut want = naive_pad_crop(&src, shape, 4, dy, dx);
         if f {
@@ -202,7 +285,15 @@ fn augment_image_composes_the_pieces_with_the_images_own_draws() {
     let big = [3, 64, 64];
     let src = random_image(big, 16);
     let mut out = vec![0f32; src.len()];
-    augment_image(Augment::RRC_DEFAULT, &src, big, &mut Rng::new(3), &norm, &mut scratch, &mut out);
+    augment_image(
+        Augment::RRC_DEFAULT,
+        &src,
+        big,
+        &mut Rng::new(3),
+        &norm,
+        &mut scratch,
+        &mut out,
+    );
     let mut rng = Rng::new(3);
     let b = sample_crop_box(&mut rng, 64, 64, (0.08, 1.0), (0.75, 4.0 / 3.0));
     let f = rng.uniform() < 0.5;

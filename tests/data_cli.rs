@@ -5,11 +5,18 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn podgpu(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_podgpu")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_podgpu"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn make_png_tree(root: &Path) {
@@ -18,7 +25,9 @@ fn make_png_tree(root: &Path) {
             let d = root.join(split).join(class);
             std::fs::create_dir_all(&d).unwrap();
             for i in 0..3u8 {
-                let img = image::RgbImage::from_fn(6, 6, |x, y| image::Rgb([40 * k as u8 + i, x as u8 * 30, y as u8 * 30]));
+                let img = image::RgbImage::from_fn(6, 6, |x, y| {
+                    image::Rgb([40 * k as u8 + i, x as u8 * 30, y as u8 * 30])
+                });
                 img.save(d.join(format!("{i}.png"))).unwrap();
             }
         }
@@ -31,7 +40,15 @@ fn convert_info_verify_and_a_damaged_file() {
     let root = tmp.path().join("pets");
     make_png_tree(&root);
     let out = tmp.path().join("pets.bin");
-    let o = podgpu(&["data", "convert", root.to_str().unwrap(), "--out", out.to_str().unwrap(), "--size", "4x4"]);
+    let o = podgpu(&[
+        "data",
+        "convert",
+        root.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--size",
+        "4x4",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("image-folder"), "{}", text(&o));
     let ds = Dataset::open(&out).unwrap();
@@ -41,14 +58,21 @@ fn convert_info_verify_and_a_damaged_file() {
     let o = podgpu(&["data", "info", out.to_str().unwrap()]);
     assert!(o.status.success());
     let t = text(&o);
-    assert!(t.contains("classes  2: cats, dogs") && t.contains("train") && t.contains("3x4x4"), "{t}");
+    assert!(
+        t.contains("classes  2: cats, dogs") && t.contains("train") && t.contains("3x4x4"),
+        "{t}"
+    );
     let o = podgpu(&["data", "info", "--json", out.to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["splits"][1]["n"], 6);
     assert_eq!(v["classes"][1], "dogs");
 
     let o = podgpu(&["data", "verify", out.to_str().unwrap()]);
-    assert!(o.status.success() && text(&o).contains("ok"), "{}", text(&o));
+    assert!(
+        o.status.success() && text(&o).contains("ok"),
+        "{}",
+        text(&o)
+    );
 
     // Flip one byte near the end (inside the test pixels or labels): verify fails and says which section.
     let mut bytes = std::fs::read(&out).unwrap();
@@ -58,22 +82,61 @@ fn convert_info_verify_and_a_damaged_file() {
     let o = podgpu(&["data", "verify", out.to_str().unwrap()]);
     assert!(!o.status.success());
     let t = text(&o);
-    assert!(t.contains("MISMATCH") && t.contains("split 'test' pixels") && t.contains("damaged"), "{t}");
+    assert!(
+        t.contains("MISMATCH") && t.contains("split 'test' pixels") && t.contains("damaged"),
+        "{t}"
+    );
 
     // Truncated: a clear error, exit status 1, no panic.
     std::fs::write(&out, &bytes[..bytes.len() / 2]).unwrap();
     let o = podgpu(&["data", "info", out.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o).contains("truncated") && !text(&o).contains("panicked"), "{}", text(&o));
+    assert!(
+        text(&o).contains("truncated") && !text(&o).contains("panicked"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
 fn bad_arguments_are_explained() {
     let tmp = tempfile::tempdir().unwrap();
-    let o = podgpu(&["data", "info", tmp.path().join("none.bin").to_str().unwrap()]);
-    assert!(!o.status.success() && text(&o).contains("does not exist"), "{}", text(&o));
-    let o = podgpu(&["data", "convert", tmp.path().to_str().unwrap(), "--out", "x.bin", "--size", "big"]);
-    assert!(!o.status.success() && text(&o).contains("HxW"), "{}", text(&o));
-    let o = podgpu(&["data", "convert", tmp.path().to_str().unwrap(), "--out", "x.bin", "--norm", "weird"]);
-    assert!(!o.status.success() && text(&o).contains("unknown --norm"), "{}", text(&o));
+    let o = podgpu(&[
+        "data",
+        "info",
+        tmp.path().join("none.bin").to_str().unwrap(),
+    ]);
+    assert!(
+        !o.status.success() && text(&o).contains("does not exist"),
+        "{}",
+        text(&o)
+    );
+    let o = podgpu(&[
+        "data",
+        "convert",
+        tmp.path().to_str().unwrap(),
+        "--out",
+        "x.bin",
+        "--size",
+        "big",
+    ]);
+    assert!(
+        !o.status.success() && text(&o).contains("HxW"),
+        "{}",
+        text(&o)
+    );
+    let o = podgpu(&[
+        "data",
+        "convert",
+        tmp.path().to_str().unwrap(),
+        "--out",
+        "x.bin",
+        "--norm",
+        "weird",
+    ]);
+    assert!(
+        !o.status.success() && text(&o).contains("unknown --norm"),
+        "{}",
+        text(&o)
+    );
 }

@@ -19,7 +19,11 @@ fn shared(what: &str) -> Option<PathBuf> {
 }
 
 fn python3() -> bool {
-    let ok = Command::new("python3").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    let ok = Command::new("python3")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if !ok {
         eprintln!("SKIP: python3 not found, cannot make pickles");
     }
@@ -31,23 +35,31 @@ fn run(opts: &ConvertOptions) -> (SourceFormat, DatasetSpec) {
 }
 
 fn split<'a>(spec: &'a DatasetSpec, name: &str) -> &'a SplitData {
-    spec.splits.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no split {name}"))
+    spec.splits
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no split {name}"))
 }
 
 /// CIFAR-10 records `<label><3072>`: the first `n` of the shared subset, or made-up ones without it.
 fn cifar10_records(n: usize, test: bool) -> Vec<u8> {
     if let Some(d) = shared_data_dir() {
-        let f = if test { "test_batch_subset.bin" } else { "data_batch_subset.bin" };
+        let f = if test {
+            "test_batch_subset.bin"
+        } else {
+            "data_batch_subset.bin"
+        };
         let b = std::fs::read(d.join("cifar10-subset").join(f)).unwrap();
         return b[..n * 3073].to_vec();
     }
     let mut rng = Rng::new(if test { 2 } else { 1 });
-    (0..n).flat_map(|_| {
-        let mut r = vec![rng.below(10) as u8];
-        r.extend((0..3072).map(|_| rng.below(256) as u8));
-        r
-    })
-    .collect()
+    (0..n)
+        .flat_map(|_| {
+            let mut r = vec![rng.below(10) as u8];
+            r.extend((0..3072).map(|_| rng.below(256) as u8));
+            r
+        })
+        .collect()
 }
 
 /// CIFAR-100-style records `<coarse><fine><3072>` made from CIFAR-10 records with fine = 10·label + i%10.
@@ -70,25 +82,47 @@ fn check_records(s: &SplitData, records: &[u8], rec: usize, label_at: usize) {
     assert_eq!((s.h, s.w), (32, 32));
     for (i, r) in records.chunks_exact(rec).enumerate() {
         assert_eq!(s.labels[i], r[label_at] as u32, "label {i}");
-        assert_eq!(&s.pixels[i * 3072..(i + 1) * 3072], &r[rec - 3072..], "pixels of image {i}");
+        assert_eq!(
+            &s.pixels[i * 3072..(i + 1) * 3072],
+            &r[rec - 3072..],
+            "pixels of image {i}"
+        );
     }
 }
 
 #[test]
 fn cifar10_binary_subset() {
-    let Some(d) = shared("cifar10_binary_subset") else { return };
+    let Some(d) = shared("cifar10_binary_subset") else {
+        return;
+    };
     let dir = d.join("cifar10-subset");
     let (format, spec) = run(&ConvertOptions::new(vec![dir.clone()]));
     assert_eq!(format, SourceFormat::Cifar10Bin);
     assert_eq!(spec.classes[0], "airplane");
     assert_eq!(spec.classes[9], "truck");
-    assert_eq!(spec.splits.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["train", "test"]);
+    assert_eq!(
+        spec.splits
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
+        ["train", "test"]
+    );
     let train = split(&spec, "train");
     let test = split(&spec, "test");
     assert_eq!(train.labels[..10], [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]);
     assert_eq!(test.labels[..10], [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]);
-    check_records(train, &std::fs::read(dir.join("data_batch_subset.bin")).unwrap(), 3073, 0);
-    check_records(test, &std::fs::read(dir.join("test_batch_subset.bin")).unwrap(), 3073, 0);
+    check_records(
+        train,
+        &std::fs::read(dir.join("data_batch_subset.bin")).unwrap(),
+        3073,
+        0,
+    );
+    check_records(
+        test,
+        &std::fs::read(dir.join("test_batch_subset.bin")).unwrap(),
+        3073,
+        0,
+    );
     // Normalisation is the paper's CIFAR-10 values, while the data's own mean is the documented one.
     assert_eq!(spec.mean, [0.4914, 0.4822, 0.4465]);
     assert_eq!(spec.std, [0.2023, 0.1994, 0.2010]);
@@ -97,7 +131,10 @@ fn cifar10_binary_subset() {
         assert!((m - want).abs() < 6e-4, "train mean {mean:?}");
     }
     // Subsets keep the first images.
-    let mut opts = ConvertOptions::new(vec![dir.join("data_batch_subset.bin"), dir.join("test_batch_subset.bin")]);
+    let mut opts = ConvertOptions::new(vec![
+        dir.join("data_batch_subset.bin"),
+        dir.join("test_batch_subset.bin"),
+    ]);
     opts.format = Some(SourceFormat::Cifar10Bin);
     opts.max_train = Some(20);
     opts.max_test = Some(7);
@@ -138,14 +175,27 @@ fn cifar_binary_with_wrong_record_size_is_refused() {
 }
 
 fn make_pickles(kind: &str, style: &str, source: &Path, n: usize, split: &str, out: &Path) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data_fixtures/make_cifar_pickle.py");
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data_fixtures/make_cifar_pickle.py");
     let status = Command::new("python3")
         .arg(script)
         .args([source.to_str().unwrap(), out.to_str().unwrap()])
-        .args(["--kind", kind, "--style", style, "--n", &n.to_string(), "--split", split])
+        .args([
+            "--kind",
+            kind,
+            "--style",
+            style,
+            "--n",
+            &n.to_string(),
+            "--split",
+            split,
+        ])
         .status()
         .unwrap();
-    assert!(status.success(), "make_cifar_pickle.py failed for {kind} {style}");
+    assert!(
+        status.success(),
+        "make_cifar_pickle.py failed for {kind} {style}"
+    );
 }
 
 #[test]
@@ -159,8 +209,22 @@ fn cifar10_python_pickles_of_every_protocol() {
     std::fs::write(dir.path().join("test.src"), &test).unwrap();
     for style in ["py2", "p2", "p4", "p5"] {
         let out = dir.path().join(style);
-        make_pickles("cifar10", style, &dir.path().join("train.src"), 25, "train", &out);
-        make_pickles("cifar10", style, &dir.path().join("test.src"), 9, "test", &out);
+        make_pickles(
+            "cifar10",
+            style,
+            &dir.path().join("train.src"),
+            25,
+            "train",
+            &out,
+        );
+        make_pickles(
+            "cifar10",
+            style,
+            &dir.path().join("test.src"),
+            9,
+            "test",
+            &out,
+        );
         let (format, spec) = run(&ConvertOptions::new(vec![out.clone()]));
         assert_eq!(format, SourceFormat::Cifar10Python, "{style}");
         assert_eq!(spec.classes[1], "automobile", "{style}");
@@ -179,14 +243,29 @@ fn cifar100_python_pickles() {
     std::fs::write(dir.path().join("train.src"), &train).unwrap();
     for style in ["py2", "p5"] {
         let out = dir.path().join(style);
-        make_pickles("cifar100", style, &dir.path().join("train.src"), 21, "train", &out);
-        make_pickles("cifar100", style, &dir.path().join("train.src"), 21, "test", &out);
+        make_pickles(
+            "cifar100",
+            style,
+            &dir.path().join("train.src"),
+            21,
+            "train",
+            &out,
+        );
+        make_pickles(
+            "cifar100",
+            style,
+            &dir.path().join("train.src"),
+            21,
+            "test",
+            &out,
+        );
         let (format, spec) = run(&ConvertOptions::new(vec![out.clone()]));
         assert_eq!(format, SourceFormat::Cifar100Python);
         assert_eq!(spec.classes.len(), 100);
         assert_eq!(spec.classes[7], "fine7");
         check_records(split(&spec, "train"), &train, 3074, 1);
-        let mut opts = ConvertOptions::new(vec![out.join("train"), out.join("test"), out.join("meta")]);
+        let mut opts =
+            ConvertOptions::new(vec![out.join("train"), out.join("test"), out.join("meta")]);
         opts.format = Some(SourceFormat::Cifar100Python);
         opts.label_kind = LabelKind::Coarse;
         let (_, coarse) = run(&opts);
@@ -198,7 +277,15 @@ fn cifar100_python_pickles() {
 #[test]
 fn pickle_reader_rejects_garbage_without_panicking() {
     let dir = tempfile::tempdir().unwrap();
-    for (i, bytes) in [&b"\x80\x02}q\x00(U\x04data"[..], b"not a pickle", b"\x80\x02\xff", b""].iter().enumerate() {
+    for (i, bytes) in [
+        &b"\x80\x02}q\x00(U\x04data"[..],
+        b"not a pickle",
+        b"\x80\x02\xff",
+        b"",
+    ]
+    .iter()
+    .enumerate()
+    {
         let d = dir.path().join(format!("case{i}"));
         std::fs::create_dir(&d).unwrap();
         std::fs::write(d.join("data_batch_1"), bytes).unwrap();
@@ -209,27 +296,42 @@ fn pickle_reader_rejects_garbage_without_panicking() {
 
 fn gunzip(p: &Path) -> Vec<u8> {
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(p).unwrap()).read_to_end(&mut out).unwrap();
+    flate2::read::GzDecoder::new(std::fs::File::open(p).unwrap())
+        .read_to_end(&mut out)
+        .unwrap();
     out
 }
 
 #[test]
 fn mnist_gzipped_real_files() {
-    let Some(d) = shared("mnist_gzipped_real_files") else { return };
+    let Some(d) = shared("mnist_gzipped_real_files") else {
+        return;
+    };
     let dir = d.join("mnist");
     let (format, spec) = run(&ConvertOptions::new(vec![dir.clone()]));
     assert_eq!(format, SourceFormat::Mnist);
     assert_eq!(spec.channels, 1);
-    assert_eq!(spec.classes, (0..10).map(|i| i.to_string()).collect::<Vec<_>>());
+    assert_eq!(
+        spec.classes,
+        (0..10).map(|i| i.to_string()).collect::<Vec<_>>()
+    );
     let train = split(&spec, "train");
     let test = split(&spec, "test");
     assert_eq!((train.n, train.h, train.w), (60000, 28, 28));
     assert_eq!(test.n, 10000);
     assert_eq!(train.labels[..10], [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]);
     assert_eq!(test.labels[..10], [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]);
-    assert_eq!(test.pixels[..], gunzip(&dir.join("t10k-images-idx3-ubyte.gz"))[16..]);
+    assert_eq!(
+        test.pixels[..],
+        gunzip(&dir.join("t10k-images-idx3-ubyte.gz"))[16..]
+    );
     // Normalisation computed from the train split: MNIST's well-known 0.1307 / 0.3081.
-    assert!((spec.mean[0] - 0.1307).abs() < 1e-4 && (spec.std[0] - 0.3081).abs() < 1e-4, "{:?} {:?}", spec.mean, spec.std);
+    assert!(
+        (spec.mean[0] - 0.1307).abs() < 1e-4 && (spec.std[0] - 0.3081).abs() < 1e-4,
+        "{:?} {:?}",
+        spec.mean,
+        spec.std
+    );
 
     // The same files un-gzipped convert to the same test split.
     let tmp = tempfile::tempdir().unwrap();
@@ -259,24 +361,51 @@ fn fashion_mnist_idx_and_broken_idx() {
     let (n, h, w) = (13, 28, 28);
     let pixels: Vec<u8> = (0..n * h * w).map(|_| rng.below(256) as u8).collect();
     let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
-    std::fs::write(dir.join("train-images-idx3-ubyte"), idx(&[n as u32, h as u32, w as u32], &pixels)).unwrap();
-    std::fs::write(dir.join("train-labels-idx1-ubyte"), idx(&[n as u32], &labels)).unwrap();
-    std::fs::write(dir.join("t10k-images-idx3-ubyte"), idx(&[2, 28, 28], &pixels[..2 * 784])).unwrap();
+    std::fs::write(
+        dir.join("train-images-idx3-ubyte"),
+        idx(&[n as u32, h as u32, w as u32], &pixels),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("train-labels-idx1-ubyte"),
+        idx(&[n as u32], &labels),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("t10k-images-idx3-ubyte"),
+        idx(&[2, 28, 28], &pixels[..2 * 784]),
+    )
+    .unwrap();
     std::fs::write(dir.join("t10k-labels-idx1-ubyte"), idx(&[2], &labels[..2])).unwrap();
     let (format, spec) = run(&ConvertOptions::new(vec![dir.clone()]));
     assert_eq!(format, SourceFormat::FashionMnist);
     assert_eq!(spec.classes[9], "Ankle boot");
     assert_eq!(split(&spec, "train").pixels, pixels);
-    assert_eq!(split(&spec, "train").labels, labels.iter().map(|&l| l as u32).collect::<Vec<_>>());
+    assert_eq!(
+        split(&spec, "train").labels,
+        labels.iter().map(|&l| l as u32).collect::<Vec<_>>()
+    );
     assert_eq!(split(&spec, "test").n, 2);
 
     // One image byte missing: a clear error, not a panic.
-    std::fs::write(dir.join("train-images-idx3-ubyte"), idx(&[n as u32, 28, 28], &pixels[..pixels.len() - 1])).unwrap();
+    std::fs::write(
+        dir.join("train-images-idx3-ubyte"),
+        idx(&[n as u32, 28, 28], &pixels[..pixels.len() - 1]),
+    )
+    .unwrap();
     let err = convert::convert(&ConvertOptions::new(vec![dir.clone()])).unwrap_err();
     assert!(format!("{err:#}").contains("truncated"), "{err:#}");
     // Labels that do not match the images.
-    std::fs::write(dir.join("train-images-idx3-ubyte"), idx(&[n as u32, 28, 28], &pixels)).unwrap();
-    std::fs::write(dir.join("train-labels-idx1-ubyte"), idx(&[n as u32 - 1], &labels[1..])).unwrap();
+    std::fs::write(
+        dir.join("train-images-idx3-ubyte"),
+        idx(&[n as u32, 28, 28], &pixels),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("train-labels-idx1-ubyte"),
+        idx(&[n as u32 - 1], &labels[1..]),
+    )
+    .unwrap();
     assert!(convert::convert(&ConvertOptions::new(vec![dir.clone()])).is_err());
 
     // The real Fashion-MNIST when its Debian package is installed.
@@ -285,7 +414,16 @@ fn fashion_mnist_idx_and_broken_idx() {
         let mut opts = ConvertOptions::new(vec![real.to_path_buf()]);
         opts.format = Some(SourceFormat::FashionMnist);
         let (_, spec) = run(&opts);
-        assert_eq!((split(&spec, "train").n, split(&spec, "test").n), (60000, 10000));
+        assert_eq!(
+            (split(&spec, "train").n, split(&spec, "test").n),
+            (60000, 10000)
+        );
+        // The first training image is an ankle boot; the dataset's published mean/std are 0.2860/0.3530.
+        assert_eq!(
+            split(&spec, "train").labels[..10],
+            [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
+        );
+        assert!((spec.mean[0] - 0.2860).abs() < 1e-4 && (spec.std[0] - 0.3530).abs() < 1e-4);
     } else {
         eprintln!("note: /usr/share/datasets/fashion-mnist absent (apt-get install dataset-fashion-mnist); synthetic files only");
     }
@@ -299,16 +437,30 @@ fn extract_jpegs(shared: &Path, dest: &Path) -> bool {
         return false;
     }
     let status = Command::new("tar")
-        .args(["-xJf", tar.to_str().unwrap(), "-C", dest.to_str().unwrap(), "--wildcards"])
-        .args(["cifar10-jpeg/train/frog/000[0-4].jpg", "cifar10-jpeg/train/truck/000[0-2].jpg"])
-        .args(["cifar10-jpeg/test/frog/000[0-1].jpg", "cifar10-jpeg/test/truck/000[0-1].jpg"])
+        .args([
+            "-xJf",
+            tar.to_str().unwrap(),
+            "-C",
+            dest.to_str().unwrap(),
+            "--wildcards",
+        ])
+        .args([
+            "cifar10-jpeg/train/frog/000[0-4].jpg",
+            "cifar10-jpeg/train/truck/000[0-2].jpg",
+        ])
+        .args([
+            "cifar10-jpeg/test/frog/000[0-1].jpg",
+            "cifar10-jpeg/test/truck/000[0-1].jpg",
+        ])
         .status();
     matches!(status, Ok(s) if s.success())
 }
 
 #[test]
 fn image_folder_of_real_jpegs() {
-    let Some(d) = shared("image_folder_of_real_jpegs") else { return };
+    let Some(d) = shared("image_folder_of_real_jpegs") else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     if !extract_jpegs(&d, tmp.path()) {
         return;
@@ -324,16 +476,28 @@ fn image_folder_of_real_jpegs() {
     // frog/0000.jpg is the first frog of the training set, which is image 0 of the lossless subset:
     // the JPEG (quality 75) stays close to it, and far from another image.
     let subset = std::fs::read(d.join("cifar10-subset/data_batch_subset.bin")).unwrap();
-    let mad = |a: &[u8], b: &[u8]| a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs()).sum::<f64>() / a.len() as f64;
+    let mad = |a: &[u8], b: &[u8]| {
+        a.iter()
+            .zip(b)
+            .map(|(&x, &y)| (x as f64 - y as f64).abs())
+            .sum::<f64>()
+            / a.len() as f64
+    };
     let frog0 = &train.pixels[..3072];
     let close = mad(frog0, &subset[1..3073]);
     let far = mad(frog0, &subset[3073 + 1..2 * 3073]);
-    assert!(close < 12.0 && far > 3.0 * close, "mean |diff| to the original {close}, to another image {far}");
+    assert!(
+        close < 12.0 && far > 3.0 * close,
+        "mean |diff| to the original {close}, to another image {far}"
+    );
     // Resized on the way in.
     let mut opts = ConvertOptions::new(vec![root]);
     opts.folder.size = Some((16, 24));
     let (_, small) = run(&opts);
-    assert_eq!((split(&small, "train").h, split(&small, "train").w), (16, 24));
+    assert_eq!(
+        (split(&small, "train").h, split(&small, "train").w),
+        (16, 24)
+    );
 }
 
 fn png(path: &Path, w: u32, h: u32, f: impl Fn(u32, u32) -> [u8; 3]) {
@@ -345,11 +509,18 @@ fn png(path: &Path, w: u32, h: u32, f: impl Fn(u32, u32) -> [u8; 3]) {
 fn image_folder_of_pngs_single_tree_with_test_fraction() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("shapes");
-    let pattern = |k: u32, i: u32| move |x: u32, y: u32| [(10 * k + i) as u8, (x * 20 + 1) as u8, (y * 30 + 2) as u8];
+    let pattern = |k: u32, i: u32| {
+        move |x: u32, y: u32| [(10 * k + i) as u8, (x * 20 + 1) as u8, (y * 30 + 2) as u8]
+    };
     for (k, class) in ["b_class", "a_class", "c_class"].iter().enumerate() {
         std::fs::create_dir_all(root.join(class)).unwrap();
         for i in 0..8 {
-            png(&root.join(class).join(format!("{i:02}.png")), 5, 4, pattern(k as u32, i));
+            png(
+                &root.join(class).join(format!("{i:02}.png")),
+                5,
+                4,
+                pattern(k as u32, i),
+            );
         }
         std::fs::write(root.join(class).join("notes.txt"), "not an image").unwrap();
     }
@@ -403,18 +574,34 @@ fn image_folder_sizes_must_agree_unless_resized() {
     for (class, w) in [("one", 6), ("two", 9)] {
         std::fs::create_dir_all(root.join("train").join(class)).unwrap();
         std::fs::create_dir_all(root.join("val").join(class)).unwrap();
-        png(&root.join("train").join(class).join("a.png"), w, 6, |_, _| [200, 100, 50]);
-        png(&root.join("val").join(class).join("a.png"), w, 6, |_, _| [200, 100, 50]);
+        png(
+            &root.join("train").join(class).join("a.png"),
+            w,
+            6,
+            |_, _| [200, 100, 50],
+        );
+        png(&root.join("val").join(class).join("a.png"), w, 6, |_, _| {
+            [200, 100, 50]
+        });
     }
     let err = convert::convert(&ConvertOptions::new(vec![root.clone()])).unwrap_err();
     assert!(format!("{err:#}").contains("--size"), "{err:#}");
     let mut opts = ConvertOptions::new(vec![root.clone()]);
     opts.folder.size = Some((3, 3));
     let (_, spec) = run(&opts);
-    assert_eq!(spec.splits.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["train", "test"]); // val → test
-    // Resizing a constant image keeps it constant.
+    assert_eq!(
+        spec.splits
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
+        ["train", "test"]
+    ); // val → test
+       // Resizing a constant image keeps it constant.
     for s in &spec.splits {
-        assert_eq!(s.pixels, [[200u8; 9], [100; 9], [50; 9], [200; 9], [100; 9], [50; 9]].concat());
+        assert_eq!(
+            s.pixels,
+            [[200u8; 9], [100; 9], [50; 9], [200; 9], [100; 9], [50; 9]].concat()
+        );
     }
     // A class missing from one split is an error that names the folders.
     std::fs::remove_dir_all(root.join("val").join("two")).unwrap();

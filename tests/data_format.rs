@@ -5,7 +5,15 @@ use podgpu::data::{write_dataset, Dataset, DatasetError, DatasetSpec, SplitData}
 use podgpu::rng::Rng;
 use std::path::{Path, PathBuf};
 
-fn random_split(name: &str, n: usize, c: usize, h: usize, w: usize, classes: usize, seed: u64) -> SplitData {
+fn random_split(
+    name: &str,
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    classes: usize,
+    seed: u64,
+) -> SplitData {
     let mut rng = Rng::new(seed);
     SplitData {
         name: name.into(),
@@ -25,7 +33,10 @@ fn sample_spec() -> DatasetSpec {
         mean: vec![0.4, 0.5, 0.6],
         std: vec![0.2, 0.25, 0.3],
         source: "test".into(),
-        splits: vec![random_split("train", 37, 3, 5, 7, 3, 1), random_split("test", 11, 3, 5, 7, 3, 2)],
+        splits: vec![
+            random_split("train", 37, 3, 5, 7, 3, 1),
+            random_split("test", 11, 3, 5, 7, 3, 2),
+        ],
     }
 }
 
@@ -46,7 +57,10 @@ fn with_meta(bytes: &[u8], edit: impl FnOnce(&mut Meta)) -> Vec<u8> {
     edit(&mut meta);
     let json = serde_json::to_vec(&meta).unwrap();
     let first_section = read_meta(bytes).splits[0].pixels.offset as usize;
-    assert!(HEADER_LEN + json.len() <= first_section, "edited metadata no longer fits");
+    assert!(
+        HEADER_LEN + json.len() <= first_section,
+        "edited metadata no longer fits"
+    );
     let mut out = bytes.to_vec();
     out[..HEADER_LEN].copy_from_slice(&header_bytes(FORMAT_VERSION, &json));
     out[HEADER_LEN..first_section].fill(0);
@@ -58,6 +72,11 @@ fn open_bytes(dir: &Path, name: &str, bytes: &[u8]) -> Result<Dataset, DatasetEr
     let p = dir.join(name);
     std::fs::write(&p, bytes).unwrap();
     Dataset::open(&p)
+}
+
+#[test]
+fn checksum_is_the_standard_crc32() {
+    assert_eq!(podgpu::data::format::crc32(b"123456789"), 0xCBF4_3926);
 }
 
 #[test]
@@ -103,7 +122,10 @@ fn writer_replaces_atomically_and_leaves_no_temporary() {
     spec.name = "second".into();
     write_dataset(&p, &spec).unwrap();
     assert_eq!(Dataset::open(&p).unwrap().name(), "second");
-    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("unit.bin")]);
 }
 
@@ -118,7 +140,14 @@ fn writer_refuses_inconsistent_data() {
     spec.splits[1].pixels.pop();
     assert!(write_dataset(&dir.path().join("x.bin"), &spec).is_err());
     let mut spec = sample_spec();
-    spec.splits[1] = SplitData { name: "test".into(), n: 0, h: 5, w: 7, pixels: vec![], labels: vec![] };
+    spec.splits[1] = SplitData {
+        name: "test".into(),
+        n: 0,
+        h: 5,
+        w: 7,
+        pixels: vec![],
+        labels: vec![],
+    };
     assert!(write_dataset(&dir.path().join("x.bin"), &spec).is_err());
     assert!(!dir.path().join("x.bin").exists());
 }
@@ -139,16 +168,21 @@ fn truncation_anywhere_is_reported_as_truncation() {
     let bytes = std::fs::read(write_sample(dir.path())).unwrap();
     let meta = read_meta(&bytes);
     let cuts = [
-        4,                                              // inside the magic
-        20,                                             // inside the header
-        HEADER_LEN + 10,                                // inside the metadata
-        meta.splits[0].pixels.offset as usize + 100,    // inside the first pixels
-        meta.splits[1].labels.offset as usize + 4,      // inside the last labels
-        bytes.len() - 1,                                // one byte short
+        4,                                           // inside the magic
+        20,                                          // inside the header
+        HEADER_LEN + 10,                             // inside the metadata
+        meta.splits[0].pixels.offset as usize + 100, // inside the first pixels
+        meta.splits[1].labels.offset as usize + 4,   // inside the last labels
+        bytes.len() - 1,                             // one byte short
     ];
     for cut in cuts {
-        let err = open_bytes(dir.path(), "cut.bin", &bytes[..cut]).err().unwrap();
-        assert!(matches!(err, DatasetError::Truncated { .. }), "cut at {cut}: {err}");
+        let err = open_bytes(dir.path(), "cut.bin", &bytes[..cut])
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, DatasetError::Truncated { .. }),
+            "cut at {cut}: {err}"
+        );
         assert!(err.to_string().contains("truncated"), "{err}");
     }
 }
@@ -161,7 +195,13 @@ fn wrong_magic_and_wrong_version() {
     b[0] = b'X';
     let err = open_bytes(dir.path(), "magic.bin", &b).err().unwrap();
     assert!(matches!(err, DatasetError::BadMagic { .. }), "{err}");
-    let err = open_bytes(dir.path(), "text.bin", b"hello, this is not a dataset at all").err().unwrap();
+    let err = open_bytes(
+        dir.path(),
+        "text.bin",
+        b"hello, this is not a dataset at all",
+    )
+    .err()
+    .unwrap();
     assert!(matches!(err, DatasetError::BadMagic { .. }), "{err}");
 
     // A well-formed header of another version.
@@ -171,14 +211,19 @@ fn wrong_magic_and_wrong_version() {
     b[..HEADER_LEN].copy_from_slice(&header_bytes(FORMAT_VERSION + 1, json));
     let err = open_bytes(dir.path(), "version.bin", &b).err().unwrap();
     match &err {
-        DatasetError::Version { found, supported, .. } => assert_eq!((*found, *supported), (FORMAT_VERSION + 1, FORMAT_VERSION)),
+        DatasetError::Version {
+            found, supported, ..
+        } => assert_eq!((*found, *supported), (FORMAT_VERSION + 1, FORMAT_VERSION)),
         other => panic!("expected a version error, got {other}"),
     }
     // A damaged header (version bytes changed without a matching header checksum).
     let mut b = bytes.clone();
     b[9] ^= 0x40;
     let err = open_bytes(dir.path(), "hdr.bin", &b).err().unwrap();
-    assert!(matches!(err, DatasetError::Corrupt { .. }) && err.to_string().contains("header checksum"), "{err}");
+    assert!(
+        matches!(err, DatasetError::Corrupt { .. }) && err.to_string().contains("header checksum"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -187,7 +232,11 @@ fn damaged_metadata_is_corrupt() {
     let mut b = std::fs::read(write_sample(dir.path())).unwrap();
     b[HEADER_LEN + 5] ^= 0x01;
     let err = open_bytes(dir.path(), "meta.bin", &b).err().unwrap();
-    assert!(matches!(err, DatasetError::Corrupt { .. }) && err.to_string().contains("metadata checksum"), "{err}");
+    assert!(
+        matches!(err, DatasetError::Corrupt { .. })
+            && err.to_string().contains("metadata checksum"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -201,16 +250,28 @@ fn sizes_that_disagree() {
     assert!(err.to_string().contains("sizes disagree"), "{err}");
     // Image height changed.
     let b = with_meta(&bytes, |m| m.splits[1].h = 6);
-    assert!(matches!(open_bytes(dir.path(), "h.bin", &b).err().unwrap(), DatasetError::SizeMismatch { .. }));
+    assert!(matches!(
+        open_bytes(dir.path(), "h.bin", &b).err().unwrap(),
+        DatasetError::SizeMismatch { .. }
+    ));
     // Label section of the wrong length.
     let b = with_meta(&bytes, |m| m.splits[1].labels.len -= 4);
-    assert!(matches!(open_bytes(dir.path(), "l.bin", &b).err().unwrap(), DatasetError::SizeMismatch { .. }));
+    assert!(matches!(
+        open_bytes(dir.path(), "l.bin", &b).err().unwrap(),
+        DatasetError::SizeMismatch { .. }
+    ));
     // A section that claims to reach past the end of the file.
     let b = with_meta(&bytes, |m| m.splits[1].labels.offset += 1 << 20);
-    assert!(matches!(open_bytes(dir.path(), "o.bin", &b).err().unwrap(), DatasetError::Truncated { .. }));
+    assert!(matches!(
+        open_bytes(dir.path(), "o.bin", &b).err().unwrap(),
+        DatasetError::Truncated { .. }
+    ));
     // mean/std for the wrong number of channels.
     let b = with_meta(&bytes, |m| m.mean.pop().map(|_| ()).unwrap());
-    assert!(matches!(open_bytes(dir.path(), "m.bin", &b).err().unwrap(), DatasetError::Corrupt { .. }));
+    assert!(matches!(
+        open_bytes(dir.path(), "m.bin", &b).err().unwrap(),
+        DatasetError::Corrupt { .. }
+    ));
 }
 
 #[test]
@@ -222,7 +283,12 @@ fn label_out_of_range_and_empty_split() {
     let at = meta.splits[1].labels.offset as usize + 4 * 5;
     b[at..at + 4].copy_from_slice(&7u32.to_le_bytes());
     match open_bytes(dir.path(), "label.bin", &b).err().unwrap() {
-        DatasetError::LabelOutOfRange { split, index, label, classes } => {
+        DatasetError::LabelOutOfRange {
+            split,
+            index,
+            label,
+            classes,
+        } => {
             assert_eq!((split.as_str(), index, label, classes), ("test", 5, 7, 3))
         }
         other => panic!("expected LabelOutOfRange, got {other}"),
@@ -234,7 +300,10 @@ fn label_out_of_range_and_empty_split() {
         s.labels.len = 0;
     });
     let err = open_bytes(dir.path(), "empty_split.bin", &b).err().unwrap();
-    assert!(matches!(&err, DatasetError::EmptySplit { split } if split == "test"), "{err}");
+    assert!(
+        matches!(&err, DatasetError::EmptySplit { split } if split == "test"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -245,8 +314,16 @@ fn verify_finds_a_flipped_pixel_in_its_section() {
     let mut b = bytes.clone();
     b[meta.splits[0].pixels.offset as usize + 777] ^= 0x10;
     let ds = open_bytes(dir.path(), "flip.bin", &b).unwrap(); // structure is intact, so it opens
-    let bad: Vec<_> = ds.verify().into_iter().filter(|c| !c.ok()).map(|c| (c.split, c.section)).collect();
+    let bad: Vec<_> = ds
+        .verify()
+        .into_iter()
+        .filter(|c| !c.ok())
+        .map(|c| (c.split, c.section))
+        .collect();
     assert_eq!(bad, vec![("train".to_string(), "pixels")]);
     let err = ds.verify_all().unwrap_err();
-    assert!(matches!(err, DatasetError::Checksum { .. }) && err.to_string().contains("train"), "{err}");
+    assert!(
+        matches!(err, DatasetError::Checksum { .. }) && err.to_string().contains("train"),
+        "{err}"
+    );
 }

@@ -2,7 +2,9 @@
 //! every sample once, test images untouched except normalisation, limits, drop_last, prefetch thread.
 
 use podgpu::data::augment::Normalizer;
-use podgpu::data::{write_dataset, Augment, Batch, Dataset, DatasetSpec, Loader, LoaderConfig, Split, SplitData};
+use podgpu::data::{
+    write_dataset, Augment, Batch, Dataset, DatasetSpec, Loader, LoaderConfig, Split, SplitData,
+};
 use podgpu::rng::Rng;
 
 const TRAIN_N: usize = 53;
@@ -34,7 +36,10 @@ fn dataset() -> (tempfile::TempDir, Dataset) {
 }
 
 fn train_cfg(seed: u64) -> LoaderConfig {
-    LoaderConfig { batch_size: 8, ..LoaderConfig::train(8, seed) }
+    LoaderConfig {
+        batch_size: 8,
+        ..LoaderConfig::train(8, seed)
+    }
 }
 
 fn all_batches(loader: &Loader, epoch: u64) -> Vec<Batch> {
@@ -48,7 +53,14 @@ fn batches_are_identical_for_any_thread_count() {
     let runs: Vec<Vec<Batch>> = [Some(1), Some(2), Some(3), None]
         .into_iter()
         .map(|threads| {
-            let loader = Loader::new(split.clone(), LoaderConfig { threads, ..train_cfg(7) }).unwrap();
+            let loader = Loader::new(
+                split.clone(),
+                LoaderConfig {
+                    threads,
+                    ..train_cfg(7)
+                },
+            )
+            .unwrap();
             (0..2).flat_map(|e| all_batches(&loader, e)).collect()
         })
         .collect();
@@ -59,7 +71,10 @@ fn batches_are_identical_for_any_thread_count() {
     let loader = Loader::new(split, train_cfg(7)).unwrap();
     let indices = loader.batch_indices(1);
     for k in [1, 2] {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(k).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(k)
+            .build()
+            .unwrap();
         let b = pool.install(|| loader.assemble(1, 3, &indices[3]));
         assert_eq!(b, runs[0][loader.batches_per_epoch() + 3], "pool of {k}");
     }
@@ -75,16 +90,29 @@ fn each_epoch_is_a_new_permutation_covering_every_sample_once() {
     for e in 0..3 {
         let batches = all_batches(&loader, e);
         assert_eq!(batches.len(), 7);
-        assert_eq!(batches.iter().map(|b| b.len()).collect::<Vec<_>>(), [8, 8, 8, 8, 8, 8, 5]);
+        assert_eq!(
+            batches.iter().map(|b| b.len()).collect::<Vec<_>>(),
+            [8, 8, 8, 8, 8, 8, 5]
+        );
         let order: Vec<usize> = batches.iter().flat_map(|b| b.indices.clone()).collect();
         let mut sorted = order.clone();
         sorted.sort();
-        assert_eq!(sorted, (0..TRAIN_N).collect::<Vec<_>>(), "epoch {e} is not a permutation");
+        assert_eq!(
+            sorted,
+            (0..TRAIN_N).collect::<Vec<_>>(),
+            "epoch {e} is not a permutation"
+        );
         for (j, b) in batches.iter().enumerate() {
             assert_eq!((b.epoch, b.index), (e, j));
             assert_eq!(b.shape, [b.len(), 3, 12, 10]);
             assert_eq!(b.images.len(), b.len() * 360);
-            assert_eq!(b.labels, b.indices.iter().map(|&i| split.label(i)).collect::<Vec<_>>());
+            assert_eq!(
+                b.labels,
+                b.indices
+                    .iter()
+                    .map(|&i| split.label(i))
+                    .collect::<Vec<_>>()
+            );
         }
         orders.push(order);
     }
@@ -126,7 +154,10 @@ fn test_images_are_only_normalised_and_in_order() {
     assert_eq!(i, 17);
     // Evaluation is the same in every epoch.
     let later = all_batches(&loader, 5);
-    assert!(later.iter().zip(&batches).all(|(a, b)| a.images == b.images && a.indices == b.indices));
+    assert!(later
+        .iter()
+        .zip(&batches)
+        .all(|(a, b)| a.images == b.images && a.indices == b.indices));
 }
 
 #[test]
@@ -134,7 +165,10 @@ fn training_augmentation_moves_pixels_but_keeps_the_image() {
     let (_d, ds) = dataset();
     let split = ds.split("train").unwrap();
     let loader = Loader::new(split.clone(), train_cfg(3)).unwrap();
-    assert_eq!(loader.augment(), Augment::PadCropFlip { pad: 4, flip: true });
+    assert_eq!(
+        loader.augment(),
+        Augment::PadCropFlip { pad: 4, flip: true }
+    );
     let norm = Normalizer::new(split.mean(), split.std());
     let pad_value: Vec<f32> = (0..3).map(|c| norm.value(c, 0)).collect();
     let mut changed = 0;
@@ -148,39 +182,106 @@ fn training_augmentation_moves_pixels_but_keeps_the_image() {
                 }
                 // Every output value is either padding or a value of the same channel of the image.
                 for c in 0..3 {
-                    let own: std::collections::HashSet<u32> = plain[c * 120..(c + 1) * 120].iter().map(|v| v.to_bits()).collect();
+                    let own: std::collections::HashSet<u32> = plain[c * 120..(c + 1) * 120]
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect();
                     assert!(img[c * 120..(c + 1) * 120]
                         .iter()
                         .all(|v| own.contains(&v.to_bits()) || *v == pad_value[c]));
                 }
-                seen_twice.entry(i).or_insert_with(Vec::new).push(img.to_vec());
+                seen_twice
+                    .entry(i)
+                    .or_insert_with(Vec::new)
+                    .push(img.to_vec());
             }
         }
     }
-    assert!(changed > TRAIN_N, "only {changed} of {} augmented images differ from the original", 2 * TRAIN_N);
+    assert!(
+        changed > TRAIN_N,
+        "only {changed} of {} augmented images differ from the original",
+        2 * TRAIN_N
+    );
     let differs = seen_twice.values().filter(|v| v[0] != v[1]).count();
-    assert!(differs > TRAIN_N / 2, "a sample is augmented the same way in both epochs too often ({differs})");
+    assert!(
+        differs > TRAIN_N / 2,
+        "a sample is augmented the same way in both epochs too often ({differs})"
+    );
 }
 
 #[test]
 fn limit_drop_last_and_no_shuffle() {
     let (_d, ds) = dataset();
     let split = ds.split("train").unwrap();
-    let cfg = LoaderConfig { limit: Some(20), drop_last: true, ..train_cfg(4) };
+    let cfg = LoaderConfig {
+        limit: Some(20),
+        drop_last: true,
+        ..train_cfg(4)
+    };
     let loader = Loader::new(split.clone(), cfg).unwrap();
-    assert_eq!((loader.len(), loader.batches_per_epoch(), loader.images_per_epoch()), (20, 2, 16));
+    assert_eq!(
+        (
+            loader.len(),
+            loader.batches_per_epoch(),
+            loader.images_per_epoch()
+        ),
+        (20, 2, 16)
+    );
     let it = loader.epoch(0);
     assert_eq!(it.len(), 2);
     let batches: Vec<Batch> = it.collect();
-    assert!(batches.iter().all(|b| b.len() == 8 && b.indices.iter().all(|&i| i < 20)));
-    let plain = Loader::new(split.clone(), LoaderConfig { shuffle: false, augment: Augment::None, ..train_cfg(4) }).unwrap();
-    let order: Vec<usize> = all_batches(&plain, 3).iter().flat_map(|b| b.indices.clone()).collect();
+    assert!(batches
+        .iter()
+        .all(|b| b.len() == 8 && b.indices.iter().all(|&i| i < 20)));
+    let plain = Loader::new(
+        split.clone(),
+        LoaderConfig {
+            shuffle: false,
+            augment: Augment::None,
+            ..train_cfg(4)
+        },
+    )
+    .unwrap();
+    let order: Vec<usize> = all_batches(&plain, 3)
+        .iter()
+        .flat_map(|b| b.indices.clone())
+        .collect();
     assert_eq!(order, (0..TRAIN_N).collect::<Vec<_>>());
     // Bad configurations are errors, not panics.
-    assert!(Loader::new(split.clone(), LoaderConfig { batch_size: 0, ..train_cfg(0) }).is_err());
-    assert!(Loader::new(split.clone(), LoaderConfig { limit: Some(0), ..train_cfg(0) }).is_err());
-    assert!(Loader::new(split.clone(), LoaderConfig { threads: Some(0), ..train_cfg(0) }).is_err());
-    let err = Loader::new(split, LoaderConfig { batch_size: 100, drop_last: true, ..train_cfg(0) }).err().unwrap();
+    assert!(Loader::new(
+        split.clone(),
+        LoaderConfig {
+            batch_size: 0,
+            ..train_cfg(0)
+        }
+    )
+    .is_err());
+    assert!(Loader::new(
+        split.clone(),
+        LoaderConfig {
+            limit: Some(0),
+            ..train_cfg(0)
+        }
+    )
+    .is_err());
+    assert!(Loader::new(
+        split.clone(),
+        LoaderConfig {
+            threads: Some(0),
+            ..train_cfg(0)
+        }
+    )
+    .is_err());
+    let err = Loader::new(
+        split,
+        LoaderConfig {
+            batch_size: 100,
+            drop_last: true,
+            ..train_cfg(0)
+        },
+    )
+    .err()
+    .unwrap();
     assert!(err.to_string().contains("fewer than one batch"), "{err}");
 }
 
@@ -188,7 +289,14 @@ fn limit_drop_last_and_no_shuffle() {
 fn dropping_early_recycling_and_tensors() {
     let (_d, ds) = dataset();
     let split = ds.split("train").unwrap();
-    let loader = Loader::new(split, LoaderConfig { prefetch: 1, ..train_cfg(9) }).unwrap();
+    let loader = Loader::new(
+        split,
+        LoaderConfig {
+            prefetch: 1,
+            ..train_cfg(9)
+        },
+    )
+    .unwrap();
     // Taking one batch and dropping the iterator stops the producer (the test would hang otherwise).
     for _ in 0..5 {
         let mut it = loader.epoch(0);

@@ -5,7 +5,9 @@ use podgpu::data::{default_dataset_path, shared_data_dir, Dataset, Loader, Loade
 use std::path::Path;
 
 fn shipped(name: &str) -> Dataset {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets").join(name);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("datasets")
+        .join(name);
     let ds = Dataset::open(&p).unwrap_or_else(|e| panic!("{e}"));
     ds.verify_all().unwrap();
     ds
@@ -35,7 +37,10 @@ fn cifar10_small_is_the_start_of_cifar10() {
         eprintln!("SKIP pixel comparison: set PODGPU_SHARED_DATA to compare with cifar10-subset");
         return;
     };
-    for (split, file) in [(&train, "data_batch_subset.bin"), (&test, "test_batch_subset.bin")] {
+    for (split, file) in [
+        (&train, "data_batch_subset.bin"),
+        (&test, "test_batch_subset.bin"),
+    ] {
         let raw = std::fs::read(d.join("cifar10-subset").join(file)).unwrap();
         for i in 0..split.len() {
             let r = &raw[i * 3073..(i + 1) * 3073];
@@ -48,7 +53,10 @@ fn cifar10_small_is_the_start_of_cifar10() {
 #[test]
 fn mnist_small_is_the_start_of_mnist() {
     let ds = shipped("mnist-small.bin");
-    assert_eq!((ds.channels(), ds.mean(), ds.std()), (1, &[0.1307f32][..], &[0.3081f32][..]));
+    assert_eq!(
+        (ds.channels(), ds.mean(), ds.std()),
+        (1, &[0.1307f32][..], &[0.3081f32][..])
+    );
     let train = ds.split("train").unwrap();
     assert_eq!((train.len(), ds.split("test").unwrap().len()), (1000, 500));
     assert_eq!(train.labels()[..10], [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]);
@@ -74,9 +82,19 @@ fn shipped_cifar_feeds_the_training_loader() {
     let eval = Loader::new(ds.split("test").unwrap(), LoaderConfig::eval(500)).unwrap();
     let b = eval.epoch(0).next().unwrap();
     for c in 0..3 {
-        let xs: Vec<f64> = b.images.chunks_exact(1024).skip(c).step_by(3).flatten().map(|&x| x as f64).collect();
+        let xs: Vec<f64> = b
+            .images
+            .chunks_exact(1024)
+            .skip(c)
+            .step_by(3)
+            .flatten()
+            .map(|&x| x as f64)
+            .collect();
         let mean = xs.iter().sum::<f64>() / xs.len() as f64;
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
-        assert!(mean.abs() < 0.15 && (1.2..1.8).contains(&var), "channel {c}: mean {mean} var {var}");
+        assert!(
+            mean.abs() < 0.15 && (1.2..1.8).contains(&var),
+            "channel {c}: mean {mean} var {var}"
+        );
     }
 }

@@ -56,7 +56,9 @@ fn main() -> anyhow::Result<()> {
     let path = args.data.unwrap_or_else(default_dataset_path);
     let ds = Dataset::open(&path)?;
     let split = ds.split(&args.split)?;
-    let all = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let all = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mut counts = args.threads.unwrap_or_else(|| vec![1, 2, all]);
     counts.sort();
     counts.dedup();
@@ -71,10 +73,16 @@ fn main() -> anyhow::Result<()> {
         shape[2],
         args.batch_size
     );
-    println!("{:>8} {:>12} {:>10} {:>9}", "threads", "images/s", "images", "seconds");
+    println!(
+        "{:>8} {:>12} {:>10} {:>9}",
+        "threads", "images/s", "images", "seconds"
+    );
     let mut results = Vec::new();
     for &t in &counts {
-        let cfg = LoaderConfig { threads: Some(t), ..LoaderConfig::train(args.batch_size, 0) };
+        let cfg = LoaderConfig {
+            threads: Some(t),
+            ..LoaderConfig::train(args.batch_size, 0)
+        };
         let loader = Loader::new(split.clone(), cfg)?;
         let (n, secs) = measure(&loader, args.images);
         let rate = n as f64 / secs;

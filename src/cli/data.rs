@@ -82,9 +82,17 @@ struct ConvertArgs {
 }
 
 fn parse_size(s: &str) -> Result<(usize, usize), String> {
-    let (h, w) = s.split_once(['x', 'X']).ok_or_else(|| format!("size '{s}' must look like HxW, e.g. 64x64"))?;
-    let h: usize = h.trim().parse().map_err(|_| format!("bad height in '{s}'"))?;
-    let w: usize = w.trim().parse().map_err(|_| format!("bad width in '{s}'"))?;
+    let (h, w) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("size '{s}' must look like HxW, e.g. 64x64"))?;
+    let h: usize = h
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad height in '{s}'"))?;
+    let w: usize = w
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad width in '{s}'"))?;
     if h == 0 || w == 0 || h > 8192 || w > 8192 {
         return Err(format!("size '{s}' must be between 1x1 and 8192x8192"));
     }
@@ -101,12 +109,17 @@ pub fn run(args: Args) -> Result<()> {
 
 fn run_convert(a: ConvertArgs) -> Result<()> {
     let norm = match (&a.mean, &a.std) {
-        (Some(mean), Some(std)) => Norm::Fixed { mean: mean.clone(), std: std.clone() },
+        (Some(mean), Some(std)) => Norm::Fixed {
+            mean: mean.clone(),
+            std: std.clone(),
+        },
         _ => match a.norm.as_str() {
             "auto" => Norm::Auto,
             "computed" => Norm::Computed,
             name if convert::norm_preset(name).is_some() => Norm::Preset(name.to_string()),
-            name => bail!("unknown --norm '{name}'; use auto, computed, cifar10, cifar100, imagenet or mnist"),
+            name => bail!(
+                "unknown --norm '{name}'; use auto, computed, cifar10, cifar100, imagenet or mnist"
+            ),
         },
     };
     if !(0.0..1.0).contains(&a.test_fraction) {
@@ -153,7 +166,11 @@ fn run_verify(file: &PathBuf) -> Result<()> {
         );
     }
     ds.verify_all()?;
-    println!("{}: header, metadata and {} sections ok", file.display(), checks.len());
+    println!(
+        "{}: header, metadata and {} sections ok",
+        file.display(),
+        checks.len()
+    );
     Ok(())
 }
 

@@ -23,7 +23,11 @@ pub enum Augment {
     PadCropFlip { pad: usize, flip: bool },
     /// Crop a random box of area fraction in `scale` and aspect ratio (w/h) in `ratio` (log-uniform),
     /// resize it bilinearly back to H×W, then flip with probability 0.5 when `flip`.
-    RandomResizedCrop { scale: (f32, f32), ratio: (f32, f32), flip: bool },
+    RandomResizedCrop {
+        scale: (f32, f32),
+        ratio: (f32, f32),
+        flip: bool,
+    },
 }
 
 /// Images with a shorter side of at least this many pixels get random-resized-crop under `Augment::Auto`.
@@ -31,7 +35,11 @@ pub const LARGE_IMAGE: usize = 64;
 
 impl Augment {
     /// torchvision's `RandomResizedCrop` defaults plus `RandomHorizontalFlip`.
-    pub const RRC_DEFAULT: Augment = Augment::RandomResizedCrop { scale: (0.08, 1.0), ratio: (3.0 / 4.0, 4.0 / 3.0), flip: true };
+    pub const RRC_DEFAULT: Augment = Augment::RandomResizedCrop {
+        scale: (0.08, 1.0),
+        ratio: (3.0 / 4.0, 4.0 / 3.0),
+        flip: true,
+    };
     /// The CIFAR recipe (DESIGN.md §1.7).
     pub const PAD4_FLIP: Augment = Augment::PadCropFlip { pad: 4, flip: true };
 
@@ -62,7 +70,11 @@ pub struct Normalizer {
 
 impl Normalizer {
     pub fn new(mean: &[f32], std: &[f32]) -> Normalizer {
-        assert_eq!(mean.len(), std.len(), "mean and std need one value per channel");
+        assert_eq!(
+            mean.len(),
+            std.len(),
+            "mean and std need one value per channel"
+        );
         let lut = mean
             .iter()
             .zip(std)
@@ -90,7 +102,11 @@ impl Normalizer {
     pub fn apply(&self, src: &[u8], out: &mut [f32]) {
         assert_eq!(src.len(), out.len());
         let plane = src.len() / self.lut.len();
-        for (c, (s, o)) in src.chunks_exact(plane).zip(out.chunks_exact_mut(plane)).enumerate() {
+        for (c, (s, o)) in src
+            .chunks_exact(plane)
+            .zip(out.chunks_exact_mut(plane))
+            .enumerate()
+        {
             let lut = &self.lut[c];
             for (x, &v) in o.iter_mut().zip(s) {
                 *x = lut[v as usize];
@@ -101,9 +117,19 @@ impl Normalizer {
 
 /// Crops H×W out of the image zero-padded by `pad` on each side, at offset (dy, dx) into the padded image
 /// (each in 0..=2·pad). Equivalent to shifting the image by (pad−dy, pad−dx) and filling with zeros.
-pub fn pad_crop<T: Copy + Default>(src: &[T], shape: [usize; 3], pad: usize, dy: usize, dx: usize, out: &mut [T]) {
+pub fn pad_crop<T: Copy + Default>(
+    src: &[T],
+    shape: [usize; 3],
+    pad: usize,
+    dy: usize,
+    dx: usize,
+    out: &mut [T],
+) {
     let [c, h, w] = shape;
-    assert!(dy <= 2 * pad && dx <= 2 * pad, "crop offset ({dy}, {dx}) outside the padded image (pad {pad})");
+    assert!(
+        dy <= 2 * pad && dx <= 2 * pad,
+        "crop offset ({dy}, {dx}) outside the padded image (pad {pad})"
+    );
     assert_eq!(src.len(), c * h * w);
     assert_eq!(out.len(), c * h * w);
     for ch in 0..c {
@@ -141,9 +167,19 @@ pub fn hflip<T>(img: &mut [T], shape: [usize; 3]) {
 
 /// Bilinear resize of the `crop` box of a CHW u8 image to out_h×out_w (half-pixel centres, as
 /// `align_corners=False`; samples are clamped to the box), rounding to u8 like PIL does.
-pub fn resized_crop(src: &[u8], shape: [usize; 3], crop: CropBox, out_h: usize, out_w: usize, out: &mut [u8]) {
+pub fn resized_crop(
+    src: &[u8],
+    shape: [usize; 3],
+    crop: CropBox,
+    out_h: usize,
+    out_w: usize,
+    out: &mut [u8],
+) {
     let [c, h, w] = shape;
-    assert!(crop.h > 0 && crop.w > 0 && crop.top + crop.h <= h && crop.left + crop.w <= w, "crop {crop:?} outside {h}x{w}");
+    assert!(
+        crop.h > 0 && crop.w > 0 && crop.top + crop.h <= h && crop.left + crop.w <= w,
+        "crop {crop:?} outside {h}x{w}"
+    );
     assert_eq!(out.len(), c * out_h * out_w);
     // Precompute, per output row/column, the two source indices and the weight of the second.
     let taps = |n_out: usize, start: usize, len: usize| -> Vec<(usize, usize, f32)> {
@@ -176,7 +212,13 @@ pub fn resized_crop(src: &[u8], shape: [usize; 3], crop: CropBox, out_h: usize, 
 
 /// Draws a random-resized-crop box the way torchvision does: up to 10 tries of (area fraction uniform in
 /// `scale`, log-aspect uniform in `ratio`), else a centre crop with the aspect clamped into `ratio`.
-pub fn sample_crop_box(rng: &mut Rng, h: usize, w: usize, scale: (f32, f32), ratio: (f32, f32)) -> CropBox {
+pub fn sample_crop_box(
+    rng: &mut Rng,
+    h: usize,
+    w: usize,
+    scale: (f32, f32),
+    ratio: (f32, f32),
+) -> CropBox {
     let area = (h * w) as f64;
     let (lr0, lr1) = ((ratio.0 as f64).ln(), (ratio.1 as f64).ln());
     for _ in 0..10 {
@@ -187,7 +229,12 @@ pub fn sample_crop_box(rng: &mut Rng, h: usize, w: usize, scale: (f32, f32), rat
         if cw > 0 && ch > 0 && cw <= w && ch <= h {
             let top = rng.below(h - ch + 1);
             let left = rng.below(w - cw + 1);
-            return CropBox { top, left, h: ch, w: cw };
+            return CropBox {
+                top,
+                left,
+                h: ch,
+                w: cw,
+            };
         }
     }
     let in_ratio = w as f64 / h as f64;
@@ -199,7 +246,12 @@ pub fn sample_crop_box(rng: &mut Rng, h: usize, w: usize, scale: (f32, f32), rat
         (h, w)
     };
     let (ch, cw) = (ch.clamp(1, h), cw.clamp(1, w));
-    CropBox { top: (h - ch) / 2, left: (w - cw) / 2, h: ch, w: cw }
+    CropBox {
+        top: (h - ch) / 2,
+        left: (w - cw) / 2,
+        h: ch,
+        w: cw,
+    }
 }
 
 /// The random parameters of a pad-crop-flip, drawn in a fixed order: dy, dx, flip.
@@ -228,7 +280,9 @@ pub fn augment_image(
             norm.apply(src, out);
             return;
         }
-        Augment::Auto => panic!("augment_image needs a resolved policy; call Augment::resolve first"),
+        Augment::Auto => {
+            panic!("augment_image needs a resolved policy; call Augment::resolve first")
+        }
         Augment::PadCropFlip { pad, flip } => {
             let (dy, dx, f) = sample_pad_crop(rng, pad, flip);
             pad_crop(src, shape, pad, dy, dx, scratch);

@@ -5,7 +5,9 @@ use memmap2::Mmap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::format::{crc32, Meta, Section, SplitMeta, FORMAT_VERSION, HEADER_LEN, LAYOUT, MAGIC, MAX_META_LEN};
+use super::format::{
+    crc32, Meta, Section, SplitMeta, FORMAT_VERSION, HEADER_LEN, LAYOUT, MAGIC, MAX_META_LEN,
+};
 use super::DatasetError;
 
 /// An opened dataset file. Cheap to clone (the memory map is shared).
@@ -53,17 +55,33 @@ impl Dataset {
         let p = path.display().to_string();
         let file = std::fs::File::open(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => DatasetError::Missing { path: p.clone() },
-            _ => DatasetError::Io { path: p.clone(), source: e },
+            _ => DatasetError::Io {
+                path: p.clone(),
+                source: e,
+            },
         })?;
-        let len = file.metadata().map_err(|e| DatasetError::Io { path: p.clone(), source: e })?.len();
+        let len = file
+            .metadata()
+            .map_err(|e| DatasetError::Io {
+                path: p.clone(),
+                source: e,
+            })?
+            .len();
         if len == 0 {
             return Err(DatasetError::Empty { path: p });
         }
         // SAFETY: the map is read-only; the writer replaces files by rename, so a file is never rewritten
         // in place under a reader. Another process truncating it would be a bug outside our control.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| DatasetError::Io { path: p.clone(), source: e })?;
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| DatasetError::Io {
+            path: p.clone(),
+            source: e,
+        })?;
         let meta = parse_and_validate(&map, &p)?;
-        Ok(Dataset { path, map: Arc::new(map), meta: Arc::new(meta) })
+        Ok(Dataset {
+            path,
+            map: Arc::new(map),
+            meta: Arc::new(meta),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -118,7 +136,11 @@ impl Dataset {
                 split: name.to_string(),
                 available: self.split_names().join(", "),
             })?;
-        Ok(Split { map: self.map.clone(), meta: self.meta.clone(), index })
+        Ok(Split {
+            map: self.map.clone(),
+            meta: self.meta.clone(),
+            index,
+        })
     }
 
     /// Recomputes the CRC-32 of the metadata and of every section. Returns one entry per section;
@@ -156,13 +178,20 @@ impl Dataset {
 
 fn parse_and_validate(b: &[u8], p: &str) -> Result<Meta, DatasetError> {
     let file_len = b.len() as u64;
-    let truncated = |what: String, need: u64| DatasetError::Truncated { path: p.to_string(), what, need, have: file_len };
+    let truncated = |what: String, need: u64| DatasetError::Truncated {
+        path: p.to_string(),
+        what,
+        need,
+        have: file_len,
+    };
     if b.len() < 8 || b[0..8] != MAGIC {
         // A short file that starts like ours is truncated; anything else is not a podgpu dataset.
         if b.len() < 8 && MAGIC.starts_with(b) {
             return Err(truncated("the header".into(), HEADER_LEN as u64));
         }
-        return Err(DatasetError::BadMagic { path: p.to_string() });
+        return Err(DatasetError::BadMagic {
+            path: p.to_string(),
+        });
     }
     if b.len() < HEADER_LEN {
         return Err(truncated("the header".into(), HEADER_LEN as u64));
@@ -172,13 +201,23 @@ fn parse_and_validate(b: &[u8], p: &str) -> Result<Meta, DatasetError> {
     let meta_crc = u32_at(b, 16);
     let header_crc = u32_at(b, 20);
     if crc32(&b[0..20]) != header_crc {
-        return Err(DatasetError::Corrupt { path: p.to_string(), what: "the header checksum does not match".into() });
+        return Err(DatasetError::Corrupt {
+            path: p.to_string(),
+            what: "the header checksum does not match".into(),
+        });
     }
     if version != FORMAT_VERSION {
-        return Err(DatasetError::Version { path: p.to_string(), found: version, supported: FORMAT_VERSION });
+        return Err(DatasetError::Version {
+            path: p.to_string(),
+            found: version,
+            supported: FORMAT_VERSION,
+        });
     }
     if meta_len == 0 || meta_len > MAX_META_LEN {
-        return Err(DatasetError::Corrupt { path: p.to_string(), what: format!("metadata length {meta_len} is implausible") });
+        return Err(DatasetError::Corrupt {
+            path: p.to_string(),
+            what: format!("metadata length {meta_len} is implausible"),
+        });
     }
     let meta_end = HEADER_LEN as u64 + meta_len as u64;
     if meta_end > file_len {
@@ -186,15 +225,24 @@ fn parse_and_validate(b: &[u8], p: &str) -> Result<Meta, DatasetError> {
     }
     let meta_bytes = &b[HEADER_LEN..meta_end as usize];
     if crc32(meta_bytes) != meta_crc {
-        return Err(DatasetError::Corrupt { path: p.to_string(), what: "the metadata checksum does not match".into() });
+        return Err(DatasetError::Corrupt {
+            path: p.to_string(),
+            what: "the metadata checksum does not match".into(),
+        });
     }
     let meta: Meta = serde_json::from_slice(meta_bytes).map_err(|e| DatasetError::Corrupt {
         path: p.to_string(),
         what: format!("the metadata is not valid JSON for this format: {e}"),
     })?;
-    let invalid = |what: String| DatasetError::Corrupt { path: p.to_string(), what };
+    let invalid = |what: String| DatasetError::Corrupt {
+        path: p.to_string(),
+        what,
+    };
     if meta.layout != LAYOUT {
-        return Err(invalid(format!("pixel layout '{}' is not supported (expected {LAYOUT})", meta.layout)));
+        return Err(invalid(format!(
+            "pixel layout '{}' is not supported (expected {LAYOUT})",
+            meta.layout
+        )));
     }
     if meta.classes.is_empty() {
         return Err(invalid("it lists no classes".into()));
@@ -210,8 +258,13 @@ fn parse_and_validate(b: &[u8], p: &str) -> Result<Meta, DatasetError> {
             meta.std.len()
         )));
     }
-    if meta.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) || meta.mean.iter().any(|m| !m.is_finite()) {
-        return Err(invalid(format!("normalisation mean {:?} / std {:?} is not usable", meta.mean, meta.std)));
+    if meta.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
+        || meta.mean.iter().any(|m| !m.is_finite())
+    {
+        return Err(invalid(format!(
+            "normalisation mean {:?} / std {:?} is not usable",
+            meta.mean, meta.std
+        )));
     }
     if meta.splits.is_empty() {
         return Err(invalid("it has no splits".into()));
@@ -221,18 +274,30 @@ fn parse_and_validate(b: &[u8], p: &str) -> Result<Meta, DatasetError> {
             return Err(invalid(format!("split '{}' appears twice", s.name)));
         }
         if s.n == 0 {
-            return Err(DatasetError::EmptySplit { split: s.name.clone() });
+            return Err(DatasetError::EmptySplit {
+                split: s.name.clone(),
+            });
         }
         if s.h == 0 || s.w == 0 {
-            return Err(invalid(format!("split '{}' has image size {}x{}", s.name, s.h, s.w)));
+            return Err(invalid(format!(
+                "split '{}' has image size {}x{}",
+                s.name, s.h, s.w
+            )));
         }
-        let pixels = s
-            .n
-            .checked_mul(c)
-            .and_then(|x| x.checked_mul(s.h as u64))
-            .and_then(|x| x.checked_mul(s.w as u64));
+        let pixels =
+            s.n.checked_mul(c)
+                .and_then(|x| x.checked_mul(s.h as u64))
+                .and_then(|x| x.checked_mul(s.w as u64));
         check_section(s, "pixels", &s.pixels, pixels, p, file_len, meta_end)?;
-        check_section(s, "labels", &s.labels, s.n.checked_mul(4), p, file_len, meta_end)?;
+        check_section(
+            s,
+            "labels",
+            &s.labels,
+            s.n.checked_mul(4),
+            p,
+            file_len,
+            meta_end,
+        )?;
         let labels = &b[s.labels.offset as usize..(s.labels.offset + s.labels.len) as usize];
         for (index, chunk) in labels.chunks_exact(4).enumerate() {
             let label = u32::from_le_bytes(chunk.try_into().unwrap());
@@ -277,7 +342,7 @@ fn check_section(
             what: format!("split '{}' {what} starts inside the header", s.name),
         });
     }
-    let end = sec.offset.checked_add(sec.len).unwrap_or(u64::MAX);
+    let end = sec.offset.saturating_add(sec.len);
     if end > file_len {
         return Err(DatasetError::Truncated {
             path: p.to_string(),
@@ -357,7 +422,11 @@ impl Split {
     }
 
     pub fn label(&self, i: usize) -> u32 {
-        assert!(i < self.len(), "label index {i} out of range for {} images", self.len());
+        assert!(
+            i < self.len(),
+            "label index {i} out of range for {} images",
+            self.len()
+        );
         u32_at(&self.map, self.m().labels.offset as usize + 4 * i)
     }
 

@@ -150,7 +150,9 @@ impl DatasetSpec {
                 return bad(format!("split name '{}' appears twice", s.name));
             }
             if s.n == 0 {
-                return Err(DatasetError::EmptySplit { split: s.name.clone() });
+                return Err(DatasetError::EmptySplit {
+                    split: s.name.clone(),
+                });
             }
             if s.h == 0 || s.w == 0 {
                 return bad(format!("split '{}' has image size {}x{}", s.name, s.h, s.w));
@@ -205,7 +207,11 @@ impl DatasetSpec {
                     n: s.n as u64,
                     h: s.h as u32,
                     w: s.w as u32,
-                    pixels: Section { offset: 0, len: s.pixels.len() as u64, crc32: crc32(&s.pixels) },
+                    pixels: Section {
+                        offset: 0,
+                        len: s.pixels.len() as u64,
+                        crc32: crc32(&s.pixels),
+                    },
                     labels: Section {
                         offset: 0,
                         len: 4 * s.labels.len() as u64,
@@ -254,16 +260,25 @@ pub fn write_dataset(path: &Path, spec: &DatasetSpec) -> anyhow::Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
     };
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create folder {}", dir.display()))?;
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create folder {}", dir.display()))?;
     let file_name = path
         .file_name()
         .with_context(|| format!("output path {} has no file name", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| -> anyhow::Result<()> {
-        let f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let f = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
         let mut w = std::io::BufWriter::new(f);
         let mut pos = 0u64;
-        let mut put = |w: &mut std::io::BufWriter<std::fs::File>, bytes: &[u8], at: u64| -> std::io::Result<()> {
+        let mut put = |w: &mut std::io::BufWriter<std::fs::File>,
+                       bytes: &[u8],
+                       at: u64|
+         -> std::io::Result<()> {
             debug_assert!(at >= pos);
             w.write_all(&vec![0u8; (at - pos) as usize])?;
             w.write_all(bytes)?;

@@ -120,7 +120,10 @@ impl Batch {
 
     /// The images as a host tensor [N, C, H, W] (moves the buffer) and the labels.
     pub fn into_parts(self) -> (crate::Tensor, Vec<u32>) {
-        (crate::Tensor::from_vec(&self.shape, self.images), self.labels)
+        (
+            crate::Tensor::from_vec(&self.shape, self.images),
+            self.labels,
+        )
     }
 }
 
@@ -156,14 +159,23 @@ impl Loader {
         let pool = match cfg.threads {
             None => None,
             Some(0) => anyhow::bail!("thread count must be at least 1"),
-            Some(k) => Some(Arc::new(rayon::ThreadPoolBuilder::new().num_threads(k).build()?)),
+            Some(k) => Some(Arc::new(
+                rayon::ThreadPoolBuilder::new().num_threads(k).build()?,
+            )),
         };
         let augment = cfg.augment.resolve(split.height(), split.width());
         if let Augment::PadCropFlip { pad, .. } = augment {
             anyhow::ensure!(pad <= 1 << 16, "padding {pad} is unreasonably large");
         }
         let norm = Arc::new(Normalizer::new(split.mean(), split.std()));
-        Ok(Loader { split, cfg, augment, norm, pool, n })
+        Ok(Loader {
+            split,
+            cfg,
+            augment,
+            norm,
+            pool,
+            n,
+        })
     }
 
     pub fn split(&self) -> &Split {
@@ -235,8 +247,16 @@ impl Loader {
     pub fn fill(&self, epoch: u64, indices: &[usize], images: &mut [f32], labels: &mut [u32]) {
         let shape = self.split.image_shape();
         let per = self.split.image_len();
-        assert_eq!(images.len(), indices.len() * per, "image buffer size does not match the batch");
-        assert_eq!(labels.len(), indices.len(), "label buffer size does not match the batch");
+        assert_eq!(
+            images.len(),
+            indices.len() * per,
+            "image buffer size does not match the batch"
+        );
+        assert_eq!(
+            labels.len(),
+            indices.len(),
+            "label buffer size does not match the batch"
+        );
         let n_split = self.split.len() as u64;
         let mut work = || {
             images
@@ -245,7 +265,15 @@ impl Loader {
                 .for_each_init(Vec::new, |scratch, (out, &i)| {
                     let stream = epoch.wrapping_mul(n_split).wrapping_add(i as u64);
                     let mut rng = Rng::derive(self.cfg.seed, stream);
-                    augment_image(self.augment, self.split.pixels(i), shape, &mut rng, &self.norm, scratch, out);
+                    augment_image(
+                        self.augment,
+                        self.split.pixels(i),
+                        shape,
+                        &mut rng,
+                        &self.norm,
+                        scratch,
+                        out,
+                    );
                 });
         };
         match &self.pool {
@@ -262,7 +290,13 @@ impl Loader {
         self.assemble_into(epoch, index, indices, Vec::new())
     }
 
-    fn assemble_into(&self, epoch: u64, index: usize, indices: &[usize], mut images: Vec<f32>) -> Batch {
+    fn assemble_into(
+        &self,
+        epoch: u64,
+        index: usize,
+        indices: &[usize],
+        mut images: Vec<f32>,
+    ) -> Batch {
         let [c, h, w] = self.split.image_shape();
         images.clear();
         images.resize(indices.len() * c * h * w, 0.0);
@@ -298,7 +332,12 @@ impl Loader {
                 }
             })
             .expect("cannot spawn the loader thread");
-        EpochIter { rx: Some(rx), handle: Some(handle), recycle: recycle_tx, remaining: total }
+        EpochIter {
+            rx: Some(rx),
+            handle: Some(handle),
+            recycle: recycle_tx,
+            remaining: total,
+        }
     }
 }
 

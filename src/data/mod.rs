@@ -38,7 +38,11 @@ pub enum DatasetError {
     #[error("{path} is not a podgpu dataset (wrong magic bytes; expected \"PODGPUDS\"); convert the raw data with `podgpu data convert`")]
     BadMagic { path: String },
     #[error("dataset file {path} has format version {found}, this podgpu reads version {supported}; convert it again with this podgpu")]
-    Version { path: String, found: u32, supported: u32 },
+    Version {
+        path: String,
+        found: u32,
+        supported: u32,
+    },
     #[error("dataset file {path} is corrupt: {what}; convert it again")]
     Corrupt { path: String, what: String },
     #[error("dataset file {path} is corrupt: sizes disagree: {what}; convert it again")]

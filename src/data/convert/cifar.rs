@@ -15,18 +15,36 @@ use std::path::{Path, PathBuf};
 use super::pickle::{self, Value};
 use super::{split_of_file, LabelKind, RawDataset, RawSplit};
 
-pub const CIFAR10_CLASSES: [&str; 10] =
-    ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
+pub const CIFAR10_CLASSES: [&str; 10] = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+];
 const IMAGE_BYTES: usize = 3 * 32 * 32;
 
 fn file_name(p: &Path) -> String {
-    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Reads a text file of class names, one per line (blank lines dropped).
 fn read_names(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read class names from {}", path.display()))?;
-    Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read class names from {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect())
 }
 
 /// Finds a metadata file named `name` among the inputs or in the folder of the first data file.
@@ -40,11 +58,17 @@ fn find_beside(files: &[PathBuf], name: &str) -> Option<PathBuf> {
 }
 
 /// Puts data records into their splits, train files in name order (data_batch_1 … 5).
-fn group_by_split(files: &[PathBuf], is_data: impl Fn(&str) -> bool) -> Result<Vec<(String, Vec<PathBuf>)>> {
+fn group_by_split(
+    files: &[PathBuf],
+    is_data: impl Fn(&str) -> bool,
+) -> Result<Vec<(String, Vec<PathBuf>)>> {
     let mut data: Vec<&PathBuf> = files.iter().filter(|p| is_data(&file_name(p))).collect();
     data.sort_by_key(|p| file_name(p));
     if data.is_empty() {
-        bail!("no CIFAR data files among the inputs ({} files given)", files.len());
+        bail!(
+            "no CIFAR data files among the inputs ({} files given)",
+            files.len()
+        );
     }
     let mut groups: Vec<(String, Vec<PathBuf>)> = Vec::new();
     for p in data {
@@ -89,7 +113,14 @@ pub fn from_bin(files: &[PathBuf], cifar100: bool, label_kind: LabelKind) -> Res
                 pixels.extend_from_slice(&r[rec - IMAGE_BYTES..]);
             }
         }
-        splits.push(RawSplit { name: split, n: labels.len(), h: 32, w: 32, pixels, labels });
+        splits.push(RawSplit {
+            name: split,
+            n: labels.len(),
+            h: 32,
+            w: 32,
+            pixels,
+            labels,
+        });
     }
     let classes = if cifar100 {
         let name = match label_kind {
@@ -98,7 +129,11 @@ pub fn from_bin(files: &[PathBuf], cifar100: bool, label_kind: LabelKind) -> Res
         };
         match find_beside(files, name) {
             Some(p) => read_names(&p)?,
-            None => numbered_classes(if label_kind == LabelKind::Fine { 100 } else { 20 }),
+            None => numbered_classes(if label_kind == LabelKind::Fine {
+                100
+            } else {
+                20
+            }),
         }
     } else {
         match find_beside(files, "batches.meta.txt") {
@@ -106,7 +141,12 @@ pub fn from_bin(files: &[PathBuf], cifar100: bool, label_kind: LabelKind) -> Res
             None => CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect(),
         }
     };
-    Ok(RawDataset { name: if cifar100 { "cifar100" } else { "cifar10" }.into(), classes, channels: 3, splits })
+    Ok(RawDataset {
+        name: if cifar100 { "cifar100" } else { "cifar10" }.into(),
+        classes,
+        channels: 3,
+        splits,
+    })
 }
 
 pub fn numbered_classes(n: usize) -> Vec<String> {
@@ -122,7 +162,10 @@ fn text_list(v: &Value, key: &str, path: &Path) -> Result<Vec<String>> {
     match v.get(key) {
         Some(Value::List(xs)) => xs
             .iter()
-            .map(|x| x.as_text().with_context(|| format!("{}: '{key}' holds a non-string", path.display())))
+            .map(|x| {
+                x.as_text()
+                    .with_context(|| format!("{}: '{key}' holds a non-string", path.display()))
+            })
             .collect(),
         _ => bail!("{} has no list '{key}'", path.display()),
     }
@@ -149,13 +192,27 @@ pub fn from_python(files: &[PathBuf], cifar100: bool, label_kind: LabelKind) -> 
         for p in &paths {
             let v = load_pickle(p)?;
             let Some(Value::Array(data)) = v.get("data") else {
-                bail!("{} has no numpy array 'data'; is it a CIFAR python batch?", p.display());
+                bail!(
+                    "{} has no numpy array 'data'; is it a CIFAR python batch?",
+                    p.display()
+                );
             };
-            if data.dtype.descr != "u1" || data.numel() % IMAGE_BYTES != 0 || data.data.len() != data.numel() {
-                bail!("{}: 'data' is {:?} of {}, expected uint8 N×3072", p.display(), data.shape, data.dtype.descr);
+            if data.dtype.descr != "u1"
+                || data.numel() % IMAGE_BYTES != 0
+                || data.data.len() != data.numel()
+            {
+                bail!(
+                    "{}: 'data' is {:?} of {}, expected uint8 N×3072",
+                    p.display(),
+                    data.shape,
+                    data.dtype.descr
+                );
             }
             if data.fortran && data.shape.len() == 2 {
-                bail!("{}: 'data' is stored in Fortran order, which CIFAR batches never are", p.display());
+                bail!(
+                    "{}: 'data' is stored in Fortran order, which CIFAR batches never are",
+                    p.display()
+                );
             }
             let ls = v
                 .get(label_key)
@@ -174,7 +231,14 @@ pub fn from_python(files: &[PathBuf], cifar100: bool, label_kind: LabelKind) -> 
             }
             pixels.extend_from_slice(&data.data);
         }
-        splits.push(RawSplit { name: split, n: labels.len(), h: 32, w: 32, pixels, labels });
+        splits.push(RawSplit {
+            name: split,
+            n: labels.len(),
+            h: 32,
+            w: 32,
+            pixels,
+            labels,
+        });
     }
     let (meta_name, names_key) = match (cifar100, label_kind) {
         (false, _) => ("batches.meta", "label_names"),
@@ -183,8 +247,17 @@ pub fn from_python(files: &[PathBuf], cifar100: bool, label_kind: LabelKind) -> 
     };
     let classes = match find_beside(files, meta_name) {
         Some(p) => text_list(&load_pickle(&p)?, names_key, &p)?,
-        None if cifar100 => numbered_classes(if label_kind == LabelKind::Fine { 100 } else { 20 }),
+        None if cifar100 => numbered_classes(if label_kind == LabelKind::Fine {
+            100
+        } else {
+            20
+        }),
         None => CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect(),
     };
-    Ok(RawDataset { name: if cifar100 { "cifar100" } else { "cifar10" }.into(), classes, channels: 3, splits })
+    Ok(RawDataset {
+        name: if cifar100 { "cifar100" } else { "cifar10" }.into(),
+        classes,
+        channels: 3,
+        splits,
+    })
 }

@@ -43,7 +43,10 @@ const SPLIT_DIRS: [&str; 4] = ["train", "test", "val", "validation"];
 
 fn is_image(p: &Path) -> bool {
     matches!(
-        p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(),
+        p.extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase())
+            .as_deref(),
         Some("png" | "jpg" | "jpeg")
     )
 }
@@ -58,22 +61,34 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
+/// Per class folder: its name and its sorted image files.
+type ClassFiles = Vec<(String, Vec<PathBuf>)>;
+
 /// class name → sorted image files.
-fn scan_classes(dir: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
+fn scan_classes(dir: &Path) -> Result<ClassFiles> {
     let mut out = Vec::new();
     for p in sorted_entries(dir)? {
         if !p.is_dir() {
             continue;
         }
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
-        let files: Vec<PathBuf> = sorted_entries(&p)?.into_iter().filter(|f| f.is_file() && is_image(f)).collect();
+        let files: Vec<PathBuf> = sorted_entries(&p)?
+            .into_iter()
+            .filter(|f| f.is_file() && is_image(f))
+            .collect();
         out.push((name, files));
     }
     if out.is_empty() {
-        bail!("{} has no class folders; expected ROOT/<class>/*.png|jpg or ROOT/train/<class>/…", dir.display());
+        bail!(
+            "{} has no class folders; expected ROOT/<class>/*.png|jpg or ROOT/train/<class>/…",
+            dir.display()
+        );
     }
     if let Some((c, _)) = out.iter().find(|(_, f)| f.is_empty()) {
-        bail!("class folder {} has no PNG/JPEG images", dir.join(c).display());
+        bail!(
+            "class folder {} has no PNG/JPEG images",
+            dir.join(c).display()
+        );
     }
     Ok(out)
 }
@@ -85,7 +100,8 @@ pub fn has_split_dirs(root: &Path) -> bool {
 
 /// Decodes one image to CHW u8 at the target size.
 fn decode(path: &Path, opts: &FolderOptions) -> Result<(usize, usize, Vec<u8>)> {
-    let img = image::open(path).with_context(|| format!("cannot decode image {}", path.display()))?;
+    let img =
+        image::open(path).with_context(|| format!("cannot decode image {}", path.display()))?;
     let img = match opts.size {
         None => img,
         Some((h, w)) => match opts.fit {
@@ -111,8 +127,10 @@ fn decode(path: &Path, opts: &FolderOptions) -> Result<(usize, usize, Vec<u8>)> 
 }
 
 fn build_split(name: &str, items: &[(PathBuf, u32)], opts: &FolderOptions) -> Result<RawSplit> {
-    let decoded: Vec<(usize, usize, Vec<u8>)> =
-        items.par_iter().map(|(p, _)| decode(p, opts)).collect::<Result<_>>()?;
+    let decoded: Vec<(usize, usize, Vec<u8>)> = items
+        .par_iter()
+        .map(|(p, _)| decode(p, opts))
+        .collect::<Result<_>>()?;
     let (h, w) = (decoded[0].0, decoded[0].1);
     if let Some(i) = decoded.iter().position(|d| (d.0, d.1) != (h, w)) {
         bail!(
@@ -127,14 +145,24 @@ fn build_split(name: &str, items: &[(PathBuf, u32)], opts: &FolderOptions) -> Re
     for d in &decoded {
         pixels.extend_from_slice(&d.2);
     }
-    Ok(RawSplit { name: name.to_string(), n: items.len(), h, w, pixels, labels: items.iter().map(|i| i.1).collect() })
+    Ok(RawSplit {
+        name: name.to_string(),
+        n: items.len(),
+        h,
+        w,
+        pixels,
+        labels: items.iter().map(|i| i.1).collect(),
+    })
 }
 
 pub fn from_folder(root: &Path, opts: &FolderOptions) -> Result<RawDataset> {
     if !root.is_dir() {
-        bail!("{} is not a folder; image-folder input is one root folder", root.display());
+        bail!(
+            "{} is not a folder; image-folder input is one root folder",
+            root.display()
+        );
     }
-    let mut split_items: Vec<(String, Vec<(String, Vec<PathBuf>)>)> = Vec::new();
+    let mut split_items: Vec<(String, ClassFiles)> = Vec::new();
     if has_split_dirs(root) {
         for s in SPLIT_DIRS {
             let d = root.join(s);
@@ -144,7 +172,10 @@ pub fn from_folder(root: &Path, opts: &FolderOptions) -> Result<RawDataset> {
         }
         // `val` is the test split when there is no `test`.
         if !split_items.iter().any(|(s, _)| s == "test") {
-            if let Some(v) = split_items.iter_mut().find(|(s, _)| s == "val" || s == "validation") {
+            if let Some(v) = split_items
+                .iter_mut()
+                .find(|(s, _)| s == "val" || s == "validation")
+            {
                 v.0 = "test".into();
             }
         }
@@ -170,8 +201,11 @@ pub fn from_folder(root: &Path, opts: &FolderOptions) -> Result<RawDataset> {
         labelled.push((split.clone(), items));
     }
     if !has_split_dirs(root) && opts.test_fraction > 0.0 {
-        if !(opts.test_fraction < 1.0) {
-            bail!("--test-fraction must be in [0, 1), got {}", opts.test_fraction);
+        if opts.test_fraction >= 1.0 || opts.test_fraction.is_nan() {
+            bail!(
+                "--test-fraction must be in [0, 1), got {}",
+                opts.test_fraction
+            );
         }
         // Per class, a seeded random subset of round(F·n) files (at least 1 when the class has 2+) is test.
         let (mut train, mut test) = (Vec::new(), Vec::new());
@@ -199,9 +233,21 @@ pub fn from_folder(root: &Path, opts: &FolderOptions) -> Result<RawDataset> {
         .filter(|(_, items)| !items.is_empty())
         .map(|(s, items)| build_split(s, items, opts))
         .collect::<Result<Vec<_>>>()?;
-    if splits.len() > 1 && splits.iter().any(|s| (s.h, s.w) != (splits[0].h, splits[0].w)) {
+    if splits.len() > 1
+        && splits
+            .iter()
+            .any(|s| (s.h, s.w) != (splits[0].h, splits[0].w))
+    {
         bail!("the splits have different image sizes; pass --size HxW");
     }
-    let name = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "images".into());
-    Ok(RawDataset { name, classes, channels: if opts.grayscale { 1 } else { 3 }, splits })
+    let name = root
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "images".into());
+    Ok(RawDataset {
+        name,
+        classes,
+        channels: if opts.grayscale { 1 } else { 3 },
+        splits,
+    })
 }

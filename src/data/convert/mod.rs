@@ -158,7 +158,10 @@ fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
 }
 
 fn names_of(files: &[PathBuf]) -> Vec<String> {
-    files.iter().filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).collect()
+    files
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect()
 }
 
 /// Tells the source format from the input names:
@@ -172,10 +175,18 @@ pub fn detect(inputs: &[PathBuf]) -> Result<SourceFormat> {
     let names = names_of(&files);
     let any = |f: &dyn Fn(&str) -> bool| names.iter().any(|n| f(n));
     if any(&|n| n.contains("-idx3-ubyte")) {
-        let fashion = inputs.iter().chain(&files).any(|p| p.to_string_lossy().to_ascii_lowercase().contains("fashion"));
-        return Ok(if fashion { SourceFormat::FashionMnist } else { SourceFormat::Mnist });
+        let fashion = inputs
+            .iter()
+            .chain(&files)
+            .any(|p| p.to_string_lossy().to_ascii_lowercase().contains("fashion"));
+        return Ok(if fashion {
+            SourceFormat::FashionMnist
+        } else {
+            SourceFormat::Mnist
+        });
     }
-    if any(&|n| (n.starts_with("data_batch") || n.starts_with("test_batch")) && n.ends_with(".bin")) {
+    if any(&|n| (n.starts_with("data_batch") || n.starts_with("test_batch")) && n.ends_with(".bin"))
+    {
         return Ok(SourceFormat::Cifar10Bin);
     }
     if any(&|n| n == "train.bin" || n == "test.bin") {
@@ -189,7 +200,11 @@ pub fn detect(inputs: &[PathBuf]) -> Result<SourceFormat> {
     }
     if let [root] = inputs {
         if root.is_dir() {
-            let tree = if image_folder::has_split_dirs(root) { root.join("train") } else { root.clone() };
+            let tree = if image_folder::has_split_dirs(root) {
+                root.join("train")
+            } else {
+                root.clone()
+            };
             let has_class_dirs = std::fs::read_dir(&tree)
                 .map(|rd| rd.filter_map(|e| e.ok()).any(|e| e.path().is_dir()))
                 .unwrap_or(false);
@@ -220,8 +235,18 @@ pub fn channel_stats(split: &SplitData, channels: usize) -> (Vec<f32>, Vec<f32>)
     let mut std = Vec::new();
     for h in &hist {
         let n: u64 = h.iter().sum();
-        let m = h.iter().enumerate().map(|(v, &k)| v as f64 * k as f64).sum::<f64>() / n as f64;
-        let var = h.iter().enumerate().map(|(v, &k)| (v as f64 - m).powi(2) * k as f64).sum::<f64>() / n as f64;
+        let m = h
+            .iter()
+            .enumerate()
+            .map(|(v, &k)| v as f64 * k as f64)
+            .sum::<f64>()
+            / n as f64;
+        let var = h
+            .iter()
+            .enumerate()
+            .map(|(v, &k)| (v as f64 - m).powi(2) * k as f64)
+            .sum::<f64>()
+            / n as f64;
         mean.push((m / 255.0) as f32);
         // A constant channel would give std 0; fall back to 1 so normalisation stays finite.
         let s = var.sqrt() / 255.0;
@@ -259,43 +284,80 @@ pub fn convert(opts: &ConvertOptions) -> Result<(SourceFormat, DatasetSpec)> {
         SourceFormat::FashionMnist => idx::from_idx(&files()?, true)?,
         SourceFormat::ImageFolder => {
             let [root] = &opts.inputs[..] else {
-                bail!("image-folder takes one root folder, got {} inputs", opts.inputs.len());
+                bail!(
+                    "image-folder takes one root folder, got {} inputs",
+                    opts.inputs.len()
+                );
             };
             image_folder::from_folder(root, &opts.folder)?
         }
     };
     for s in &mut raw.splits {
-        let max = if s.name == "train" { opts.max_train } else { opts.max_test };
+        let max = if s.name == "train" {
+            opts.max_train
+        } else {
+            opts.max_test
+        };
         truncate(s, raw.channels, max);
     }
     raw.splits.retain(|s| s.n > 0);
     if raw.splits.is_empty() {
         bail!("no images left after --max-train/--max-test");
     }
-    let stats_split = raw.splits.iter().find(|s| s.name == "train").unwrap_or(&raw.splits[0]);
+    let stats_split = raw
+        .splits
+        .iter()
+        .find(|s| s.name == "train")
+        .unwrap_or(&raw.splits[0]);
     let (mean, std, how) = match &opts.norm {
-        Norm::Fixed { mean, std } => (mean.clone(), std.clone(), "given on the command line".to_string()),
+        Norm::Fixed { mean, std } => (
+            mean.clone(),
+            std.clone(),
+            "given on the command line".to_string(),
+        ),
         Norm::Preset(name) => {
             let (m, s) = norm_preset(name).with_context(|| {
                 format!("unknown normalisation preset '{name}'; use cifar10, cifar100, imagenet or mnist")
             })?;
             (m, s, format!("the published {name} values"))
         }
-        Norm::Auto if matches!(format, SourceFormat::Cifar10Bin | SourceFormat::Cifar10Python) => {
+        Norm::Auto
+            if matches!(
+                format,
+                SourceFormat::Cifar10Bin | SourceFormat::Cifar10Python
+            ) =>
+        {
             let (m, s) = norm_preset("cifar10").unwrap();
             (m, s, "CIFAR-10 values of the paper recipe".into())
         }
-        Norm::Auto if matches!(format, SourceFormat::Cifar100Bin | SourceFormat::Cifar100Python) => {
+        Norm::Auto
+            if matches!(
+                format,
+                SourceFormat::Cifar100Bin | SourceFormat::Cifar100Python
+            ) =>
+        {
             let (m, s) = norm_preset("cifar100").unwrap();
             (m, s, "CIFAR-100 values of the paper recipe".into())
         }
         Norm::Auto | Norm::Computed => {
             let (m, s) = channel_stats(stats_split, raw.channels);
-            (m, s, format!("computed over the {} '{}' images", stats_split.n, stats_split.name))
+            (
+                m,
+                s,
+                format!(
+                    "computed over the {} '{}' images",
+                    stats_split.n, stats_split.name
+                ),
+            )
         }
     };
     if mean.len() != raw.channels || std.len() != raw.channels {
-        bail!("normalisation needs {} values per mean/std, got {} and {}", raw.channels, mean.len(), std.len());
+        bail!(
+            "normalisation needs {} values per mean/std, got {} and {}",
+            raw.channels,
+            mean.len(),
+            std.len()
+        );
     }
     let inputs: Vec<String> = opts.inputs.iter().map(|p| display_name(p)).collect();
     let spec = DatasetSpec {
@@ -304,13 +366,20 @@ pub fn convert(opts: &ConvertOptions) -> Result<(SourceFormat, DatasetSpec)> {
         channels: raw.channels,
         mean,
         std,
-        source: format!("converted by podgpu from {} ({}); normalisation: {how}", inputs.join(", "), format.name()),
+        source: format!(
+            "converted by podgpu from {} ({}); normalisation: {how}",
+            inputs.join(", "),
+            format.name()
+        ),
         splits: raw.splits,
     };
-    spec.validate().context("the converted data is inconsistent")?;
+    spec.validate()
+        .context("the converted data is inconsistent")?;
     Ok((format, spec))
 }
 
 fn display_name(p: &Path) -> String {
-    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string())
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string())
 }

@@ -53,12 +53,17 @@ impl NdArray {
     pub fn to_i64(&self) -> Result<Vec<i64>> {
         let d = &self.dtype.descr;
         let (kind, size) = d.split_at(1);
-        let size: usize = size.parse().map_err(|_| anyhow!("unsupported numpy dtype '{d}'"))?;
+        let size: usize = size
+            .parse()
+            .map_err(|_| anyhow!("unsupported numpy dtype '{d}'"))?;
         if !(kind == "u" || kind == "i") || ![1, 2, 4, 8].contains(&size) {
             bail!("expected an integer numpy array, found dtype '{d}'");
         }
-        if self.data.len() % size != 0 {
-            bail!("numpy array data length {} is not a multiple of {size}", self.data.len());
+        if !self.data.len().is_multiple_of(size) {
+            bail!(
+                "numpy array data length {} is not a multiple of {size}",
+                self.data.len()
+            );
         }
         let big = self.dtype.byteorder == '>';
         Ok(self
@@ -123,7 +128,10 @@ impl Value {
                 })
                 .collect(),
             Value::Array(a) => a.to_i64(),
-            other => bail!("expected a list of ints or an integer array, found {}", other.kind()),
+            other => bail!(
+                "expected a list of ints or an integer array, found {}",
+                other.kind()
+            ),
         }
     }
 
@@ -177,7 +185,12 @@ const NUMPY_NUMERIC: [&str; 2] = ["numpy.core.numeric", "numpy._core.numeric"];
 impl<'a> Vm<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.b.len());
-        let end = end.ok_or_else(|| anyhow!("pickle truncated at byte {} (needs {n} more bytes)", self.pos))?;
+        let end = end.ok_or_else(|| {
+            anyhow!(
+                "pickle truncated at byte {} (needs {n} more bytes)",
+                self.pos
+            )
+        })?;
         let s = &self.b[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -196,7 +209,10 @@ impl<'a> Vm<'a> {
     }
     fn line(&mut self) -> Result<&'a str> {
         let rest = &self.b[self.pos..];
-        let n = rest.iter().position(|&c| c == b'\n').ok_or_else(|| anyhow!("pickle truncated in a text field"))?;
+        let n = rest
+            .iter()
+            .position(|&c| c == b'\n')
+            .ok_or_else(|| anyhow!("pickle truncated in a text field"))?;
         let s = std::str::from_utf8(&rest[..n]).context("non-UTF-8 text field in pickle")?;
         self.pos += n + 1;
         Ok(s)
@@ -251,9 +267,16 @@ impl<'a> Vm<'a> {
             Obj::Val(v) => v.clone(),
             Obj::List(xs) => Value::List(xs.iter().map(|&x| self.value(x)).collect()),
             Obj::Tuple(xs) => Value::Tuple(xs.iter().map(|&x| self.value(x)).collect()),
-            Obj::Dict(kv) => Value::Dict(kv.iter().map(|&(k, v)| (self.value(k), self.value(v))).collect()),
+            Obj::Dict(kv) => Value::Dict(
+                kv.iter()
+                    .map(|&(k, v)| (self.value(k), self.value(v)))
+                    .collect(),
+            ),
             Obj::PendingArray => Value::Opaque("numpy.ndarray without state".into()),
-            Obj::PendingDtype(d) => Value::Dtype(Dtype { descr: d.clone(), byteorder: '=' }),
+            Obj::PendingDtype(d) => Value::Dtype(Dtype {
+                descr: d.clone(),
+                byteorder: '=',
+            }),
         }
     }
 
@@ -269,48 +292,71 @@ impl<'a> Vm<'a> {
         };
         let args = match self.value(args) {
             Value::Tuple(a) => a,
-            other => bail!("pickle REDUCE arguments must be a tuple, found {}", other.kind()),
+            other => bail!(
+                "pickle REDUCE arguments must be a tuple, found {}",
+                other.kind()
+            ),
         };
         let (module, name) = f.rsplit_once('.').unwrap_or(("", &f));
         Ok(match (module, name) {
             (m, "_reconstruct") if NUMPY_MULTIARRAY.contains(&m) => Obj::PendingArray,
             ("numpy", "dtype") => match args.first() {
-                Some(v) => Obj::PendingDtype(v.as_text().ok_or_else(|| anyhow!("numpy dtype descriptor is not text"))?),
+                Some(v) => Obj::PendingDtype(
+                    v.as_text()
+                        .ok_or_else(|| anyhow!("numpy dtype descriptor is not text"))?,
+                ),
                 None => bail!("numpy.dtype called without a descriptor"),
             },
             ("_codecs", "encode") => match (args.first(), args.get(1).and_then(|e| e.as_text())) {
                 (Some(Value::Str(s)), Some(enc)) if enc == "latin1" || enc == "latin-1" => {
                     let bytes = s
                         .chars()
-                        .map(|c| u8::try_from(c as u32).map_err(|_| anyhow!("non-latin1 char in _codecs.encode")))
+                        .map(|c| {
+                            u8::try_from(c as u32)
+                                .map_err(|_| anyhow!("non-latin1 char in _codecs.encode"))
+                        })
                         .collect::<Result<Vec<u8>>>()?;
                     Obj::Val(Value::Bytes(bytes))
                 }
-                (Some(Value::Str(s)), Some(enc)) if enc == "utf-8" || enc == "utf8" => Obj::Val(Value::Bytes(s.clone().into_bytes())),
+                (Some(Value::Str(s)), Some(enc)) if enc == "utf-8" || enc == "utf8" => {
+                    Obj::Val(Value::Bytes(s.clone().into_bytes()))
+                }
                 _ => bail!("unsupported _codecs.encode call in pickle"),
             },
-            ("builtins" | "__builtin__", "bytearray") | ("builtins" | "__builtin__", "bytes") => match args.first() {
-                None => Obj::Val(Value::Bytes(Vec::new())),
-                Some(Value::Bytes(b)) => Obj::Val(Value::Bytes(b.clone())),
-                Some(Value::List(xs)) => Obj::Val(Value::Bytes(
-                    xs.iter()
-                        .map(|x| match x {
-                            Value::Int(i) => u8::try_from(*i).map_err(|_| anyhow!("byte value {i} out of range")),
-                            _ => Err(anyhow!("bytearray of non-ints")),
-                        })
-                        .collect::<Result<_>>()?,
-                )),
-                Some(other) => bail!("unsupported bytearray argument {}", other.kind()),
-            },
+            ("builtins" | "__builtin__", "bytearray") | ("builtins" | "__builtin__", "bytes") => {
+                match args.first() {
+                    None => Obj::Val(Value::Bytes(Vec::new())),
+                    Some(Value::Bytes(b)) => Obj::Val(Value::Bytes(b.clone())),
+                    Some(Value::List(xs)) => Obj::Val(Value::Bytes(
+                        xs.iter()
+                            .map(|x| match x {
+                                Value::Int(i) => u8::try_from(*i)
+                                    .map_err(|_| anyhow!("byte value {i} out of range")),
+                                _ => Err(anyhow!("bytearray of non-ints")),
+                            })
+                            .collect::<Result<_>>()?,
+                    )),
+                    Some(other) => bail!("unsupported bytearray argument {}", other.kind()),
+                }
+            }
             (m, "_frombuffer") if NUMPY_NUMERIC.contains(&m) => {
                 let [buf, dtype, shape, order] = args.as_slice() else {
                     bail!("numpy _frombuffer expects 4 arguments");
                 };
-                let Value::Bytes(data) = buf else { bail!("numpy _frombuffer without in-band bytes") };
-                let Value::Dtype(dtype) = dtype else { bail!("numpy _frombuffer without a dtype") };
+                let Value::Bytes(data) = buf else {
+                    bail!("numpy _frombuffer without in-band bytes")
+                };
+                let Value::Dtype(dtype) = dtype else {
+                    bail!("numpy _frombuffer without a dtype")
+                };
                 let shape = shape_of(shape)?;
                 let fortran = order.as_text().as_deref() == Some("F");
-                Obj::Val(Value::Array(NdArray { shape, dtype: dtype.clone(), fortran, data: data.clone() }))
+                Obj::Val(Value::Array(NdArray {
+                    shape,
+                    dtype: dtype.clone(),
+                    fortran,
+                    data: data.clone(),
+                }))
             }
             _ => Obj::Val(Value::Opaque(format!("{f}(...)"))),
         })
@@ -321,26 +367,47 @@ impl<'a> Vm<'a> {
         let st = self.value(state);
         match &self.arena[obj] {
             Obj::PendingArray => {
-                let Value::Tuple(t) = st else { bail!("numpy array state is not a tuple") };
+                let Value::Tuple(t) = st else {
+                    bail!("numpy array state is not a tuple")
+                };
                 // (version, shape, dtype, is_fortran, raw); version 1 pickles lack the version field.
                 let t = if t.len() == 5 { &t[1..] } else { &t[..] };
-                let [shape, dtype, fortran, raw] = t else { bail!("numpy array state has {} fields", t.len()) };
+                let [shape, dtype, fortran, raw] = t else {
+                    bail!("numpy array state has {} fields", t.len())
+                };
                 let shape = shape_of(shape)?;
-                let Value::Dtype(dtype) = dtype else { bail!("numpy array state without a dtype") };
+                let Value::Dtype(dtype) = dtype else {
+                    bail!("numpy array state without a dtype")
+                };
                 let fortran = matches!(fortran, Value::Bool(true) | Value::Int(1));
                 let data = match raw {
                     Value::Bytes(b) => b.clone(),
                     Value::Str(s) => s.chars().map(|c| c as u32 as u8).collect(),
-                    other => bail!("numpy array data is {}, not raw bytes (object arrays are not supported)", other.kind()),
+                    other => bail!(
+                        "numpy array data is {}, not raw bytes (object arrays are not supported)",
+                        other.kind()
+                    ),
                 };
-                self.arena[obj] = Obj::Val(Value::Array(NdArray { shape, dtype: dtype.clone(), fortran, data }));
+                self.arena[obj] = Obj::Val(Value::Array(NdArray {
+                    shape,
+                    dtype: dtype.clone(),
+                    fortran,
+                    data,
+                }));
             }
             Obj::PendingDtype(descr) => {
                 let byteorder = match &st {
-                    Value::Tuple(t) => t.get(1).and_then(|v| v.as_text()).and_then(|s| s.chars().next()).unwrap_or('='),
+                    Value::Tuple(t) => t
+                        .get(1)
+                        .and_then(|v| v.as_text())
+                        .and_then(|s| s.chars().next())
+                        .unwrap_or('='),
                     _ => '=',
                 };
-                self.arena[obj] = Obj::Val(Value::Dtype(Dtype { descr: descr.clone(), byteorder }));
+                self.arena[obj] = Obj::Val(Value::Dtype(Dtype {
+                    descr: descr.clone(),
+                    byteorder,
+                }));
             }
             _ => {}
         }
@@ -598,7 +665,13 @@ fn shape_of(v: &Value) -> Result<Vec<usize>> {
 
 /// Decodes one pickled object.
 pub fn load(bytes: &[u8]) -> Result<Value> {
-    let mut vm = Vm { b: bytes, pos: 0, arena: Vec::new(), stack: Vec::new(), memo: HashMap::new() };
+    let mut vm = Vm {
+        b: bytes,
+        pos: 0,
+        arena: Vec::new(),
+        stack: Vec::new(),
+        memo: HashMap::new(),
+    };
     let id = vm.run()?;
     Ok(vm.value(id))
 }
