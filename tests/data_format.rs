@@ -158,6 +158,8 @@ fn missing_and_empty_files() {
     let err = Dataset::open(dir.path().join("nope.bin")).err().unwrap();
     assert!(matches!(err, DatasetError::Missing { .. }), "{err}");
     assert!(err.to_string().contains("podgpu data convert"), "{err}");
+    let err = Dataset::open(dir.path()).err().unwrap();
+    assert!(err.to_string().contains("folder"), "{err}");
     let err = open_bytes(dir.path(), "empty.bin", &[]).err().unwrap();
     assert!(matches!(err, DatasetError::Empty { .. }), "{err}");
 }

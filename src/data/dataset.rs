@@ -60,13 +60,17 @@ impl Dataset {
                 source: e,
             },
         })?;
-        let len = file
-            .metadata()
-            .map_err(|e| DatasetError::Io {
-                path: p.clone(),
-                source: e,
-            })?
-            .len();
+        let md = file.metadata().map_err(|e| DatasetError::Io {
+            path: p.clone(),
+            source: e,
+        })?;
+        if !md.is_file() {
+            return Err(DatasetError::Io {
+                path: p,
+                source: std::io::Error::other("it is a folder or a device, not a dataset file"),
+            });
+        }
+        let len = md.len();
         if len == 0 {
             return Err(DatasetError::Empty { path: p });
         }
