@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod fixture;
 pub mod device;
+pub mod data;
 pub mod gradcheck;
 pub mod loss;
 pub mod nn;

@@ -15,6 +15,8 @@ enum Command {
     Pedcc(podgpu::cli::pedcc::Args),
     /// Compare podgpu's loss and gradients with a reference fixture (e.g. from tools/make_fixtures.py).
     Fidelity(podgpu::cli::fidelity::Args),
+    /// Convert, verify and describe dataset files
+    Data(podgpu::cli::data::Args),
 }
 
 fn main() {
@@ -22,6 +24,7 @@ fn main() {
     let result: anyhow::Result<()> = match cli.command {
         Command::Pedcc(a) => podgpu::cli::pedcc::run(a),
         Command::Fidelity(a) => podgpu::cli::fidelity::run(a),
+        Command::Data(a) => podgpu::cli::data::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
