@@ -11,6 +11,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a network with the POD loss (or a baseline) using the paper's recipe.
+    Train(podgpu::cli::train::Args),
     /// Generate PEDCC class centroids (the frozen head) and verify them.
     Pedcc(podgpu::cli::pedcc::Args),
     /// Compare podgpu's loss and gradients with a reference fixture (e.g. from tools/make_fixtures.py).
@@ -22,6 +24,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result: anyhow::Result<()> = match cli.command {
+        Command::Train(a) => podgpu::cli::train::run(a),
         Command::Pedcc(a) => podgpu::cli::pedcc::run(a),
         Command::Fidelity(a) => podgpu::cli::fidelity::run(a),
         Command::Data(a) => podgpu::cli::data::run(a),

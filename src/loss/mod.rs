@@ -31,7 +31,10 @@ use std::str::FromStr;
 
 /// Which form of the POD loss: the paper's equations, or what the public reference code computes
 /// (DESIGN.md §1.6).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Variant {
     /// NaC denominator ‖x‖ + δ; SC not divided by n−1; δ from mean ‖x‖, starting at α·0.05.
     #[default]

@@ -16,13 +16,7 @@ pub enum LossKind {
     Softmax,
 }
 
-/// Paper formulas or the public reference code's (DESIGN.md §1.6).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Variant {
-    Paper,
-    Reference,
-}
+pub use crate::loss::Variant;
 
 /// GPU math mode (DESIGN.md §2); the CPU always computes in f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -38,6 +32,8 @@ pub enum Precision {
 pub struct TrainConfig {
     /// Model name (resnet18, resnet50, ...).
     pub model: String,
+    /// Base channel width of the network (64 in the paper; smaller for quick CPU runs).
+    pub width: usize,
     /// Dataset file (`.bin`); None → the small dataset shipped in `datasets/`.
     pub data: Option<PathBuf>,
     pub loss: LossKind,
@@ -92,6 +88,7 @@ impl Default for TrainConfig {
     fn default() -> TrainConfig {
         TrainConfig {
             model: "resnet50".into(),
+            width: 64,
             data: None,
             loss: LossKind::Pod,
             variant: Variant::Paper,
@@ -182,6 +179,7 @@ impl TrainConfig {
             ),
         );
         need(self.epochs >= 1, "epochs must be at least 1, got 0".into());
+        need(self.width >= 1, "width must be at least 1, got 0".into());
         need(
             self.batch_size >= 1,
             "batch_size must be at least 1, got 0".into(),

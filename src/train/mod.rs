@@ -3,9 +3,11 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod eval;
 pub mod metrics;
 pub mod plot;
 pub mod progress;
+pub mod trainer;
 
 pub use checkpoint::{
     load_checkpoint, save_checkpoint, save_epoch_checkpoints, write_atomic, Checkpoint,

@@ -1,0 +1,165 @@
+//! `podgpu train MODEL --data FILE`: train with the paper's recipe (DESIGN.md §1.7); every knob is a
+//! flag or a key of a TOML `--config` file (flags win). `--resume RUN_DIR` continues a run.
+
+use crate::train::config::{LossKind, TrainConfig, Variant};
+use crate::train::trainer;
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug, Default)]
+pub struct Args {
+    /// Network: resnet18, resnet34, resnet50 (default), resnet101, resnet152.
+    pub model: Option<String>,
+    /// Dataset file (.bin, see datasets/FORMAT.md). Default: datasets/cifar10-small.bin.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// TOML file with any of the settings below (flags given here override it).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue the run in this folder from its last checkpoint (its saved settings are used;
+    /// --epochs may extend it, --device and --threads may change).
+    #[arg(long, value_name = "RUN_DIR")]
+    pub resume: Option<PathBuf>,
+    /// pod (NaC + SC over the frozen PEDCC, default) or softmax.
+    #[arg(long, value_enum)]
+    pub loss: Option<LossKind>,
+    /// POD form: paper (default) or reference (the public reference code's, DESIGN.md §1.6).
+    #[arg(long, value_enum)]
+    pub variant: Option<Variant>,
+    /// auto (default), cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Default 100.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Default 128.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Initial learning rate (default 0.1).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Default 0.9.
+    #[arg(long)]
+    pub momentum: Option<f64>,
+    /// Default 5e-4.
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Epochs after which lr is multiplied by --gamma (default 30,60,90).
+    #[arg(long, value_delimiter = ',')]
+    pub milestones: Option<Vec<usize>>,
+    /// Default 0.1.
+    #[arg(long)]
+    pub gamma: Option<f64>,
+    /// α of the δ schedule (default 0.01).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// λ, the weight of SC (default 1).
+    #[arg(long)]
+    pub lambda: Option<f64>,
+    /// Latent dimension n (default: the paper's recommendation for the class count).
+    #[arg(long)]
+    pub feature_dim: Option<usize>,
+    /// Base channel width of the network (default 64; smaller for quick CPU runs).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Use this PEDCC file (from `podgpu pedcc`) instead of generating one.
+    #[arg(long)]
+    pub pedcc: Option<PathBuf>,
+    /// Allow more classes than feature dim + 1 with approximately even (repulsion) centroids.
+    #[arg(long)]
+    pub pedcc_repulsion: bool,
+    /// Train on the first N training images only (quick runs).
+    #[arg(long)]
+    pub limit_train: Option<usize>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    pub limit_test: Option<usize>,
+    /// Run folder (default runs/MODEL-LOSS-TIMESTAMP).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// CPU threads (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// The configuration these flags describe: defaults, then `--config`, then the flags.
+pub fn resolve(a: &Args) -> Result<TrainConfig> {
+    let mut c = match &a.config {
+        Some(path) => TrainConfig::load(path)?,
+        None => TrainConfig::default(),
+    };
+    macro_rules! set {
+        ($($field:ident),*) => { $( if let Some(v) = &a.$field { c.$field = v.clone(); } )* };
+    }
+    set!(loss, variant, device, seed, epochs, batch_size, lr, momentum, weight_decay, milestones);
+    set!(gamma, alpha, lambda, width);
+    if let Some(m) = &a.model {
+        c.model = m.clone();
+    }
+    if a.data.is_some() {
+        c.data = a.data.clone();
+    }
+    for (flag, field) in [
+        (a.feature_dim, &mut c.feature_dim),
+        (a.limit_train, &mut c.limit_train),
+        (a.limit_test, &mut c.limit_test),
+        (a.threads, &mut c.threads),
+    ] {
+        if flag.is_some() {
+            *field = flag;
+        }
+    }
+    if a.pedcc.is_some() {
+        c.pedcc = a.pedcc.clone();
+    }
+    if a.out.is_some() {
+        c.out = a.out.clone();
+    }
+    c.pedcc_repulsion |= a.pedcc_repulsion;
+    if !crate::nn::MODEL_NAMES.contains(&c.model.as_str()) {
+        bail!(
+            "unknown model `{}`; podgpu has {}",
+            c.model,
+            crate::nn::MODEL_NAMES.join(", ")
+        );
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let summary = match &a.resume {
+        Some(dir) => {
+            let changes_math = a.model.is_some()
+                || a.data.is_some()
+                || a.config.is_some()
+                || a.loss.is_some()
+                || a.variant.is_some()
+                || a.seed.is_some()
+                || a.batch_size.is_some()
+                || a.lr.is_some()
+                || a.width.is_some()
+                || a.feature_dim.is_some();
+            if changes_math {
+                bail!(
+                    "--resume continues a run with its saved settings ({}); only --epochs, --device \
+                     and --threads may be given with it",
+                    dir.join("config.toml").display()
+                );
+            }
+            trainer::resume(dir, a.epochs, a.device.clone(), a.threads)?
+        }
+        None => trainer::train(resolve(&a)?)?,
+    };
+    if let Some(acc) = summary.final_test_acc {
+        println!(
+            "final test accuracy {:.2}% (best {:.2}%), run folder {}",
+            100.0 * acc,
+            100.0 * summary.best_test_acc.unwrap_or(acc),
+            summary.run_dir.display()
+        );
+    }
+    Ok(())
+}
