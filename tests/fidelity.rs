@@ -199,7 +199,7 @@ fn malformed_fixtures_are_clear_errors() {
                 r.meta.insert("kind".into(), "model".into());
                 r.meta.insert("model".into(), "resnet50".into());
             }),
-            "not supported yet",
+            "metadata `base_width` is missing",
         ),
         (
             "no_kind",

@@ -154,12 +154,16 @@ def model_fixture(path, model, meta, image, labels, loss_fn, seed):
     BN buffers after the forward pass (running statistics updated as in training). `meta` must hold at
     least model, base_width, classes, feature_dim, loss (and variant, lambda, delta for loss=pod)."""
     model.train()
-    before = {f"param.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    # Parameters and the image are stored as float32 (what podgpu reads); compute in float64 from
+    # those same values so that the expected results are exact.
+    f32 = lambda v: v.detach().clone().to(torch.float32).contiguous() if v.is_floating_point() \
+        else v.detach().clone().contiguous()
+    before = {f"param.{k}": f32(v) for k, v in model.state_dict().items()}
     image = image.clone().requires_grad_(True)
     loss = loss_fn(model, image, labels)
     loss.backward()
     tensors = dict(before)
-    tensors["input.image"] = image.detach().contiguous()
+    tensors["input.image"] = f32(image)
     tensors["input.labels"] = labels
     tensors["expected.loss"] = loss.detach()
     tensors["expected.grad.image"] = image.grad.detach().contiguous()
@@ -174,11 +178,81 @@ def model_fixture(path, model, meta, image, labels, loss_fn, seed):
     save_file(tensors, path, metadata=m)
 
 
+def resnet_fixture(path, arch, width, b, size, k, n, loss, variant, delta, lam, seed):
+    """kind=model for the reference ResNet layout (tools/reference_resnet.py) at a reduced width:
+    PyTorch-default initialisation, batch-norm affine parameters and running statistics moved off
+    their initial values (so that nothing is trivially 0 or 1), f32 values computed in float64."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import reference_resnet
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    pedcc = make_pedcc(k, n, gen).to(torch.float32) if loss == "pod" else None
+    model = reference_resnet.ResNet(arch, k, n, width=width, centroids=pedcc)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.uniform_(-0.3, 0.3, generator=gen)
+                m.running_mean.uniform_(-0.2, 0.2, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+                m.num_batches_tracked.fill_(3)
+    import copy
+    model32 = copy.deepcopy(model)
+    model = model.double()  # every value is a float32 value: the float64 run is exact
+    image = torch.randn(b, 3, size, size, generator=gen).to(torch.float64)
+    labels = torch.randint(0, k, (b,), generator=gen, dtype=torch.int64)
+
+    def loss_fn(model, image, labels):
+        logits, feats = model(image)
+        if loss == "pod":
+            return pod_parts(feats, model.out.weight.t(), labels, delta, lam, variant)[0]
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    meta = {"model": arch, "stem": "cifar", "base_width": width, "classes": k, "feature_dim": n,
+            "loss": loss}
+    if loss == "pod":
+        meta.update({"variant": variant, "lambda": lam, "delta": delta})
+    model_fixture(path, model, meta, image, labels, loss_fn, seed)
+    record_torch_f32_error(path, model32, image, labels, loss_fn)
+
+
+def record_torch_f32_error(path, model32, image, labels, loss_fn):
+    """Runs the same step in PyTorch float32 and stores, as metadata `torch_f32_rel_error`, the largest
+    relative error of PyTorch's own float32 result against the float64 expectation. A small, narrow
+    network with batch norm over few values amplifies float32 rounding; `podgpu fidelity` judges an
+    f32 run against this figure instead of a fixed 1e-4 (docs/FIXTURES.md)."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model32.train()
+    x = image.to(torch.float32).clone().requires_grad_(True)
+    loss = loss_fn(model32, x, labels)
+    loss.backward()
+    got = {"expected.loss": loss.detach(), "expected.grad.image": x.grad}
+    for name, prm in model32.named_parameters():
+        if prm.grad is not None:
+            got[f"expected.grad.{name}"] = prm.grad
+    worst = 0.0
+    for k, v in got.items():
+        want = tensors[k].to(torch.float64)
+        worst = max(worst, ((v.to(torch.float64) - want).norm() / want.norm()).item())
+    meta["torch_f32_rel_error"] = f"{worst:.3e}"
+    save_file(tensors, path, metadata=meta)
+
+
 # --------------------------------------------------------------------------------------------------
 
 # The committed set: (B, n, K, delta) with n > B, n < B and K > n+1, both variants; softmax (B, K).
 DEFAULT_POD = [(8, 32, 10, 0.3), (24, 6, 5, 0.05), (12, 4, 8, 0.5)]
 DEFAULT_SOFTMAX = [(8, 10), (32, 100)]
+# ResNet50-CIFAR topology at base width 2 (the full network has 64), 16x16 images:
+# (arch, width, batch, image size, K, n, loss, variant, delta)
+DEFAULT_MODELS = [("resnet50", 2, 8, 16, 4, 8, "pod", "paper", 0.3),
+                  ("resnet50", 2, 8, 16, 4, 8, "pod", "reference", 0.05),
+                  ("resnet18", 4, 4, 8, 10, 16, "softmax", None, None)]
 
 
 def triple(s):
@@ -203,12 +277,19 @@ def main():
                     help="POD fixture shape B,n,K (both variants); repeatable")
     ap.add_argument("--softmax", type=pair, action="append",
                     help="softmax CE fixture shape B,K; repeatable")
+    ap.add_argument("--model", action="append", metavar="ARCH,WIDTH,B,SIZE,K,N",
+                    help="ResNet model fixture (POD paper variant); repeatable, e.g. resnet50,4,8,16,10,32")
     ap.add_argument("--delta", type=float, default=None, help="delta for --pod fixtures (default 0.3)")
     ap.add_argument("--lambda", dest="lam", type=float, default=1.0, help="SC weight (default 1)")
     args = ap.parse_args()
 
-    if args.pod is None and args.softmax is None:
-        pods, softmaxes = DEFAULT_POD, DEFAULT_SOFTMAX
+    models = []
+    for spec in args.model or []:
+        a, w, b, size, k, n = spec.split(",")
+        d = 0.3 if args.delta is None else args.delta
+        models.append((a, int(w), int(b), int(size), int(k), int(n), "pod", "paper", d))
+    if args.pod is None and args.softmax is None and args.model is None:
+        pods, softmaxes, models = DEFAULT_POD, DEFAULT_SOFTMAX, DEFAULT_MODELS
     else:
         d = 0.3 if args.delta is None else args.delta
         pods = [(b, n, k, d) for b, n, k in (args.pod or [])]
@@ -226,6 +307,12 @@ def main():
         seed += 1
         path = os.path.join(args.out, f"softmax_ce_b{b}_k{k}.safetensors")
         softmax_fixture(path, b, k, seed)
+        print(path)
+    for arch, w, b, size, k, n, loss, variant, delta in models:
+        seed += 1
+        tag = f"{loss}_{variant}" if loss == "pod" else loss
+        path = os.path.join(args.out, f"model_{arch}_w{w}_{tag}.safetensors")
+        resnet_fixture(path, arch, w, b, size, k, n, loss, variant, delta, args.lam, seed)
         print(path)
 
 
