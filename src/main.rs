@@ -13,6 +13,8 @@ struct Cli {
 enum Command {
     /// Train a network with the POD loss (or a baseline) using the paper's recipe.
     Train(podgpu::cli::train::Args),
+    /// Score a checkpoint: accuracy, per-class accuracy, confusion matrix, Table I norm split.
+    Eval(podgpu::cli::eval::Args),
     /// Generate PEDCC class centroids (the frozen head) and verify them.
     Pedcc(podgpu::cli::pedcc::Args),
     /// Compare podgpu's loss and gradients with a reference fixture (e.g. from tools/make_fixtures.py).
@@ -25,6 +27,7 @@ fn main() {
     let cli = Cli::parse();
     let result: anyhow::Result<()> = match cli.command {
         Command::Train(a) => podgpu::cli::train::run(a),
+        Command::Eval(a) => podgpu::cli::eval::run(a),
         Command::Pedcc(a) => podgpu::cli::pedcc::run(a),
         Command::Fidelity(a) => podgpu::cli::fidelity::run(a),
         Command::Data(a) => podgpu::cli::data::run(a),

@@ -4,3 +4,4 @@ pub mod fidelity;
 pub mod pedcc;
 pub mod data;
 pub mod train;
+pub mod eval;

@@ -1,0 +1,135 @@
+//! `podgpu eval --checkpoint FILE --data FILE`: accuracy by cosine argmax (or the trainable head's
+//! argmax), per-class accuracy, the confusion matrix and the paper's Table I norm split.
+
+use crate::autograd::ParamStore;
+use crate::data::Dataset;
+use crate::nn::{layers::transpose2d, HeadSpec, ModelSpec, Network};
+use crate::train::checkpoint::load_checkpoint;
+use crate::train::config::{LossKind, TrainConfig};
+use crate::train::eval::{extract, summarize};
+use crate::train::trainer::stem_for;
+use anyhow::{anyhow, bail, Context, Result};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A checkpoint written by `podgpu train` (last.safetensors or best.safetensors).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Dataset file (.bin); default: the one the run trained on.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Which split to score.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Rebuilds the network a checkpoint was trained as and loads its weights.
+pub fn load_network(
+    checkpoint: &std::path::Path,
+    data: Option<PathBuf>,
+) -> Result<(Network, ParamStore, TrainConfig, Dataset)> {
+    let ckpt = load_checkpoint(checkpoint)?;
+    let cfg = TrainConfig::from_json(&ckpt.state.config)
+        .with_context(|| format!("the configuration saved in {}", checkpoint.display()))?;
+    let data = data
+        .or_else(|| cfg.data.clone())
+        .unwrap_or_else(crate::data::default_dataset_path);
+    let ds = Dataset::open(&data).map_err(|e| anyhow!("{e}"))?;
+    let probe = ds.split(ds.split_names()[0]).map_err(|e| anyhow!("{e}"))?;
+    let [c, h, _] = probe.image_shape();
+    let fc = ckpt
+        .tensors
+        .get("fc.weight")
+        .ok_or_else(|| anyhow!("{} has no fc.weight: not a podgpu checkpoint", checkpoint.display()))?;
+    let feature_dim = fc.dim(0);
+    let head = match cfg.loss {
+        LossKind::Pod => {
+            let w = ckpt.tensors.get("out.weight").ok_or_else(|| {
+                anyhow!("{} has no out.weight (the PEDCC head)", checkpoint.display())
+            })?;
+            HeadSpec::Pedcc(transpose2d(w))
+        }
+        _ => HeadSpec::Linear,
+    };
+    let spec = ModelSpec {
+        arch: cfg.model.clone(),
+        width: cfg.width,
+        stem: stem_for(h),
+        in_channels: c,
+        classes: ds.num_classes(),
+        feature_dim,
+        head,
+    };
+    let mut ps = ParamStore::new();
+    let net = Network::new(spec, &mut ps, crate::DType::F32, &mut crate::rng::Rng::new(0))
+        .map_err(|e| anyhow!(e))?;
+    ckpt.restore_into(&mut ps, &cfg.model).with_context(|| {
+        format!(
+            "{} does not fit a {} for {} ({} classes, {c}×{h} images)",
+            checkpoint.display(),
+            cfg.model,
+            data.display(),
+            ds.num_classes()
+        )
+    })?;
+    Ok((net, ps, cfg, ds))
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let (device, note) = crate::device::select(&a.device)?;
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
+    let (net, mut ps, cfg, ds) = load_network(&a.checkpoint, a.data.clone())?;
+    ps.to_device(device);
+    let split = ds.split(&a.split).map_err(|e| anyhow!("{e}"))?;
+    let f = extract(&net, &mut ps, &split, a.batch_size, None, device)?;
+    let r = summarize(&f, ds.num_classes());
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "{} ({}, {} loss) on {} split `{}`: {} images",
+        a.checkpoint.display(),
+        cfg.model,
+        match cfg.loss {
+            LossKind::Pod => "POD",
+            LossKind::Softmax => "softmax",
+        },
+        ds.path().display(),
+        a.split,
+        r.samples
+    );
+    println!("accuracy {:.2}% ({} / {})", 100.0 * r.accuracy, r.correct, r.samples);
+    println!(
+        "Table I split at mean ‖x‖ = {:.3}: below {:.2}% ({} images), above {:.2}% ({} images)",
+        r.mean_norm,
+        100.0 * r.below_mean_norm_accuracy,
+        r.below_mean_norm_samples,
+        100.0 * r.above_mean_norm_accuracy,
+        r.samples - r.below_mean_norm_samples
+    );
+    println!("per-class accuracy:");
+    for (name, acc) in ds.classes().iter().zip(&r.per_class_accuracy) {
+        println!("  {name:<16} {:.2}%", 100.0 * acc);
+    }
+    println!("confusion matrix (rows: true class, columns: predicted):");
+    for row in &r.confusion {
+        let cells: Vec<String> = row.iter().map(|v| format!("{v:>5}")).collect();
+        println!("  {}", cells.join(""));
+    }
+    Ok(())
+}
