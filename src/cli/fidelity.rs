@@ -14,12 +14,16 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Fixture files (safetensors; see docs/FIXTURES.md).
+    /// Fixture files (safetensors; see docs/FIXTURES.md), or folders: every `*.safetensors` in one.
     #[arg(required = true)]
     pub fixtures: Vec<PathBuf>,
     /// Where to run: cpu, cuda (or cuda:N), or auto (cuda when usable, else cpu).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// How matrix products and convolutions run on a GPU: fp32 (the reference accuracy the default
+    /// tolerance is meant for) or tf32 (tensor cores; use a tolerance around 1e-2).
+    #[arg(long, default_value = "fp32")]
+    pub math: crate::cuda::MathMode,
     /// Largest relative error ‖a − b‖/‖b‖ that passes, per tensor.
     #[arg(long, default_value_t = 1e-4, allow_negative_numbers = true)]
     pub tolerance: f64,
@@ -36,10 +40,11 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
     }
 }
 
-/// Parses `cpu`, `cuda`, `cuda:N` or `auto`; a CUDA device must be usable.
+/// Parses `cpu`, `cuda`, `cuda:N` or `auto`; a CUDA device must be usable (driver, device and the
+/// libraries, `device::usable_gpu`). `auto` falls back to the CPU and says why on stderr.
 pub fn parse_device(s: &str) -> Result<Device> {
     let cuda = |i: usize| -> Result<Device> {
-        crate::cuda::Gpu::get(i).map_err(|e| {
+        crate::device::usable_gpu(i).map_err(|e| {
             anyhow!("--device {s}: the GPU is not usable ({e}); run with --device cpu")
         })?;
         Ok(Device::Cuda(i))
@@ -47,7 +52,13 @@ pub fn parse_device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
         "cuda" => cuda(0),
-        "auto" => Ok(crate::cuda::Gpu::get(0).map_or(Device::Cpu, |_| Device::Cuda(0))),
+        "auto" => match crate::device::usable_gpu(0) {
+            Ok(()) => Ok(Device::Cuda(0)),
+            Err(why) => {
+                eprintln!("using the CPU: no usable GPU ({why})");
+                Ok(Device::Cpu)
+            }
+        },
         _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(i)) => cuda(i),
             _ => bail!("unknown device `{s}`; use cpu, cuda, cuda:N or auto"),
@@ -270,6 +281,7 @@ pub fn run(args: Args) -> Result<()> {
             args.tolerance
         );
     }
+    crate::cuda::set_math_mode(args.math);
     let place = Place {
         device,
         dtype: args.dtype,
@@ -278,11 +290,23 @@ pub fn run(args: Args) -> Result<()> {
         DType::F32 => "f32",
         DType::F64 => "f64",
     };
+    let fixtures = expand_folders(&args.fixtures)?;
     let mut failures: Vec<String> = Vec::new();
-    for path in &args.fixtures {
+    for path in &fixtures {
         println!("{}", path.display());
         let result = Fixture::read(path).and_then(|fx| {
-            println!("  [{}]  on {device} {dt}", describe(&fx));
+            let math = match (device, args.math) {
+                (Device::Cpu, _) => String::new(),
+                (_, m) => format!(
+                    " ({})",
+                    if m == crate::cuda::MathMode::Fp32 {
+                        "fp32"
+                    } else {
+                        "tf32"
+                    }
+                ),
+            };
+            println!("  [{}]  on {device} {dt}{math}", describe(&fx));
             let outputs = run_fixture(&fx, place)?;
             compare(&fx, &outputs, args.tolerance)
         });
@@ -321,8 +345,34 @@ pub fn run(args: Args) -> Result<()> {
     }
     println!(
         "all {} fixture(s) within tolerance {:.1e}",
-        args.fixtures.len(),
+        fixtures.len(),
         args.tolerance
     );
     Ok(())
+}
+
+/// Replaces each folder among `paths` by the `*.safetensors` files in it (sorted); files stay.
+fn expand_folders(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if !p.is_dir() {
+            out.push(p.clone());
+            continue;
+        }
+        let entries = std::fs::read_dir(p)
+            .map_err(|e| anyhow!("cannot list the fixture folder {}: {e}", p.display()))?;
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|f| f.is_file() && f.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        if found.is_empty() {
+            bail!(
+                "the fixture folder {} holds no *.safetensors files",
+                p.display()
+            );
+        }
+        found.sort();
+        out.extend(found);
+    }
+    Ok(out)
 }
