@@ -1,12 +1,20 @@
 //! CPU vs GPU for every op with a CUDA implementation, on random inputs (never zeros).
 //!
-//! Ops that exist in `podgpu::ops` are compared with their CPU kernels; the other launchers (conv,
-//! batch norm, pooling, the loss kernels, SGD) with straightforward f64 host references written
-//! here. The host references of NaC and SC are themselves checked against finite differences on the
-//! CPU, so that part runs everywhere. Without a usable GPU the GPU tests print
-//! "SKIPPED: no CUDA device (reason)" and return.
+//! This file checks the launchers (`podgpu::cuda::*`) against straightforward f64 host references
+//! written here; the host references of NaC and SC are themselves checked against finite differences
+//! on the CPU, so that part runs everywhere. `cuda_parity/ops.rs` checks every op through its public
+//! API (`podgpu::ops`, `podgpu::loss`, `optim::Sgd`, the fidelity fixtures) against the same op on
+//! the CPU, and `cuda_parity/resnet.rs` a small ResNet's training step and five SGD steps. Without a
+//! usable GPU the GPU tests print "SKIPPED: no CUDA device (reason)" and return; with
+//! PODGPU_REQUIRE_GPU=1 they fail instead.
 //!
-//! Tolerances (relative error ‖a−b‖/‖b‖): fp32 1e-4 (1e-5 for elementwise), tf32 5e-3.
+//! Tolerances (relative error ‖a−b‖/‖b‖): fp32 1e-4 (1e-5 for elementwise), tf32 5e-3; whole-network
+//! gradients 2e-3 (fp32) and 5e-2 (tf32).
+
+#[path = "cuda_parity/ops.rs"]
+mod ops_parity;
+#[path = "cuda_parity/resnet.rs"]
+mod resnet;
 
 use podgpu::cuda::dnn::{self, ConvGeom};
 use podgpu::cuda::loss_kernels::{self as lk, Variant};

@@ -14,12 +14,16 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Fixture files (safetensors; see docs/FIXTURES.md).
+    /// Fixture files (safetensors; see docs/FIXTURES.md), or folders: every `*.safetensors` in one.
     #[arg(required = true)]
     pub fixtures: Vec<PathBuf>,
     /// Where to run: cpu, cuda (or cuda:N), or auto (cuda when usable, else cpu).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// How matrix products and convolutions run on a GPU: fp32 (the reference accuracy the default
+    /// tolerance is meant for) or tf32 (tensor cores; use a tolerance around 1e-2).
+    #[arg(long, default_value = "fp32")]
+    pub math: crate::cuda::MathMode,
     /// Largest relative error ‖a − b‖/‖b‖ that passes, per tensor. Default: 1e-4; for an f32 run of
     /// a fixture that records PyTorch's own float32 error (`torch_f32_rel_error`), 10× that figure
     /// when it is larger.
@@ -38,10 +42,11 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
     }
 }
 
-/// Parses `cpu`, `cuda`, `cuda:N` or `auto`; a CUDA device must be usable.
+/// Parses `cpu`, `cuda`, `cuda:N` or `auto`; a CUDA device must be usable (driver, device and the
+/// libraries, `device::usable_gpu`). `auto` falls back to the CPU and says why on stderr.
 pub fn parse_device(s: &str) -> Result<Device> {
     let cuda = |i: usize| -> Result<Device> {
-        crate::cuda::Gpu::get(i).map_err(|e| {
+        crate::device::usable_gpu(i).map_err(|e| {
             anyhow!("--device {s}: the GPU is not usable ({e}); run with --device cpu")
         })?;
         Ok(Device::Cuda(i))
@@ -49,7 +54,13 @@ pub fn parse_device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
         "cuda" => cuda(0),
-        "auto" => Ok(crate::cuda::Gpu::get(0).map_or(Device::Cpu, |_| Device::Cuda(0))),
+        "auto" => match crate::device::usable_gpu(0) {
+            Ok(()) => Ok(Device::Cuda(0)),
+            Err(why) => {
+                eprintln!("using the CPU: no usable GPU ({why})");
+                Ok(Device::Cpu)
+            }
+        },
         _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(i)) => cuda(i),
             _ => bail!("unknown device `{s}`; use cpu, cuda, cuda:N or auto"),
@@ -384,6 +395,7 @@ pub fn run(args: Args) -> Result<()> {
             bail!("--tolerance must be a positive number, got {t}");
         }
     }
+    crate::cuda::set_math_mode(args.math);
     let place = Place {
         device,
         dtype: args.dtype,
@@ -392,14 +404,26 @@ pub fn run(args: Args) -> Result<()> {
         DType::F32 => "f32",
         DType::F64 => "f64",
     };
+    let fixtures = expand_folders(&args.fixtures)?;
     let mut failures: Vec<String> = Vec::new();
-    for path in &args.fixtures {
+    for path in &fixtures {
         println!("{}", path.display());
         let mut tolerance = args.tolerance.unwrap_or(DEFAULT_TOLERANCE);
         let result = Fixture::read(path).and_then(|fx| {
             tolerance = fixture_tolerance(&fx, args.tolerance, args.dtype)?;
+            let math = match (device, args.math) {
+                (Device::Cpu, _) => String::new(),
+                (_, m) => format!(
+                    " ({})",
+                    if m == crate::cuda::MathMode::Fp32 {
+                        "fp32"
+                    } else {
+                        "tf32"
+                    }
+                ),
+            };
             println!(
-                "  [{}]  on {device} {dt}, tolerance {tolerance:.1e}",
+                "  [{}]  on {device} {dt}{math}, tolerance {tolerance:.1e}",
                 describe(&fx)
             );
             let outputs = run_fixture(&fx, place)?;
@@ -441,6 +465,32 @@ pub fn run(args: Args) -> Result<()> {
             failures.join("\n  ")
         );
     }
-    println!("all {} fixture(s) within tolerance", args.fixtures.len());
+    println!("all {} fixture(s) within tolerance", fixtures.len());
     Ok(())
+}
+
+/// Replaces each folder among `paths` by the `*.safetensors` files in it (sorted); files stay.
+fn expand_folders(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if !p.is_dir() {
+            out.push(p.clone());
+            continue;
+        }
+        let entries = std::fs::read_dir(p)
+            .map_err(|e| anyhow!("cannot list the fixture folder {}: {e}", p.display()))?;
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|f| f.is_file() && f.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        if found.is_empty() {
+            bail!(
+                "the fixture folder {} holds no *.safetensors files",
+                p.display()
+            );
+        }
+        found.sort();
+        out.extend(found);
+    }
+    Ok(out)
 }

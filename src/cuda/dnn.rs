@@ -10,7 +10,7 @@
 //! wrapper is not `Send` and does not expose group counts and math types on all paths; the handle
 //! lives behind the device's mutex.
 
-use super::launch::{check, gpu_of};
+use super::launch::gpu_of;
 use super::libs::{self, Lib};
 use super::{buf, math_mode, tensor, Gpu, MathMode};
 use crate::tensor::{numel, Tensor};
@@ -598,14 +598,7 @@ impl Dnn {
 
 /// Copies a GPU tensor into a fresh buffer (running statistics are updated on copies).
 fn copy_of(t: &Tensor) -> super::CudaBuf {
-    let gpu = gpu_of(t);
-    let mut out = gpu.alloc(t.numel());
-    if t.numel() > 0 {
-        let src = buf(t).view();
-        let mut dst = out.raw_mut().slice_mut(0..t.numel());
-        check(gpu.stream.memcpy_dtod(&src, &mut dst), "memcpy_dtod");
-    }
-    out
+    buf(t).duplicate()
 }
 
 /// Training-mode batch norm over N·H·W per channel (cuDNN, spatial mode). `eps` must be ≥ 1e-5
@@ -754,4 +747,156 @@ pub fn batch_norm_bwd(
         )?;
         Ok((tensor(x.shape(), dx), tensor(&[c], dg), tensor(&[c], db)))
     })
+}
+
+// ---- per-channel helpers: the convolution bias and evaluation-mode batch-norm backward ----
+
+/// x as per-channel dims for the helpers below: [N, C, H, W] as is, [N, C] as [N, C, 1, 1].
+fn channel_dims(x: &Tensor, what: &str) -> [usize; 4] {
+    match x.shape() {
+        [n, c] => [*n, *c, 1, 1],
+        [n, c, h, w] => [*n, *c, *h, *w],
+        s => panic!("{what}: expected [N, C] or [N, C, H, W], got {s:?}"),
+    }
+}
+
+/// y[n, c, :, :] += b[c] (a convolution's bias) with cudnnAddTensor. `y` is updated in place when
+/// it owns its buffer (the fresh output of a convolution); a shared buffer is copied first.
+pub fn add_channel_bias(y: Tensor, b: &Tensor) -> Tensor {
+    let gpu = gpu_of(&y);
+    let d = channel_dims(&y, "add_channel_bias");
+    assert_eq!(
+        b.shape(),
+        &[d[1]],
+        "add_channel_bias: bias {:?} for output {:?}",
+        b.shape(),
+        y.shape()
+    );
+    let mut y = y;
+    let yp = y.cuda_buf_mut().device_ptr();
+    with_dnn(&gpu, |dnn| {
+        let handle = dnn.handle;
+        // The BN per-channel descriptor is exactly the [1, C, 1, 1] bias descriptor.
+        let (yd, bd) = dnn.bn_descs(d)?;
+        // SAFETY: y matches yd and is owned by `y` alone (cuda_buf_mut); b holds C floats.
+        ok(
+            unsafe { sys::cudnnAddTensor(handle, one(), bd, ptr(b), one(), yd, yp as *mut c_void) },
+            "cudnnAddTensor",
+        )
+    });
+    y
+}
+
+/// Per-channel sums over batch and space, [N, C, H, W] (or [N, C]) → [C]: the gradient of a
+/// convolution's bias (cudnnConvolutionBackwardBias).
+pub fn channel_sums(x: &Tensor) -> Tensor {
+    let gpu = gpu_of(x);
+    let d = channel_dims(x, "channel_sums");
+    let c = d[1];
+    let out = gpu.alloc(c);
+    with_dnn(&gpu, |dnn| {
+        let handle = dnn.handle;
+        let (xd, bd) = dnn.bn_descs(d)?;
+        // SAFETY: x matches xd; out holds C floats (bd); beta = 0 so out is only written.
+        ok(
+            unsafe {
+                sys::cudnnConvolutionBackwardBias(
+                    handle,
+                    one(),
+                    xd,
+                    ptr(x),
+                    zero(),
+                    bd,
+                    out.device_ptr() as *mut c_void,
+                )
+            },
+            "cudnnConvolutionBackwardBias",
+        )
+    });
+    tensor(&[c], out)
+}
+
+struct OpDesc(sys::cudnnOpTensorDescriptor_t);
+
+impl Drop for OpDesc {
+    fn drop(&mut self) {
+        // SAFETY: created by cudnnCreateOpTensorDescriptor, destroyed once.
+        unsafe { sys::cudnnDestroyOpTensorDescriptor(self.0) };
+    }
+}
+
+/// a ∘ b elementwise for two tensors of the same NCHW (or [N, C]) shape, with cudnnOpTensor.
+pub fn mul(a: &Tensor, b: &Tensor) -> Tensor {
+    assert_eq!(a.shape(), b.shape(), "mul: shapes differ");
+    let gpu = gpu_of(a);
+    let d = channel_dims(a, "mul");
+    // Zero-filled, so that the result does not depend on how cuDNN treats beta = 0.
+    let out = gpu.alloc_zeros(a.numel());
+    with_dnn(&gpu, |dnn| {
+        let handle = dnn.handle;
+        let (xd, _) = dnn.bn_descs(d)?;
+        let mut raw: sys::cudnnOpTensorDescriptor_t = std::ptr::null_mut();
+        // SAFETY: writes one descriptor handle.
+        ok(
+            unsafe { sys::cudnnCreateOpTensorDescriptor(&mut raw) },
+            "cudnnCreateOpTensorDescriptor",
+        )?;
+        let op = OpDesc(raw);
+        // SAFETY: fresh descriptor.
+        ok(
+            unsafe {
+                sys::cudnnSetOpTensorDescriptor(
+                    op.0,
+                    sys::cudnnOpTensorOp_t::CUDNN_OP_TENSOR_MUL,
+                    sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                    sys::cudnnNanPropagation_t::CUDNN_PROPAGATE_NAN,
+                )
+            },
+            "cudnnSetOpTensorDescriptor",
+        )?;
+        // SAFETY: a, b and out all match xd.
+        ok(
+            unsafe {
+                sys::cudnnOpTensor(
+                    handle,
+                    op.0,
+                    one(),
+                    xd,
+                    ptr(a),
+                    one(),
+                    xd,
+                    ptr(b),
+                    zero(),
+                    xd,
+                    out.device_ptr() as *mut c_void,
+                )
+            },
+            "cudnnOpTensor",
+        )
+    });
+    tensor(a.shape(), out)
+}
+
+/// Backward of inference-mode batch norm y = γ(x − μ)/√(σ² + eps) + β with fixed μ, σ²
+/// (a per-channel affine map): dx = γ·dy/√(σ² + eps), dγ = Σ dy·x̂, dβ = Σ dy. Built from cuDNN
+/// calls: x̂ and dx are inference-mode batch norms themselves (x̂ with γ = 1, β = 0; dx of dy
+/// with μ = 0, β = 0), the sums are `channel_sums`.
+pub fn batch_norm_eval_bwd(
+    x: &Tensor,
+    dy: &Tensor,
+    gamma: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+) -> (Tensor, Tensor, Tensor) {
+    assert_eq!(x.shape(), dy.shape(), "batch_norm_eval_bwd: dy shape");
+    let gpu = gpu_of(x);
+    let c = channel_dims(x, "batch_norm_eval_bwd")[1];
+    let ones = super::nn_kernels::fill(&[c], 1.0, &gpu);
+    let zeros = tensor(&[c], gpu.alloc_zeros(c));
+    let xhat = batch_norm_fwd_infer(x, &ones, &zeros, mean, var, eps);
+    let dx = batch_norm_fwd_infer(dy, gamma, &zeros, &zeros, var, eps);
+    let dgamma = channel_sums(&mul(dy, &xhat));
+    let dbeta = channel_sums(dy);
+    (dx, dgamma, dbeta)
 }

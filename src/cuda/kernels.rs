@@ -4,22 +4,22 @@
 //!
 //! # The launchers and where they live
 //!
-//! Here (wired into `src/ops` already):
-//! - `add(a, b)`, `scale(x, s)`, `relu(x)`, `relu_bwd(y, dy)`, `relu6(x)`, `relu6_bwd(y, dy)`
-//! - `matmul(a, ta, b, tb, m, k, n)` (cuBLAS, row-major, math mode from `cuda::math_mode()`)
-//! - `bias_add(y, b)`, `sum_rows(x)`
+//! Here: `add(a, b)`, `scale(x, s)`, `relu(x)`, `relu_bwd(y, dy)`, `relu6(x)`, `relu6_bwd(y, dy)`,
+//! `matmul(a, ta, b, tb, m, k, n)` (cuBLAS, row-major, math mode from `cuda::math_mode()`),
+//! `bias_add(y, b)`, `sum_rows(x)`.
 //!
 //! `cuda::dnn` (cuDNN; NCHW; `w` is [K, C/groups, R, S]; `geom` = `ConvGeom { stride, pad,
 //! dilation, groups }`, each `[usize; 2]` as (h, w)):
-//! - `conv2d_fwd(x, w, &geom) -> y`
+//! - `conv2d_fwd(x, w, &geom) -> y`, `add_channel_bias(y, b) -> y`
 //! - `conv2d_bwd_data(dy, w, x_shape, &geom) -> dx`
-//! - `conv2d_bwd_filter(x, dy, w_shape, &geom) -> dw`
+//! - `conv2d_bwd_filter(x, dy, w_shape, &geom) -> dw`, `channel_sums(dy) -> db`
 //! - `batch_norm_fwd_train(x, gamma, beta, running_mean, running_var, momentum, eps) -> BnTrain
 //!   { y, save_mean, save_invstd, running_mean, running_var }` (PyTorch semantics: biased batch
 //!   variance to normalise, unbiased into the running variance, `momentum` = PyTorch's 0.1; new
 //!   running tensors are returned, the inputs are not modified)
 //! - `batch_norm_fwd_infer(x, gamma, beta, mean, var, eps) -> y`
 //! - `batch_norm_bwd(x, dy, gamma, save_mean, save_invstd, eps) -> (dx, dgamma, dbeta)`
+//! - `batch_norm_eval_bwd(x, dy, gamma, mean, var, eps) -> (dx, dgamma, dbeta)`, `mul(a, b)`
 //!
 //! `cuda::nn_kernels`:
 //! - `max_pool2d_fwd(x, &geom) -> (y, argmax)`, `max_pool2d_bwd(dy, argmax, x_shape, &geom) -> dx`
@@ -33,18 +33,25 @@
 //!
 //! `cuda::loss_kernels` (labels are i32 GPU tensors, see `labels_to_gpu`):
 //! - `nac_fwd_bwd(x, p, labels, delta, variant) -> Nac { loss: [1], dx, norms }`
-//! - `sc_fwd_bwd(x, p, labels, variant) -> Sc { loss: [1], dx }` (cuBLAS Gram products inside)
+//! - `sc_fwd_bwd(x, p, labels, variant) -> Sc { loss: [1], dx }`, built from the SC pieces
+//!   `sc_diff`, `col_sumsq`, `sc_loss`, `sc_grad` around cuBLAS Gram products
 //! - `softmax_ce_fwd_bwd(logits, labels) -> (loss [1], dlogits)`
 //! - `argmax_rows(logits, labels, correct)`, `pedcc_predict(x, p, labels, correct)` -> predictions
 //! - `row_norms(x)`, `sum(x) -> [1]`, `accumulator(&gpu)`, `sum_into(acc, x, accumulate)`
 //!   (device-side running sums), `labels_to_gpu(&gpu, &[i32])`, `ints_to_host(t)`
-//! - `Variant::{Paper, Reference}` selects the NaC denominator and the SC normalisation (DESIGN §1.6)
+//! - `Variant` is `crate::loss::Variant` (NaC denominator and SC normalisation, DESIGN §1.6)
 //!
-//! `cuda::optim`: `sgd_step(&[SgdParam], lr, momentum)` (one launch for all tensors).
+//! `cuda::optim`: `sgd_step(&[SgdParam], lr, momentum)` (one launch for all tensors; what
+//! `optim::Sgd::step` uses when every parameter is on the GPU) and `sgd_update` (one tensor, any
+//! SGD setting: Nesterov, no momentum).
 //!
-//! Wiring an op: its CUDA arm calls the launcher with the op's tensors, e.g.
-//! `dispatch!(x, conv2d_host, |x, w| cuda::dnn::conv2d_fwd(x, w, &geom), x, w)`. Launchers panic
-//! only on CUDA failures (a broken device or a podgpu bug); validate user input before dispatching.
+//! # Where each op is wired
+//!
+//! Every op's CUDA arm sits next to its host kernel in `src/ops/*.rs` / `src/loss/*.rs`, as a small
+//! `*_cuda` function that adapts the op's arguments (`Conv2dSpec` → `ConvGeom`, `Pool2dSpec` →
+//! `PoolGeom`, labels → i32) and calls the launchers above, e.g.
+//! `dispatch!(x, conv2d_host, conv2d_cuda, x, w, b, spec)`. Launchers panic only on CUDA failures
+//! (a broken device or a podgpu bug); validate user input before dispatching.
 //! Memory figures for the trainer: `Gpu::pool_stats()` (bytes in use, peak, device allocations),
 //! `Gpu::reset_peak_memory()`. Math mode: `cuda::set_math_mode(MathMode::Fp32 | MathMode::Tf32)`.
 
@@ -166,6 +173,3 @@ pub fn sum_rows(x: &Tensor) -> Tensor {
     }
     tensor(&[cols], out)
 }
-
-// Ops whose CUDA arm is not wired to a launcher yet (see `pending.rs`).
-pub use super::pending::*;

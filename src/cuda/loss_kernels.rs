@@ -15,14 +15,9 @@ use std::sync::Arc;
 /// The eps of x̃ = x / max(‖x‖, eps) in SC (PyTorch's F.normalize default).
 pub const SC_NORMALIZE_EPS: f64 = 1e-12;
 
-/// Which form of the POD loss terms (DESIGN.md §1.6).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Variant {
-    /// The paper: NaC denominator ‖x‖ + δ; SC divided by (B − 1)².
-    Paper,
-    /// The public reference code: NaC denominator sqrt(‖x‖² + δ²); SC also divided by (n − 1).
-    Reference,
-}
+/// Which form of the POD loss terms (DESIGN.md §1.6): the loss module's own enum, so that the ops
+/// pass it straight through.
+pub use crate::loss::Variant;
 
 /// i32 values (labels) into a GPU tensor of shape [len].
 pub fn labels_to_gpu(gpu: &Arc<Gpu>, labels: &[i32]) -> Tensor {
@@ -135,6 +130,117 @@ pub struct Sc {
     pub dx: Tensor,
 }
 
+/// SC step 1: D = x̃ − P[labels], [B, n] (each normalised row minus its class centroid).
+pub fn sc_diff(xt: &Tensor, p: &Tensor, labels: &Tensor) -> Tensor {
+    let gpu = gpu_of(xt);
+    let (b, n) = (xt.dim(0), xt.dim(1));
+    assert_eq!(
+        p.dim(1),
+        n,
+        "sc_diff: PEDCC width {} vs features {n}",
+        p.dim(1)
+    );
+    assert_eq!(
+        labels.numel(),
+        b,
+        "sc_diff: {} labels for {b} rows",
+        labels.numel()
+    );
+    let mut d = gpu.alloc(b * n);
+    if b * n > 0 {
+        let f = func(&gpu, "loss", "sc_diff_f32");
+        let (b32, n32) = (b as i32, n as i32);
+        let mut l = gpu.stream.launch_builder(&f);
+        l.arg(d.raw_mut())
+            .arg(buf(xt).raw())
+            .arg(buf(p).raw())
+            .arg(buf(labels).raw())
+            .arg(&b32)
+            .arg(&n32);
+        // SAFETY: matches sc_diff_f32(float*, const float*, const float*, const int*, int, int);
+        // labels index rows of p (validated by the data loader).
+        check(unsafe { l.launch(grid_1d(&gpu, b * n)) }, "sc_diff_f32");
+    }
+    tensor(&[b, n], d)
+}
+
+/// SC step 2: s[c] = Σ_b D[b, c]² → [n] (the diagonal of DᵀD).
+pub fn col_sumsq(d: &Tensor) -> Tensor {
+    let gpu = gpu_of(d);
+    let (b, n) = (d.dim(0), d.dim(1));
+    let mut s = gpu.alloc(n);
+    if n > 0 {
+        let f = func(&gpu, "loss", "col_sumsq_f32");
+        let (b32, n32) = (b as i32, n as i32);
+        let mut l = gpu.stream.launch_builder(&f);
+        l.arg(s.raw_mut()).arg(buf(d).raw()).arg(&b32).arg(&n32);
+        // SAFETY: matches col_sumsq_f32(float*, const float*, int, int); s holds n floats.
+        check(unsafe { l.launch(column_tiles(n)) }, "col_sumsq_f32");
+    }
+    tensor(&[n], s)
+}
+
+/// SC step 3: norm·(‖M‖²_F − ‖s‖²) → [1], for a square M (the B×B Gram DDᵀ or the n×n DᵀD: both
+/// have the same Frobenius norm) and s [n] from `col_sumsq`.
+pub fn sc_loss(m: &Tensor, s: &Tensor, norm: f64) -> Tensor {
+    let gpu = gpu_of(m);
+    let side = m.dim(0);
+    assert_eq!(
+        m.shape(),
+        &[side, side],
+        "sc_loss: M must be square, got {:?}",
+        m.shape()
+    );
+    let (side32, n32, norm32) = (side as i32, s.numel() as i32, norm as f32);
+    let mut loss = gpu.alloc(1);
+    let f = func(&gpu, "loss", "sc_loss_f32");
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(loss.raw_mut())
+        .arg(buf(m).raw())
+        .arg(buf(s).raw())
+        .arg(&side32)
+        .arg(&n32)
+        .arg(&norm32);
+    // SAFETY: matches sc_loss_f32(float*, const float*, const float*, int, int, float): M holds
+    // side² floats, s holds n.
+    check(unsafe { l.launch(one_block()) }, "sc_loss_f32");
+    tensor(&[1], loss)
+}
+
+/// SC step 4: ∂L/∂D = 4·norm·(MD − D∘s) → [B, n], with MD = G·D (Gram form) or D·C (n×n form).
+pub fn sc_grad(md: &Tensor, d: &Tensor, s: &Tensor, norm: f64) -> Tensor {
+    let gpu = gpu_of(d);
+    let (b, n) = (d.dim(0), d.dim(1));
+    assert_eq!(md.shape(), d.shape(), "sc_grad: MD and D shapes differ");
+    assert_eq!(s.numel(), n, "sc_grad: s must have {n} values");
+    let mut dd = gpu.alloc(b * n);
+    if b * n > 0 {
+        let f = func(&gpu, "loss", "sc_grad_f32");
+        let (b32, n32, norm32) = (b as i32, n as i32, norm as f32);
+        let mut l = gpu.stream.launch_builder(&f);
+        l.arg(dd.raw_mut())
+            .arg(buf(md).raw())
+            .arg(buf(d).raw())
+            .arg(buf(s).raw())
+            .arg(&b32)
+            .arg(&n32)
+            .arg(&norm32);
+        // SAFETY: matches sc_grad_f32(float*, const float*, const float*, const float*, int, int,
+        // float).
+        check(unsafe { l.launch(grid_1d(&gpu, b * n)) }, "sc_grad_f32");
+    }
+    tensor(&[b, n], dd)
+}
+
+/// The SC normalisation: 1/(B−1)² (paper) or 1/((B−1)²(n−1)) (reference).
+fn sc_norm(b: usize, n: usize, variant: Variant) -> f64 {
+    let bm1 = (b - 1) as f64;
+    match variant {
+        Variant::Paper => 1.0 / (bm1 * bm1),
+        Variant::Reference => 1.0 / (bm1 * bm1 * (n as f64 - 1.0).max(1.0)),
+    }
+}
+
 /// SC forward and backward (DESIGN.md §1.4) through the B×B Gram matrix:
 /// x̃ = x/max(‖x‖, 1e-12); D = x̃ − P_Y; s = column sums of D²; G = D Dᵀ (cuBLAS);
 /// L = (‖G‖²_F − Σ s²)·norm; ∂L/∂D = 4·norm·(G D − D∘s) (G D by cuBLAS); ∂L/∂x through the
@@ -143,81 +249,45 @@ pub fn sc_fwd_bwd(x: &Tensor, p: &Tensor, labels: &Tensor, variant: Variant) -> 
     let gpu = gpu_of(x);
     let (b, n) = (x.dim(0), x.dim(1));
     assert!(b >= 2, "SC needs a batch of at least 2 rows, got {b}");
-    assert_eq!(p.dim(1), n, "sc: PEDCC width {} vs features {n}", p.dim(1));
-    assert_eq!(
-        labels.numel(),
-        b,
-        "sc: {} labels for {b} rows",
-        labels.numel()
-    );
-    let bm1 = (b - 1) as f64;
-    let norm = match variant {
-        Variant::Paper => 1.0 / (bm1 * bm1),
-        Variant::Reference => 1.0 / (bm1 * bm1 * (n as f64 - 1.0).max(1.0)),
-    } as f32;
-    let (b32, n32) = (b as i32, n as i32);
-
+    let norm = sc_norm(b, n, variant);
     let (xt, norms) = l2norm_rows_fwd(x, SC_NORMALIZE_EPS);
-    let mut d = gpu.alloc(b * n);
-    {
-        let f = func(&gpu, "loss", "sc_diff_f32");
-        let mut l = gpu.stream.launch_builder(&f);
-        l.arg(d.raw_mut())
-            .arg(buf(&xt).raw())
-            .arg(buf(p).raw())
-            .arg(buf(labels).raw())
-            .arg(&b32)
-            .arg(&n32);
-        // SAFETY: matches sc_diff_f32(float*, const float*, const float*, const int*, int, int).
-        check(unsafe { l.launch(grid_1d(&gpu, b * n)) }, "sc_diff_f32");
-    }
-    let mut s = gpu.alloc(n);
-    {
-        let f = func(&gpu, "loss", "col_sumsq_f32");
-        let mut l = gpu.stream.launch_builder(&f);
-        l.arg(s.raw_mut()).arg(d.raw()).arg(&b32).arg(&n32);
-        // SAFETY: matches col_sumsq_f32(float*, const float*, int, int).
-        check(unsafe { l.launch(column_tiles(n)) }, "col_sumsq_f32");
-    }
+    let d = sc_diff(&xt, p, labels);
+    let s = col_sumsq(&d);
     // G = D Dᵀ  [B, B]
     let mut g = gpu.alloc(b * b);
-    blas::gemm(&gpu, b, n, b, 1.0, &d, false, &d, true, 0.0, &mut g);
-    let mut loss = gpu.alloc(1);
-    {
-        let f = func(&gpu, "loss", "sc_loss_f32");
-        let mut l = gpu.stream.launch_builder(&f);
-        l.arg(loss.raw_mut())
-            .arg(g.raw())
-            .arg(s.raw())
-            .arg(&b32)
-            .arg(&n32)
-            .arg(&norm);
-        // SAFETY: matches sc_loss_f32(float*, const float*, const float*, int, int, float).
-        check(unsafe { l.launch(one_block()) }, "sc_loss_f32");
-    }
+    blas::gemm(
+        &gpu,
+        b,
+        n,
+        b,
+        1.0,
+        buf(&d),
+        false,
+        buf(&d),
+        true,
+        0.0,
+        &mut g,
+    );
+    let g = tensor(&[b, b], g);
+    let loss = sc_loss(&g, &s, norm);
     // GD = G D  [B, n]
     let mut gd = gpu.alloc(b * n);
-    blas::gemm(&gpu, b, b, n, 1.0, &g, false, &d, false, 0.0, &mut gd);
-    let mut dd = gpu.alloc(b * n);
-    {
-        let f = func(&gpu, "loss", "sc_grad_f32");
-        let mut l = gpu.stream.launch_builder(&f);
-        l.arg(dd.raw_mut())
-            .arg(gd.raw())
-            .arg(d.raw())
-            .arg(s.raw())
-            .arg(&b32)
-            .arg(&n32)
-            .arg(&norm);
-        // SAFETY: matches sc_grad_f32(float*, const float*, const float*, const float*, int, int, float).
-        check(unsafe { l.launch(grid_1d(&gpu, b * n)) }, "sc_grad_f32");
-    }
-    let dd = tensor(&[b, n], dd);
+    blas::gemm(
+        &gpu,
+        b,
+        b,
+        n,
+        1.0,
+        buf(&g),
+        false,
+        buf(&d),
+        false,
+        0.0,
+        &mut gd,
+    );
+    let dd = sc_grad(&tensor(&[b, n], gd), &d, &s, norm);
     let dx = l2norm_rows_bwd(&dd, &xt, &norms, SC_NORMALIZE_EPS);
-    Sc {
-        loss: tensor(&[1], loss),
-        dx,
-    }
+    Sc { loss, dx }
 }
 
 /// Softmax cross-entropy forward and backward: logits [B, K], labels i32 [B] →

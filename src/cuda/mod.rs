@@ -22,7 +22,6 @@ pub mod loss_kernels;
 pub mod nn_kernels;
 pub mod nvrtc;
 pub mod optim;
-mod pending;
 pub mod pool;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView};
@@ -109,6 +108,20 @@ impl CudaBuf {
             .stream
             .clone_dtoh(&self.view())
             .unwrap_or_else(|e| panic!("copy from cuda:{} failed: {e}", self.gpu.ordinal))
+    }
+
+    /// A copy of the first `len` elements in a fresh pooled buffer (queued on the stream, no sync).
+    pub fn duplicate(&self) -> CudaBuf {
+        let mut out = self.gpu.alloc(self.len);
+        if self.len > 0 {
+            let src = self.view();
+            let mut dst = out.raw_mut().slice_mut(0..self.len);
+            self.gpu
+                .stream
+                .memcpy_dtod(&src, &mut dst)
+                .unwrap_or_else(|e| panic!("copy on cuda:{} failed: {e}", self.gpu.ordinal));
+        }
+        out
     }
 
     /// The buffer's words read as i32 (labels, indices, counters).
@@ -377,9 +390,4 @@ pub fn buf(t: &crate::tensor::Tensor) -> &CudaBuf {
 pub fn tensor(shape: &[usize], b: CudaBuf) -> crate::tensor::Tensor {
     debug_assert_eq!(crate::tensor::numel(shape), b.len());
     crate::tensor::Tensor::from_storage(shape, crate::tensor::Storage::Cuda(b))
-}
-
-/// Placeholder arm of the op dispatch until the CUDA kernels of an op exist.
-pub fn not_yet(op: &str) -> ! {
-    panic!("op `{op}` has no CUDA implementation yet; run with --device cpu")
 }

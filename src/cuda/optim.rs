@@ -78,6 +78,65 @@ pub fn sgd_step(params: &[SgdParam], lr: f32, momentum: f32) {
     check(unsafe { l.launch(cfg) }, "sgd_multi_f32");
 }
 
+/// y += a·x in place on y's own buffer (copied first if another tensor shares it).
+fn axpy_owned(y: &mut Tensor, a: f64, x: &Tensor) {
+    y.cuda_buf_mut();
+    super::nn_kernels::axpy_(y, a, x);
+}
+
+/// One SGD update of one GPU parameter tensor, with every setting `optim::Sgd` has (the host
+/// kernel's math, `optim::sgd_update`): g = grad + wd·w (only when wd ≠ 0); with momentum,
+/// buf = g on the first step (`buf` is `None`) and momentum·buf + g afterwards; d = g + momentum·buf
+/// (Nesterov) or buf; w −= lr·d. `w` is updated in place (its buffer is copied first if shared);
+/// `buf` gets a new tensor. A few elementwise launches per tensor: `Sgd::step` uses `sgd_step`
+/// (one launch for the whole model) instead whenever it can.
+#[allow(clippy::too_many_arguments)]
+pub fn sgd_update(
+    w: &mut Tensor,
+    grad: &Tensor,
+    buf: &mut Option<Tensor>,
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+    nesterov: bool,
+) {
+    use super::kernels::scale;
+    // Rounded to f32 first, as the host kernel rounds them to the element type.
+    let (lr, momentum, wd) = (
+        lr as f32 as f64,
+        momentum as f32 as f64,
+        weight_decay as f32 as f64,
+    );
+    let g = if weight_decay != 0.0 {
+        let mut g = scale(w, wd);
+        axpy_owned(&mut g, 1.0, grad);
+        g
+    } else {
+        grad.clone()
+    };
+    if momentum == 0.0 {
+        axpy_owned(w, -lr, &g);
+        return;
+    }
+    let b = match buf.take() {
+        None => g.clone(),
+        Some(old) => {
+            assert_eq!(old.shape(), w.shape(), "sgd_update: momentum buffer shape");
+            let mut b = scale(&old, momentum);
+            axpy_owned(&mut b, 1.0, &g);
+            b
+        }
+    };
+    if nesterov {
+        let mut d = scale(&b, momentum);
+        axpy_owned(&mut d, 1.0, &g);
+        axpy_owned(w, -lr, &d);
+    } else {
+        axpy_owned(w, -lr, &b);
+    }
+    *buf = Some(b);
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -1,10 +1,10 @@
 //! Losses: POD (= NaC + λ·SC over the frozen PEDCC head, DESIGN.md §1.3–1.5), softmax cross-entropy,
 //! the δ schedule, and the small helpers a trainer needs around them (logits, predictions, norms).
 //!
-//! Every loss is a scalar `Var` of shape [1] (mean over the batch). Labels are a [B] tensor holding
-//! class indices as floats, on the same device as the features (`labels_tensor`), so GPU kernels read
-//! them without a host round trip. The PEDCC `P` [K, n] is a plain tensor: it is frozen, no gradient
-//! ever flows into it.
+//! Every loss is a scalar `Var` of shape [1] (mean over the batch). Labels are a [B] tensor of class
+//! indices on the same device as the features (`labels_tensor`, which documents the encoding), so GPU
+//! kernels read them without a host round trip. The PEDCC `P` [K, n] is a plain tensor: it is frozen,
+//! no gradient ever flows into it.
 
 mod delta;
 mod nac;
@@ -25,7 +25,7 @@ use crate::autograd::{Tape, Var};
 use crate::cuda;
 use crate::ops;
 use crate::ops::dispatch;
-use crate::tensor::{Elem, Tensor};
+use crate::tensor::{Device, Elem, Tensor};
 use std::fmt;
 use std::str::FromStr;
 
@@ -71,13 +71,62 @@ impl FromStr for Variant {
 
 // ---- labels ----
 
-/// Class indices as a [B] tensor of the same dtype and device as `like` (what the loss ops take).
+/// Class indices as a [B] tensor on `like`'s device: what the loss ops take (and what
+/// `argmax_rows_fwd` returns).
+///
+/// The encoding depends on the device:
+/// - host: the indices as values of `like`'s dtype (f32 or f64), so gradient checks run in f64;
+/// - GPU: the indices as i32 bit patterns in the tensor's 32-bit words (`cuda::loss_kernels::
+///   labels_to_gpu`), which is what the CUDA kernels index with. Such a tensor is not f32 data:
+///   read it with `label_values` (never `to_vec_f64` or `to_device(Cpu)`).
+///
+/// Making the GPU tensor is one host-to-device copy per batch; no op reads labels back to the host.
+/// Indices are not range-checked on the GPU: the data loader validates them against the classes.
 pub fn labels_tensor(labels: &[usize], like: &Tensor) -> Tensor {
-    let v: Vec<f64> = labels.iter().map(|&l| l as f64).collect();
-    Tensor::from_f64_as(&[labels.len()], &v, like.dtype()).to_device(like.device())
+    match like.device() {
+        Device::Cuda(_) => {
+            let ints: Vec<i32> = labels.iter().map(|&l| label_i32(l as f64)).collect();
+            cuda::loss_kernels::labels_to_gpu(&cuda::buf(like).gpu, &ints)
+        }
+        Device::Cpu => {
+            let v: Vec<f64> = labels.iter().map(|&l| l as f64).collect();
+            Tensor::from_f64_as(&[labels.len()], &v, like.dtype())
+        }
+    }
 }
 
-/// The class indices of a host labels tensor, checked against `classes` and the batch size.
+fn label_i32(l: f64) -> i32 {
+    assert!(
+        l >= 0.0 && l.fract() == 0.0 && l <= i32::MAX as f64,
+        "label {l} is not a class index"
+    );
+    l as i32
+}
+
+/// The values of a labels tensor (or of `argmax_rows_fwd`'s predictions) on the host, decoding
+/// either encoding of `labels_tensor`. Reads a GPU tensor back (synchronises).
+pub fn label_values(labels: &Tensor) -> Vec<f64> {
+    if labels.is_cuda() {
+        cuda::loss_kernels::ints_to_host(labels)
+            .into_iter()
+            .map(f64::from)
+            .collect()
+    } else {
+        labels.to_vec_f64()
+    }
+}
+
+/// The labels as the i32 GPU tensor the CUDA kernels read, on `like`'s GPU: a GPU labels tensor as
+/// it is, a host one (values) converted and uploaded.
+pub(crate) fn cuda_labels(labels: &Tensor, like: &Tensor) -> Tensor {
+    if labels.is_cuda() {
+        return labels.clone();
+    }
+    let ints: Vec<i32> = labels.to_vec_f64().into_iter().map(label_i32).collect();
+    cuda::loss_kernels::labels_to_gpu(&cuda::buf(like).gpu, &ints)
+}
+
+/// The class indices of a labels tensor, checked against `classes` and the batch size.
 /// Panics on a bad label: data loaders and fixture readers validate labels before they get here.
 pub(crate) fn label_indices(labels: &Tensor, batch: usize, classes: usize) -> Vec<usize> {
     assert_eq!(
@@ -86,8 +135,7 @@ pub(crate) fn label_indices(labels: &Tensor, batch: usize, classes: usize) -> Ve
         "labels must be [{batch}], got {:?}",
         labels.shape()
     );
-    labels
-        .to_vec_f64()
+    label_values(labels)
         .iter()
         .map(|&l| {
             assert!(
@@ -111,13 +159,7 @@ pub fn scale_by_scalar_fwd(x: &Tensor, s: &Tensor) -> Tensor {
         s.shape()
     );
     ops::assert_same_place("scale_by_scalar", &[x, s]);
-    dispatch!(
-        x,
-        scale_by_scalar_host,
-        cuda::kernels::scale_by_scalar,
-        x,
-        s
-    )
+    dispatch!(x, scale_by_scalar_host, cuda::nn_kernels::scale_by, x, s)
 }
 
 fn scale_by_scalar_host<T: Elem>(x: &Tensor, s: &Tensor) -> Tensor {
@@ -133,12 +175,16 @@ pub fn pedcc_logits(t: &mut Tape, x: &Var, p: &Tensor) -> Var {
     ops::matmul(t, x, false, &pv, true)
 }
 
-/// Index of the largest entry of every row → [B] (class indices as floats, like `labels_tensor`).
-/// With unit-norm PEDCC rows the argmax of x Pᵀ is the argmax of the cosine (DESIGN.md §1.2).
-/// Ties go to the lowest index (as `torch.argmax`); NaN rows give index 0.
+/// Index of the largest entry of every row → [B], encoded like `labels_tensor` (floats on the host,
+/// i32 on a GPU). With unit-norm PEDCC rows the argmax of x Pᵀ is the argmax of the cosine
+/// (DESIGN.md §1.2). Ties go to the lowest index (as `torch.argmax`); NaN rows give index 0 on the host.
 pub fn argmax_rows_fwd(logits: &Tensor) -> Tensor {
     assert_eq!(logits.rank(), 2, "argmax_rows of {:?}", logits.shape());
-    dispatch!(logits, argmax_rows_host, cuda::kernels::argmax_rows, logits)
+    dispatch!(logits, argmax_rows_host, argmax_rows_cuda, logits)
+}
+
+fn argmax_rows_cuda(logits: &Tensor) -> Tensor {
+    cuda::loss_kernels::argmax_rows(logits, None, None)
 }
 
 fn argmax_rows_host<T: Elem>(logits: &Tensor) -> Tensor {
@@ -161,27 +207,45 @@ fn argmax_rows_host<T: Elem>(logits: &Tensor) -> Tensor {
 
 /// Predicted classes on the host.
 pub fn predictions(logits: &Tensor) -> Vec<usize> {
-    argmax_rows_fwd(logits)
-        .to_vec_f64()
+    label_values(&argmax_rows_fwd(logits))
         .iter()
         .map(|&v| v as usize)
         .collect()
 }
 
-/// How many rows of `logits` have their argmax at the label.
+/// How many rows of `logits` have their argmax at the label. On a GPU the count is made there and
+/// only that one number is read back.
 pub fn count_correct(logits: &Tensor, labels: &[usize]) -> usize {
-    let pred = predictions(logits);
     assert_eq!(
-        pred.len(),
+        logits.rank(),
+        2,
+        "count_correct of logits {:?}",
+        logits.shape()
+    );
+    assert_eq!(
+        logits.dim(0),
         labels.len(),
         "count_correct: batch sizes differ"
     );
+    if logits.is_cuda() {
+        let gpu = cuda::buf(logits).gpu.clone();
+        let y = labels_tensor(labels, logits);
+        let correct = cuda::loss_kernels::accumulator(&gpu);
+        cuda::loss_kernels::argmax_rows(logits, Some(&y), Some(&correct));
+        return cuda::loss_kernels::ints_to_host(&correct)[0] as usize;
+    }
+    let pred = predictions(logits);
     pred.iter().zip(labels).filter(|(p, l)| p == l).count()
 }
 
-/// Σ_b ‖x_b‖ over the rows of x (the δ schedule accumulates these; divide by the sample count).
+/// Σ_b ‖x_b‖ over the rows of x (the δ schedule accumulates these; divide by the sample count). On a
+/// GPU the sum is made there and one number is read back.
 pub fn sum_row_norms(x: &Tensor) -> f64 {
-    ops::row_norms_fwd(x).to_vec_f64().iter().sum()
+    let norms = ops::row_norms_fwd(x);
+    if norms.is_cuda() {
+        return cuda::loss_kernels::sum(&norms).item();
+    }
+    norms.to_vec_f64().iter().sum()
 }
 
 /// mean_b ‖x_b‖ (paper δ schedule: the latent features x).

@@ -12,7 +12,7 @@
 //! backward are one fused pass over each row (two dot products, then one axpy): the gradient for an
 //! upstream gradient of 1 is computed with the loss and saved, and backward only scales it.
 
-use super::{label_indices, scale_by_scalar_fwd, Variant};
+use super::{cuda_labels, label_indices, scale_by_scalar_fwd, Variant};
 use crate::autograd::{Tape, Var};
 use crate::cuda;
 use crate::ops::assert_same_place;
@@ -48,17 +48,27 @@ pub fn nac_fwd(
         "nac: δ = {delta} must be finite and ≥ 0"
     );
     assert_same_place("nac", &[x, p]);
-    dispatch!(
-        x,
-        nac_host,
-        cuda::kernels::nac,
-        x,
-        p,
-        labels,
-        delta,
-        variant,
-        with_grad
-    )
+    dispatch!(x, nac_host, nac_cuda, x, p, labels, delta, variant, with_grad)
+}
+
+/// The fused kernel always makes the gradient (it costs one more write of x's size).
+fn nac_cuda(
+    x: &Tensor,
+    p: &Tensor,
+    labels: &Tensor,
+    delta: f64,
+    variant: Variant,
+    with_grad: bool,
+) -> (Tensor, Option<Tensor>) {
+    assert_eq!(
+        labels.shape(),
+        &[x.dim(0)],
+        "nac: labels must be [{}], got {:?}",
+        x.dim(0),
+        labels.shape()
+    );
+    let out = cuda::loss_kernels::nac_fwd_bwd(x, p, &cuda_labels(labels, x), delta, variant);
+    (out.loss, with_grad.then_some(out.dx))
 }
 
 fn nac_host<T: Elem>(

@@ -15,10 +15,12 @@
 //! ∂L/∂x̃ = ∂L/∂D.
 //!
 //! The op is a composite of tensor-level pieces so that on the GPU the two products (the Gram and G·D)
-//! go to cuBLAS and the rest are three small kernels: centroid subtraction, column sums of squares, and
-//! the two reductions/combinations below.
+//! go to cuBLAS and the rest are the small kernels of `cuda::loss_kernels` (the same ones its fused
+//! `sc_fwd_bwd` chains): centroid subtraction (`sc_diff`), column sums of squares (`col_sumsq`), the
+//! value (`sc_loss`) and the gradient combination (`sc_grad`). The GPU sums in f32 where the host
+//! accumulates the value in f64.
 
-use super::{label_indices, Variant};
+use super::{cuda_labels, label_indices, Variant};
 use crate::autograd::{Tape, Var};
 use crate::cuda;
 use crate::ops::dispatch;
@@ -80,11 +82,22 @@ pub fn sub_class_centroids_fwd(xn: &Tensor, p: &Tensor, labels: &Tensor) -> Tens
     dispatch!(
         xn,
         sub_class_centroids_host,
-        cuda::kernels::sub_class_centroids,
+        sub_class_centroids_cuda,
         xn,
         p,
         labels
     )
+}
+
+fn sub_class_centroids_cuda(xn: &Tensor, p: &Tensor, labels: &Tensor) -> Tensor {
+    assert_eq!(
+        labels.shape(),
+        &[xn.dim(0)],
+        "sub_class_centroids: labels must be [{}], got {:?}",
+        xn.dim(0),
+        labels.shape()
+    );
+    cuda::loss_kernels::sc_diff(xn, p, &cuda_labels(labels, xn))
 }
 
 fn sub_class_centroids_host<T: Elem>(xn: &Tensor, p: &Tensor, labels: &Tensor) -> Tensor {
@@ -105,7 +118,7 @@ fn sub_class_centroids_host<T: Elem>(xn: &Tensor, p: &Tensor, labels: &Tensor) -
 /// s [n] with s_i = Σ_b D_bi² (the diagonal of DᵀD).
 pub fn col_sumsq_fwd(d: &Tensor) -> Tensor {
     assert_eq!(d.rank(), 2, "col_sumsq of {:?}", d.shape());
-    dispatch!(d, col_sumsq_host, cuda::kernels::col_sumsq, d)
+    dispatch!(d, col_sumsq_host, cuda::loss_kernels::col_sumsq, d)
 }
 
 fn col_sumsq_host<T: Elem>(d: &Tensor) -> Tensor {
@@ -125,7 +138,7 @@ fn col_sumsq_host<T: Elem>(d: &Tensor) -> Tensor {
 /// when the off-diagonal correlations are small.
 pub fn sc_value_fwd(m: &Tensor, s: &Tensor, coef: f64) -> Tensor {
     assert_same_place("sc_value", &[m, s]);
-    dispatch!(m, sc_value_host, cuda::kernels::sc_value, m, s, coef)
+    dispatch!(m, sc_value_host, cuda::loss_kernels::sc_loss, m, s, coef)
 }
 
 fn sc_value_host<T: Elem>(m: &Tensor, s: &Tensor, coef: f64) -> Tensor {
@@ -147,7 +160,13 @@ pub fn sc_grad_fwd(md: &Tensor, d: &Tensor, s: &Tensor, g: &Tensor, coef4: f64) 
         "sc_grad: the upstream gradient must be a scalar"
     );
     assert_same_place("sc_grad", &[md, d, s, g]);
-    dispatch!(md, sc_grad_host, cuda::kernels::sc_grad, md, d, s, g, coef4)
+    dispatch!(md, sc_grad_host, sc_grad_cuda, md, d, s, g, coef4)
+}
+
+/// The kernel computes 4·norm·(md − D∘s); the upstream scalar g is applied on the device.
+fn sc_grad_cuda(md: &Tensor, d: &Tensor, s: &Tensor, g: &Tensor, coef4: f64) -> Tensor {
+    let dd = cuda::loss_kernels::sc_grad(md, d, s, coef4 / 4.0);
+    cuda::nn_kernels::scale_by(&dd, g)
 }
 
 fn sc_grad_host<T: Elem>(md: &Tensor, d: &Tensor, s: &Tensor, g: &Tensor, coef4: f64) -> Tensor {

@@ -6,7 +6,7 @@
 //! Stable: the row maximum is subtracted before exponentiating. Forward and backward are one fused pass
 //! per row; the gradient for an upstream gradient of 1 is saved and only scaled in backward.
 
-use super::{label_indices, scale_by_scalar_fwd};
+use super::{cuda_labels, label_indices, scale_by_scalar_fwd};
 use crate::autograd::{Tape, Var};
 use crate::cuda;
 use crate::ops::dispatch;
@@ -32,11 +32,23 @@ pub fn softmax_ce_fwd(
     dispatch!(
         logits,
         softmax_ce_host,
-        cuda::kernels::softmax_ce,
+        softmax_ce_cuda,
         logits,
         labels,
         with_grad
     )
+}
+
+fn softmax_ce_cuda(logits: &Tensor, labels: &Tensor, with_grad: bool) -> (Tensor, Option<Tensor>) {
+    let b = logits.dim(0);
+    assert_eq!(
+        labels.shape(),
+        &[b],
+        "softmax_ce: labels must be [{b}], got {:?}",
+        labels.shape()
+    );
+    let (loss, dz) = cuda::loss_kernels::softmax_ce_fwd_bwd(logits, &cuda_labels(labels, logits));
+    (loss, with_grad.then_some(dz))
 }
 
 fn softmax_ce_host<T: Elem>(

@@ -141,7 +141,7 @@ pub fn batch_norm2d_train_fwd(
     dispatch!(
         x,
         bn_train_fwd_host,
-        cuda::kernels::batch_norm2d_train,
+        bn_train_fwd_cuda,
         x,
         weight,
         bias,
@@ -165,7 +165,7 @@ pub fn batch_norm2d_train_bwd(
     dispatch!(
         x,
         bn_train_bwd_host,
-        cuda::kernels::batch_norm2d_train_bwd,
+        bn_train_bwd_cuda,
         x,
         dy,
         weight,
@@ -191,7 +191,7 @@ pub fn batch_norm2d_eval_fwd(
     dispatch!(
         x,
         bn_eval_fwd_host,
-        cuda::kernels::batch_norm2d_eval,
+        cuda::dnn::batch_norm_fwd_infer,
         x,
         weight,
         bias,
@@ -219,7 +219,7 @@ pub fn batch_norm2d_eval_bwd(
     dispatch!(
         x,
         bn_eval_bwd_host,
-        cuda::kernels::batch_norm2d_eval_bwd,
+        bn_eval_bwd_cuda,
         x,
         dy,
         weight,
@@ -237,7 +237,7 @@ pub fn increment_fwd(x: &Tensor) -> Tensor {
         "increment of a tensor of shape {:?}",
         x.shape()
     );
-    dispatch!(x, increment_host, cuda::kernels::increment, x)
+    dispatch!(x, increment_host, increment_cuda, x)
 }
 
 // ---- tape-level op ----
@@ -301,6 +301,64 @@ pub fn batch_norm2d_in_mode(
             })
         })
     }
+}
+
+// ---- CUDA arms (cuDNN) ----
+
+/// cuDNN's training-mode batch norm has the same contract as the host kernel: new running
+/// statistics are returned (the inputs are not modified), the tape-level op stores them. cuDNN
+/// needs eps ≥ 1e-5 (PyTorch's default, `BN_EPS`); a smaller eps is raised to that on the GPU.
+#[allow(clippy::too_many_arguments)]
+fn bn_train_fwd_cuda(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    momentum: f64,
+    eps: f64,
+) -> BatchNormTrainOut {
+    let o =
+        cuda::dnn::batch_norm_fwd_train(x, weight, bias, running_mean, running_var, momentum, eps);
+    BatchNormTrainOut {
+        y: o.y,
+        mean: o.save_mean,
+        invstd: o.save_invstd,
+        running_mean: o.running_mean,
+        running_var: o.running_var,
+    }
+}
+
+/// cuDNN's backward takes the saved mean and 1/σ of the forward (it recomputes nothing from them),
+/// so the eps passed here only has to be the forward's: `BN_EPS`, as the tape-level op uses.
+fn bn_train_bwd_cuda(
+    x: &Tensor,
+    dy: &Tensor,
+    weight: &Tensor,
+    mean: &Tensor,
+    invstd: &Tensor,
+) -> BatchNormGrads {
+    let (dx, dweight, dbias) = cuda::dnn::batch_norm_bwd(x, dy, weight, mean, invstd, BN_EPS);
+    BatchNormGrads { dx, dweight, dbias }
+}
+
+fn bn_eval_bwd_cuda(
+    x: &Tensor,
+    dy: &Tensor,
+    weight: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> BatchNormGrads {
+    let (dx, dweight, dbias) =
+        cuda::dnn::batch_norm_eval_bwd(x, dy, weight, running_mean, running_var, eps);
+    BatchNormGrads { dx, dweight, dbias }
+}
+
+/// x + 1 on the device (the counter never visits the host).
+fn increment_cuda(x: &Tensor) -> Tensor {
+    let one = Tensor::full(x.shape(), 1.0, x.dtype(), x.device());
+    cuda::kernels::add(x, &one)
 }
 
 // ---- host kernels ----

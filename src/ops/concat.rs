@@ -31,7 +31,7 @@ fn concat_dims(xs: &[&Tensor]) -> (usize, Vec<usize>, usize) {
 /// Concatenates along dimension 1.
 pub fn concat_channels_fwd(xs: &[&Tensor]) -> Tensor {
     concat_dims(xs);
-    dispatch!(xs[0], concat_host, cuda::kernels::concat_channels, xs)
+    dispatch!(xs[0], concat_host, concat_cuda, xs)
 }
 
 /// Splits along dimension 1 into pieces of `sizes` channels (the inverse of `concat_channels_fwd`).
@@ -47,7 +47,7 @@ pub fn split_channels_fwd(x: &Tensor, sizes: &[usize]) -> Vec<Tensor> {
         "split_channels: sizes {sizes:?} do not add up to {:?}",
         x.shape()
     );
-    dispatch!(x, split_host, cuda::kernels::split_channels, x, sizes)
+    dispatch!(x, split_host, split_cuda, x, sizes)
 }
 
 // ---- tape-level ops ----
@@ -84,6 +84,35 @@ pub fn flatten(t: &mut Tape, x: &Var) -> Var {
     assert!(!s.is_empty(), "flatten of a scalar");
     let shape = [s[0], s[1..].iter().product()];
     reshape(t, x, &shape)
+}
+
+// ---- CUDA arms ----
+// The kernels take NCHW tensors; any rank ≥ 2 is the same memory as [N, C, inner, 1].
+
+fn as_nchw(x: &Tensor) -> Tensor {
+    let inner = x.shape()[2..].iter().product();
+    x.reshape(&[x.dim(0), x.dim(1), inner, 1])
+}
+
+fn with_channels(like: &[usize], c: usize) -> Vec<usize> {
+    let mut shape = like.to_vec();
+    shape[1] = c;
+    shape
+}
+
+fn concat_cuda(xs: &[&Tensor]) -> Tensor {
+    let flat: Vec<Tensor> = xs.iter().map(|x| as_nchw(x)).collect();
+    let refs: Vec<&Tensor> = flat.iter().collect();
+    let y = cuda::nn_kernels::concat_channels(&refs);
+    y.reshape(&with_channels(xs[0].shape(), y.dim(1)))
+}
+
+fn split_cuda(x: &Tensor, sizes: &[usize]) -> Vec<Tensor> {
+    cuda::nn_kernels::split_channels(&as_nchw(x), sizes)
+        .into_iter()
+        .zip(sizes)
+        .map(|(p, &c)| p.reshape(&with_channels(x.shape(), c)))
+        .collect()
 }
 
 // ---- host kernels ----

@@ -193,7 +193,7 @@ pub fn conv2d_fwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, spec: Conv2dSpec) 
         );
         assert_same_place("conv2d", &[x, b]);
     }
-    dispatch!(x, conv2d_host, cuda::kernels::conv2d, x, w, b, spec)
+    dispatch!(x, conv2d_host, conv2d_cuda, x, w, b, spec)
 }
 
 /// dx of a convolution, given dy, the weight and the input's shape.
@@ -204,7 +204,7 @@ pub fn conv2d_bwd_data(dy: &Tensor, w: &Tensor, x_shape: &[usize], spec: Conv2dS
     dispatch!(
         dy,
         conv2d_bwd_data_host,
-        cuda::kernels::conv2d_bwd_data,
+        conv2d_bwd_data_cuda,
         dy,
         w,
         x_shape,
@@ -220,7 +220,7 @@ pub fn conv2d_bwd_weight(x: &Tensor, dy: &Tensor, w_shape: &[usize], spec: Conv2
     dispatch!(
         x,
         conv2d_bwd_weight_host,
-        cuda::kernels::conv2d_bwd_weight,
+        conv2d_bwd_weight_cuda,
         x,
         dy,
         w_shape,
@@ -236,7 +236,35 @@ pub fn conv2d_bwd_bias(dy: &Tensor) -> Tensor {
         "conv2d_bwd_bias: dy must be NCHW, got {:?}",
         dy.shape()
     );
-    dispatch!(dy, conv2d_bwd_bias_host, cuda::kernels::conv2d_bwd_bias, dy)
+    dispatch!(dy, conv2d_bwd_bias_host, cuda::dnn::channel_sums, dy)
+}
+
+// ---- CUDA arms (cuDNN) ----
+
+/// The cuDNN geometry of a spec (no dilation: podgpu's convolutions have none).
+fn cuda_geom(spec: Conv2dSpec) -> cuda::dnn::ConvGeom {
+    cuda::dnn::ConvGeom {
+        stride: [spec.stride.0, spec.stride.1],
+        pad: [spec.padding.0, spec.padding.1],
+        dilation: [1, 1],
+        groups: spec.groups,
+    }
+}
+
+fn conv2d_cuda(x: &Tensor, w: &Tensor, b: Option<&Tensor>, spec: Conv2dSpec) -> Tensor {
+    let y = cuda::dnn::conv2d_fwd(x, w, &cuda_geom(spec));
+    match b {
+        Some(b) => cuda::dnn::add_channel_bias(y, b),
+        None => y,
+    }
+}
+
+fn conv2d_bwd_data_cuda(dy: &Tensor, w: &Tensor, x_shape: &[usize], spec: Conv2dSpec) -> Tensor {
+    cuda::dnn::conv2d_bwd_data(dy, w, x_shape, &cuda_geom(spec))
+}
+
+fn conv2d_bwd_weight_cuda(x: &Tensor, dy: &Tensor, w_shape: &[usize], spec: Conv2dSpec) -> Tensor {
+    cuda::dnn::conv2d_bwd_filter(x, dy, w_shape, &cuda_geom(spec))
 }
 
 // ---- tape-level op ----

@@ -28,7 +28,7 @@ fn row_norm<T: Elem>(row: &[T]) -> T {
 
 pub fn row_normalize_fwd(x: &Tensor) -> Tensor {
     rows_cols(x);
-    dispatch!(x, row_normalize_host, cuda::kernels::row_normalize, x)
+    dispatch!(x, row_normalize_host, row_normalize_cuda, x)
 }
 
 fn row_normalize_host<T: Elem>(x: &Tensor) -> Tensor {
@@ -49,13 +49,7 @@ fn row_normalize_host<T: Elem>(x: &Tensor) -> Tensor {
 pub fn row_normalize_bwd(x: &Tensor, dy: &Tensor) -> Tensor {
     assert_eq!(x.shape(), dy.shape(), "row_normalize_bwd: shapes differ");
     assert_same_place("row_normalize_bwd", &[x, dy]);
-    dispatch!(
-        x,
-        row_normalize_bwd_host,
-        cuda::kernels::row_normalize_bwd,
-        x,
-        dy
-    )
+    dispatch!(x, row_normalize_bwd_host, row_normalize_bwd_cuda, x, dy)
 }
 
 fn row_normalize_bwd_host<T: Elem>(x: &Tensor, dy: &Tensor) -> Tensor {
@@ -83,6 +77,16 @@ fn row_normalize_bwd_host<T: Elem>(x: &Tensor, dy: &Tensor) -> Tensor {
     Tensor::from_vec(x.shape(), dx)
 }
 
+fn row_normalize_cuda(x: &Tensor) -> Tensor {
+    cuda::nn_kernels::l2norm_rows_fwd(x, NORMALIZE_EPS).0
+}
+
+/// Recomputes y and the norms from x (one pass per row, like the host) and runs the kernel's backward.
+fn row_normalize_bwd_cuda(x: &Tensor, dy: &Tensor) -> Tensor {
+    let (y, norms) = cuda::nn_kernels::l2norm_rows_fwd(x, NORMALIZE_EPS);
+    cuda::nn_kernels::l2norm_rows_bwd(dy, &y, &norms, NORMALIZE_EPS)
+}
+
 /// x / max(‖x‖, ε) row by row, on the tape.
 pub fn row_normalize(t: &mut Tape, x: &Var) -> Var {
     let y = row_normalize_fwd(x.value());
@@ -97,7 +101,7 @@ pub fn row_normalize(t: &mut Tape, x: &Var) -> Var {
 /// ‖x_b‖ for every row → [rows] (the δ schedule's mean norms; no gradient).
 pub fn row_norms_fwd(x: &Tensor) -> Tensor {
     rows_cols(x);
-    dispatch!(x, row_norms_host, cuda::kernels::row_norms, x)
+    dispatch!(x, row_norms_host, cuda::loss_kernels::row_norms, x)
 }
 
 fn row_norms_host<T: Elem>(x: &Tensor) -> Tensor {

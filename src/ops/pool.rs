@@ -3,7 +3,9 @@
 //!
 //! Max-pool backward finds each window's argmax again from the saved input (the first maximum in
 //! row-major window order, as PyTorch's CPU kernel picks it) instead of saving indices; this is the
-//! (x, y, dy) signature cuDNN's pooling backward has too.
+//! (x, y, dy) signature cuDNN's pooling backward has too. The CUDA arm does the same: its backward
+//! reruns the forward kernel for the argmax (same rule, deterministic) and routes dy through it, so
+//! both devices share one tensor-level API and the tape saves only x and y.
 
 use super::assert_same_place;
 use crate::autograd::{Tape, Var};
@@ -72,7 +74,7 @@ fn window(o: usize, k: usize, s: usize, p: usize, len: usize) -> (usize, usize) 
 
 pub fn max_pool2d_fwd(x: &Tensor, spec: Pool2dSpec) -> Tensor {
     spec.out_shape(x.shape(), "max_pool2d");
-    dispatch!(x, max_pool_host, cuda::kernels::max_pool2d, x, spec)
+    dispatch!(x, max_pool_host, max_pool_cuda, x, spec)
 }
 
 /// dx of a max pool: each dy goes to its window's argmax in x (y is the forward's output).
@@ -81,33 +83,18 @@ pub fn max_pool2d_bwd(x: &Tensor, y: &Tensor, dy: &Tensor, spec: Pool2dSpec) -> 
     assert_eq!(dy.shape(), &ys, "max_pool2d_bwd: dy shape");
     assert_eq!(y.shape(), &ys, "max_pool2d_bwd: y shape");
     assert_same_place("max_pool2d_bwd", &[x, y, dy]);
-    dispatch!(
-        x,
-        max_pool_bwd_host,
-        cuda::kernels::max_pool2d_bwd,
-        x,
-        y,
-        dy,
-        spec
-    )
+    dispatch!(x, max_pool_bwd_host, max_pool_bwd_cuda, x, y, dy, spec)
 }
 
 pub fn avg_pool2d_fwd(x: &Tensor, spec: Pool2dSpec) -> Tensor {
     spec.out_shape(x.shape(), "avg_pool2d");
-    dispatch!(x, avg_pool_host, cuda::kernels::avg_pool2d, x, spec)
+    dispatch!(x, avg_pool_host, avg_pool_cuda, x, spec)
 }
 
 pub fn avg_pool2d_bwd(dy: &Tensor, x_shape: &[usize], spec: Pool2dSpec) -> Tensor {
     let ys = spec.out_shape(x_shape, "avg_pool2d_bwd");
     assert_eq!(dy.shape(), &ys, "avg_pool2d_bwd: dy shape");
-    dispatch!(
-        dy,
-        avg_pool_bwd_host,
-        cuda::kernels::avg_pool2d_bwd,
-        dy,
-        x_shape,
-        spec
-    )
+    dispatch!(dy, avg_pool_bwd_host, avg_pool_bwd_cuda, dy, x_shape, spec)
 }
 
 /// Mean over space: [N, C, H, W] → [N, C].
@@ -118,7 +105,7 @@ pub fn global_avg_pool_fwd(x: &Tensor) -> Tensor {
         "global_avg_pool: input must be NCHW, got {:?}",
         x.shape()
     );
-    dispatch!(x, gap_host, cuda::kernels::global_avg_pool, x)
+    dispatch!(x, gap_host, cuda::nn_kernels::global_avg_pool_fwd, x)
 }
 
 pub fn global_avg_pool_bwd(dy: &Tensor, x_shape: &[usize]) -> Tensor {
@@ -131,7 +118,7 @@ pub fn global_avg_pool_bwd(dy: &Tensor, x_shape: &[usize]) -> Tensor {
     dispatch!(
         dy,
         gap_bwd_host,
-        cuda::kernels::global_avg_pool_bwd,
+        cuda::nn_kernels::global_avg_pool_bwd,
         dy,
         x_shape
     )
@@ -161,6 +148,37 @@ pub fn global_avg_pool(t: &mut Tape, x: &Var) -> Var {
     t.op(y, &[x], move || {
         Box::new(move |g, _| vec![Some(global_avg_pool_bwd(g, &shape))])
     })
+}
+
+// ---- CUDA arms ----
+
+fn cuda_geom(spec: Pool2dSpec) -> cuda::nn_kernels::PoolGeom {
+    cuda::nn_kernels::PoolGeom {
+        kernel: [spec.kernel.0, spec.kernel.1],
+        stride: [spec.stride.0, spec.stride.1],
+        pad: [spec.padding.0, spec.padding.1],
+    }
+}
+
+fn max_pool_cuda(x: &Tensor, spec: Pool2dSpec) -> Tensor {
+    cuda::nn_kernels::max_pool2d_fwd(x, &cuda_geom(spec)).0
+}
+
+fn max_pool_bwd_cuda(x: &Tensor, _y: &Tensor, dy: &Tensor, spec: Pool2dSpec) -> Tensor {
+    let g = cuda_geom(spec);
+    let (_, argmax) = cuda::nn_kernels::max_pool2d_fwd(x, &g);
+    cuda::nn_kernels::max_pool2d_bwd(dy, &argmax, x.shape(), &g)
+}
+
+// The host divides by the full window (`count_include_pad`): with padding at most half the window
+// (checked by `out_shape`) no window reaches past the padded input, so PyTorch's clipped count is
+// the full window too.
+fn avg_pool_cuda(x: &Tensor, spec: Pool2dSpec) -> Tensor {
+    cuda::nn_kernels::avg_pool2d_fwd(x, &cuda_geom(spec), true)
+}
+
+fn avg_pool_bwd_cuda(dy: &Tensor, x_shape: &[usize], spec: Pool2dSpec) -> Tensor {
+    cuda::nn_kernels::avg_pool2d_bwd(dy, x_shape, &cuda_geom(spec), true)
 }
 
 // ---- host kernels: one (image, channel) plane per task ----

@@ -56,7 +56,81 @@ impl Sgd {
     }
 
     /// One update of every trainable parameter that has a gradient, at learning rate `lr`.
+    ///
+    /// When all of them are on one GPU (and the setting is plain momentum SGD, as in training), the
+    /// whole update is one kernel launch (`cuda::optim::sgd_step`); otherwise each tensor is updated
+    /// on its own device by `sgd_update`.
     pub fn step(&mut self, store: &mut ParamStore, lr: f64) {
+        if !self.step_fused_cuda(store, lr) {
+            self.step_per_tensor(store, lr);
+        }
+        self.state.steps += 1;
+    }
+
+    /// Whether the one-launch GPU update applies: momentum > 0 without Nesterov (the kernel's
+    /// math), and every trainable parameter with a gradient (at least one) on the same GPU.
+    fn fused_cuda_device(&self, store: &ParamStore) -> Option<Device> {
+        if self.momentum == 0.0 || self.nesterov {
+            return None;
+        }
+        let mut device = None;
+        for p in store.iter() {
+            let Some(g) = &p.grad else { continue };
+            if p.kind != ParamKind::Trainable {
+                continue;
+            }
+            let d = p.value.device();
+            if !matches!(d, Device::Cuda(_)) || g.device() != d || device.is_some_and(|x| x != d) {
+                return None;
+            }
+            device = Some(d);
+        }
+        device
+    }
+
+    /// The whole update in one launch; false (nothing done) when it does not apply.
+    fn step_fused_cuda(&mut self, store: &mut ParamStore, lr: f64) -> bool {
+        let Some(device) = self.fused_cuda_device(store) else {
+            return false;
+        };
+        let updated =
+            |p: &crate::autograd::Param| p.kind == ParamKind::Trainable && p.grad.is_some();
+        if store.iter().filter(|p| updated(p)).count() > 65_535 {
+            return false; // more tensors than one launch's grid holds
+        }
+        // The kernel writes the parameters and momentum buffers in place: make sure no other tensor
+        // (a tape still holding a value, a clone) shares their buffers, as `host_mut` does on the CPU.
+        // A missing buffer starts at zero, which makes the first step's buffer the gradient.
+        let mut bufs = Vec::new();
+        for p in store.iter_mut().filter(|p| updated(p)) {
+            p.value.cuda_buf_mut();
+            let mut b = match self.state.momentum.remove(&p.name) {
+                Some(b) if b.device() == device => b,
+                Some(b) => b.to_device(device),
+                None => Tensor::zeros(p.value.shape(), DType::F32, device),
+            };
+            b.cuda_buf_mut();
+            bufs.push((p.name.clone(), b));
+        }
+        let table: Vec<crate::cuda::optim::SgdParam> = store
+            .iter()
+            .filter(|p| updated(p))
+            .zip(&bufs)
+            .map(|(p, (_, b))| crate::cuda::optim::SgdParam {
+                param: &p.value,
+                grad: p.grad.as_ref().expect("filtered on grad"),
+                momentum: b,
+                weight_decay: self.weight_decay as f32,
+                frozen: false,
+            })
+            .collect();
+        crate::cuda::optim::sgd_step(&table, lr as f32, self.momentum as f32);
+        drop(table);
+        self.state.momentum.extend(bufs);
+        true
+    }
+
+    fn step_per_tensor(&mut self, store: &mut ParamStore, lr: f64) {
         for p in store.iter_mut() {
             if p.kind != ParamKind::Trainable {
                 continue;
@@ -81,7 +155,6 @@ impl Sgd {
                 self.state.momentum.insert(p.name.clone(), buf);
             }
         }
-        self.state.steps += 1;
     }
 
     /// Forgets all momentum, as re-creating the optimizer does (the reference code does this at every
@@ -147,7 +220,7 @@ pub fn sgd_update(
     assert_eq!(w.shape(), grad.shape(), "sgd_update: gradient shape");
     match (w.device(), w.dtype()) {
         (Device::Cuda(_), _) => {
-            crate::cuda::kernels::sgd_update(w, grad, buf, lr, momentum, weight_decay, nesterov)
+            crate::cuda::optim::sgd_update(w, grad, buf, lr, momentum, weight_decay, nesterov)
         }
         (Device::Cpu, DType::F32) => {
             sgd_update_host::<f32>(w, grad, buf, lr, momentum, weight_decay, nesterov)

@@ -84,7 +84,17 @@ impl Tensor {
         Tensor::full(shape, 0.0, dtype, device)
     }
 
+    /// A tensor filled with `value`. On a GPU it is filled there (no host buffer, no copy): the
+    /// tape's backward seed and fresh momentum buffers are made this way on every step.
     pub fn full(shape: &[usize], value: f64, dtype: DType, device: Device) -> Tensor {
+        if let Device::Cuda(i) = device {
+            let gpu = crate::cuda::Gpu::get(i)
+                .unwrap_or_else(|e| panic!("cuda:{i} requested but not usable: {e}"));
+            if value == 0.0 {
+                return crate::cuda::tensor(shape, gpu.alloc_zeros(numel(shape)));
+            }
+            return crate::cuda::nn_kernels::fill(shape, value as f32, &gpu);
+        }
         let n = numel(shape);
         let host = match dtype {
             DType::F32 => Tensor::from_vec(shape, vec![value as f32; n]),
@@ -155,6 +165,23 @@ impl Tensor {
         let storage = Arc::get_mut(&mut self.storage).expect("unique after copy");
         T::slice_mut(storage)
             .unwrap_or_else(|| panic!("expected a host {:?} tensor", T::DTYPE))
+    }
+
+    /// Mutable access to a GPU tensor's device buffer, for in-place updates (the optimizer step,
+    /// a bias added onto a fresh output). Like `host_mut`, it first copies the buffer (on the device)
+    /// when another tensor shares it, so clones never see the update. Panics for host tensors.
+    pub fn cuda_buf_mut(&mut self) -> &mut crate::cuda::CudaBuf {
+        if Arc::get_mut(&mut self.storage).is_none() {
+            let copy = match &*self.storage {
+                Storage::Cuda(b) => b.duplicate(),
+                _ => panic!("cuda_buf_mut of a host tensor {self:?}"),
+            };
+            self.storage = Arc::new(Storage::Cuda(copy));
+        }
+        match Arc::get_mut(&mut self.storage).expect("unique after copy") {
+            Storage::Cuda(b) => b,
+            _ => panic!("cuda_buf_mut of a host tensor"),
+        }
     }
 
     /// Same buffer, new shape (the element count must match).

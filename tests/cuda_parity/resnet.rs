@@ -1,0 +1,225 @@
+//! A small ResNet (resnet18 at width 8, 16×16 images, frozen PEDCC head, POD loss, batch norm in
+//! training mode) on the CPU and on the GPU from the same initial parameters: one forward+backward
+//! compared loss by loss and gradient by gradient, then five SGD steps whose losses must track.
+
+use super::{close, gpu_or_skip, GPU_LOCK};
+use podgpu::autograd::{ParamKind, ParamStore, Tape};
+use podgpu::cuda::{self, MathMode};
+use podgpu::loss::{self, PodConfig, ScForm, Variant};
+use podgpu::nn::{HeadSpec, ModelSpec, Network, Stem};
+use podgpu::optim::Sgd;
+use podgpu::pedcc::{self, Method};
+use podgpu::rng::Rng;
+use podgpu::tensor::rel_error;
+use podgpu::{DType, Device, Tensor};
+
+const GPU: Device = Device::Cuda(0);
+const BATCH: usize = 8;
+const CLASSES: usize = 10;
+const DIM: usize = 32;
+const DELTA: f64 = 0.5;
+
+fn network() -> (Network, ParamStore) {
+    let p = pedcc::generate(CLASSES, DIM, 5, Method::Simplex)
+        .expect("pedcc")
+        .to_tensor();
+    let spec = ModelSpec {
+        arch: "resnet18".into(),
+        width: 8,
+        stem: Stem::Cifar,
+        in_channels: 3,
+        classes: CLASSES,
+        feature_dim: DIM,
+        head: HeadSpec::Pedcc(p),
+    };
+    let mut ps = ParamStore::new();
+    let net = Network::new(spec, &mut ps, DType::F32, &mut Rng::new(31)).expect("network");
+    (net, ps)
+}
+
+/// A fixed batch: images [8, 3, 16, 16] and labels.
+fn batch() -> (Tensor, Vec<usize>) {
+    let mut rng = Rng::new(32);
+    let n = BATCH * 3 * 16 * 16;
+    let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+    let labels = (0..BATCH).map(|_| rng.below(CLASSES)).collect();
+    (Tensor::from_vec(&[BATCH, 3, 16, 16], v), labels)
+}
+
+struct Step {
+    loss: f64,
+    features: Tensor,
+    logits: Tensor,
+}
+
+/// Forward in training mode, POD loss, backward into `ps`'s gradients (zeroed first).
+fn forward_backward(net: &Network, ps: &mut ParamStore, images: &Tensor, labels: &[usize]) -> Step {
+    let mut t = Tape::train();
+    let x = t.constant(images.to_device(ps.iter().next().unwrap().value.device()));
+    let out = net.forward(&mut t, ps, &x);
+    let p = net.centroids(ps).expect("PEDCC head");
+    let y = loss::labels_tensor(labels, out.features.value());
+    let cfg = PodConfig {
+        variant: Variant::Paper,
+        lambda: 1.0,
+        sc_form: ScForm::Auto,
+    };
+    let pod = loss::pod(&mut t, &out.features, &p, &y, DELTA, &cfg);
+    ps.zero_grad();
+    t.backward(&pod.loss, ps);
+    Step {
+        loss: pod.loss.value().item(),
+        features: out.features.value().clone(),
+        logits: out.logits.value().clone(),
+    }
+}
+
+/// Compares one forward+backward: loss, outputs, every gradient and every BN buffer.
+fn compare_step(mode: MathMode, loss_tol: f64, grad_tol: f64) {
+    cuda::set_math_mode(mode);
+    let (net, mut hs) = network();
+    let mut gs = hs.clone();
+    gs.to_device(GPU);
+    let (images, labels) = batch();
+    let h = forward_backward(&net, &mut hs, &images, &labels);
+    let g = forward_backward(&net, &mut gs, &images, &labels);
+    println!("resnet {mode:?}: loss cpu {:.6} gpu {:.6}", h.loss, g.loss);
+    assert!(h.loss.is_finite() && g.loss.is_finite());
+    let e = (g.loss - h.loss).abs() / h.loss.abs();
+    assert!(
+        e <= loss_tol,
+        "{mode:?} loss: cpu {} gpu {} (rel {e:.2e})",
+        h.loss,
+        g.loss
+    );
+    close(
+        &format!("resnet {mode:?} features"),
+        &g.features,
+        &h.features.to_vec_f64(),
+        grad_tol,
+    );
+    close(
+        &format!("resnet {mode:?} logits"),
+        &g.logits,
+        &h.logits.to_vec_f64(),
+        grad_tol,
+    );
+    let (mut worst, mut worst_name, mut grads) = (0.0f64, String::new(), 0);
+    for (hp, gp) in hs.iter().zip(gs.iter()) {
+        assert_eq!(hp.name, gp.name);
+        match hp.kind {
+            ParamKind::Trainable => {
+                let hg = hp
+                    .grad
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("no CPU grad for {}", hp.name));
+                let gg = gp
+                    .grad
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("no GPU grad for {}", gp.name));
+                assert!(gg.is_cuda(), "{}: GPU gradient on {}", gp.name, gg.device());
+                let e = rel_error(&gg.to_vec_f64(), &hg.to_vec_f64());
+                if e > worst || e.is_nan() {
+                    (worst, worst_name) = (e, hp.name.clone());
+                }
+                assert!(
+                    e <= grad_tol,
+                    "{mode:?} grad {}: relative error {e:.3e} > {grad_tol:.1e}",
+                    hp.name
+                );
+                grads += 1;
+            }
+            // Running statistics and batch counters were updated in the store on both devices.
+            ParamKind::Buffer => close(
+                &format!("resnet {mode:?} buffer {}", hp.name),
+                &gp.value,
+                &hp.value.to_vec_f64(),
+                grad_tol,
+            ),
+            ParamKind::Frozen => assert!(gp.grad.is_none()),
+        }
+    }
+    println!("resnet {mode:?}: {grads} gradients, worst {worst_name} at {worst:.2e}");
+    let trainable = hs.iter().filter(|p| p.kind == ParamKind::Trainable).count();
+    assert!(
+        grads == trainable && grads > 60,
+        "{grads} gradients for {trainable} trainable tensors (resnet18 has 62)"
+    );
+    cuda::set_math_mode(MathMode::Fp32);
+}
+
+#[test]
+fn resnet_forward_backward_matches_cpu_fp32() {
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_gpu) = gpu_or_skip() else { return };
+    compare_step(MathMode::Fp32, 1e-4, 2e-3);
+}
+
+#[test]
+fn resnet_forward_backward_matches_cpu_tf32() {
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_gpu) = gpu_or_skip() else { return };
+    compare_step(MathMode::Tf32, 1e-2, 5e-2);
+}
+
+/// Five SGD steps on one batch; returns the losses and the final store.
+fn train(net: &Network, ps: &mut ParamStore, mut after_step: impl FnMut(usize)) -> Vec<f64> {
+    let (images, labels) = batch();
+    let mut sgd = Sgd::new(0.9, 5e-4, false).unwrap();
+    let mut losses = Vec::new();
+    for i in 0..5 {
+        losses.push(forward_backward(net, ps, &images, &labels).loss);
+        sgd.step(ps, 0.05);
+        after_step(i);
+    }
+    losses
+}
+
+/// The CPU half on its own (runs without a GPU): training on one batch lowers the loss, so the GPU
+/// test below compares two runs that do something.
+#[test]
+fn small_resnet_loss_falls_on_the_cpu() {
+    let (net, mut hs) = network();
+    let losses = train(&net, &mut hs, |_| {});
+    println!("cpu losses {losses:?}");
+    assert!(losses.iter().all(|l| l.is_finite()));
+    assert!(losses[4] < losses[0], "loss did not fall: {losses:?}");
+    // Every trainable tensor got a gradient (what the GPU comparison relies on).
+    let trainable: Vec<_> = hs
+        .iter()
+        .filter(|p| p.kind == ParamKind::Trainable)
+        .collect();
+    assert_eq!(trainable.len(), 62, "resnet18's trainable tensors");
+    assert!(trainable.iter().all(|p| p.grad.is_some()));
+}
+
+#[test]
+fn resnet_sgd_steps_track_cpu() {
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(gpu) = gpu_or_skip() else { return };
+    cuda::set_math_mode(MathMode::Fp32);
+    let (net, mut hs) = network();
+    let mut gs = hs.clone();
+    gs.to_device(GPU);
+    let hl = train(&net, &mut hs, |_| {});
+    let mut allocs = Vec::new();
+    let gl = train(&net, &mut gs, |_| {
+        allocs.push(gpu.pool_stats().device_allocs)
+    });
+    println!("losses cpu {hl:?}\nlosses gpu {gl:?}\ndevice allocations after each step {allocs:?}");
+    for (i, (h, g)) in hl.iter().zip(&gl).enumerate() {
+        let e = (g - h).abs() / h.abs();
+        assert!(e <= 5e-3, "step {i}: loss cpu {h} gpu {g} (rel {e:.2e})");
+    }
+    assert!(gl[4] < gl[0], "GPU loss did not fall: {gl:?}");
+    for (hp, gp) in hs.iter().zip(gs.iter()) {
+        assert!(gp.value.is_cuda());
+        let e = rel_error(&gp.value.to_vec_f64(), &hp.value.to_vec_f64());
+        assert!(e <= 1e-2, "after 5 steps {} differs by {e:.2e}", hp.name);
+    }
+    // From the third step on a training step is served from the pool alone.
+    assert_eq!(
+        allocs[1], allocs[4],
+        "steady steps allocated device memory: {allocs:?}"
+    );
+}
