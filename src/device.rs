@@ -16,19 +16,28 @@ const GPU_LIBS: [Lib; 4] = [Lib::Nvrtc, Lib::Cublas, Lib::CublasLt, Lib::Cudnn];
 /// Resolves a `--device` value. Returns the device and, for `auto` falling back to the CPU, a note
 /// saying why (print it: users should know their GPU was not used).
 pub fn select(spec: &str) -> Result<(Device, Option<String>)> {
-    let spec = spec.trim().to_ascii_lowercase();
-    match spec.as_str() {
-        "cpu" => Ok((Device::Cpu, None)),
-        "auto" => match usable_gpu(0) {
+    match parse(spec)? {
+        Some(Device::Cpu) => Ok((Device::Cpu, None)),
+        None => match usable_gpu(0) {
             Ok(()) => Ok((Device::Cuda(0), None)),
             Err(why) => Ok((
                 Device::Cpu,
                 Some(format!("using the CPU: no usable GPU ({why})")),
             )),
         },
-        "cuda" | "gpu" => cuda(0),
+        Some(Device::Cuda(i)) => cuda(i),
+    }
+}
+
+/// The syntax of a `--device` value, without probing any hardware: `None` for `auto`.
+pub fn parse(spec: &str) -> Result<Option<Device>> {
+    let spec = spec.trim().to_ascii_lowercase();
+    match spec.as_str() {
+        "auto" => Ok(None),
+        "cpu" => Ok(Some(Device::Cpu)),
+        "cuda" | "gpu" => Ok(Some(Device::Cuda(0))),
         s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => cuda(i),
+            Some(Ok(i)) => Ok(Some(Device::Cuda(i))),
             _ => bail!("unknown device {spec:?}: expected auto, cpu, cuda or cuda:N"),
         },
     }
@@ -37,7 +46,9 @@ pub fn select(spec: &str) -> Result<(Device, Option<String>)> {
 fn cuda(ordinal: usize) -> Result<(Device, Option<String>)> {
     match usable_gpu(ordinal) {
         Ok(()) => Ok((Device::Cuda(ordinal), None)),
-        Err(why) => bail!("--device cuda:{ordinal} is not usable: {why}"),
+        Err(why) => bail!(
+            "--device cuda:{ordinal} is not usable: {why}; run with --device cpu (or auto) to use the CPU"
+        ),
     }
 }
 
@@ -133,5 +144,14 @@ mod tests {
         let e = select("tpu").unwrap_err().to_string();
         assert!(e.contains("expected auto, cpu, cuda or cuda:N"), "{e}");
         assert!(select("cuda:x").is_err());
+    }
+
+    #[test]
+    fn device_names_parse() {
+        assert_eq!(parse("auto").unwrap(), None);
+        assert_eq!(parse("cpu").unwrap(), Some(Device::Cpu));
+        assert_eq!(parse("cuda").unwrap(), Some(Device::Cuda(0)));
+        assert_eq!(parse("cuda:3").unwrap(), Some(Device::Cuda(3)));
+        assert!(parse("cuda:x").is_err());
     }
 }

@@ -276,7 +276,7 @@ fn malformed_fixtures_are_clear_errors() {
     let (ok, out) = fidelity(&[junk.to_str().unwrap()]);
     assert!(!ok && out.contains("not a safetensors file"), "{out}");
     let (ok, out) = fidelity(&["--device", "tpu", junk.to_str().unwrap()]);
-    assert!(!ok && out.contains("unknown device `tpu`"), "{out}");
+    assert!(!ok && out.contains("unknown device \"tpu\""), "{out}");
     if podgpu::cuda::Gpu::get(0).is_err() {
         let (ok, out) = fidelity(&["--device", "cuda", pod_fixture().to_str().unwrap()]);
         assert!(!ok && out.contains("--device cpu"), "{out}");

@@ -42,32 +42,6 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
     }
 }
 
-/// Parses `cpu`, `cuda`, `cuda:N` or `auto`; a CUDA device must be usable (driver, device and the
-/// libraries, `device::usable_gpu`). `auto` falls back to the CPU and says why on stderr.
-pub fn parse_device(s: &str) -> Result<Device> {
-    let cuda = |i: usize| -> Result<Device> {
-        crate::device::usable_gpu(i).map_err(|e| {
-            anyhow!("--device {s}: the GPU is not usable ({e}); run with --device cpu")
-        })?;
-        Ok(Device::Cuda(i))
-    };
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => cuda(0),
-        "auto" => match crate::device::usable_gpu(0) {
-            Ok(()) => Ok(Device::Cuda(0)),
-            Err(why) => {
-                eprintln!("using the CPU: no usable GPU ({why})");
-                Ok(Device::Cpu)
-            }
-        },
-        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => cuda(i),
-            _ => bail!("unknown device `{s}`; use cpu, cuda, cuda:N or auto"),
-        },
-    }
-}
-
 /// Where and in which precision a fixture runs.
 #[derive(Clone, Copy, Debug)]
 pub struct Place {
@@ -386,7 +360,10 @@ fn describe(fx: &Fixture) -> String {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device = parse_device(&args.device)?;
+    let (device, note) = crate::device::select(&args.device)?;
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
     if device != Device::Cpu && args.dtype == DType::F64 {
         bail!("--dtype f64 runs on the CPU only; use --device cpu or --dtype f32");
     }

@@ -172,7 +172,7 @@ impl TrainConfig {
             "model must be named (e.g. resnet50)".into(),
         );
         need(
-            parse_device(&self.device).is_ok(),
+            crate::device::parse(&self.device).is_ok(),
             format!(
                 "device must be auto, cpu, cuda or cuda:N, got `{}`",
                 self.device
@@ -260,20 +260,6 @@ impl TrainConfig {
             msg.push_str(b);
         }
         bail!(msg)
-    }
-}
-
-/// Parses a device name: `Ok(None)` for `auto`, else the device.
-pub fn parse_device(s: &str) -> Result<Option<crate::tensor::Device>> {
-    use crate::tensor::Device;
-    match s.trim() {
-        "auto" => Ok(None),
-        "cpu" => Ok(Some(Device::Cpu)),
-        "cuda" => Ok(Some(Device::Cuda(0))),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => Ok(Some(Device::Cuda(i))),
-            _ => bail!("unknown device `{s}`: use auto, cpu, cuda or cuda:N"),
-        },
     }
 }
 
@@ -412,15 +398,5 @@ mod tests {
             TrainConfig::load(&dir.path().join("none.toml")).unwrap_err()
         );
         assert!(e.contains("could not read config file"), "{e}");
-    }
-
-    #[test]
-    fn device_names_parse() {
-        use crate::tensor::Device;
-        assert_eq!(parse_device("auto").unwrap(), None);
-        assert_eq!(parse_device("cpu").unwrap(), Some(Device::Cpu));
-        assert_eq!(parse_device("cuda").unwrap(), Some(Device::Cuda(0)));
-        assert_eq!(parse_device("cuda:3").unwrap(), Some(Device::Cuda(3)));
-        assert!(parse_device("cuda:x").is_err());
     }
 }
