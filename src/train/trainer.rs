@@ -79,6 +79,19 @@ pub fn resume(
     run.go()
 }
 
+/// What every run does first: validate, choose the device (saying why when `auto` falls back to the
+/// CPU), size the thread pool, open the dataset.
+fn prepare(cfg: &TrainConfig) -> Result<(Device, Dataset, Split, Option<Split>)> {
+    cfg.validate()?;
+    let (device, note) = crate::device::select(&cfg.device)?;
+    if let Some(note) = note {
+        println!("{note}");
+    }
+    set_threads(cfg.threads);
+    let (ds, train, test) = open_data(cfg)?;
+    Ok((device, ds, train, test))
+}
+
 fn open_data(cfg: &TrainConfig) -> Result<(Dataset, Split, Option<Split>)> {
     let path = cfg
         .data
@@ -217,13 +230,7 @@ fn pod_config(cfg: &TrainConfig) -> PodConfig {
 
 impl Run {
     fn fresh(cfg: TrainConfig) -> Result<Run> {
-        cfg.validate()?;
-        let (device, note) = crate::device::select(&cfg.device)?;
-        if let Some(note) = note {
-            println!("{note}");
-        }
-        set_threads(cfg.threads);
-        let (ds, train, test) = open_data(&cfg)?;
+        let (device, ds, train, test) = prepare(&cfg)?;
         let dir = cfg.out.clone().unwrap_or_else(|| default_run_dir(&cfg));
         if dir.join("last.safetensors").exists() {
             bail!(
@@ -299,13 +306,7 @@ impl Run {
             cfg.threads = threads;
         }
         cfg.out = Some(dir.to_path_buf());
-        cfg.validate()?;
-        let (device, note) = crate::device::select(&cfg.device)?;
-        if let Some(note) = note {
-            println!("{note}");
-        }
-        set_threads(cfg.threads);
-        let (ds, train, test) = open_data(&cfg)?;
+        let (device, ds, train, test) = prepare(&cfg)?;
         let centroids = match cfg.loss {
             LossKind::Pod => Some(pedcc::load(&dir.join("pedcc.safetensors"))?),
             LossKind::Softmax => None,
