@@ -21,6 +21,12 @@ enum Command {
     Fidelity(podgpu::cli::fidelity::Args),
     /// Convert, verify and describe dataset files
     Data(podgpu::cli::data::Args),
+    /// List every network with its parameter count and forward FLOPs per image.
+    Models(podgpu::cli::models::Args),
+    /// Train several losses (and/or networks) with one recipe and tabulate and plot their accuracies.
+    Compare(podgpu::cli::compare::Args),
+    /// Train with a 2-D latent space on MNIST 0–4 and draw the latent features (the paper's Fig. 6).
+    Visualize(podgpu::cli::visualize::Args),
 }
 
 fn main() {
@@ -31,6 +37,9 @@ fn main() {
         Command::Pedcc(a) => podgpu::cli::pedcc::run(a),
         Command::Fidelity(a) => podgpu::cli::fidelity::run(a),
         Command::Data(a) => podgpu::cli::data::run(a),
+        Command::Models(a) => podgpu::cli::models::run(a),
+        Command::Compare(a) => podgpu::cli::compare::run(a),
+        Command::Visualize(a) => podgpu::cli::visualize::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -5,8 +5,9 @@ use crate::autograd::ParamStore;
 use crate::data::Dataset;
 use crate::nn::{layers::transpose2d, HeadSpec, ModelSpec, Network};
 use crate::train::checkpoint::load_checkpoint;
-use crate::train::config::{LossKind, TrainConfig};
+use crate::train::config::{HeadKind, TrainConfig};
 use crate::train::eval::{extract, summarize};
+use crate::train::objective::register_loss_buffers;
 use crate::train::trainer::stem_for;
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::PathBuf;
@@ -51,14 +52,15 @@ pub fn load_network(
         .get("fc.weight")
         .ok_or_else(|| anyhow!("{} has no fc.weight: not a podgpu checkpoint", checkpoint.display()))?;
     let feature_dim = fc.dim(0);
-    let head = match cfg.loss {
-        LossKind::Pod => {
+    let head = match cfg.loss.head() {
+        HeadKind::Pedcc => {
             let w = ckpt.tensors.get("out.weight").ok_or_else(|| {
                 anyhow!("{} has no out.weight (the PEDCC head)", checkpoint.display())
             })?;
             HeadSpec::Pedcc(transpose2d(w))
         }
-        _ => HeadSpec::Linear,
+        HeadKind::Linear => HeadSpec::Linear,
+        HeadKind::Cosine => HeadSpec::Cosine,
     };
     let spec = ModelSpec {
         arch: cfg.model.clone(),
@@ -72,6 +74,8 @@ pub fn load_network(
     let mut ps = ParamStore::new();
     let net = Network::new(spec, &mut ps, crate::DType::F32, &mut crate::rng::Rng::new(0))
         .map_err(|e| anyhow!(e))?;
+    // The loss's own buffers (Center Loss centres) are in the checkpoint too.
+    register_loss_buffers(cfg.loss, &mut ps, ds.num_classes(), feature_dim, crate::DType::F32);
     ckpt.restore_into(&mut ps, &cfg.model).with_context(|| {
         format!(
             "{} does not fit a {} for {} ({} classes, {c}×{h} images)",
@@ -105,10 +109,7 @@ pub fn run(a: Args) -> Result<()> {
         "{} ({}, {} loss) on {} split `{}`: {} images",
         a.checkpoint.display(),
         cfg.model,
-        match cfg.loss {
-            LossKind::Pod => "POD",
-            LossKind::Softmax => "softmax",
-        },
+        cfg.loss,
         ds.path().display(),
         a.split,
         r.samples

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Default)]
 pub struct Args {
-    /// Network: resnet18, resnet34, resnet50 (default), resnet101, resnet152.
+    /// Network: resnet18, resnet34, resnet50 (default), resnet101, resnet152, densenet121, mobilenetv2,
+    /// smallcnn (`podgpu models` lists them with sizes).
     pub model: Option<String>,
     /// Dataset file (.bin, see datasets/FORMAT.md). Default: datasets/cifar10-small.bin.
     #[arg(long)]
@@ -20,7 +21,8 @@ pub struct Args {
     /// --epochs may extend it, --device and --threads may change).
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
-    /// pod (NaC + SC over the frozen PEDCC, default) or softmax.
+    /// pod (NaC + SC over the frozen PEDCC, default), or a baseline of the paper's Table IV: softmax,
+    /// center, am-softmax, arcface, combined-margin, cot, pedcc-loss, cosine, nac.
     #[arg(long, value_enum)]
     pub loss: Option<LossKind>,
     /// POD form: paper (default) or reference (the public reference code's, DESIGN.md §1.6).
@@ -82,6 +84,64 @@ pub struct Args {
     /// CPU threads (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// center: weight λ of the Center Loss term (default 0.003).
+    #[arg(long)]
+    pub center_lambda: Option<f64>,
+    /// center: rate α of the centre update (default 0.5).
+    #[arg(long)]
+    pub center_alpha: Option<f64>,
+    /// am-softmax, arcface, combined-margin: the scale s (default 30).
+    #[arg(long)]
+    pub margin_scale: Option<f64>,
+    /// am-softmax: margin m of cos θ − m (default 0.35).
+    #[arg(long)]
+    pub am_margin: Option<f64>,
+    /// arcface: margin m of cos(θ + m) (default 0.5).
+    #[arg(long)]
+    pub arc_margin: Option<f64>,
+    /// combined-margin: m1 of cos(m1·θ + m2) − m3 (default 0.9).
+    #[arg(long)]
+    pub cm_m1: Option<f64>,
+    /// combined-margin: m2 (default 0.4).
+    #[arg(long)]
+    pub cm_m2: Option<f64>,
+    /// combined-margin: m3 (default 0.15).
+    #[arg(long)]
+    pub cm_m3: Option<f64>,
+    /// pedcc-loss: AM-Softmax margin over the PEDCC (default 0.5).
+    #[arg(long)]
+    pub pedcc_margin: Option<f64>,
+    /// pedcc-loss: AM-Softmax scale (default 15).
+    #[arg(long)]
+    pub pedcc_scale: Option<f64>,
+    /// pedcc-loss: weight λ of the MSE term (default 1).
+    #[arg(long)]
+    pub pedcc_lambda: Option<f64>,
+    /// pedcc-loss: q of the root (MSE)^(1/q) (default 1).
+    #[arg(long)]
+    pub pedcc_root: Option<f64>,
+}
+
+impl Args {
+    /// Whether any loss hyper-parameter flag was given.
+    fn loss_settings_given(&self) -> bool {
+        [
+            self.center_lambda,
+            self.center_alpha,
+            self.margin_scale,
+            self.am_margin,
+            self.arc_margin,
+            self.cm_m1,
+            self.cm_m2,
+            self.cm_m3,
+            self.pedcc_margin,
+            self.pedcc_scale,
+            self.pedcc_lambda,
+            self.pedcc_root,
+        ]
+        .iter()
+        .any(Option::is_some)
+    }
 }
 
 /// The configuration these flags describe: defaults, then `--config`, then the flags.
@@ -95,6 +155,8 @@ pub fn resolve(a: &Args) -> Result<TrainConfig> {
     }
     set!(loss, variant, device, seed, epochs, batch_size, lr, momentum, weight_decay, milestones);
     set!(gamma, alpha, lambda, width);
+    set!(center_lambda, center_alpha, margin_scale, am_margin, arc_margin, cm_m1, cm_m2, cm_m3);
+    set!(pedcc_margin, pedcc_scale, pedcc_lambda, pedcc_root);
     if let Some(m) = &a.model {
         c.model = m.clone();
     }
@@ -141,7 +203,8 @@ pub fn run(a: Args) -> Result<()> {
                 || a.batch_size.is_some()
                 || a.lr.is_some()
                 || a.width.is_some()
-                || a.feature_dim.is_some();
+                || a.feature_dim.is_some()
+                || a.loss_settings_given();
             if changes_math {
                 bail!(
                     "--resume continues a run with its saved settings ({}); only --epochs, --device \

@@ -6,6 +6,7 @@
 //! kernels read them without a host round trip. The PEDCC `P` [K, n] is a plain tensor: it is frozen,
 //! no gradient ever flows into it.
 
+pub mod baselines;
 mod delta;
 mod nac;
 mod pod;

@@ -52,7 +52,9 @@ impl Conv {
     pub fn forward(&self, t: &mut Tape, ps: &mut ParamStore, x: &Var) -> Var {
         let w = t.param(ps, self.weight);
         let b = self.bias.map(|b| t.param(ps, b));
-        ops::conv2d(t, x, &w, b.as_ref(), self.spec)
+        let y = ops::conv2d(t, x, &w, b.as_ref(), self.spec);
+        super::flops::add(super::flops::conv2d_macs(y.shape(), w.shape()));
+        y
     }
 }
 
@@ -107,6 +109,8 @@ impl Linear {
     pub fn forward(&self, t: &mut Tape, ps: &ParamStore, x: &Var) -> Var {
         let w = t.param(ps, self.weight);
         let b = self.bias.map(|b| t.param(ps, b));
+        let (rows, cols) = (x.shape()[0], w.shape()[0]);
+        super::flops::add(super::flops::matmul_macs(rows, w.shape()[1], cols));
         ops::linear(t, x, &w, b.as_ref())
     }
 }

@@ -6,14 +6,127 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// Which loss trains the model.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+/// Which loss trains the model (`--loss`): POD and the baselines of the paper's Table IV.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
 pub enum LossKind {
     /// NaC + λ·SC over the frozen PEDCC head (the paper's method).
     Pod,
     /// Softmax cross-entropy over a trainable classifier (the baseline).
     Softmax,
+    /// Softmax + λ·Center Loss, centres updated as in Wen et al. 2016.
+    Center,
+    /// AM-Softmax (cos θ − m, scale s) over a trainable normalised classifier.
+    AmSoftmax,
+    /// ArcFace (cos(θ + m), scale s) over a trainable normalised classifier.
+    Arcface,
+    /// Combined margin cos(m1·θ + m2) − m3 over a trainable normalised classifier.
+    CombinedMargin,
+    /// Complement Objective Training: a cross-entropy step and a complement-entropy step per batch.
+    Cot,
+    /// AM-Softmax over the frozen PEDCC plus λ·(MSE to the class centroid)^(1/q).
+    PedccLoss,
+    /// 1 − cos to the class's PEDCC centroid (paper eq. 9).
+    Cosine,
+    /// The norm-adaptive cosine loss alone (paper eq. 17), with the δ schedule.
+    Nac,
+}
+
+/// What sits on top of FC1 for a loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadKind {
+    /// The frozen PEDCC; classification by cosine argmax.
+    Pedcc,
+    /// A trainable linear classifier with bias; classification by logits argmax.
+    Linear,
+    /// A trainable classifier with normalised weights; classification by cosine argmax.
+    Cosine,
+}
+
+impl LossKind {
+    pub const ALL: [LossKind; 10] = [
+        LossKind::Softmax,
+        LossKind::Center,
+        LossKind::AmSoftmax,
+        LossKind::Arcface,
+        LossKind::CombinedMargin,
+        LossKind::Cot,
+        LossKind::PedccLoss,
+        LossKind::Cosine,
+        LossKind::Nac,
+        LossKind::Pod,
+    ];
+
+    /// The `--loss` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            LossKind::Pod => "pod",
+            LossKind::Softmax => "softmax",
+            LossKind::Center => "center",
+            LossKind::AmSoftmax => "am-softmax",
+            LossKind::Arcface => "arcface",
+            LossKind::CombinedMargin => "combined-margin",
+            LossKind::Cot => "cot",
+            LossKind::PedccLoss => "pedcc-loss",
+            LossKind::Cosine => "cosine",
+            LossKind::Nac => "nac",
+        }
+    }
+
+    /// The name the paper's tables use.
+    pub fn paper_name(self) -> &'static str {
+        match self {
+            LossKind::Pod => "POD Loss",
+            LossKind::Softmax => "Softmax Loss",
+            LossKind::Center => "Center Loss",
+            LossKind::AmSoftmax => "AM-Softmax",
+            LossKind::Arcface => "ArcFace",
+            LossKind::CombinedMargin => "Combined Margin",
+            LossKind::Cot => "COT",
+            LossKind::PedccLoss => "PEDCC-Loss",
+            LossKind::Cosine => "Cosine Loss",
+            LossKind::Nac => "NaC Loss",
+        }
+    }
+
+    pub fn head(self) -> HeadKind {
+        match self {
+            LossKind::Pod | LossKind::PedccLoss | LossKind::Cosine | LossKind::Nac => {
+                HeadKind::Pedcc
+            }
+            LossKind::Softmax | LossKind::Center | LossKind::Cot => HeadKind::Linear,
+            LossKind::AmSoftmax | LossKind::Arcface | LossKind::CombinedMargin => HeadKind::Cosine,
+        }
+    }
+
+    /// Whether the head is the frozen PEDCC (the run folder then keeps `pedcc.safetensors`).
+    pub fn uses_pedcc(self) -> bool {
+        self.head() == HeadKind::Pedcc
+    }
+
+    /// Whether the loss has the norm-adaptive δ (and so the δ schedule).
+    pub fn uses_delta(self) -> bool {
+        matches!(self, LossKind::Pod | LossKind::Nac)
+    }
+}
+
+impl std::fmt::Display for LossKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for LossKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<LossKind> {
+        LossKind::ALL
+            .into_iter()
+            .find(|l| l.name() == s.trim())
+            .ok_or_else(|| {
+                let names: Vec<&str> = LossKind::ALL.iter().map(|l| l.name()).collect();
+                anyhow::anyhow!("unknown loss `{s}`; podgpu has {}", names.join(", "))
+            })
+    }
 }
 
 pub use crate::loss::Variant;
@@ -80,6 +193,28 @@ pub struct TrainConfig {
     pub deterministic: bool,
     /// Find the first op that produces a non-finite value (slow).
     pub detect_anomaly: bool,
+    /// Center Loss: weight λ of the centre term (Wen et al.: 0.003).
+    pub center_lambda: f64,
+    /// Center Loss: rate α of the centre update (Wen et al.: 0.5).
+    pub center_alpha: f64,
+    /// Scale s of AM-Softmax, ArcFace and the combined margin.
+    pub margin_scale: f64,
+    /// AM-Softmax margin m (cos θ − m).
+    pub am_margin: f64,
+    /// ArcFace margin m (cos(θ + m)).
+    pub arc_margin: f64,
+    /// Combined margin cos(m1·θ + m2) − m3.
+    pub cm_m1: f64,
+    pub cm_m2: f64,
+    pub cm_m3: f64,
+    /// PEDCC-Loss: AM-Softmax margin m over the PEDCC.
+    pub pedcc_margin: f64,
+    /// PEDCC-Loss: AM-Softmax scale s.
+    pub pedcc_scale: f64,
+    /// PEDCC-Loss: weight λ of the MSE term.
+    pub pedcc_lambda: f64,
+    /// PEDCC-Loss: the MSE term is L_MSE^(1/q).
+    pub pedcc_root: f64,
 }
 
 impl Default for TrainConfig {
@@ -117,6 +252,21 @@ impl Default for TrainConfig {
             precision: Precision::Fp32,
             deterministic: false,
             detect_anomaly: false,
+            center_lambda: 0.003,
+            center_alpha: 0.5,
+            // s = 30 for all three normalised-softmax baselines: AM-Softmax's paper value, and the
+            // ArcFace default of the widely used arcface-pytorch implementation (InsightFace's 64 is
+            // tuned for 85k-identity face sets; with 10–200 classes s = 30 already saturates softmax).
+            margin_scale: 30.0,
+            am_margin: 0.35,
+            arc_margin: 0.5,
+            cm_m1: 0.9,
+            cm_m2: 0.4,
+            cm_m3: 0.15,
+            pedcc_margin: 0.5,
+            pedcc_scale: 15.0,
+            pedcc_lambda: 1.0,
+            pedcc_root: 1.0,
         }
     }
 }
@@ -249,6 +399,35 @@ impl TrainConfig {
             "threads must be at least 1 (leave it out to use every core)".into(),
         );
         need(self.eval_every >= 1, "eval_every must be at least 1".into());
+        for (name, v) in [
+            ("center_lambda", self.center_lambda),
+            ("am_margin", self.am_margin),
+            ("arc_margin", self.arc_margin),
+            ("cm_m2", self.cm_m2),
+            ("cm_m3", self.cm_m3),
+            ("pedcc_margin", self.pedcc_margin),
+            ("pedcc_lambda", self.pedcc_lambda),
+        ] {
+            need(
+                non_negative(v),
+                format!("{name} must be a finite number >= 0, got {v}"),
+            );
+        }
+        for (name, v) in [
+            ("margin_scale", self.margin_scale),
+            ("cm_m1", self.cm_m1),
+            ("pedcc_scale", self.pedcc_scale),
+            ("pedcc_root", self.pedcc_root),
+        ] {
+            need(
+                positive(v),
+                format!("{name} must be a finite number > 0, got {v}"),
+            );
+        }
+        need(
+            non_negative(self.center_alpha) && self.center_alpha <= 1.0,
+            format!("center_alpha must be in [0, 1], got {}", self.center_alpha),
+        );
         need(self.prefetch >= 1, "prefetch must be at least 1".into());
 
         if bad.is_empty() {
@@ -336,10 +515,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("learning_rate"), "{e}");
-        let e = TrainConfig::from_toml_str("loss = \"arcface\"\n")
+        let e = TrainConfig::from_toml_str("loss = \"triplet\"\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("arcface") && e.contains("pod"), "{e}");
+        assert!(e.contains("triplet") && e.contains("pod"), "{e}");
         let e = TrainConfig::from_toml_str("batch_size = -1\n")
             .unwrap_err()
             .to_string();
@@ -358,7 +537,7 @@ mod tests {
             alpha: f64::INFINITY,
             lambda: -1.0,
             milestones: vec![60, 30],
-            device: "gpu".into(),
+            device: "tpu".into(),
             feature_dim: Some(1),
             limit_train: Some(0),
             threads: Some(0),
@@ -376,7 +555,7 @@ mod tests {
             "alpha must be a finite number >= 0, got inf",
             "lambda must be a finite number >= 0, got -1",
             "milestones must be strictly increasing epochs, got [60, 30]",
-            "device must be auto, cpu, cuda or cuda:N, got `gpu`",
+            "device must be auto, cpu, cuda or cuda:N, got `tpu`",
             "feature_dim must be at least 2",
             "limit_train must be at least 1",
             "threads must be at least 1",

@@ -4,7 +4,9 @@
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
+pub mod gda;
 pub mod metrics;
+pub mod objective;
 pub mod plot;
 pub mod progress;
 pub mod trainer;
@@ -13,7 +15,7 @@ pub use checkpoint::{
     load_checkpoint, save_checkpoint, save_epoch_checkpoints, write_atomic, Checkpoint,
     EpochCheckpoints, TrainState,
 };
-pub use config::{LossKind, Precision, TrainConfig, Variant};
+pub use config::{HeadKind, LossKind, Precision, TrainConfig, Variant};
 pub use metrics::{read_csv, read_jsonl, EpochRecord, MetricsLog};
 pub use plot::{plot_curves, plot_metrics};
 pub use progress::{Progress, ProgressMode};

@@ -11,10 +11,11 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
-const FONT_NAME: &str = "sans-serif";
+pub(crate) const FONT_NAME: &str = "sans-serif";
 const SIZE: (u32, u32) = (960, 600);
-/// Colour-blind friendly line colours (Okabe–Ito), cycled.
-const COLORS: [RGBColor; 7] = [
+/// Colour-blind friendly line colours (Okabe–Ito), then three more so that a ten-loss comparison has
+/// ten distinct curves; cycled.
+const COLORS: [RGBColor; 10] = [
     RGBColor(0, 114, 178),
     RGBColor(213, 94, 0),
     RGBColor(0, 158, 115),
@@ -22,9 +23,12 @@ const COLORS: [RGBColor; 7] = [
     RGBColor(230, 159, 0),
     RGBColor(86, 180, 233),
     RGBColor(0, 0, 0),
+    RGBColor(136, 34, 85),
+    RGBColor(153, 153, 51),
+    RGBColor(128, 128, 128),
 ];
 
-fn register_font() {
+pub(crate) fn register_font() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
         plotters::style::register_font(FONT_NAME, FontStyle::Normal, FONT)

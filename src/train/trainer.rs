@@ -7,14 +7,15 @@
 //! `last.safetensors` (weights, momentum, epoch, δ, M, RNG state) and the metrics so far.
 
 use super::checkpoint::{load_checkpoint, save_epoch_checkpoints, TrainState};
-use super::config::{LossKind, TrainConfig};
+use super::config::{HeadKind, LossKind, TrainConfig};
 use super::eval;
 use super::metrics::{EpochRecord, MetricsLog};
+use super::objective::{register_loss_buffers, Objective};
 use super::plot::plot_metrics;
 use super::progress::Progress;
 use crate::autograd::{ParamStore, Tape};
 use crate::data::{Dataset, Loader, LoaderConfig, Split};
-use crate::loss::{self, DeltaSchedule, PodConfig, ScForm, Variant};
+use crate::loss::{self, DeltaSchedule, Variant};
 use crate::nn::{HeadSpec, ModelSpec, Network, Stem};
 use crate::optim::{Sgd, StepSchedule};
 use crate::pedcc::{self, Method};
@@ -43,8 +44,8 @@ struct Run {
     test: Option<Split>,
     net: Network,
     ps: ParamStore,
-    /// The frozen PEDCC [K, n] on the device (POD only).
-    centroids: Option<Tensor>,
+    /// What is minimised (the loss of `cfg.loss` and its per-step extras).
+    objective: Objective,
     sgd: Sgd,
     schedule: StepSchedule,
     delta: DeltaSchedule,
@@ -117,7 +118,9 @@ fn open_data(cfg: &TrainConfig) -> Result<(Dataset, Split, Option<Split>)> {
     Ok((ds, train, test))
 }
 
-fn build_network(
+/// The network of a run (and the buffers its loss keeps in the store, e.g. the Center Loss centres),
+/// registered in `ps` on the CPU. `centroids` is the PEDCC for losses with the PEDCC head.
+pub fn build_network(
     cfg: &TrainConfig,
     ds: &Dataset,
     train: &Split,
@@ -139,13 +142,17 @@ fn build_network(
         in_channels: c,
         classes,
         feature_dim,
-        head: match centroids {
-            Some(p) => HeadSpec::Pedcc(p.clone()),
-            None => HeadSpec::Linear,
+        head: match (cfg.loss.head(), centroids) {
+            (HeadKind::Pedcc, Some(p)) => HeadSpec::Pedcc(p.clone()),
+            (HeadKind::Pedcc, None) => bail!("the {} loss needs the PEDCC centroids", cfg.loss),
+            (HeadKind::Linear, _) => HeadSpec::Linear,
+            (HeadKind::Cosine, _) => HeadSpec::Cosine,
         },
     };
     let mut rng = Rng::derive(cfg.seed, 0x1A17);
-    Network::new(spec, ps, DType::F32, &mut rng).map_err(|e| anyhow!(e))
+    let net = Network::new(spec, ps, DType::F32, &mut rng).map_err(|e| anyhow!(e))?;
+    register_loss_buffers(cfg.loss, ps, classes, feature_dim, DType::F32);
+    Ok(net)
 }
 
 /// The PEDCC for a fresh run, from `--pedcc FILE` or generated from the seed, saved into the run
@@ -191,15 +198,11 @@ fn default_run_dir(cfg: &TrainConfig) -> PathBuf {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let loss = match cfg.loss {
-        LossKind::Pod => "pod",
-        LossKind::Softmax => "softmax",
-    };
-    PathBuf::from("runs").join(format!("{}-{loss}-{}", cfg.model, timestamp(secs)))
+    PathBuf::from("runs").join(format!("{}-{}-{}", cfg.model, cfg.loss, timestamp(secs)))
 }
 
 /// `YYYYmmdd-HHMMSS` (UTC) from Unix seconds.
-fn timestamp(secs: u64) -> String {
+pub fn timestamp(secs: u64) -> String {
     let days = secs / 86400;
     let rem = secs % 86400;
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -218,14 +221,6 @@ fn timestamp(secs: u64) -> String {
         rem / 60 % 60,
         rem % 60
     )
-}
-
-fn pod_config(cfg: &TrainConfig) -> PodConfig {
-    PodConfig {
-        variant: cfg.variant,
-        lambda: cfg.lambda,
-        sc_form: ScForm::Auto,
-    }
 }
 
 impl Run {
@@ -247,9 +242,9 @@ impl Run {
         let dim = cfg
             .feature_dim
             .unwrap_or_else(|| pedcc::recommended_dim(classes));
-        let centroids = match cfg.loss {
-            LossKind::Pod => Some(make_pedcc(&cfg, classes, dim, &dir)?),
-            LossKind::Softmax => None,
+        let centroids = match cfg.loss.uses_pedcc() {
+            true => Some(make_pedcc(&cfg, classes, dim, &dir)?),
+            false => None,
         };
         let mut ps = ParamStore::new();
         let net = build_network(&cfg, &ds, &train, centroids.as_ref(), &mut ps)?;
@@ -262,8 +257,9 @@ impl Run {
         state.delta = delta.delta();
         state.mean_norm = delta.mean_norm();
         let metrics = MetricsLog::create(&dir)?;
+        let objective = Objective::new(&cfg, centroids.map(|p| p.to_device(device)), &ps)?;
         Ok(Run {
-            centroids: centroids.map(|p| p.to_device(device)),
+            objective,
             cfg,
             dir,
             device,
@@ -307,9 +303,9 @@ impl Run {
         }
         cfg.out = Some(dir.to_path_buf());
         let (device, ds, train, test) = prepare(&cfg)?;
-        let centroids = match cfg.loss {
-            LossKind::Pod => Some(pedcc::load(&dir.join("pedcc.safetensors"))?),
-            LossKind::Softmax => None,
+        let centroids = match cfg.loss.uses_pedcc() {
+            true => Some(pedcc::load(&dir.join("pedcc.safetensors"))?),
+            false => None,
         };
         let mut ps = ParamStore::new();
         let net = build_network(&cfg, &ds, &train, centroids.as_ref(), &mut ps)?;
@@ -329,8 +325,9 @@ impl Run {
             cfg.epochs,
             ckpt_path.display()
         );
+        let objective = Objective::new(&cfg, centroids.map(|p| p.to_device(device)), &ps)?;
         Ok(Run {
-            centroids: centroids.map(|p| p.to_device(device)),
+            objective,
             cfg,
             dir: dir.to_path_buf(),
             device,
@@ -363,13 +360,10 @@ impl Run {
             cfg.model,
             cfg.width,
             p.stem,
-            match cfg.loss {
-                LossKind::Pod => "POD",
-                LossKind::Softmax => "softmax",
-            },
-            match cfg.loss {
-                LossKind::Pod => format!(" ({} variant)", cfg.variant),
-                LossKind::Softmax => String::new(),
+            cfg.loss,
+            match cfg.loss.uses_delta() {
+                true => format!(" ({} variant)", cfg.variant),
+                false => String::new(),
             },
             self.device,
             p.classes,
@@ -419,7 +413,6 @@ impl Run {
             self.sgd.reset_momentum();
         }
         let delta = self.delta.delta();
-        let pod = pod_config(cfg);
         let started = Instant::now();
         let mut progress = Progress::new(loader.batches_per_epoch(), epoch + 1, cfg.epochs);
         let (mut loss_sum, mut seen, mut correct, mut norm_sum) = (0.0, 0usize, 0usize, 0.0);
@@ -436,12 +429,7 @@ impl Run {
             let x = tape.constant(images.to_device(self.device));
             let out = self.net.forward(&mut tape, &mut self.ps, &x);
             let labels_t = loss::labels_tensor(&labels, out.features.value());
-            let l = match (&self.centroids, cfg.loss) {
-                (Some(p), LossKind::Pod) => {
-                    loss::pod(&mut tape, &out.features, p, &labels_t, delta, &pod).loss
-                }
-                _ => loss::softmax_cross_entropy(&mut tape, &out.logits, &labels_t),
-            };
+            let l = self.objective.loss(&mut tape, &self.ps, &out, &labels_t, delta);
             let lv = l.value().item();
             if !lv.is_finite() {
                 bail!(
@@ -458,6 +446,7 @@ impl Run {
             drop(tape);
             self.sgd.step(&mut self.ps, lr);
             self.ps.zero_grad();
+            self.objective.after_step(&self.net, &mut self.ps, x.value(), &out, &labels_t, lr);
             self.state.global_step += 1;
             loss_sum += lv * b as f64;
             seen += b;
@@ -469,12 +458,12 @@ impl Run {
             bail!("epoch {} saw no training batch of at least 2 images", epoch + 1);
         }
         let mean_norm = norm_sum / seen as f64;
-        if cfg.loss == LossKind::Pod {
+        if cfg.loss.uses_delta() {
             self.delta.end_epoch(mean_norm)?;
         }
         let train_time = started.elapsed().as_secs_f64();
         let test_acc = match &self.test {
-            Some(test) if (epoch + 1) % cfg.eval_every == 0 || epoch + 1 == cfg.epochs => {
+            Some(test) if (epoch + 1).is_multiple_of(cfg.eval_every) || epoch + 1 == cfg.epochs => {
                 let f = eval::extract(
                     &self.net,
                     &mut self.ps,
@@ -492,7 +481,7 @@ impl Run {
         rec.train_acc = correct as f64 / seen as f64;
         rec.test_acc = test_acc;
         rec.lr = lr;
-        rec.delta = if cfg.loss == LossKind::Pod { delta } else { f64::NAN };
+        rec.delta = if cfg.loss.uses_delta() { delta } else { f64::NAN };
         rec.mean_norm = mean_norm;
         rec.images_per_s = seen as f64 / train_time;
         rec.epoch_time_s = started.elapsed().as_secs_f64();

@@ -1,0 +1,160 @@
+//! `podgpu models`: every network podgpu can train, with its parameter count and forward FLOPs per image
+//! at a given input size, class count and latent dimension.
+//!
+//! FLOPs are counted while a one-image forward pass runs on the CPU (`nn::flops`: multiply-accumulates of
+//! the convolutions, FC1 and the head, the convention of the paper's tables), so they are exact for the
+//! stem and strides the input size selects (`trainer::stem_for`).
+
+use crate::autograd::{ParamKind, ParamStore, Tape};
+use crate::nn::{flops, HeadSpec, ModelSpec, Network, Stem, MODEL_NAMES};
+use crate::pedcc::{self, Method};
+use crate::rng::Rng;
+use crate::tensor::{DType, Tensor};
+use crate::train::trainer::stem_for;
+use anyhow::{anyhow, bail, Result};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Input height and width in pixels; the stem follows it as in training (CIFAR stem up to 32,
+    /// Tiny ImageNet stem up to 64, ImageNet stem above).
+    #[arg(long, default_value_t = 32)]
+    pub image_size: usize,
+    /// Input channels (3 colour, 1 grey).
+    #[arg(long, default_value_t = 3)]
+    pub channels: usize,
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    /// Latent dimension n (default: the paper's recommendation for the class count).
+    #[arg(long)]
+    pub feature_dim: Option<usize>,
+    /// Network width (64 = the standard networks).
+    #[arg(long, default_value_t = 64)]
+    pub width: usize,
+    /// Only these networks, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub models: Option<Vec<String>>,
+}
+
+impl Default for Args {
+    fn default() -> Args {
+        Args {
+            image_size: 32,
+            channels: 3,
+            classes: 10,
+            feature_dim: None,
+            width: 64,
+            models: None,
+        }
+    }
+}
+
+/// One network's size.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub name: String,
+    pub stem: Stem,
+    /// Trainable parameters (backbone, FC1; the PEDCC head is frozen and not counted).
+    pub params: usize,
+    /// Channels after global pooling (FC1's input).
+    pub pooled_dim: usize,
+    /// Forward multiply-accumulates per image.
+    pub flops: u64,
+}
+
+/// Builds `model` with a PEDCC head and measures it.
+pub fn describe(model: &str, a: &Args) -> Result<ModelInfo> {
+    if a.image_size < 8 {
+        bail!(
+            "--image-size {} is too small: the networks need at least 8×8 pixels",
+            a.image_size
+        );
+    }
+    if a.classes < 2 || a.channels == 0 || a.width == 0 {
+        bail!("--classes must be at least 2, --channels and --width at least 1");
+    }
+    let dim = a
+        .feature_dim
+        .unwrap_or_else(|| pedcc::recommended_dim(a.classes));
+    if dim < 2 {
+        bail!("--feature-dim must be at least 2");
+    }
+    let method = if a.classes <= dim + 1 {
+        Method::Simplex
+    } else {
+        Method::Repulsion
+    };
+    let p = pedcc::generate(a.classes, dim, 0, method)?.to_tensor();
+    let stem = stem_for(a.image_size);
+    let spec = ModelSpec {
+        arch: model.to_string(),
+        width: a.width,
+        stem,
+        in_channels: a.channels,
+        classes: a.classes,
+        feature_dim: dim,
+        head: HeadSpec::Pedcc(p),
+    };
+    let mut ps = ParamStore::new();
+    let mut rng = Rng::new(0);
+    let net = Network::new(spec, &mut ps, DType::F32, &mut rng).map_err(|e| anyhow!(e))?;
+    let s = a.image_size;
+    let pixels: Vec<f32> = (0..a.channels * s * s)
+        .map(|_| rng.normal() as f32)
+        .collect();
+    let image = Tensor::from_vec(&[1, a.channels, s, s], pixels);
+    let mut tape = Tape::inference();
+    let x = tape.constant(image);
+    let (out, macs) = flops::count(|| net.forward(&mut tape, &mut ps, &x));
+    let fc_in = ps
+        .find("fc.weight")
+        .map(|id| ps.value(id).dim(1))
+        .unwrap_or(0);
+    debug_assert_eq!(out.features.shape(), &[1, dim]);
+    Ok(ModelInfo {
+        name: model.to_string(),
+        stem,
+        params: ps.count(ParamKind::Trainable),
+        pooled_dim: fc_in,
+        flops: macs,
+    })
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let names: Vec<String> = match &a.models {
+        Some(m) => m.clone(),
+        None => MODEL_NAMES.iter().map(|s| s.to_string()).collect(),
+    };
+    for n in &names {
+        if !MODEL_NAMES.contains(&n.as_str()) {
+            bail!("unknown model `{n}`; podgpu has {}", MODEL_NAMES.join(", "));
+        }
+    }
+    let dim = a
+        .feature_dim
+        .unwrap_or_else(|| pedcc::recommended_dim(a.classes));
+    println!(
+        "{}×{}×{} input, {} classes, feature dim {dim}, width {}",
+        a.channels, a.image_size, a.image_size, a.classes, a.width
+    );
+    println!(
+        "{:<12} {:<13} {:>12} {:>8} {:>14}",
+        "model", "stem", "params", "pooled", "FLOPs/image"
+    );
+    for n in &names {
+        let m = describe(n, &a)?;
+        println!(
+            "{:<12} {:<13} {:>10.2} M {:>8} {:>12.3} G",
+            m.name,
+            format!("{:?}", m.stem),
+            m.params as f64 / 1e6,
+            m.pooled_dim,
+            m.flops as f64 / 1e9
+        );
+    }
+    println!(
+        "params: trainable (backbone and FC1; the PEDCC head is frozen). FLOPs: forward multiply-accumulates \
+         of convolutions and matrix products (1 MAC = 1 FLOP, as in the paper's tables; ×3 for a training \
+         step)."
+    );
+    Ok(())
+}
