@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Default)]
+#[command(allow_negative_numbers = true)]
 pub struct Args {
     /// Network: resnet18, resnet34, resnet50 (default), resnet101, resnet152.
     pub model: Option<String>,
@@ -82,6 +83,13 @@ pub struct Args {
     /// CPU threads (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Bit-identical weights for a seed whatever the thread count (fixed-order reductions on the CPU).
+    #[arg(long)]
+    pub deterministic: bool,
+    /// Check every op's output and gradients for NaN/inf and name the first op that produced one
+    /// (slow; for debugging a diverging run). May be given with --resume.
+    #[arg(long)]
+    pub detect_anomaly: bool,
 }
 
 /// The configuration these flags describe: defaults, then `--config`, then the flags.
@@ -93,7 +101,18 @@ pub fn resolve(a: &Args) -> Result<TrainConfig> {
     macro_rules! set {
         ($($field:ident),*) => { $( if let Some(v) = &a.$field { c.$field = v.clone(); } )* };
     }
-    set!(loss, variant, device, seed, epochs, batch_size, lr, momentum, weight_decay, milestones);
+    set!(
+        loss,
+        variant,
+        device,
+        seed,
+        epochs,
+        batch_size,
+        lr,
+        momentum,
+        weight_decay,
+        milestones
+    );
     set!(gamma, alpha, lambda, width);
     if let Some(m) = &a.model {
         c.model = m.clone();
@@ -118,6 +137,8 @@ pub fn resolve(a: &Args) -> Result<TrainConfig> {
         c.out = a.out.clone();
     }
     c.pedcc_repulsion |= a.pedcc_repulsion;
+    c.deterministic |= a.deterministic;
+    c.detect_anomaly |= a.detect_anomaly;
     if !crate::nn::MODEL_NAMES.contains(&c.model.as_str()) {
         bail!(
             "unknown model `{}`; podgpu has {}",
@@ -141,15 +162,35 @@ pub fn run(a: Args) -> Result<()> {
                 || a.batch_size.is_some()
                 || a.lr.is_some()
                 || a.width.is_some()
-                || a.feature_dim.is_some();
+                || a.feature_dim.is_some()
+                || a.momentum.is_some()
+                || a.weight_decay.is_some()
+                || a.milestones.is_some()
+                || a.gamma.is_some()
+                || a.alpha.is_some()
+                || a.lambda.is_some()
+                || a.pedcc.is_some()
+                || a.pedcc_repulsion
+                || a.limit_train.is_some()
+                || a.limit_test.is_some()
+                || a.out.is_some()
+                || a.deterministic;
             if changes_math {
                 bail!(
-                    "--resume continues a run with its saved settings ({}); only --epochs, --device \
-                     and --threads may be given with it",
+                    "--resume continues a run with its saved settings ({}); only --epochs, --device, \
+                     --threads and --detect-anomaly may be given with it",
                     dir.join("config.toml").display()
                 );
             }
-            trainer::resume(dir, a.epochs, a.device.clone(), a.threads)?
+            trainer::resume_with(
+                dir,
+                trainer::ResumeOptions {
+                    epochs: a.epochs,
+                    device: a.device.clone(),
+                    threads: a.threads,
+                    detect_anomaly: a.detect_anomaly,
+                },
+            )?
         }
         None => trainer::train(resolve(&a)?)?,
     };
