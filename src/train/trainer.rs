@@ -181,10 +181,7 @@ fn build_network(
 ) -> Result<Network> {
     let [c, h, w] = train.image_shape();
     if h < 8 || w < 8 {
-        bail!(
-            "images of {h}×{w} are too small for {}: it needs at least 8×8",
-            cfg.model
-        );
+        bail!("images of {h}×{w} are too small for {}: it needs at least 8×8", cfg.model);
     }
     let classes = ds.num_classes();
     let feature_dim = cfg
@@ -252,9 +249,7 @@ fn make_pedcc(cfg: &TrainConfig, classes: usize, dim: usize) -> Result<(Tensor, 
                 classes - 1
             );
         }
-        eprintln!(
-            "warning: {classes} classes in {dim} dimensions: using the approximate repulsion PEDCC"
-        );
+        eprintln!("warning: {classes} classes in {dim} dimensions: using the approximate repulsion PEDCC");
         Method::Repulsion
     } else {
         Method::Simplex
@@ -764,11 +759,7 @@ impl Run {
         rec.train_acc = correct as f64 / seen as f64;
         rec.test_acc = test_acc;
         rec.lr = lr;
-        rec.delta = if cfg.loss == LossKind::Pod {
-            delta
-        } else {
-            f64::NAN
-        };
+        rec.delta = if cfg.loss == LossKind::Pod { delta } else { f64::NAN };
         rec.mean_norm = mean_norm;
         rec.images_per_s = seen as f64 / train_time;
         rec.epoch_time_s = earlier_time + started.elapsed().as_secs_f64();
@@ -803,9 +794,7 @@ fn peak_memory(device: Device) -> u64 {
 /// Sizes rayon's global pool once (later calls keep the first size).
 fn set_threads(threads: Option<usize>) {
     if let Some(n) = threads {
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global();
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
     }
 }
 
