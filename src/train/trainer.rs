@@ -498,6 +498,10 @@ impl Run {
     }
 
     fn go(mut self) -> Result<RunSummary> {
+        // Before anything is printed, so that a Ctrl-C after the header always checkpoints.
+        if let Err(e) = signal::install() {
+            eprintln!("warning: Ctrl-C will not save a checkpoint ({e})");
+        }
         let cfg = self.cfg.clone();
         let train_loader = Loader::new(
             self.train.clone(),
@@ -533,9 +537,6 @@ impl Run {
         println!("run folder: {}", self.dir.display());
         if cfg.deterministic {
             println!("deterministic mode: results do not depend on the thread count");
-        }
-        if let Err(e) = signal::install() {
-            eprintln!("warning: Ctrl-C will not save a checkpoint ({e})");
         }
         let mut last_loss = f64::NAN;
         let mut last_acc = None;
