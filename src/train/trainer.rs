@@ -488,12 +488,20 @@ impl Run {
         })
     }
 
-    /// Where the run can be picked up again, for error messages.
-    fn last_good_checkpoint(&self) -> String {
+    /// What to do after the numerics went wrong: where the last good state is, and that a resume
+    /// would repeat the same settings.
+    fn recovery_advice(&self) -> String {
         let last = self.dir.join("last.safetensors");
         match &self.saved {
-            Some(at) => format!("The last good checkpoint is {} ({at})", last.display()),
-            None => "No checkpoint was written yet (the run failed in its first epoch)".into(),
+            Some(at) => format!(
+                "The last good checkpoint is {} ({at}); `podgpu train --resume {}` continues from it \
+                 with the same settings, so to change them (e.g. a lower --lr) start a new run",
+                last.display(),
+                self.dir.display()
+            ),
+            None => "No checkpoint was written yet (the run failed in its first epoch); start \
+                     again with a lower --lr or check the data"
+                .into(),
         }
     }
 
@@ -664,42 +672,33 @@ impl Run {
                 _ => loss::softmax_cross_entropy(&mut tape, &out.logits, &labels_t),
             };
             let at = format!(
-                "epoch {}, batch {index} (step {})",
+                "epoch {}, batch {} of {total_batches} (step {})",
                 epoch + 1,
+                index + 1,
                 self.state.global_step + 1
             );
             if let Some(a) = tape.anomaly() {
-                bail!(
-                    "--detect-anomaly at {at}: {a}. {}; lower --lr or fix the input, then resume \
-                     or start again",
-                    self.last_good_checkpoint()
-                );
+                bail!("--detect-anomaly at {at}: {a}. {}", self.recovery_advice());
             }
             let lv = l.value().item();
             if !lv.is_finite() {
                 bail!(
-                    "the loss became {lv} at {at}: training diverged. {}; lower --lr and resume \
-                     from it or start again (--detect-anomaly finds the first op that produced a \
-                     non-finite value)",
-                    self.last_good_checkpoint()
+                    "the loss became {lv} at {at}: training diverged. {} (--detect-anomaly finds \
+                     the first op that produced a non-finite value)",
+                    self.recovery_advice()
                 );
             }
             tape.backward(&l, &mut self.ps);
             if let Some(a) = tape.anomaly() {
-                bail!(
-                    "--detect-anomaly at {at}: {a}. {}; lower --lr or fix the input, then resume \
-                     or start again",
-                    self.last_good_checkpoint()
-                );
+                bail!("--detect-anomaly at {at}: {a}. {}", self.recovery_advice());
             }
             drop(tape);
             if let Some(bad) = non_finite_gradient(&self.ps) {
                 // Checked before the update, so the weights in memory are still the last good ones.
                 bail!(
-                    "a non-finite gradient at {at} (the loss was {lv}): {bad}. {}; lower --lr and \
-                     resume from it or start again (--detect-anomaly finds the first op that \
-                     produced a non-finite value)",
-                    self.last_good_checkpoint()
+                    "a non-finite gradient at {at} (the loss was {lv}): {bad}. {} \
+                     (--detect-anomaly finds the first op that produced a non-finite value)",
+                    self.recovery_advice()
                 );
             }
             self.sgd.step(&mut self.ps, lr);
