@@ -180,7 +180,16 @@ fn dataset_label_out_of_range() {
         let at = read_meta(b).splits[0].labels.offset as usize + 4 * 5;
         b[at..at + 4].copy_from_slice(&7u32.to_le_bytes());
     });
-    assert_fresh_refused(&s, &p, &[], &["image 5 has label 7", "only 3 classes"]);
+    assert_fresh_refused(
+        &s,
+        &p,
+        &[],
+        &[
+            "label.bin: split 'train': image 5 has label 7",
+            "only 3 classes",
+            "convert it again",
+        ],
+    );
 }
 
 #[test]
@@ -194,7 +203,7 @@ fn dataset_split_without_images() {
             t.labels.len = 0;
         })
     });
-    assert_fresh_refused(&s, &p, &[], &["split 'test' has no images"]);
+    assert_fresh_refused(&s, &p, &[], &["nosplit.bin: split 'test' has no images"]);
 }
 
 #[test]
@@ -593,7 +602,10 @@ fn resume_with_a_damaged_pedcc() {
     assert_refused(
         &resume(&run, &[]),
         1,
-        &["pedcc.safetensors is not a safetensors file"],
+        &[
+            "the run folder's PEDCC cannot be used",
+            "pedcc.safetensors is not a safetensors file",
+        ],
     );
 }
 

@@ -130,13 +130,23 @@ fn open_data(cfg: &TrainConfig) -> Result<(Dataset, Split, Option<Split>)> {
         .data
         .clone()
         .unwrap_or_else(crate::data::default_dataset_path);
-    let ds = Dataset::open(&path).map_err(|e| anyhow!("{e}"))?;
+    // Every message names the file (some dataset errors only name the split).
+    let shown = path.display().to_string();
+    let in_file = |e: crate::data::DatasetError| {
+        let msg = e.to_string();
+        if msg.contains(&shown) {
+            anyhow!(msg)
+        } else {
+            anyhow!("dataset file {shown}: {msg}; convert it again")
+        }
+    };
+    let ds = Dataset::open(&path).map_err(in_file)?;
     // Every section's CRC-32 (a few hundred MB/s at worst, and it pages the data in for training
     // anyway): a damaged file is refused before hours are spent training on it.
-    ds.verify_all().map_err(|e| anyhow!("{e}"))?;
-    let train = ds.split("train").map_err(|e| anyhow!("{e}"))?;
+    ds.verify_all().map_err(in_file)?;
+    let train = ds.split("train").map_err(in_file)?;
     let test = if ds.has_split("test") {
-        Some(ds.split("test").map_err(|e| anyhow!("{e}"))?)
+        Some(ds.split("test").map_err(in_file)?)
     } else {
         None
     };
@@ -442,7 +452,10 @@ impl Run {
         crate::cpu::set_deterministic(cfg.deterministic);
         let (ds, train, test) = open_data(&cfg)?;
         let centroids = match cfg.loss {
-            LossKind::Pod => Some(pedcc::load(&dir.join("pedcc.safetensors"))?),
+            LossKind::Pod => Some(pedcc::load(&dir.join("pedcc.safetensors")).context(
+                "the run folder's PEDCC cannot be used; restore pedcc.safetensors from a backup \
+                 (it must be the run's own centroids) or start a new run",
+            )?),
             LossKind::Softmax => None,
         };
         let mut ps = ParamStore::new();
