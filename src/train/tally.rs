@@ -58,7 +58,7 @@ mod tests {
             loss_sum: 0.1 + 0.2,
             seen: 224,
             correct: 31,
-            norm_sum: 1234.567_890_123_456_7,
+            norm_sum: 1_234.567_890_123_456_7,
             train_time_s: 3.5,
         };
         let mut extra = std::collections::BTreeMap::new();

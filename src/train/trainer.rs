@@ -754,7 +754,7 @@ impl Run {
         self.delta.end_epoch(mean_norm)?;
         let train_time = earlier_time + started.elapsed().as_secs_f64();
         let test_acc = match &self.test {
-            Some(test) if (epoch + 1) % cfg.eval_every == 0 || epoch + 1 == cfg.epochs => {
+            Some(test) if (epoch + 1).is_multiple_of(cfg.eval_every) || epoch + 1 == cfg.epochs => {
                 let f = eval::extract(
                     &self.net,
                     &mut self.ps,

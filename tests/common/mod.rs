@@ -66,7 +66,7 @@ fn bar_split(
         for _ in 0..c {
             for y in 0..h {
                 for x in 0..w {
-                    let on = if k % 2 == 0 {
+                    let on = if k.is_multiple_of(2) {
                         y == k / 2 + 1
                     } else {
                         x == k / 2 + 1
@@ -177,8 +177,12 @@ pub fn assert_same_checkpoint(a: &Path, b: &Path) {
     assert_eq!(ca.optim.steps, cb.optim.steps);
 }
 
+/// One epoch's numbers that do not depend on timing, as bits: epoch, train loss, train accuracy,
+/// test accuracy, lr, δ, M.
+pub type ExactRecord = (usize, u64, u64, Option<u64>, u64, u64, u64);
+
 /// The per-epoch numbers that do not depend on timing, from `metrics.jsonl`.
-pub fn exact_metrics(run_dir: &Path) -> Vec<(usize, u64, u64, Option<u64>, u64, u64, u64)> {
+pub fn exact_metrics(run_dir: &Path) -> Vec<ExactRecord> {
     podgpu::train::read_jsonl(&run_dir.join("metrics.jsonl"))
         .unwrap()
         .iter()
