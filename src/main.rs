@@ -29,7 +29,39 @@ enum Command {
     Visualize(podgpu::cli::visualize::Args),
 }
 
+/// A panic is a bug in podgpu, not a user error: say so briefly and how to report it, and keep the
+/// raw message and backtrace for when RUST_BACKTRACE asks for them.
+fn install_panic_hook() {
+    if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+        return; // the default hook prints the full trace
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let place = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!(
+            "internal error: podgpu hit a bug ({what}{place}).\n\
+             This is not caused by your input. Please report it with the command you ran and this \
+             message; run again with RUST_BACKTRACE=1 to include a backtrace.\n\
+             The run folder's last checkpoint, if any, is intact: `podgpu train --resume DIR` \
+             continues from it."
+        );
+    }));
+}
+
 fn main() {
+    install_panic_hook();
+    if std::env::var_os("PODGPU_TEST_INTERNAL_PANIC").is_some() {
+        // Lets the test suite check what a user sees on a bug; never set otherwise.
+        panic!("test panic requested by PODGPU_TEST_INTERNAL_PANIC");
+    }
     let cli = Cli::parse();
     let result: anyhow::Result<()> = match cli.command {
         Command::Train(a) => podgpu::cli::train::run(a),
@@ -42,6 +74,10 @@ fn main() {
         Command::Visualize(a) => podgpu::cli::visualize::run(a),
     };
     if let Err(e) = result {
+        if let Some(stop) = e.downcast_ref::<podgpu::train::Interrupted>() {
+            eprintln!("{stop}");
+            std::process::exit(podgpu::train::signal::INTERRUPTED_EXIT_CODE);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -6,8 +6,10 @@
 //! each closure right after running it, so saved activations are freed as soon as they are used.
 //! An inference tape records nothing and keeps nothing.
 
+pub mod anomaly;
 mod params;
 
+pub use anomaly::Anomaly;
 pub use params::{Param, ParamId, ParamKind, ParamStore};
 
 use crate::ops;
@@ -49,6 +51,8 @@ enum NodeKind {
     Op {
         inputs: Vec<usize>,
         backward: Option<BackwardFn>,
+        /// The op's name (see `anomaly::op_name`), for anomaly reports.
+        name: &'static str,
     },
 }
 
@@ -58,6 +62,10 @@ pub struct Tape {
     training: bool,
     /// Gradients of `Input` leaves after `backward`.
     leaf_grads: Vec<(usize, Tensor)>,
+    /// Check every op output and input gradient for non-finite values (`with_anomaly_detection`).
+    detect_anomaly: bool,
+    /// The first non-finite value found while `detect_anomaly` is on.
+    anomaly: Option<Anomaly>,
 }
 
 impl Tape {
@@ -68,6 +76,8 @@ impl Tape {
             recording: true,
             training: true,
             leaf_grads: Vec::new(),
+            detect_anomaly: false,
+            anomaly: None,
         }
     }
 
@@ -78,6 +88,8 @@ impl Tape {
             recording: false,
             training: false,
             leaf_grads: Vec::new(),
+            detect_anomaly: false,
+            anomaly: None,
         }
     }
 
@@ -85,6 +97,18 @@ impl Tape {
     pub fn with_training(mut self, training: bool) -> Tape {
         self.training = training;
         self
+    }
+
+    /// Turns anomaly detection on: every op output (and, in `backward`, every gradient an op computes
+    /// for its inputs) is checked for NaN/inf, and the first found is kept for `anomaly()`. Slow.
+    pub fn with_anomaly_detection(mut self, on: bool) -> Tape {
+        self.detect_anomaly = on;
+        self
+    }
+
+    /// The first non-finite value found by anomaly detection, if any.
+    pub fn anomaly(&self) -> Option<&Anomaly> {
+        self.anomaly.as_ref()
     }
 
     pub fn is_training(&self) -> bool {
@@ -139,18 +163,24 @@ impl Tape {
 
     /// Records an op. `make_backward` runs only when the tape records and an input needs a gradient,
     /// so inference never builds (or saves for) a backward closure.
-    pub fn op(
+    pub fn op<F: FnOnce() -> BackwardFn>(
         &mut self,
         value: Tensor,
         inputs: &[&Var],
-        make_backward: impl FnOnce() -> BackwardFn,
+        make_backward: F,
     ) -> Var {
+        let name = anomaly::op_name::<F>();
+        if self.detect_anomaly && self.anomaly.is_none() {
+            let node = self.nodes.len();
+            self.anomaly = anomaly::check(&value, name, anomaly::Phase::Forward, node);
+        }
         if !self.recording || inputs.iter().all(|v| !v.requires_grad()) {
             return self.constant(value);
         }
         self.nodes.push(NodeKind::Op {
             inputs: inputs.iter().map(|v| v.node).collect(),
             backward: Some(make_backward()),
+            name,
         });
         Var {
             value,
@@ -180,18 +210,26 @@ impl Tape {
             match &mut self.nodes[id] {
                 NodeKind::Param(pid) => store.accumulate_grad(*pid, g),
                 NodeKind::Input => self.leaf_grads.push((id, g)),
-                NodeKind::Op { inputs, backward } => {
+                NodeKind::Op {
+                    inputs,
+                    backward,
+                    name,
+                } => {
                     let Some(f) = backward.take() else {
                         panic!("backward() ran twice over the same tape");
                     };
                     let needs: Vec<bool> = inputs.iter().map(|&i| i != NO_NODE).collect();
                     let input_grads = f(&g, &needs);
                     assert_eq!(input_grads.len(), inputs.len(), "backward arity");
-                    for (&i, ig) in inputs.iter().zip(input_grads) {
+                    for (k, (&i, ig)) in inputs.iter().zip(input_grads).enumerate() {
                         if i == NO_NODE {
                             continue;
                         }
                         if let Some(ig) = ig {
+                            if self.detect_anomaly && self.anomaly.is_none() {
+                                let phase = anomaly::Phase::Backward { input: k };
+                                self.anomaly = anomaly::check(&ig, name, phase, id);
+                            }
                             grads[i] = Some(match grads[i].take() {
                                 Some(acc) => ops::add_fwd(&acc, &ig),
                                 None => ig,

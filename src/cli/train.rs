@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Default)]
+#[command(allow_negative_numbers = true)]
 pub struct Args {
     /// Network: resnet18, resnet34, resnet50 (default), resnet101, resnet152, densenet121, mobilenetv2,
     /// smallcnn (`podgpu models` lists them with sizes).
@@ -120,6 +121,13 @@ pub struct Args {
     /// pedcc-loss: q of the root (MSE)^(1/q) (default 1).
     #[arg(long)]
     pub pedcc_root: Option<f64>,
+    /// Bit-identical weights for a seed whatever the thread count (fixed-order reductions on the CPU).
+    #[arg(long)]
+    pub deterministic: bool,
+    /// Check every op's output and gradients for NaN/inf and name the first op that produced one
+    /// (slow; for debugging a diverging run). May be given with --resume.
+    #[arg(long)]
+    pub detect_anomaly: bool,
 }
 
 impl Args {
@@ -153,7 +161,18 @@ pub fn resolve(a: &Args) -> Result<TrainConfig> {
     macro_rules! set {
         ($($field:ident),*) => { $( if let Some(v) = &a.$field { c.$field = v.clone(); } )* };
     }
-    set!(loss, variant, device, seed, epochs, batch_size, lr, momentum, weight_decay, milestones);
+    set!(
+        loss,
+        variant,
+        device,
+        seed,
+        epochs,
+        batch_size,
+        lr,
+        momentum,
+        weight_decay,
+        milestones
+    );
     set!(gamma, alpha, lambda, width);
     set!(center_lambda, center_alpha, margin_scale, am_margin, arc_margin, cm_m1, cm_m2, cm_m3);
     set!(pedcc_margin, pedcc_scale, pedcc_lambda, pedcc_root);
@@ -180,6 +199,8 @@ pub fn resolve(a: &Args) -> Result<TrainConfig> {
         c.out = a.out.clone();
     }
     c.pedcc_repulsion |= a.pedcc_repulsion;
+    c.deterministic |= a.deterministic;
+    c.detect_anomaly |= a.detect_anomaly;
     if !crate::nn::MODEL_NAMES.contains(&c.model.as_str()) {
         bail!(
             "unknown model `{}`; podgpu has {}",
@@ -204,15 +225,35 @@ pub fn run(a: Args) -> Result<()> {
                 || a.lr.is_some()
                 || a.width.is_some()
                 || a.feature_dim.is_some()
+                || a.momentum.is_some()
+                || a.weight_decay.is_some()
+                || a.milestones.is_some()
+                || a.gamma.is_some()
+                || a.alpha.is_some()
+                || a.lambda.is_some()
+                || a.pedcc.is_some()
+                || a.pedcc_repulsion
+                || a.limit_train.is_some()
+                || a.limit_test.is_some()
+                || a.out.is_some()
+                || a.deterministic
                 || a.loss_settings_given();
             if changes_math {
                 bail!(
-                    "--resume continues a run with its saved settings ({}); only --epochs, --device \
-                     and --threads may be given with it",
+                    "--resume continues a run with its saved settings ({}); only --epochs, --device, \
+                     --threads and --detect-anomaly may be given with it",
                     dir.join("config.toml").display()
                 );
             }
-            trainer::resume(dir, a.epochs, a.device.clone(), a.threads)?
+            trainer::resume_with(
+                dir,
+                trainer::ResumeOptions {
+                    epochs: a.epochs,
+                    device: a.device.clone(),
+                    threads: a.threads,
+                    detect_anomaly: a.detect_anomaly,
+                },
+            )?
         }
         None => trainer::train(resolve(&a)?)?,
     };

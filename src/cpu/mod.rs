@@ -2,12 +2,30 @@
 
 use crate::tensor::Elem;
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Deterministic mode (`podgpu train --deterministic`): every reduction over a batch is split into
+/// chunks that do not depend on the thread count, so a seed gives bit-identical results on any
+/// number of threads. Off by default because the fixed chunking can use fewer threads.
+static DETERMINISTIC: AtomicBool = AtomicBool::new(false);
+
+/// Turns deterministic mode on or off for the whole process.
+pub fn set_deterministic(on: bool) {
+    DETERMINISTIC.store(on, Ordering::Relaxed);
+}
+
+/// Whether deterministic mode is on (see `set_deterministic`).
+pub fn deterministic() -> bool {
+    DETERMINISTIC.load(Ordering::Relaxed)
+}
 
 /// Below this many multiply-adds a loop runs on one thread: rayon's fork/join costs more than it saves.
 pub const PAR_MIN_WORK: usize = 1 << 15;
 
 /// Row-major C[m×n] = alpha·op(A)·op(B) + beta·C, with op = transpose when the flag says so.
-/// A is stored m×k (or k×m when `ta`), B is k×n (or n×k when `tb`). Rows of C are split over rayon.
+/// A is stored m×k (or k×m when `ta`), B is k×n (or n×k when `tb`). Rows of C are split over rayon;
+/// every element is the same dot product in the same order however the rows are split (the split only
+/// changes which thread computes it), so the result does not depend on the thread count.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm<T: Elem>(
     m: usize,

@@ -88,6 +88,32 @@ impl Dataset {
         })
     }
 
+    /// Validates a dataset held in memory (`name` stands for the file in messages), as `open` does a
+    /// file: the fuzz targets and tests use it to reach the reader without the file system.
+    pub fn from_bytes(bytes: &[u8], name: &str) -> Result<Dataset, DatasetError> {
+        let io = |e: std::io::Error| DatasetError::Io {
+            path: name.to_string(),
+            source: e,
+        };
+        if bytes.is_empty() {
+            return Err(DatasetError::Empty {
+                path: name.to_string(),
+            });
+        }
+        let mut map = memmap2::MmapOptions::new()
+            .len(bytes.len())
+            .map_anon()
+            .map_err(io)?;
+        map.copy_from_slice(bytes);
+        let map = map.make_read_only().map_err(io)?;
+        let meta = parse_and_validate(&map, name)?;
+        Ok(Dataset {
+            path: PathBuf::from(name),
+            map: Arc::new(map),
+            meta: Arc::new(meta),
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -315,7 +315,15 @@ impl Loader {
     /// The batches of `epoch`, assembled ahead on a background thread (at most `prefetch` waiting).
     /// Dropping the iterator early stops the thread.
     pub fn epoch(&self, epoch: u64) -> EpochIter {
-        let batches = self.batch_indices(epoch);
+        self.epoch_from(epoch, 0)
+    }
+
+    /// The batches of `epoch` from batch `first` on (each keeps its index within the epoch), as if the
+    /// earlier ones had been taken: a run resumed in the middle of an epoch sees the same batches.
+    pub fn epoch_from(&self, epoch: u64, first: usize) -> EpochIter {
+        let mut batches = self.batch_indices(epoch);
+        let first = first.min(batches.len());
+        batches.drain(..first);
         let total = batches.len();
         let (tx, rx) = sync_channel::<Batch>(self.cfg.prefetch);
         let (recycle_tx, recycle_rx) = channel::<Vec<f32>>();
@@ -323,7 +331,8 @@ impl Loader {
         let handle = std::thread::Builder::new()
             .name(format!("podgpu-loader-{}", self.split.name()))
             .spawn(move || {
-                for (index, indices) in batches.iter().enumerate() {
+                for (k, indices) in batches.iter().enumerate() {
+                    let index = first + k;
                     let buf = recycle_rx.try_recv().unwrap_or_default();
                     let batch = loader.assemble_into(epoch, index, indices, buf);
                     if tx.send(batch).is_err() {

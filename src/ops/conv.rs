@@ -308,7 +308,28 @@ struct Plan {
     per_thread: usize,
 }
 
+/// Image ranges of the weight gradient in deterministic mode: a fixed number, so the partial sums and
+/// the order they are added in do not depend on the thread count (at most this many threads share
+/// the work).
+const DETERMINISTIC_WEIGHT_RANGES: usize = 8;
+
 impl Plan {
+    /// The weight-gradient plan: like `new`, except that in deterministic mode (`cpu::deterministic`)
+    /// the images are split into `DETERMINISTIC_WEIGHT_RANGES` ranges whatever the thread count.
+    /// Forward and data gradient need no such care: each output is one dot product whose order does
+    /// not depend on how the images are spread.
+    fn for_weight_grad(g: &ConvGeom) -> Plan {
+        if !cpu::deterministic() {
+            return Plan::new(g);
+        }
+        let per_thread = g.n.div_ceil(DETERMINISTIC_WEIGHT_RANGES).max(1);
+        Plan {
+            batch_par: true,
+            nb: MIN_GEMM_COLS.div_ceil(g.ohw()).clamp(1, per_thread),
+            per_thread,
+        }
+    }
+
     fn new(g: &ConvGeom) -> Plan {
         let threads = rayon::current_num_threads();
         let batch_par = threads > 1 && g.n >= threads;
@@ -695,7 +716,7 @@ fn conv2d_bwd_weight_host<T: Elem>(
     let (xs, dys) = (x.host::<T>(), dy.host::<T>());
     let (x_img, y_img) = (g.cin * g.hw(), g.cout * g.ohw());
     let w_len = g.cout * g.k_cols();
-    let plan = Plan::new(&g);
+    let plan = Plan::for_weight_grad(&g);
     // Images [a, b) in chunks of `plan.nb`, accumulated into one dw.
     let range = |a: usize, b: usize, par: bool| {
         let mut dw = vec![T::zero(); w_len];

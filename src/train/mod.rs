@@ -1,6 +1,7 @@
 //! Training infrastructure around the trainer loop: configuration, checkpoints, per-epoch metrics,
 //! plots and the progress display.
 
+pub mod anomaly;
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
@@ -9,6 +10,9 @@ pub mod metrics;
 pub mod objective;
 pub mod plot;
 pub mod progress;
+pub mod run_dir;
+pub mod signal;
+pub mod tally;
 pub mod trainer;
 
 pub use checkpoint::{
@@ -19,3 +23,4 @@ pub use config::{HeadKind, LossKind, Precision, TrainConfig, Variant};
 pub use metrics::{read_csv, read_jsonl, EpochRecord, MetricsLog};
 pub use plot::{plot_curves, plot_metrics};
 pub use progress::{Progress, ProgressMode};
+pub use signal::Interrupted;

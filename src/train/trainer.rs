@@ -5,14 +5,23 @@
 //! epoch, the test split is scored by cosine argmax, and metrics, plots and checkpoints are written.
 //! A run folder holds everything needed to resume exactly: `config.toml`, `pedcc.safetensors`,
 //! `last.safetensors` (weights, momentum, epoch, δ, M, RNG state) and the metrics so far.
+//!
+//! Reliability (issue 7): every input is checked before anything is written to the run folder; the
+//! folder is locked against a second trainer; Ctrl-C stops after the current step with a checkpoint
+//! of that exact point (`tally`); a non-finite loss or gradient stops the run naming the step, the
+//! tensor and the last good checkpoint, and `--detect-anomaly` names the first op that produced one.
 
-use super::checkpoint::{load_checkpoint, save_epoch_checkpoints, TrainState};
+use super::anomaly::non_finite_gradient;
+use super::checkpoint::{load_checkpoint, save_checkpoint, save_epoch_checkpoints, TrainState};
 use super::config::{HeadKind, LossKind, TrainConfig};
 use super::eval;
 use super::metrics::{EpochRecord, MetricsLog};
 use super::objective::{register_loss_buffers, Objective};
 use super::plot::plot_metrics;
 use super::progress::Progress;
+use super::run_dir::{self, RunLock};
+use super::signal::{self, Interrupted};
+use super::tally::{self, EpochTally};
 use crate::autograd::{ParamStore, Tape};
 use crate::data::{Dataset, Loader, LoaderConfig, Split};
 use crate::loss::{self, DeltaSchedule, Variant};
@@ -51,6 +60,30 @@ struct Run {
     delta: DeltaSchedule,
     state: TrainState,
     metrics: MetricsLog,
+    /// The sums of an epoch a mid-epoch checkpoint stopped in (resume continues it).
+    pending: Option<EpochTally>,
+    /// What `last.safetensors` on disk holds, for error messages ("end of epoch 3").
+    saved: Option<String>,
+    _lock: RunLock,
+}
+
+/// How an epoch ended.
+enum EpochOutcome {
+    /// Trained through: its metrics record and test accuracy.
+    Done(EpochRecord, Option<f64>),
+    /// Stopped on request after a step; the sums so far.
+    Stopped(EpochTally),
+}
+
+/// What `--resume` may change besides continuing the run as saved.
+#[derive(Clone, Debug, Default)]
+pub struct ResumeOptions {
+    /// Train up to this many epochs in all (extends or shortens the run).
+    pub epochs: Option<usize>,
+    pub device: Option<String>,
+    pub threads: Option<usize>,
+    /// Turn `--detect-anomaly` on for the rest of the run.
+    pub detect_anomaly: bool,
 }
 
 /// The stem that suits an input size (DESIGN.md §1.7): CIFAR up to 32 px, the CIFAR stem with
@@ -76,7 +109,20 @@ pub fn resume(
     device: Option<String>,
     threads: Option<usize>,
 ) -> Result<RunSummary> {
-    let run = Run::resumed(dir, epochs, device, threads)?;
+    resume_with(
+        dir,
+        ResumeOptions {
+            epochs,
+            device,
+            threads,
+            detect_anomaly: false,
+        },
+    )
+}
+
+/// Continues the run in `dir` from its last checkpoint with the given changes.
+pub fn resume_with(dir: &Path, opts: ResumeOptions) -> Result<RunSummary> {
+    let run = Run::resumed(dir, opts)?;
     run.go()
 }
 
@@ -89,6 +135,7 @@ fn prepare(cfg: &TrainConfig) -> Result<(Device, Dataset, Split, Option<Split>)>
         println!("{note}");
     }
     set_threads(cfg.threads);
+    crate::cpu::set_deterministic(cfg.deterministic);
     let (ds, train, test) = open_data(cfg)?;
     Ok((device, ds, train, test))
 }
@@ -98,13 +145,45 @@ fn open_data(cfg: &TrainConfig) -> Result<(Dataset, Split, Option<Split>)> {
         .data
         .clone()
         .unwrap_or_else(crate::data::default_dataset_path);
-    let ds = Dataset::open(&path).map_err(|e| anyhow!("{e}"))?;
-    let train = ds.split("train").map_err(|e| anyhow!("{e}"))?;
+    // Every message names the file (some dataset errors only name the split).
+    let shown = path.display().to_string();
+    let in_file = |e: crate::data::DatasetError| {
+        let msg = e.to_string();
+        if msg.contains(&shown) {
+            anyhow!(msg)
+        } else {
+            anyhow!("dataset file {shown}: {msg}; convert it again")
+        }
+    };
+    let ds = Dataset::open(&path).map_err(in_file)?;
+    // Every section's CRC-32 (a few hundred MB/s at worst, and it pages the data in for training
+    // anyway): a damaged file is refused before hours are spent training on it.
+    ds.verify_all().map_err(in_file)?;
+    let train = ds.split("train").map_err(in_file)?;
     let test = if ds.has_split("test") {
-        Some(ds.split("test").map_err(|e| anyhow!("{e}"))?)
+        Some(ds.split("test").map_err(in_file)?)
     } else {
         None
     };
+    if ds.num_classes() < 2 {
+        bail!(
+            "dataset {} has {} class; classification (and a PEDCC, which needs K ≥ 2 centroids) \
+             needs at least 2 classes",
+            path.display(),
+            ds.num_classes()
+        );
+    }
+    if let Some(t) = &test {
+        if t.image_shape() != train.image_shape() {
+            let [c, h, w] = train.image_shape();
+            let [tc, th, tw] = t.image_shape();
+            bail!(
+                "dataset {}: the test images are {tc}×{th}×{tw} but the training images \
+                 {c}×{h}×{w}; both splits must have one image size (convert the dataset again)",
+                path.display()
+            );
+        }
+    }
     let n = cfg.limit_train.unwrap_or(train.len()).min(train.len());
     if cfg.batch_size > n {
         bail!(
@@ -155,10 +234,29 @@ pub fn build_network(
     Ok(net)
 }
 
-/// The PEDCC for a fresh run, from `--pedcc FILE` or generated from the seed, saved into the run
-/// folder as `pedcc.safetensors` (resume reads it from there).
-fn make_pedcc(cfg: &TrainConfig, classes: usize, dim: usize, dir: &Path) -> Result<Tensor> {
-    let keep = dir.join("pedcc.safetensors");
+/// A fresh run's PEDCC before it is written into the run folder.
+enum NewPedcc {
+    /// The bytes of a `--pedcc FILE`, copied as they are.
+    File(Vec<u8>),
+    Generated(pedcc::Pedcc),
+}
+
+impl NewPedcc {
+    /// Writes `pedcc.safetensors` into the run folder and reads it back, so that a fresh run trains
+    /// with exactly the centroids a resumed one will load.
+    fn save(&self, dir: &Path) -> Result<Tensor> {
+        let keep = dir.join("pedcc.safetensors");
+        match self {
+            NewPedcc::File(bytes) => super::write_atomic(&keep, bytes)?,
+            NewPedcc::Generated(p) => pedcc::save(&keep, p)?,
+        }
+        pedcc::load(&keep)
+    }
+}
+
+/// The PEDCC for a fresh run, from `--pedcc FILE` or generated from the seed; nothing is written yet
+/// (see `NewPedcc::save`; resume reads `pedcc.safetensors` from the run folder).
+fn make_pedcc(cfg: &TrainConfig, classes: usize, dim: usize) -> Result<(Tensor, NewPedcc)> {
     if let Some(path) = &cfg.pedcc {
         let p = pedcc::load(path)?;
         if p.shape() != [classes, dim] {
@@ -171,8 +269,7 @@ fn make_pedcc(cfg: &TrainConfig, classes: usize, dim: usize, dir: &Path) -> Resu
             );
         }
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        super::write_atomic(&keep, &bytes)?;
-        return Ok(p);
+        return Ok((p, NewPedcc::File(bytes)));
     }
     let method = if classes > dim + 1 {
         if !cfg.pedcc_repulsion {
@@ -189,8 +286,20 @@ fn make_pedcc(cfg: &TrainConfig, classes: usize, dim: usize, dir: &Path) -> Resu
         Method::Simplex
     };
     let p = pedcc::generate(classes, dim, cfg.seed, method)?;
-    pedcc::save(&keep, &p)?;
-    Ok(p.to_tensor())
+    Ok((p.to_tensor(), NewPedcc::Generated(p)))
+}
+
+/// A fresh run must not overwrite another run's checkpoint.
+fn refuse_existing_run(dir: &Path) -> Result<()> {
+    if dir.join("last.safetensors").exists() {
+        bail!(
+            "{} already holds a run (last.safetensors); continue it with `podgpu train --resume {}` \
+             or choose another --out",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 fn default_run_dir(cfg: &TrainConfig) -> PathBuf {
@@ -227,33 +336,51 @@ impl Run {
     fn fresh(cfg: TrainConfig) -> Result<Run> {
         let (device, ds, train, test) = prepare(&cfg)?;
         let dir = cfg.out.clone().unwrap_or_else(|| default_run_dir(&cfg));
-        if dir.join("last.safetensors").exists() {
-            bail!(
-                "{} already holds a run (last.safetensors); continue it with `podgpu train --resume {}` \
-                 or choose another --out",
-                dir.display(),
-                dir.display()
-            );
-        }
-        std::fs::create_dir_all(&dir).with_context(|| {
-            format!("could not create the run folder {}; choose a writable --out", dir.display())
-        })?;
+        // Everything that can be wrong with the inputs is found before the run folder is touched, so
+        // a refused run leaves nothing behind that looks like a run.
+        refuse_existing_run(&dir)?;
         let classes = ds.num_classes();
         let dim = cfg
             .feature_dim
             .unwrap_or_else(|| pedcc::recommended_dim(classes));
-        let centroids = match cfg.loss.uses_pedcc() {
-            true => Some(make_pedcc(&cfg, classes, dim, &dir)?),
+        let new_pedcc = match cfg.loss.uses_pedcc() {
+            true => Some(make_pedcc(&cfg, classes, dim)?),
             false => None,
         };
         let mut ps = ParamStore::new();
-        let net = build_network(&cfg, &ds, &train, centroids.as_ref(), &mut ps)?;
+        let net = build_network(
+            &cfg,
+            &ds,
+            &train,
+            new_pedcc.as_ref().map(|(p, _)| p),
+            &mut ps,
+        )?;
+        if dir.exists() && !dir.is_dir() {
+            bail!(
+                "--out {} is a file, not a folder; choose another --out",
+                dir.display()
+            );
+        }
+        std::fs::create_dir_all(&dir).with_context(|| {
+            format!(
+                "could not create the run folder {}; choose a writable --out",
+                dir.display()
+            )
+        })?;
+        let lock = run_dir::lock(&dir)?;
+        refuse_existing_run(&dir)?;
+        run_dir::remove_stale_temp_files(&dir)?;
+        let centroids = match &new_pedcc {
+            Some((_, p)) => Some(p.save(&dir)?),
+            None => None,
+        };
         ps.to_device(device);
         cfg.save(&dir.join("config.toml"))?;
         let sgd = Sgd::new(cfg.momentum, cfg.weight_decay, cfg.nesterov)?;
         let schedule = StepSchedule::new(cfg.lr, &cfg.milestones, cfg.gamma)?;
         let delta = DeltaSchedule::resume(cfg.variant, cfg.alpha, 0, cfg.initial_mean_norm);
-        let mut state = TrainState::new(cfg.model.clone(), cfg.to_json(), Rng::new(cfg.seed).state());
+        let mut state =
+            TrainState::new(cfg.model.clone(), cfg.to_json(), Rng::new(cfg.seed).state());
         state.delta = delta.delta();
         state.mean_norm = delta.mean_norm();
         let metrics = MetricsLog::create(&dir)?;
@@ -272,16 +399,30 @@ impl Run {
             delta,
             state,
             metrics,
+            pending: None,
+            saved: None,
+            _lock: lock,
         })
     }
 
-    fn resumed(
-        dir: &Path,
-        epochs: Option<usize>,
-        device: Option<String>,
-        threads: Option<usize>,
-    ) -> Result<Run> {
+    fn resumed(dir: &Path, opts: ResumeOptions) -> Result<Run> {
         let ckpt_path = dir.join("last.safetensors");
+        if !dir.is_dir() {
+            bail!(
+                "--resume {}: no such run folder; give the folder of an earlier `podgpu train` \
+                 (its --out)",
+                dir.display()
+            );
+        }
+        let lock = run_dir::lock(dir)?;
+        let stale = run_dir::remove_stale_temp_files(dir)?;
+        if !stale.is_empty() {
+            println!(
+                "removed {} temporary file(s) left by an interrupted write: {}",
+                stale.len(),
+                stale.join(", ")
+            );
+        }
         if !ckpt_path.exists() {
             bail!(
                 "{} has no checkpoint (last.safetensors) to resume from; start a new run with \
@@ -292,19 +433,25 @@ impl Run {
         let ckpt = load_checkpoint(&ckpt_path)?;
         let mut cfg = TrainConfig::from_json(&ckpt.state.config)
             .with_context(|| format!("the configuration saved in {}", ckpt_path.display()))?;
-        if let Some(e) = epochs {
+        if let Some(e) = opts.epochs {
             cfg.epochs = e;
         }
-        if let Some(d) = device {
+        if let Some(d) = opts.device {
             cfg.device = d;
         }
-        if threads.is_some() {
-            cfg.threads = threads;
+        if opts.threads.is_some() {
+            cfg.threads = opts.threads;
         }
+        cfg.detect_anomaly |= opts.detect_anomaly;
         cfg.out = Some(dir.to_path_buf());
+        let pending = EpochTally::from_extra(&ckpt.state.extra)
+            .with_context(|| format!("checkpoint {}", ckpt_path.display()))?;
         let (device, ds, train, test) = prepare(&cfg)?;
         let centroids = match cfg.loss.uses_pedcc() {
-            true => Some(pedcc::load(&dir.join("pedcc.safetensors"))?),
+            true => Some(pedcc::load(&dir.join("pedcc.safetensors")).context(
+                "the run folder's PEDCC cannot be used; restore pedcc.safetensors from a backup \
+                 (it must be the run's own centroids) or start a new run",
+            )?),
             false => None,
         };
         let mut ps = ParamStore::new();
@@ -314,16 +461,21 @@ impl Run {
         let mut sgd = Sgd::new(cfg.momentum, cfg.weight_decay, cfg.nesterov)?;
         sgd.load_state(ckpt.optim.clone(), &ps)?;
         let schedule = StepSchedule::new(cfg.lr, &cfg.milestones, cfg.gamma)?;
-        let state = ckpt.state.clone();
+        let mut state = ckpt.state.clone();
+        // Later checkpoints record the settings now in force (e.g. an extended --epochs).
+        state.config = cfg.to_json();
         let delta = DeltaSchedule::resume(cfg.variant, cfg.alpha, state.epoch, state.mean_norm);
         let metrics = MetricsLog::resume(dir, state.epoch + 1)?;
         cfg.save(&dir.join("config.toml"))?;
+        let saved = match &pending {
+            Some(t) => format!("epoch {}, after batch {}", state.epoch + 1, t.next_batch),
+            None => format!("end of epoch {}", state.epoch),
+        };
         println!(
-            "resuming {} from epoch {} of {} ({})",
+            "resuming {} from {} ({saved}), training to epoch {}",
             dir.display(),
-            state.epoch,
-            cfg.epochs,
-            ckpt_path.display()
+            ckpt_path.display(),
+            cfg.epochs
         );
         let objective = Objective::new(&cfg, centroids.map(|p| p.to_device(device)), &ps)?;
         Ok(Run {
@@ -340,10 +492,34 @@ impl Run {
             delta,
             state,
             metrics,
+            pending,
+            saved: Some(saved),
+            _lock: lock,
         })
     }
 
+    /// What to do after the numerics went wrong: where the last good state is, and that a resume
+    /// would repeat the same settings.
+    fn recovery_advice(&self) -> String {
+        let last = self.dir.join("last.safetensors");
+        match &self.saved {
+            Some(at) => format!(
+                "The last good checkpoint is {} ({at}); `podgpu train --resume {}` continues from it \
+                 with the same settings, so to change them (e.g. a lower --lr) start a new run",
+                last.display(),
+                self.dir.display()
+            ),
+            None => "No checkpoint was written yet (the run failed in its first epoch); start \
+                     again with a lower --lr or check the data"
+                .into(),
+        }
+    }
+
     fn go(mut self) -> Result<RunSummary> {
+        // Before anything is printed, so that a Ctrl-C after the header always checkpoints.
+        if let Err(e) = signal::install() {
+            eprintln!("warning: Ctrl-C will not save a checkpoint ({e})");
+        }
         let cfg = self.cfg.clone();
         let train_loader = Loader::new(
             self.train.clone(),
@@ -374,11 +550,20 @@ impl Run {
             self.ps.count(crate::ParamKind::Trainable)
         );
         println!("run folder: {}", self.dir.display());
+        if cfg.deterministic {
+            println!("deterministic mode: results do not depend on the thread count");
+        }
         let mut last_loss = f64::NAN;
         let mut last_acc = None;
         let start_epoch = self.state.epoch;
         for epoch in start_epoch..cfg.epochs {
-            let (rec, test_acc) = self.train_epoch(&train_loader, epoch)?;
+            let pending = self.pending.take();
+            let (rec, test_acc) = match self.train_epoch(&train_loader, epoch, pending)? {
+                EpochOutcome::Done(rec, test_acc) => (rec, test_acc),
+                EpochOutcome::Stopped(tally) => {
+                    return Err(self.save_interrupted(tally, train_loader.batches_per_epoch())?)
+                }
+            };
             last_loss = rec.train_loss;
             last_acc = test_acc;
             self.metrics.append(rec.clone())?;
@@ -386,7 +571,26 @@ impl Run {
             self.state.epoch = epoch + 1;
             self.state.delta = self.delta.delta();
             self.state.mean_norm = self.delta.mean_norm();
-            save_epoch_checkpoints(&self.dir, &self.ps, self.sgd.state(), &mut self.state, test_acc)?;
+            self.state.extra.remove(tally::EXTRA_KEY);
+            save_epoch_checkpoints(
+                &self.dir,
+                &self.ps,
+                self.sgd.state(),
+                &mut self.state,
+                test_acc,
+            )?;
+            self.saved = Some(format!("end of epoch {}", epoch + 1));
+            if signal::stop_requested() && epoch + 1 < cfg.epochs {
+                // The signal came during evaluation or saving: the epoch is complete and saved.
+                return Err(Interrupted {
+                    run_dir: self.dir.clone(),
+                    epoch: epoch + 1,
+                    batches_done: 0,
+                    batches_per_epoch: train_loader.batches_per_epoch(),
+                    global_step: self.state.global_step,
+                }
+                .into());
+            }
         }
         println!(
             "done: metrics in {}, plots {} and {}, checkpoint {}",
@@ -404,64 +608,140 @@ impl Run {
         })
     }
 
-    /// One epoch of training plus the evaluation; returns the metrics record and the test accuracy.
-    fn train_epoch(&mut self, loader: &Loader, epoch: usize) -> Result<(EpochRecord, Option<f64>)> {
+    /// Writes the checkpoint of a run stopped mid-epoch (the epoch's sums included) and returns the
+    /// `Interrupted` error that tells the user how to resume.
+    fn save_interrupted(
+        &mut self,
+        tally: EpochTally,
+        batches_per_epoch: usize,
+    ) -> Result<anyhow::Error> {
+        let batches_done = tally.next_batch;
+        self.state
+            .extra
+            .insert(tally::EXTRA_KEY.to_string(), tally.to_value());
+        save_checkpoint(
+            &self.dir.join("last.safetensors"),
+            &self.ps,
+            self.sgd.state(),
+            &self.state,
+        )?;
+        Ok(Interrupted {
+            run_dir: self.dir.clone(),
+            epoch: self.state.epoch,
+            batches_done,
+            batches_per_epoch,
+            global_step: self.state.global_step,
+        }
+        .into())
+    }
+
+    /// One epoch of training plus the evaluation (from the middle when `resume` holds the sums of a
+    /// stopped epoch). Stops early, without evaluating, when a stop was requested.
+    fn train_epoch(
+        &mut self,
+        loader: &Loader,
+        epoch: usize,
+        resume: Option<EpochTally>,
+    ) -> Result<EpochOutcome> {
         let cfg = &self.cfg;
         let lr = self.schedule.lr_at(epoch);
-        if cfg.variant == Variant::Reference && self.schedule.is_milestone(epoch) {
+        let mut tally = resume.unwrap_or_default();
+        if tally.next_batch == 0
+            && cfg.variant == Variant::Reference
+            && self.schedule.is_milestone(epoch)
+        {
             // The reference code re-creates its optimizer at each lr step (DESIGN.md §1.6.4).
             self.sgd.reset_momentum();
         }
         let delta = self.delta.delta();
         let started = Instant::now();
-        let mut progress = Progress::new(loader.batches_per_epoch(), epoch + 1, cfg.epochs);
-        let (mut loss_sum, mut seen, mut correct, mut norm_sum) = (0.0, 0usize, 0usize, 0.0);
-        for batch in loader.epoch(epoch as u64) {
+        let total_batches = loader.batches_per_epoch();
+        let mut progress = Progress::new(total_batches, epoch + 1, cfg.epochs);
+        for batch in loader.epoch_from(epoch as u64, tally.next_batch) {
             let b = batch.labels.len();
+            let index = batch.index;
+            tally.next_batch = index + 1;
             if b < 2 {
                 // Batch norm and SC need at least two samples; a last batch of one is skipped.
                 continue;
             }
-            let index = batch.index;
             let (images, labels) = batch.into_parts();
             let labels: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
-            let mut tape = Tape::train();
+            let mut tape = Tape::train().with_anomaly_detection(cfg.detect_anomaly);
             let x = tape.constant(images.to_device(self.device));
             let out = self.net.forward(&mut tape, &mut self.ps, &x);
             let labels_t = loss::labels_tensor(&labels, out.features.value());
             let l = self.objective.loss(&mut tape, &self.ps, &out, &labels_t, delta);
+            let at = format!(
+                "epoch {}, batch {} of {total_batches} (step {})",
+                epoch + 1,
+                index + 1,
+                self.state.global_step + 1
+            );
+            if let Some(a) = tape.anomaly() {
+                bail!("--detect-anomaly at {at}: {a}. {}", self.recovery_advice());
+            }
             let lv = l.value().item();
             if !lv.is_finite() {
                 bail!(
-                    "the loss became {lv} at epoch {}, batch {index} (step {}): training diverged. \
-                     The last good checkpoint is {} (from the end of epoch {}); lower --lr and \
-                     resume from it or start again",
-                    epoch + 1,
-                    self.state.global_step,
-                    self.dir.join("last.safetensors").display(),
-                    self.state.epoch
+                    "the loss became {lv} at {at}: training diverged. {} (--detect-anomaly finds \
+                     the first op that produced a non-finite value)",
+                    self.recovery_advice()
                 );
             }
             tape.backward(&l, &mut self.ps);
+            if let Some(a) = tape.anomaly() {
+                bail!("--detect-anomaly at {at}: {a}. {}", self.recovery_advice());
+            }
             drop(tape);
+            if let Some(bad) = non_finite_gradient(&self.ps) {
+                // Checked before the update, so the weights in memory are still the last good ones.
+                bail!(
+                    "a non-finite gradient at {at} (the loss was {lv}): {bad}. {} \
+                     (--detect-anomaly finds the first op that produced a non-finite value)",
+                    self.recovery_advice()
+                );
+            }
             self.sgd.step(&mut self.ps, lr);
             self.ps.zero_grad();
             self.objective.after_step(&self.net, &mut self.ps, x.value(), &out, &labels_t, lr);
             self.state.global_step += 1;
-            loss_sum += lv * b as f64;
-            seen += b;
-            correct += loss::count_correct(out.logits.value(), &labels);
-            norm_sum += loss::delta_norm_sum(cfg.variant, out.features.value(), out.logits.value());
+            tally.loss_sum += lv * b as f64;
+            tally.seen += b;
+            tally.correct += loss::count_correct(out.logits.value(), &labels);
+            tally.norm_sum +=
+                loss::delta_norm_sum(cfg.variant, out.features.value(), out.logits.value());
             progress.update(index, b, lv);
+            if signal::stop_requested() && tally.next_batch < total_batches {
+                tally.train_time_s += started.elapsed().as_secs_f64();
+                progress.finish(&format!(
+                    "epoch {:>3}/{}  stopped after batch {} of {total_batches} on request",
+                    epoch + 1,
+                    cfg.epochs,
+                    tally.next_batch
+                ));
+                return Ok(EpochOutcome::Stopped(tally));
+            }
         }
+        let EpochTally {
+            loss_sum,
+            seen,
+            correct,
+            norm_sum,
+            train_time_s: earlier_time,
+            ..
+        } = tally;
         if seen == 0 {
-            bail!("epoch {} saw no training batch of at least 2 images", epoch + 1);
+            bail!(
+                "epoch {} saw no training batch of at least 2 images",
+                epoch + 1
+            );
         }
         let mean_norm = norm_sum / seen as f64;
-        if cfg.loss.uses_delta() {
-            self.delta.end_epoch(mean_norm)?;
-        }
-        let train_time = started.elapsed().as_secs_f64();
+        // The schedule advances for every loss (only POD uses δ), so that its saved state is the
+        // same whether a run went straight through or was resumed.
+        self.delta.end_epoch(mean_norm)?;
+        let train_time = earlier_time + started.elapsed().as_secs_f64();
         let test_acc = match &self.test {
             Some(test) if (epoch + 1).is_multiple_of(cfg.eval_every) || epoch + 1 == cfg.epochs => {
                 let f = eval::extract(
@@ -484,7 +764,7 @@ impl Run {
         rec.delta = if cfg.loss.uses_delta() { delta } else { f64::NAN };
         rec.mean_norm = mean_norm;
         rec.images_per_s = seen as f64 / train_time;
-        rec.epoch_time_s = started.elapsed().as_secs_f64();
+        rec.epoch_time_s = earlier_time + started.elapsed().as_secs_f64();
         rec.peak_mem_bytes = peak_memory(self.device);
         progress.finish(&format!(
             "epoch {:>3}/{}  loss {:.4}  train acc {:.2}%  test acc {}  lr {:.3e}  δ {:.4}  M {:.3}  \
@@ -500,7 +780,7 @@ impl Run {
             rec.images_per_s,
             rec.epoch_time_s
         ));
-        Ok((rec, test_acc))
+        Ok(EpochOutcome::Done(rec, test_acc))
     }
 }
 

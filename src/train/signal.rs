@@ -1,0 +1,97 @@
+//! Ctrl-C (SIGINT) and SIGTERM during training: the handler only sets a flag; the training loop
+//! checks it after every step, writes a checkpoint of where it stopped and exits with a message
+//! saying how to resume. A second signal while the checkpoint is being written ends the process at
+//! once (the handler is reset to the default after the first one), which still leaves the previous
+//! checkpoint intact because checkpoints are written atomically.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Exit status of a run stopped by a signal: 128 + SIGINT, as shells report Ctrl-C.
+pub const INTERRUPTED_EXIT_CODE: i32 = 130;
+
+extern "C" fn on_signal(_: libc::c_int) {
+    // Only an atomic store: the one thing a signal handler may safely do here.
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Installs the SIGINT/SIGTERM handler (idempotent). Errors only if the OS refuses.
+#[cfg(unix)]
+pub fn install() -> std::io::Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; the handler only
+        // touches an atomic; SA_RESETHAND makes a second signal take the default action (exit).
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESETHAND | libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            if libc::sigaction(sig, &action, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+pub fn install() -> std::io::Result<()> {
+    Ok(())
+}
+
+/// Whether a stop was requested (by a signal or `request_stop`).
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+/// Asks the training loop to stop after its current step, as Ctrl-C does (tests, embedding code).
+pub fn request_stop() {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Clears a stop request (a library caller that wants to train again in the same process).
+pub fn clear_stop() {
+    STOP.store(false, Ordering::SeqCst);
+}
+
+/// The error a run returns when it stopped on request. Its message says what was saved and how to
+/// continue; `podgpu` prints it without the `error:` prefix and exits with `INTERRUPTED_EXIT_CODE`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Interrupted {
+    pub run_dir: PathBuf,
+    /// Completed epochs.
+    pub epoch: usize,
+    /// Steps taken in the unfinished epoch (0 when it stopped between epochs).
+    pub batches_done: usize,
+    pub batches_per_epoch: usize,
+    pub global_step: u64,
+}
+
+impl fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dir = self.run_dir.display();
+        let last = self.run_dir.join("last.safetensors");
+        let at = if self.batches_done == 0 {
+            format!("after epoch {}", self.epoch)
+        } else {
+            format!(
+                "in epoch {} after batch {} of {}",
+                self.epoch + 1,
+                self.batches_done,
+                self.batches_per_epoch
+            )
+        };
+        write!(
+            f,
+            "interrupted: stopped {at} (step {}); the checkpoint {} holds this point exactly. \
+             Continue with `podgpu train --resume {dir}`",
+            self.global_step,
+            last.display()
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}

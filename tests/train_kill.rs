@@ -1,0 +1,248 @@
+//! Crash safety (issue 7): `podgpu train` is killed at random points — SIGKILL (no chance to clean
+//! up) and SIGINT (Ctrl-C: stop after the step, checkpoint that exact point) — and resumed with
+//! `--resume` each time. Every resume must find a valid checkpoint, and the run must end with the
+//! same weights, training state and metrics as a run that was never interrupted (deterministic mode).
+
+mod common;
+
+use common::*;
+use podgpu::rng::Rng;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+fn fresh_args(data: &Path, out: &Path) -> Vec<String> {
+    fresh_args_epochs(data, out, 5)
+}
+
+fn fresh_args_epochs(data: &Path, out: &Path, epochs: usize) -> Vec<String> {
+    let epochs = epochs.to_string();
+    [
+        "train",
+        "resnet18",
+        "--width",
+        "2",
+        "--batch-size",
+        "16",
+        "--epochs",
+        &epochs,
+        "--threads",
+        "2",
+        "--device",
+        "cpu",
+        "--seed",
+        "21",
+        "--deterministic",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn start(args: &[String], stderr_to: &Path) -> Child {
+    podgpu()
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(stderr_to).unwrap())
+        .spawn()
+        .expect("cannot start podgpu")
+}
+
+fn signal(child: &Child, sig: libc::c_int) {
+    // SAFETY: sends a signal to our own child process, which has not been reaped yet.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, sig);
+    }
+}
+
+fn temp_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| podgpu::train::run_dir::is_temp_file_name(n))
+        .collect()
+}
+
+#[test]
+fn killed_and_resumed_runs_end_with_the_weights_of_an_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("tiny.bin");
+    tiny_dataset(&data, 12, 3, 320, 30);
+    let log = tmp.path().join("stderr.txt");
+
+    // A one-epoch probe sizes the run to about two seconds whatever the build profile and machine
+    // (the kill points need a run that lasts); then the uninterrupted reference, timed to choose kill
+    // points across the whole run.
+    let t0 = Instant::now();
+    let probe = podgpu()
+        .args(fresh_args_epochs(&data, &tmp.path().join("probe"), 1))
+        .output()
+        .unwrap();
+    assert_ok(&probe);
+    let epochs = (2.0 / t0.elapsed().as_secs_f64()).ceil().clamp(4.0, 40.0) as usize;
+    let fresh_args = |data: &Path, out: &Path| fresh_args_epochs(data, out, epochs);
+    let reference = tmp.path().join("reference");
+    let t0 = Instant::now();
+    let o = podgpu()
+        .args(fresh_args(&data, &reference))
+        .output()
+        .unwrap();
+    assert_ok(&o);
+    let full = t0.elapsed();
+
+    let dir = tmp.path().join("killed");
+    let mut rng = Rng::new(7);
+    let (mut kills, mut interrupts, mut resumes) = (0, 0, 0);
+    let mut finished = false;
+    for attempt in 0..40 {
+        let resuming = dir.join("last.safetensors").exists();
+        let args = if resuming {
+            resumes += 1;
+            ["train", "--resume", dir.to_str().unwrap()]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        } else {
+            fresh_args(&data, &dir)
+        };
+        let mut child = start(&args, &log);
+        // Up to 12 interruptions at random moments within the first sixth of a full run's time (each
+        // attempt has less left to do), then let it finish.
+        if attempt < 12 {
+            let wait = full.mul_f64(0.02 + 0.15 * rng.uniform());
+            std::thread::sleep(wait);
+            if child.try_wait().unwrap().is_none() {
+                let sigint = attempt % 3 == 2;
+                signal(&child, if sigint { libc::SIGINT } else { libc::SIGKILL });
+                let status = child.wait().unwrap();
+                let err = std::fs::read_to_string(&log).unwrap();
+                if sigint {
+                    interrupts += 1;
+                    // Before the handler is installed SIGINT just ends the process; after, podgpu
+                    // saves and says how to resume, with status 130.
+                    if status.code() == Some(130) {
+                        assert!(
+                            err.contains("interrupted") && err.contains("podgpu train --resume"),
+                            "{err}"
+                        );
+                    } else if status.code().is_some() {
+                        assert!(status.success(), "status {status:?} after SIGINT:\n{err}");
+                    }
+                } else {
+                    kills += 1;
+                }
+                assert!(
+                    !err.contains("panicked") && !err.contains("internal error"),
+                    "{err}"
+                );
+                if status.success() {
+                    finished = true;
+                    break;
+                }
+                continue;
+            }
+        }
+        let status = child.wait().unwrap();
+        let err = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            status.success(),
+            "attempt {attempt} failed ({status:?}):\n{err}"
+        );
+        finished = true;
+        break;
+    }
+    assert!(finished, "the run never finished");
+    assert!(
+        kills + interrupts >= 3,
+        "only {kills} kills and {interrupts} interrupts landed (a full run takes {full:?})"
+    );
+    assert!(resumes >= 1, "no resume happened");
+    assert_same_checkpoint(
+        &reference.join("last.safetensors"),
+        &dir.join("last.safetensors"),
+    );
+    assert_eq!(exact_metrics(&reference), exact_metrics(&dir));
+    assert!(temp_files(&dir).is_empty(), "{:?}", temp_files(&dir));
+    eprintln!(
+        "{kills} SIGKILLs, {interrupts} SIGINTs, {resumes} resumes; {epochs} epochs in {full:?}"
+    );
+}
+
+/// Ctrl-C in the middle of an epoch: status 130, a message naming the resume command, a checkpoint of
+/// that exact step, and resuming from it gives the uninterrupted result.
+#[test]
+fn sigint_mid_epoch_checkpoints_the_exact_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("tiny.bin");
+    tiny_dataset(&data, 12, 3, 480, 30);
+    let reference = tmp.path().join("reference");
+    let dir = tmp.path().join("stopped");
+    let mut args = fresh_args(&data, &reference);
+    let epochs = args.iter().position(|a| a == "--epochs").unwrap();
+    args[epochs + 1] = "1".into();
+    assert_ok(&podgpu().args(&args).output().unwrap());
+
+    let mut args = fresh_args(&data, &dir);
+    args[epochs + 1] = "1".into();
+    let log = tmp.path().join("stderr.txt");
+    let mut child = podgpu()
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Signal as soon as training has started (the header line; the handler is installed before it).
+    // The output is drained to the end so that podgpu never writes into a closed pipe.
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    let drain = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut text = String::new();
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line.unwrap();
+            if line.starts_with("run folder") {
+                let _ = started_tx.send(());
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    started_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("podgpu did not start training");
+    signal(&child, libc::SIGINT);
+    let status = child.wait().unwrap();
+    let out = drain.join().unwrap();
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(130), "{out}\n{err}");
+    assert!(out.contains("stopped after batch"), "{out}");
+    assert!(err.contains("in epoch 1 after batch"), "{err}");
+    assert!(
+        err.contains(&format!("podgpu train --resume {}", dir.display())),
+        "{err}"
+    );
+    let ck = podgpu::train::load_checkpoint(&dir.join("last.safetensors")).unwrap();
+    assert_eq!(ck.state.epoch, 0);
+    let tally = podgpu::train::tally::EpochTally::from_extra(&ck.state.extra)
+        .unwrap()
+        .expect("a mid-epoch checkpoint records the epoch's sums");
+    assert!(tally.next_batch >= 1 && tally.next_batch < 30, "{tally:?}");
+    assert_eq!(ck.state.global_step as usize, tally.next_batch);
+
+    let o = podgpu()
+        .args(["train", "--resume", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_ok(&o);
+    assert!(text(&o).0.contains("after batch"), "{}", text(&o).0);
+    assert_same_checkpoint(
+        &reference.join("last.safetensors"),
+        &dir.join("last.safetensors"),
+    );
+    assert_eq!(exact_metrics(&reference), exact_metrics(&dir));
+}
