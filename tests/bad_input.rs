@@ -348,11 +348,11 @@ fn unknown_model() {
 #[test]
 fn unknown_loss() {
     let s = Setup::new();
-    let o = s.train(&s.data(), &s.path("run"), &["--loss", "arcface"]);
+    let o = s.train(&s.data(), &s.path("run"), &["--loss", "triplet"]);
     assert_refused(
         &o,
         2,
-        &["invalid value 'arcface'", "possible values: pod, softmax"],
+        &["invalid value 'triplet'", "possible values: pod, softmax"],
     );
     assert!(!s.path("run").exists());
 }
