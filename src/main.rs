@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "podgpu", version, about = "Train image classifiers with the POD loss on GPU or CPU")]
+#[command(
+    name = "podgpu",
+    version,
+    about = "Train image classifiers with the POD loss on GPU or CPU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -89,5 +89,8 @@ fn inference_tape_records_nothing_and_frozen_params_get_no_grad() {
     let l = ops::matmul(&mut t, &ones_row, false, &l, false);
     t.backward(&l, &mut store);
     assert!(store.get(w).grad.is_some());
-    assert!(store.get(p).grad.is_none(), "the frozen PEDCC head must never get a gradient");
+    assert!(
+        store.get(p).grad.is_none(),
+        "the frozen PEDCC head must never get a gradient"
+    );
 }

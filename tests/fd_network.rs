@@ -50,7 +50,9 @@ fn check_network(arch: &str, width: usize, variant: Variant, max_elems: usize, e
         },
     );
     // Every trainable tensor was checked, from the stem to FC1; the frozen head gets no gradient.
-    assert!(reports.iter().any(|r| r.name == "param pre_layers.0.weight"));
+    assert!(reports
+        .iter()
+        .any(|r| r.name == "param pre_layers.0.weight"));
     assert!(reports.iter().any(|r| r.name == "param fc.bias"));
     assert!(!reports.iter().any(|r| r.name.contains("out.weight")));
     assert_close(&reports, 1e-5);

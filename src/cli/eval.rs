@@ -47,15 +47,20 @@ pub fn load_network(
     let ds = Dataset::open(&data).map_err(|e| anyhow!("{e}"))?;
     let probe = ds.split(ds.split_names()[0]).map_err(|e| anyhow!("{e}"))?;
     let [c, h, _] = probe.image_shape();
-    let fc = ckpt
-        .tensors
-        .get("fc.weight")
-        .ok_or_else(|| anyhow!("{} has no fc.weight: not a podgpu checkpoint", checkpoint.display()))?;
+    let fc = ckpt.tensors.get("fc.weight").ok_or_else(|| {
+        anyhow!(
+            "{} has no fc.weight: not a podgpu checkpoint",
+            checkpoint.display()
+        )
+    })?;
     let feature_dim = fc.dim(0);
     let head = match cfg.loss.head() {
         HeadKind::Pedcc => {
             let w = ckpt.tensors.get("out.weight").ok_or_else(|| {
-                anyhow!("{} has no out.weight (the PEDCC head)", checkpoint.display())
+                anyhow!(
+                    "{} has no out.weight (the PEDCC head)",
+                    checkpoint.display()
+                )
             })?;
             HeadSpec::Pedcc(transpose2d(w))
         }
@@ -72,10 +77,21 @@ pub fn load_network(
         head,
     };
     let mut ps = ParamStore::new();
-    let net = Network::new(spec, &mut ps, crate::DType::F32, &mut crate::rng::Rng::new(0))
-        .map_err(|e| anyhow!(e))?;
+    let net = Network::new(
+        spec,
+        &mut ps,
+        crate::DType::F32,
+        &mut crate::rng::Rng::new(0),
+    )
+    .map_err(|e| anyhow!(e))?;
     // The loss's own buffers (Center Loss centres) are in the checkpoint too.
-    register_loss_buffers(cfg.loss, &mut ps, ds.num_classes(), feature_dim, crate::DType::F32);
+    register_loss_buffers(
+        cfg.loss,
+        &mut ps,
+        ds.num_classes(),
+        feature_dim,
+        crate::DType::F32,
+    );
     ckpt.restore_into(&mut ps, &cfg.model).with_context(|| {
         format!(
             "{} does not fit a {} for {} ({} classes, {c}×{h} images)",
@@ -114,7 +130,12 @@ pub fn run(a: Args) -> Result<()> {
         a.split,
         r.samples
     );
-    println!("accuracy {:.2}% ({} / {})", 100.0 * r.accuracy, r.correct, r.samples);
+    println!(
+        "accuracy {:.2}% ({} / {})",
+        100.0 * r.accuracy,
+        r.correct,
+        r.samples
+    );
     println!(
         "Table I split at mean ‖x‖ = {:.3}: below {:.2}% ({} images), above {:.2}% ({} images)",
         r.mean_norm,

@@ -183,7 +183,9 @@ pub fn run_model(fx: &Fixture, place: Place) -> Result<Outputs> {
             HeadSpec::Pedcc(crate::nn::layers::transpose2d(&t))
         }
         "softmax" => HeadSpec::Linear,
-        other => bail!("{path}: unknown loss `{other}` for a model fixture; expected pod or softmax"),
+        other => {
+            bail!("{path}: unknown loss `{other}` for a model fixture; expected pod or softmax")
+        }
     };
     let spec = ModelSpec {
         arch,
@@ -217,11 +219,21 @@ pub fn run_model(fx: &Fixture, place: Place) -> Result<Outputs> {
         }
     }
     if !missing.is_empty() {
-        bail!("{path}: the fixture lacks parameters the network has: {}", missing.join(", "));
+        bail!(
+            "{path}: the fixture lacks parameters the network has: {}",
+            missing.join(", ")
+        );
     }
-    let unknown: Vec<&str> = given.keys().copied().filter(|k| ps.find(k).is_none()).collect();
+    let unknown: Vec<&str> = given
+        .keys()
+        .copied()
+        .filter(|k| ps.find(k).is_none())
+        .collect();
     if !unknown.is_empty() {
-        bail!("{path}: the fixture has parameters the network does not: {}", unknown.join(", "));
+        bail!(
+            "{path}: the fixture has parameters the network does not: {}",
+            unknown.join(", ")
+        );
     }
     ps.to_device(place.device);
 
@@ -272,7 +284,10 @@ pub fn fixture_tolerance(fx: &Fixture, given: Option<f64>, dtype: DType) -> Resu
     if dtype == DType::F32 && fx.meta.contains_key("torch_f32_rel_error") {
         let torch: f64 = fx.meta_parse("torch_f32_rel_error")?;
         if !(torch.is_finite() && torch >= 0.0) {
-            bail!("{}: torch_f32_rel_error must be a number ≥ 0", fx.path.display());
+            bail!(
+                "{}: torch_f32_rel_error must be a number ≥ 0",
+                fx.path.display()
+            );
         }
         return Ok(DEFAULT_TOLERANCE.max(10.0 * torch));
     }

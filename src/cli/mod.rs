@@ -1,10 +1,10 @@
 //! The `podgpu` command line: one file per subcommand, each with its clap `Args` and a `run`.
 
 pub mod compare;
+pub mod data;
+pub mod eval;
 pub mod fidelity;
 pub mod models;
 pub mod pedcc;
-pub mod data;
 pub mod train;
-pub mod eval;
 pub mod visualize;

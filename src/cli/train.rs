@@ -174,7 +174,16 @@ pub fn resolve(a: &Args) -> Result<TrainConfig> {
         milestones
     );
     set!(gamma, alpha, lambda, width);
-    set!(center_lambda, center_alpha, margin_scale, am_margin, arc_margin, cm_m1, cm_m2, cm_m3);
+    set!(
+        center_lambda,
+        center_alpha,
+        margin_scale,
+        am_margin,
+        arc_margin,
+        cm_m1,
+        cm_m2,
+        cm_m3
+    );
     set!(pedcc_margin, pedcc_scale, pedcc_lambda, pedcc_root);
     if let Some(m) = &a.model {
         c.model = m.clone();

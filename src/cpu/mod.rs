@@ -39,9 +39,24 @@ pub fn gemm<T: Elem>(
     beta: T,
     c: &mut [T],
 ) {
-    assert_eq!(a.len(), m * k, "gemm: A has {} values, expected {m}×{k}", a.len());
-    assert_eq!(b.len(), k * n, "gemm: B has {} values, expected {k}×{n}", b.len());
-    assert_eq!(c.len(), m * n, "gemm: C has {} values, expected {m}×{n}", c.len());
+    assert_eq!(
+        a.len(),
+        m * k,
+        "gemm: A has {} values, expected {m}×{k}",
+        a.len()
+    );
+    assert_eq!(
+        b.len(),
+        k * n,
+        "gemm: B has {} values, expected {k}×{n}",
+        b.len()
+    );
+    assert_eq!(
+        c.len(),
+        m * n,
+        "gemm: C has {} values, expected {m}×{n}",
+        c.len()
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -50,17 +65,36 @@ pub fn gemm<T: Elem>(
     let work = m * n * k.max(1);
     let threads = rayon::current_num_threads();
     if work < PAR_MIN_WORK * 4 || threads == 1 || m < 2 * threads {
-        T::gemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, n as isize, 1);
+        T::gemm(
+            m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, n as isize, 1,
+        );
         return;
     }
     // Split C (and A) by row blocks; each block is an independent GEMM.
     let rows = m.div_ceil(threads * 2).max(8);
-    c.par_chunks_mut(rows * n).enumerate().for_each(|(blk, cb)| {
-        let r0 = blk * rows;
-        let mb = cb.len() / n;
-        let a_off = if ta { r0 } else { r0 * k };
-        T::gemm(mb, k, n, alpha, &a[a_off..], rsa, csa, b, rsb, csb, beta, cb, n as isize, 1);
-    });
+    c.par_chunks_mut(rows * n)
+        .enumerate()
+        .for_each(|(blk, cb)| {
+            let r0 = blk * rows;
+            let mb = cb.len() / n;
+            let a_off = if ta { r0 } else { r0 * k };
+            T::gemm(
+                mb,
+                k,
+                n,
+                alpha,
+                &a[a_off..],
+                rsa,
+                csa,
+                b,
+                rsb,
+                csb,
+                beta,
+                cb,
+                n as isize,
+                1,
+            );
+        });
 }
 
 /// Runs `f(i, chunk)` over equal chunks of `out` in parallel when the work is large enough.
@@ -74,6 +108,8 @@ where
     if out.len() / chunk * work_per_chunk < PAR_MIN_WORK {
         out.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
     } else {
-        out.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
     }
 }

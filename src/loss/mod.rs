@@ -33,7 +33,16 @@ use std::str::FromStr;
 /// Which form of the POD loss: the paper's equations, or what the public reference code computes
 /// (DESIGN.md §1.6).
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Variant {

@@ -90,11 +90,39 @@ impl ResNet {
             50 => (BlockKind::Bottleneck, [3, 4, 6, 3]),
             101 => (BlockKind::Bottleneck, [3, 4, 23, 3]),
             152 => (BlockKind::Bottleneck, [3, 8, 36, 3]),
-            _ => return Err(format!("no ResNet of depth {depth} (choose 18, 34, 50, 101 or 152)")),
+            _ => {
+                return Err(format!(
+                    "no ResNet of depth {depth} (choose 18, 34, 50, 101 or 152)"
+                ))
+            }
         };
         let stem_conv = match stem {
-            Stem::ImageNet => Conv::new(ps, "pre_layers.0", in_channels, width, 7, 2, 3, 1, false, dtype, rng),
-            _ => Conv::new(ps, "pre_layers.0", in_channels, width, 3, 1, 1, 1, false, dtype, rng),
+            Stem::ImageNet => Conv::new(
+                ps,
+                "pre_layers.0",
+                in_channels,
+                width,
+                7,
+                2,
+                3,
+                1,
+                false,
+                dtype,
+                rng,
+            ),
+            _ => Conv::new(
+                ps,
+                "pre_layers.0",
+                in_channels,
+                width,
+                3,
+                1,
+                1,
+                1,
+                false,
+                dtype,
+                rng,
+            ),
         };
         let stem_bn = BatchNorm::new(ps, "pre_layers.1", width, dtype);
         let mut in_planes = width;
@@ -109,16 +137,41 @@ impl ResNet {
                 let out = planes * kind.expansion();
                 let shortcut = (i == 0 && (s != 1 || in_planes != out)).then(|| {
                     (
-                        Conv::new(ps, &format!("{p}.shortcut.0"), in_planes, out, 1, s, 0, 1, false, dtype, rng),
+                        Conv::new(
+                            ps,
+                            &format!("{p}.shortcut.0"),
+                            in_planes,
+                            out,
+                            1,
+                            s,
+                            0,
+                            1,
+                            false,
+                            dtype,
+                            rng,
+                        ),
                         BatchNorm::new(ps, &format!("{p}.shortcut.1"), out, dtype),
                     )
                 });
-                let conv = |ps: &mut ParamStore, rng: &mut Rng, idx: usize, cin, cout, k, s, pad| {
-                    (
-                        Conv::new(ps, &format!("{p}.layers.{idx}"), cin, cout, k, s, pad, 1, false, dtype, rng),
-                        BatchNorm::new(ps, &format!("{p}.layers.{}", idx + 1), cout, dtype),
-                    )
-                };
+                let conv =
+                    |ps: &mut ParamStore, rng: &mut Rng, idx: usize, cin, cout, k, s, pad| {
+                        (
+                            Conv::new(
+                                ps,
+                                &format!("{p}.layers.{idx}"),
+                                cin,
+                                cout,
+                                k,
+                                s,
+                                pad,
+                                1,
+                                false,
+                                dtype,
+                                rng,
+                            ),
+                            BatchNorm::new(ps, &format!("{p}.layers.{}", idx + 1), cout, dtype),
+                        )
+                    };
                 let convs = match kind {
                     BlockKind::Basic => vec![
                         conv(ps, rng, 0, in_planes, planes, 3, s, 1),

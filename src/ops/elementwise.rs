@@ -68,7 +68,9 @@ fn scale_host<T: Elem>(x: &Tensor, s: f64) -> Tensor {
 /// s · x.
 pub fn scale(t: &mut Tape, x: &Var, s: f64) -> Var {
     let y = scale_fwd(x.value(), s);
-    t.op(y, &[x], || Box::new(move |g, _| vec![Some(scale_fwd(g, s))]))
+    t.op(y, &[x], || {
+        Box::new(move |g, _| vec![Some(scale_fwd(g, s))])
+    })
 }
 
 // ---- ReLU / ReLU6 ----

@@ -10,9 +10,20 @@ use crate::tensor::{Elem, Tensor};
 pub fn matmul_fwd(a: &Tensor, ta: bool, b: &Tensor, tb: bool) -> Tensor {
     assert!(a.rank() == 2 && b.rank() == 2, "matmul of {a:?} and {b:?}");
     assert_same_place("matmul", &[a, b]);
-    let (m, k) = if ta { (a.dim(1), a.dim(0)) } else { (a.dim(0), a.dim(1)) };
-    let (k2, n) = if tb { (b.dim(1), b.dim(0)) } else { (b.dim(0), b.dim(1)) };
-    assert_eq!(k, k2, "matmul: inner dimensions differ ({a:?}, ta={ta}; {b:?}, tb={tb})");
+    let (m, k) = if ta {
+        (a.dim(1), a.dim(0))
+    } else {
+        (a.dim(0), a.dim(1))
+    };
+    let (k2, n) = if tb {
+        (b.dim(1), b.dim(0))
+    } else {
+        (b.dim(0), b.dim(1))
+    };
+    assert_eq!(
+        k, k2,
+        "matmul: inner dimensions differ ({a:?}, ta={ta}; {b:?}, tb={tb})"
+    );
     dispatch!(a, matmul_host, cuda::kernels::matmul, a, ta, b, tb, m, k, n)
 }
 
@@ -27,14 +38,31 @@ fn matmul_host<T: Elem>(
     n: usize,
 ) -> Tensor {
     let mut c = vec![T::zero(); m * n];
-    cpu::gemm(m, k, n, T::one(), a.host(), ta, b.host(), tb, T::zero(), &mut c);
+    cpu::gemm(
+        m,
+        k,
+        n,
+        T::one(),
+        a.host(),
+        ta,
+        b.host(),
+        tb,
+        T::zero(),
+        &mut c,
+    );
     Tensor::from_vec(&[m, n], c)
 }
 
 /// y[b, j] += bias[j] for a [rows, cols] tensor.
 pub fn bias_add_fwd(y: &Tensor, bias: &Tensor) -> Tensor {
     assert_eq!(y.rank(), 2);
-    assert_eq!(bias.shape(), &[y.dim(1)], "bias shape {:?} for output {:?}", bias.shape(), y.shape());
+    assert_eq!(
+        bias.shape(),
+        &[y.dim(1)],
+        "bias shape {:?} for output {:?}",
+        bias.shape(),
+        y.shape()
+    );
     assert_same_place("bias_add", &[y, bias]);
     dispatch!(y, bias_add_host, cuda::kernels::bias_add, y, bias)
 }

@@ -50,7 +50,13 @@ pub struct Tensor {
 
 impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Tensor({:?}, {:?}, {})", self.shape, self.dtype(), self.device())
+        write!(
+            f,
+            "Tensor({:?}, {:?}, {})",
+            self.shape,
+            self.dtype(),
+            self.device()
+        )
     }
 }
 
@@ -163,8 +169,7 @@ impl Tensor {
             self.storage = Arc::new(T::wrap(copy));
         }
         let storage = Arc::get_mut(&mut self.storage).expect("unique after copy");
-        T::slice_mut(storage)
-            .unwrap_or_else(|| panic!("expected a host {:?} tensor", T::DTYPE))
+        T::slice_mut(storage).unwrap_or_else(|| panic!("expected a host {:?} tensor", T::DTYPE))
     }
 
     /// Mutable access to a GPU tensor's device buffer, for in-place updates (the optimizer step,
@@ -218,7 +223,12 @@ impl Tensor {
 
     /// A single-element tensor's value.
     pub fn item(&self) -> f64 {
-        assert_eq!(self.numel(), 1, "item() of a tensor of shape {:?}", self.shape);
+        assert_eq!(
+            self.numel(),
+            1,
+            "item() of a tensor of shape {:?}",
+            self.shape
+        );
         self.to_vec_f64()[0]
     }
 
@@ -239,10 +249,7 @@ impl Tensor {
             (Device::Cuda(i), _) => {
                 let gpu = crate::cuda::Gpu::get(i)
                     .unwrap_or_else(|e| panic!("cuda:{i} requested but not usable: {e}"));
-                Tensor::from_storage(
-                    &self.shape,
-                    Storage::Cuda(gpu.upload(&self.to_vec_f32())),
-                )
+                Tensor::from_storage(&self.shape, Storage::Cuda(gpu.upload(&self.to_vec_f32())))
             }
         }
     }

@@ -61,8 +61,7 @@ pub fn extract(
         let mut tape = Tape::inference();
         let x = tape.constant(images.to_device(device));
         let o = net.forward(&mut tape, ps, &x);
-        out.predictions
-            .extend(loss::predictions(o.logits.value()));
+        out.predictions.extend(loss::predictions(o.logits.value()));
         out.features.extend(o.features.value().to_vec_f32());
         out.labels.extend(labels.iter().map(|&l| l as usize));
     }
@@ -92,7 +91,12 @@ pub fn summarize(f: &Features, classes: usize) -> EvalResult {
     let norms: Vec<f64> = f
         .features
         .chunks(f.dim.max(1))
-        .map(|r| r.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt())
+        .map(|r| {
+            r.iter()
+                .map(|&v| (v as f64) * (v as f64))
+                .sum::<f64>()
+                .sqrt()
+        })
         .collect();
     let mean_norm = norms.iter().sum::<f64>() / n.max(1) as f64;
     let (mut below, mut below_ok, mut above, mut above_ok) = (0, 0, 0, 0);
@@ -105,7 +109,13 @@ pub fn summarize(f: &Features, classes: usize) -> EvalResult {
             above_ok += (y == p) as usize;
         }
     }
-    let ratio = |a: usize, b: usize| if b == 0 { f64::NAN } else { a as f64 / b as f64 };
+    let ratio = |a: usize, b: usize| {
+        if b == 0 {
+            f64::NAN
+        } else {
+            a as f64 / b as f64
+        }
+    };
     EvalResult {
         samples: n,
         correct,

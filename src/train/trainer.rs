@@ -208,7 +208,10 @@ pub fn build_network(
 ) -> Result<Network> {
     let [c, h, w] = train.image_shape();
     if h < 8 || w < 8 {
-        bail!("images of {h}×{w} are too small for {}: it needs at least 8×8", cfg.model);
+        bail!(
+            "images of {h}×{w} are too small for {}: it needs at least 8×8",
+            cfg.model
+        );
     }
     let classes = ds.num_classes();
     let feature_dim = cfg
@@ -280,7 +283,9 @@ fn make_pedcc(cfg: &TrainConfig, classes: usize, dim: usize) -> Result<(Tensor, 
                 classes - 1
             );
         }
-        eprintln!("warning: {classes} classes in {dim} dimensions: using the approximate repulsion PEDCC");
+        eprintln!(
+            "warning: {classes} classes in {dim} dimensions: using the approximate repulsion PEDCC"
+        );
         Method::Repulsion
     } else {
         Method::Simplex
@@ -671,7 +676,9 @@ impl Run {
             let x = tape.constant(images.to_device(self.device));
             let out = self.net.forward(&mut tape, &mut self.ps, &x);
             let labels_t = loss::labels_tensor(&labels, out.features.value());
-            let l = self.objective.loss(&mut tape, &self.ps, &out, &labels_t, delta);
+            let l = self
+                .objective
+                .loss(&mut tape, &self.ps, &out, &labels_t, delta);
             let at = format!(
                 "epoch {}, batch {} of {total_batches} (step {})",
                 epoch + 1,
@@ -704,7 +711,8 @@ impl Run {
             }
             self.sgd.step(&mut self.ps, lr);
             self.ps.zero_grad();
-            self.objective.after_step(&self.net, &mut self.ps, x.value(), &out, &labels_t, lr);
+            self.objective
+                .after_step(&self.net, &mut self.ps, x.value(), &out, &labels_t, lr);
             self.state.global_step += 1;
             tally.loss_sum += lv * b as f64;
             tally.seen += b;
@@ -761,7 +769,11 @@ impl Run {
         rec.train_acc = correct as f64 / seen as f64;
         rec.test_acc = test_acc;
         rec.lr = lr;
-        rec.delta = if cfg.loss.uses_delta() { delta } else { f64::NAN };
+        rec.delta = if cfg.loss.uses_delta() {
+            delta
+        } else {
+            f64::NAN
+        };
         rec.mean_norm = mean_norm;
         rec.images_per_s = seen as f64 / train_time;
         rec.epoch_time_s = earlier_time + started.elapsed().as_secs_f64();
@@ -796,7 +808,9 @@ fn peak_memory(device: Device) -> u64 {
 /// Sizes rayon's global pool once (later calls keep the first size).
 fn set_threads(threads: Option<usize>) {
     if let Some(n) = threads {
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
     }
 }
 
