@@ -31,6 +31,10 @@ pub struct Args {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also classify with Gaussian Discriminant Analysis fitted on the train split's latent features
+    /// (the paper's Table IX alternative to cosine argmax).
+    #[arg(long)]
+    pub gda: bool,
 }
 
 /// Rebuilds the network a checkpoint was trained as and loads its weights.
@@ -116,7 +120,13 @@ pub fn run(a: Args) -> Result<()> {
     ps.to_device(device);
     let split = ds.split(&a.split).map_err(|e| anyhow!("{e}"))?;
     let f = extract(&net, &mut ps, &split, a.batch_size, None, device)?;
-    let r = summarize(&f, ds.num_classes());
+    let mut r = summarize(&f, ds.num_classes());
+    if a.gda {
+        let train = ds.split("train").map_err(|e| anyhow!("{e}"))?;
+        let ft = extract(&net, &mut ps, &train, a.batch_size, None, device)?;
+        let g = crate::train::gda::fit(&ft.features, &ft.labels, ds.num_classes())?;
+        r.gda_accuracy = Some(g.accuracy(&f.features, &f.labels));
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
@@ -144,6 +154,16 @@ pub fn run(a: Args) -> Result<()> {
         100.0 * r.above_mean_norm_accuracy,
         r.samples - r.below_mean_norm_samples
     );
+    println!(
+        "Table V: variance of the normalised latent features around their class means {:.4}",
+        r.normalized_feature_variance
+    );
+    if let Some(g) = r.gda_accuracy {
+        println!(
+            "GDA (fitted on the train split's features) accuracy {:.2}%",
+            100.0 * g
+        );
+    }
     println!("per-class accuracy:");
     for (name, acc) in ds.classes().iter().zip(&r.per_class_accuracy) {
         println!("  {name:<16} {:.2}%", 100.0 * acc);

@@ -24,6 +24,11 @@ pub struct EvalResult {
     pub below_mean_norm_accuracy: f64,
     pub above_mean_norm_accuracy: f64,
     pub below_mean_norm_samples: usize,
+    /// Table V: mean over samples of ‖x̃ − μ̃_y‖², x̃ = x/‖x‖ and μ̃_y the mean x̃ of the sample's class
+    /// (how tightly each class clusters in direction).
+    pub normalized_feature_variance: f64,
+    /// Accuracy of a GDA classifier fitted on the train split (`podgpu eval --gda`; Table IX).
+    pub gda_accuracy: Option<f64>,
 }
 
 /// Latent features and predictions of every sample of a split (inference mode, no augmentation).
@@ -109,6 +114,7 @@ pub fn summarize(f: &Features, classes: usize) -> EvalResult {
             above_ok += (y == p) as usize;
         }
     }
+    let normalized_feature_variance = normalized_variance(f, &norms, classes);
     let ratio = |a: usize, b: usize| {
         if b == 0 {
             f64::NAN
@@ -126,5 +132,79 @@ pub fn summarize(f: &Features, classes: usize) -> EvalResult {
         below_mean_norm_accuracy: ratio(below_ok, below),
         above_mean_norm_accuracy: ratio(above_ok, above),
         below_mean_norm_samples: below,
+        normalized_feature_variance,
+        gda_accuracy: None,
+    }
+}
+
+/// Σ_i ‖x̃_i − μ̃_{y_i}‖² / N with x̃ the unit-normalised features (Table V).
+fn normalized_variance(f: &Features, norms: &[f64], classes: usize) -> f64 {
+    let d = f.dim.max(1);
+    let unit = |i: usize| {
+        let n = norms[i].max(1e-12);
+        f.features[i * d..(i + 1) * d]
+            .iter()
+            .map(move |&v| v as f64 / n)
+    };
+    let mut means = vec![vec![0.0; d]; classes];
+    let mut counts = vec![0usize; classes];
+    for (i, &y) in f.labels.iter().enumerate() {
+        counts[y] += 1;
+        for (m, v) in means[y].iter_mut().zip(unit(i)) {
+            *m += v;
+        }
+    }
+    for (m, &c) in means.iter_mut().zip(&counts) {
+        m.iter_mut().for_each(|v| *v /= c.max(1) as f64);
+    }
+    let total: f64 = f
+        .labels
+        .iter()
+        .enumerate()
+        .map(|(i, &y)| {
+            unit(i)
+                .zip(&means[y])
+                .map(|(v, m)| (v - m) * (v - m))
+                .sum::<f64>()
+        })
+        .sum();
+    total / f.labels.len().max(1) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn features(rows: &[[f32; 2]], labels: &[usize], predictions: &[usize]) -> Features {
+        Features {
+            features: rows.iter().flatten().copied().collect(),
+            dim: 2,
+            predictions: predictions.to_vec(),
+            labels: labels.to_vec(),
+        }
+    }
+
+    #[test]
+    fn table_one_split_and_table_five_variance() {
+        // Class 0 along +x, class 1 along +y; norms differ but directions are exact, so the
+        // normalised variance is 0. The two long vectors are right, one short one wrong.
+        let f = features(
+            &[[1.0, 0.0], [4.0, 0.0], [0.0, 1.0], [0.0, 4.0]],
+            &[0, 0, 1, 1],
+            &[1, 0, 1, 1],
+        );
+        let r = summarize(&f, 2);
+        assert_eq!((r.correct, r.samples), (3, 4));
+        assert_eq!(r.confusion, vec![vec![1, 1], vec![0, 2]]);
+        assert!((r.mean_norm - 2.5).abs() < 1e-12);
+        assert_eq!(r.below_mean_norm_samples, 2);
+        assert!((r.below_mean_norm_accuracy - 0.5).abs() < 1e-12);
+        assert!((r.above_mean_norm_accuracy - 1.0).abs() < 1e-12);
+        assert!(r.normalized_feature_variance.abs() < 1e-12);
+
+        // Directions ±45° around +x: unit vectors (c, ±s), class mean (c, 0), variance s² = 0.5.
+        let f = features(&[[1.0, 1.0], [2.0, -2.0]], &[0, 0], &[0, 0]);
+        let r = summarize(&f, 2);
+        assert!((r.normalized_feature_variance - 0.5).abs() < 1e-6);
     }
 }
