@@ -9,7 +9,7 @@ pub mod layers;
 pub mod resnet;
 
 pub use layers::{BatchNorm, Conv, Linear};
-pub use resnet::{ResNet, Stem};
+pub use resnet::{ConvShape, ResNet, Stem};
 
 use crate::autograd::{ParamId, ParamKind, ParamStore, Tape, Var};
 use crate::ops;
@@ -121,6 +121,13 @@ impl Network {
             Head::Linear(l) => l.forward(t, ps, &features),
         };
         Output { features, logits }
+    }
+
+    /// Every convolution of the backbone on images of shape `x` [N, C, H, W], in forward order.
+    pub fn conv_shapes(&self, ps: &ParamStore, x: [usize; 4]) -> Vec<ConvShape> {
+        match &self.backbone {
+            Backbone::ResNet(r) => r.conv_shapes(ps, x),
+        }
     }
 
     /// The frozen PEDCC centroids [K, n] on the store's device, if the head is PEDCC.
