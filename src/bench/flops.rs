@@ -141,11 +141,15 @@ mod tests {
     use crate::tensor::DType;
 
     fn net(arch: &str, width: usize) -> (Network, ParamStore) {
+        net_with_stem(arch, width, Stem::Cifar)
+    }
+
+    fn net_with_stem(arch: &str, width: usize, stem: Stem) -> (Network, ParamStore) {
         let mut ps = ParamStore::new();
         let spec = ModelSpec {
             arch: arch.into(),
             width,
-            stem: Stem::Cifar,
+            stem,
             in_channels: 3,
             classes: 10,
             feature_dim: 256,
@@ -192,5 +196,26 @@ mod tests {
         );
         // The stem's backward-data is not counted.
         assert!(f.conv_backward_data < f.conv_backward_filter);
+    }
+
+    #[test]
+    fn the_pooling_stem_halves_the_input_of_every_later_convolution() {
+        // A 64×64 image through the CIFAR stem and the 3×3/2 max-pool meets the same convolutions
+        // as a 32×32 image through the CIFAR stem alone.
+        let (a, pa) = net_with_stem("resnet50", 4, Stem::TinyImageNet);
+        let (b, pb) = net_with_stem("resnet50", 4, Stem::Cifar);
+        let big = a.conv_shapes(&pa, [2, 3, 64, 64]);
+        let small = b.conv_shapes(&pb, [2, 3, 32, 32]);
+        assert_eq!(big.len(), 53);
+        assert_eq!(big[0].y(), [2, 4, 64, 64]);
+        assert_eq!(big[1..], small[1..]);
+        // Every block's shortcut reads the block's input: layer2's first 1×1 conv and its shortcut
+        // see the same [N, 4·4, 32, 32] tensor here.
+        let l2: Vec<_> = small
+            .iter()
+            .filter(|c| c.name.starts_with("layer2.0."))
+            .collect();
+        assert_eq!(l2.first().unwrap().x, l2.last().unwrap().x);
+        assert!(l2.last().unwrap().name.contains("shortcut"));
     }
 }

@@ -175,8 +175,13 @@ impl Clock {
     /// Times `steps` consecutive calls one by one after `warmup` calls: for whole training steps,
     /// long enough on their own. On a GPU an event is recorded after each call and the times are
     /// read after the last one, so the host is never made to wait inside the measured run (what a
-    /// training loop without per-step reads sees). Returns the per-call stats and the total seconds.
-    pub fn measure_steps<F: FnMut()>(&self, warmup: usize, steps: usize, mut f: F) -> (Stats, f64) {
+    /// training loop without per-step reads sees). Returns the stats and every call's seconds.
+    pub fn measure_steps<F: FnMut()>(
+        &self,
+        warmup: usize,
+        steps: usize,
+        mut f: F,
+    ) -> (Stats, Vec<f64>) {
         for _ in 0..warmup {
             f();
         }
@@ -213,8 +218,7 @@ impl Clock {
                     .collect()
             }
         };
-        let total = t.iter().sum();
-        (Stats::from_samples(t, 1), total)
+        (Stats::from_samples(t.clone(), 1), t)
     }
 }
 

@@ -118,7 +118,7 @@ fn main() -> Result<()> {
                     MathMode::Tf32 => ("tf32", 5e-3),
                 };
                 let got = ops::matmul_fwd(&a, p.ta, &b, p.tb);
-                let chk = check_outputs(&[got], &[want.clone()], tol);
+                let chk = check_outputs(&[got], std::slice::from_ref(&want), tol);
                 failed |= !chk.ok();
                 let st = clock.measure(&settings, || drop(ops::matmul_fwd(&a, p.ta, &b, p.tb)));
                 let flops = gemm_flops(p.m, p.k, p.n);

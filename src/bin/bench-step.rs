@@ -10,6 +10,9 @@
 //! cargo run --release --bin bench-step -- --device cpu --threads 2 --models resnet18 --width 16 --batch 32
 //! ```
 //!
+//! Defaults: batch 128 and width 64 on a GPU; batch 32 and width 16 on the CPU (a ResNet50 step at
+//! batch 128 takes about a minute on two cores).
+//!
 //! Synthetic data (normal pixels, labels cycling through the classes): the data loader is measured
 //! by `bench-data`. Each step uploads its batch and labels to the device like the trainer does.
 
@@ -31,10 +34,16 @@ struct Args {
     /// Models to time
     #[arg(long, value_delimiter = ',', default_value = "resnet18,resnet50")]
     models: Vec<String>,
-    #[arg(long, default_value_t = 128)]
+    /// Batch (default: 128 on a GPU, 32 on the CPU)
+    #[arg(long = "batch")]
+    batch_arg: Option<usize>,
+    /// Base channel width, 64 in the real network (default: 64 on a GPU, 16 on the CPU)
+    #[arg(long = "width")]
+    width_arg: Option<usize>,
+    /// The batch and width used (resolved from the flags and the device).
+    #[arg(skip)]
     batch: usize,
-    /// Base channel width (64 is the real network)
-    #[arg(long, default_value_t = 64)]
+    #[arg(skip)]
     width: usize,
     /// Image height and width (32: CIFAR)
     #[arg(long, default_value_t = 32)]
@@ -183,9 +192,13 @@ fn one_step(args: &Args, arch: &str, dtype: DType, device: Device) -> Result<Ste
 /// Compares a step on `device` with the f64 CPU reference: the loss with `tol.0`, all gradients as
 /// one vector with `tol.1` (so that tiny tensors with near-zero gradients do not dominate).
 ///
-/// The gradient tolerance is loose (1e-2 in fp32, where the typical error is ~1e-6) because a
-/// pre-activation within rounding of zero flips a ReLU between f32 and f64 and changes every
-/// gradient upstream of it by ~1e-3; a wrong kernel gives errors of order 1.
+/// The gradient tolerance is loose because float32 gradients of these networks legitimately differ
+/// from float64 ones by up to ~2e-2: the backward through many training-mode batch norms over few
+/// values amplifies rounding (PyTorch's own float32 gradients of ResNet50 at width 16, batch 8,
+/// differ from its float64 ones by 0.9–1.8e-2 whatever the loss, while the forward agrees to 1e-5;
+/// see BENCHMARKS.md), and a pre-activation within rounding of zero flips a ReLU. A wrong kernel gives
+/// errors of order 1. TF32 (10-bit mantissas) is checked on the loss; its gradient bound only catches
+/// garbage.
 fn check(
     args: &Args,
     arch: &str,
@@ -229,7 +242,8 @@ struct Row {
     precision: String,
     metrics: bool,
     stats: bench::Stats,
-    total_s: f64,
+    /// Every timed step's seconds.
+    steps_s: Vec<f64>,
     flops: StepFlops,
     peak: Option<u64>,
     check: CheckResult,
@@ -241,7 +255,7 @@ fn time_config(
     arch: &str,
     device: Device,
     metrics: bool,
-) -> Result<(bench::Stats, f64, Option<u64>, f64)> {
+) -> Result<(bench::Stats, Vec<f64>, Option<u64>, f64)> {
     let mut s = build(args, arch, DType::F32, device)?;
     let (images, labels) = batch_data(args, args.batch, DType::F32);
     let mut sgd = Sgd::new(0.9, 5e-4, false)?;
@@ -256,7 +270,7 @@ fn time_config(
     }
     clock.sync();
     memory::reset_peak(device);
-    let (stats, total) = clock.measure_steps(0, args.steps, || {
+    let (stats, steps_s) = clock.measure_steps(0, args.steps, || {
         let l = forward_backward(&mut s, &images, &labels, device, metrics);
         sgd.step(&mut s.ps, args.lr);
         s.ps.zero_grad();
@@ -264,12 +278,21 @@ fn time_config(
     });
     let peak = memory::peak_bytes(device);
     let final_loss = last.map_or(f64::NAN, |l| l.item());
-    Ok((stats, total, peak, final_loss))
+    Ok((stats, steps_s, peak, final_loss))
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
     let device = args.common.setup()?;
+    let gpu = matches!(device, Device::Cuda(_));
+    args.batch = args.batch_arg.unwrap_or(if gpu { 128 } else { 32 });
+    args.width = args.width_arg.unwrap_or(if gpu { 64 } else { 16 });
+    if !gpu && (args.batch_arg.is_none() || args.width_arg.is_none()) {
+        println!(
+            "CPU defaults: batch {}, width {} (pass --batch/--width for other sizes)",
+            args.batch, args.width
+        );
+    }
     if args.batch < 2 {
         bail!("--batch must be at least 2 (batch norm and the SC loss need two samples)");
     }
@@ -315,8 +338,8 @@ fn main() -> Result<()> {
                 MathMode::Tf32 => "tf32",
             };
             let tol = match mode {
-                MathMode::Fp32 => (1e-4, 1e-2),
-                MathMode::Tf32 => (1e-2, 5e-2),
+                MathMode::Fp32 => (1e-4, 5e-2),
+                MathMode::Tf32 => (1e-2, 0.5),
             };
             let chk = match &reference {
                 Some(want) => check(&args, arch, device, want, tol)?,
@@ -331,13 +354,13 @@ fn main() -> Result<()> {
                 if metrics && !args.with_metrics {
                     continue;
                 }
-                let (stats, total_s, peak, final_loss) = time_config(&args, arch, device, metrics)?;
+                let (stats, steps_s, peak, final_loss) = time_config(&args, arch, device, metrics)?;
                 rows.push(Row {
                     model: arch.clone(),
                     precision: name.into(),
                     metrics,
                     stats,
-                    total_s,
+                    steps_s,
                     flops: flops.clone(),
                     peak,
                     check: chk.clone(),
@@ -390,7 +413,8 @@ fn main() -> Result<()> {
                 "image": args.image,
                 "ms_per_step": r.stats.ms(),
                 "images_per_s": args.batch as f64 / r.stats.median,
-                "images_per_s_total": (args.batch * args.steps) as f64 / r.total_s,
+                "images_per_s_total": (args.batch * args.steps) as f64 / r.steps_s.iter().sum::<f64>(),
+                "step_times_s": r.steps_s,
                 "tflops": r.flops.total() / r.stats.median / 1e12,
                 "flops": r.flops.to_json(),
                 "peak_mem_bytes": r.peak,

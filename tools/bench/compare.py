@@ -2,9 +2,10 @@
 """Side by side: podgpu's `bench-step` and PyTorch (tools/bench/torch_step.py) on the same model,
 batch, loss, optimizer and device, then the ratio table podgpu images/s / PyTorch images/s.
 
-Each engine runs in its own process, alternating for --rounds rounds (the machine's other load hits
-both alike); per configuration the fastest round's median step time is kept. A run that fails or times
-out is reported as such and the others still print.
+Each engine runs in its own process, alternating for --rounds rounds so that the machine's other load
+hits both alike; per configuration the step times of all rounds are pooled and their median (and the
+fastest single step) is reported. A run that fails or times out is reported as such and the others
+still print.
 
     # CPU (2 threads, a small ResNet18), with CPU PyTorch in a venv (see BENCHMARKS.md)
     python3 tools/bench/compare.py --python .venv/bin/python --device cpu --threads 2 \\
@@ -115,8 +116,8 @@ def main():
             return args.timeout
         return max(5, min(args.timeout, int(args.deadline - (time.time() - started))))
 
-    podgpu = {}   # precision -> best result
-    torch = {}    # mode -> best result
+    podgpu = {}   # precision -> results of every round
+    torch = {}    # mode -> results of every round
     errors = {}   # name -> message
     commands = {}
     for rnd in range(args.rounds):
@@ -138,10 +139,8 @@ def main():
             for r in res["results"]:
                 if r.get("metrics_every_step"):
                     continue
-                p = r["precision"]
                 r["command"] = " ".join(cmd)
-                if p not in podgpu or r["ms_per_step"] < podgpu[p]["ms_per_step"]:
-                    podgpu[p] = r
+                podgpu.setdefault(r["precision"], []).append(r)
         for mode in modes:
             if not time_left():
                 errors.setdefault(mode, "not run: out of time (--deadline)")
@@ -155,8 +154,21 @@ def main():
                 errors[mode] = err or "no JSON line in torch_step.py's output"
                 continue
             res["command"] = " ".join(tcmd)
-            if mode not in torch or res["ms_per_step"] < torch[mode]["ms_per_step"]:
-                torch[mode] = res
+            torch.setdefault(mode, []).append(res)
+
+    def pooled(runs):
+        """One result from the rounds: all step times pooled (median, min), the first run's rest."""
+        times = sorted(t for r in runs for t in r.get("step_times_s") or [r["time"]["median_s"]])
+        n = len(times)
+        med = times[n // 2] if n % 2 else 0.5 * (times[n // 2 - 1] + times[n // 2])
+        out = dict(runs[0])
+        out.update({"ms_per_step": med * 1e3, "images_per_s": args.batch / med, "rounds": len(runs),
+                    "time": {"median_s": med, "min_s": times[0], "max_s": times[-1], "samples": n},
+                    "round_medians_ms": [r["ms_per_step"] for r in runs]})
+        return out
+
+    podgpu = {p: pooled(rs) for p, rs in podgpu.items()}
+    torch = {m: pooled(rs) for m, rs in torch.items()}
 
     # The ratio table.
     best_p = min(podgpu, key=lambda p: podgpu[p]["ms_per_step"]) if podgpu else None
@@ -183,27 +195,35 @@ def main():
             note = (note + "; " if note else "") + f"goal >= {goal}x: {met}"
         if b and "first_step_s" in b and mode.startswith("compile"):
             note = (note + "; " if note else "") + f"compile + first step {b['first_step_s']:.0f} s"
+        # The fastest single step of each: on a shared machine the least disturbed one.
+        ratio_min = b["time"]["min_s"] / a["time"]["min_s"] if a and b else None
         rows.append({
             "podgpu": p, "torch": mode,
             "podgpu_images_per_s": a["images_per_s"] if a else None,
             "torch_images_per_s": b["images_per_s"] if b else None,
             "podgpu_ms": a["ms_per_step"] if a else None,
             "torch_ms": b["ms_per_step"] if b else None,
-            "ratio": ratio, "goal": goal, "note": note,
+            "podgpu_ms_min": a["time"]["min_s"] * 1e3 if a else None,
+            "torch_ms_min": b["time"]["min_s"] * 1e3 if b else None,
+            "ratio": ratio, "ratio_min": ratio_min, "goal": goal, "note": note,
         })
 
     f = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"
-    head = ["podgpu", "torch", "podgpu img/s", "torch img/s", "podgpu ms", "torch ms", "podgpu/torch", "note"]
+    head = ["podgpu", "torch", "podgpu img/s", "torch img/s", "podgpu ms", "torch ms", "podgpu/torch",
+            "min ms", "min ratio", "note"]
+    x = lambda v: "-" if v is None else f"{v:.2f}x"
     cells = [[r["podgpu"] or "-", r["torch"], f(r["podgpu_images_per_s"]), f(r["torch_images_per_s"]),
-              f(r["podgpu_ms"]), f(r["torch_ms"]), "-" if r["ratio"] is None else f"{r['ratio']:.2f}x", r["note"]]
+              f(r["podgpu_ms"]), f(r["torch_ms"]), x(r["ratio"]),
+              f"{f(r['podgpu_ms_min'])} / {f(r['torch_ms_min'])}", x(r["ratio_min"]), r["note"]]
              for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(head)]
     print()
     print(f"side by side: {args.model} width {args.width}, batch {args.batch}, {args.image}x{args.image}, "
           f"{args.classes} classes, POD loss + SGD, on {args.device}"
           + (f" ({args.threads} threads)" if args.threads else "")
-          + f"; best of {args.rounds} round(s), median of {args.steps} steps each")
-    line = lambda c: "  ".join(s.ljust(widths[i]) if i in (0, 1, 7) else s.rjust(widths[i]) for i, s in enumerate(c))
+          + f"; {args.rounds} alternating round(s) of {args.steps} steps, median of all steps (img/s, ms,"
+          " podgpu/torch); min ms = fastest single step, podgpu / torch")
+    line = lambda c: "  ".join(s.ljust(widths[i]) if i in (0, 1, 9) else s.rjust(widths[i]) for i, s in enumerate(c))
     print(line(head).rstrip())
     print("-" * (sum(widths) + 2 * (len(widths) - 1)))
     for c in cells:

@@ -185,6 +185,7 @@ def main():
         "final_loss": float(loss.detach()),
         "torch": torch.__version__,
         "time": {"median_s": med, "min_s": min(times), "max_s": max(times), "samples": len(times)},
+        "step_times_s": times,
     }
     print(
         f"torch {args.mode} {args.model} batch {args.batch} on {device}: {med * 1e3:.2f} ms/step, "
