@@ -134,3 +134,12 @@ pub fn print_json(name: &str, device: Device, mut fields: serde_json::Value) {
     }
     println!("{fields}");
 }
+
+/// Ends a benchmark binary: prints `error: …` (with its causes) and exits with status 1 on an
+/// error, as `podgpu` does, instead of a debug dump of the error.
+pub fn exit_on_error(result: Result<()>) {
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -124,7 +124,11 @@ struct Row {
     algos: [Option<(String, usize)>; 3],
 }
 
-fn main() -> Result<()> {
+fn main() {
+    bench::exit_on_error(run());
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
     let device = args.common.setup()?;
     let settings = args.common.settings();

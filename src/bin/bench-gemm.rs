@@ -85,7 +85,11 @@ fn stored(rows: usize, cols: usize, t: bool) -> [usize; 2] {
     }
 }
 
-fn main() -> Result<()> {
+fn main() {
+    bench::exit_on_error(run());
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
     let device = args.common.setup()?;
     let settings = args.common.settings();

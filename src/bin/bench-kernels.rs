@@ -453,7 +453,11 @@ fn sgd_case(
     Ok((row, json, chk.ok()))
 }
 
-fn main() -> Result<()> {
+fn main() {
+    bench::exit_on_error(run());
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
     let device = args.common.setup()?;
     let settings = args.common.settings();

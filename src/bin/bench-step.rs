@@ -281,7 +281,11 @@ fn time_config(
     Ok((stats, steps_s, peak, final_loss))
 }
 
-fn main() -> Result<()> {
+fn main() {
+    bench::exit_on_error(run());
+}
+
+fn run() -> Result<()> {
     let mut args = Args::parse();
     let device = args.common.setup()?;
     let gpu = matches!(device, Device::Cuda(_));
