@@ -2,6 +2,7 @@
 //! head), on CUDA (cuDNN, cuBLAS, our own kernels) and on the CPU (rayon), with one autodiff tape.
 
 pub mod autograd;
+pub mod bench;
 pub mod cli;
 pub mod cpu;
 pub mod cuda;

@@ -3,11 +3,13 @@
 #
 #   tools/gpu-check.sh pack   # here (Rust machine): build release binaries + test executables into .gpu/
 #   tools/gpu-check.sh run    # there (GPU machine, repo root with .gpu/ copied along): run the checks
+#   tools/gpu-check.sh bench  # there: only the bench section (issue 6; BENCHMARKS.md)
 #
 # `run` prints the device and library versions, runs the CUDA parity tests, the POD fixtures through
 # `podgpu fidelity --device cuda` and a short `podgpu train` on a real data sample (each only when
-# the binary has that subcommand), and ends with a table. Each step has its own time limit; the whole
-# run stays under 8 minutes. See docs/GPU.md.
+# the binary has that subcommand), then the bench section (podgpu vs PyTorch side by side on ResNet50,
+# the microbenchmarks; PODGPU_BENCH=0 skips it), and ends with a table. Each step has its own time
+# limit; the whole run stays under 8 minutes. See docs/GPU.md and BENCHMARKS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 GPU_DIR=.gpu
@@ -24,6 +26,10 @@ pack() {
     rm -rf "$GPU_DIR"
     mkdir -p "$GPU_DIR/bin" "$GPU_DIR/data"
     cp target/release/podgpu "$GPU_DIR/bin/"
+    # The benchmark binaries the bench section runs (issue 6; ~2.5 MiB each once stripped).
+    for b in bench-step bench-conv bench-kernels bench-gemm; do
+        [ -x "target/release/$b" ] && cp "target/release/$b" "$GPU_DIR/bin/"
+    done
     echo "$json" | python3 -c '
 import json, sys, shutil
 for line in sys.stdin:
@@ -62,12 +68,16 @@ record() { RESULTS+=("$(printf '%-34s %-8s %6ss  %s' "$1" "$2" "$3" "$4")"); }
 TOTAL_LIMIT=460
 RUN_START=$(date +%s)
 
+# Steps stop at DEADLINE seconds after the start: TOTAL_LIMIT, or earlier for the checks that run
+# before the bench section, which keeps BENCH_RESERVE seconds for itself.
+DEADLINE=$TOTAL_LIMIT
+
 step() {
     local name="$1" limit="$2"
     shift 2
-    local left=$(( TOTAL_LIMIT - ($(date +%s) - RUN_START) ))
+    local left=$(( DEADLINE - ($(date +%s) - RUN_START) ))
     if [ "$left" -lt 5 ]; then
-        skip "$name" "no time left in the ${TOTAL_LIMIT}s budget"
+        skip "$name" "no time left in the ${DEADLINE}s budget"
         return 1
     fi
     [ "$limit" -gt "$left" ] && limit=$left
@@ -99,6 +109,16 @@ cuda_lib_dirs() {
     done
 }
 
+# The CUDA libraries of PyTorch's venv on the library paths; tests fail instead of skipping.
+gpu_env() {
+    local libs
+    libs="$(cuda_lib_dirs)"
+    export PODGPU_CUDA_LIBS="${libs%:}${PODGPU_CUDA_LIBS:+:$PODGPU_CUDA_LIBS}"
+    export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:-}"
+    export PODGPU_REQUIRE_GPU=1
+    export PODGPU_CACHE_DIR="${PODGPU_CACHE_DIR:-$PWD/$GPU_DIR/cache}"
+}
+
 run() {
     local start bin
     start=$RUN_START
@@ -107,14 +127,10 @@ run() {
         echo "no $bin/podgpu: run 'tools/gpu-check.sh pack' on the build machine and copy $GPU_DIR here"
         exit 2
     fi
-    local libs
-    libs="$(cuda_lib_dirs)"
-    export PODGPU_CUDA_LIBS="${libs%:}${PODGPU_CUDA_LIBS:+:$PODGPU_CUDA_LIBS}"
-    export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:-}"
-    # The tests fail instead of skipping when no GPU is usable.
-    export PODGPU_REQUIRE_GPU=1
-    export PODGPU_CACHE_DIR="${PODGPU_CACHE_DIR:-$PWD/$GPU_DIR/cache}"
+    gpu_env
     echo "PODGPU_CUDA_LIBS=$PODGPU_CUDA_LIBS"
+    # The checks leave BENCH_RESERVE seconds of the budget to the bench section.
+    [ "${PODGPU_BENCH:-1}" != 0 ] && DEADLINE=$(( TOTAL_LIMIT - BENCH_RESERVE ))
 
     echo "=================== device"
     if command -v nvidia-smi > /dev/null; then
@@ -154,8 +170,19 @@ run() {
         skip "short train on GPU" "this podgpu has no 'train' subcommand yet"
     fi
 
+    if [ "${PODGPU_BENCH:-1}" != 0 ]; then
+        DEADLINE=$TOTAL_LIMIT
+        bench_section
+    else
+        skip "bench (issue 6)" "PODGPU_BENCH=0"
+    fi
+
+    summary "$start"
+}
+
+summary() {
     echo
-    echo "=================== summary ($(( $(date +%s) - start ))s total)"
+    echo "=================== summary ($(( $(date +%s) - $1 ))s total)"
     printf '%-34s %-8s %7s  %s\n' "step" "result" "time" "note"
     local r failed=0
     for r in "${RESULTS[@]}"; do
@@ -165,8 +192,62 @@ run() {
     return $failed
 }
 
+
+# ---------------------------------------------------------------------------------------------
+# bench (issue 6): the side-by-side table podgpu vs PyTorch, then the microbenchmarks.
+# Runs at the end of `run` (PODGPU_BENCH=0 skips it) or alone with `tools/gpu-check.sh bench`.
+# In `run` the checks before it stop BENCH_RESERVE seconds before TOTAL_LIMIT, so the bench section
+# always has at least that long; each bench step's limit is capped by what is left.
+# ---------------------------------------------------------------------------------------------
+
+BENCH_RESERVE=220
+TORCH_PY="${PODGPU_TORCH_PYTHON:-/opt/torch/.venv/bin/python}"
+
+bench_section() {
+    local bin="$GPU_DIR/bin"
+    if [ ! -x "$bin/bench-step" ]; then
+        skip "bench (issue 6)" "no $bin/bench-step packed"
+        return 0
+    fi
+    # 1. ResNet50-CIFAR at batch 128: podgpu fp32/tf32 vs PyTorch eager fp32, eager tf32, AMP bf16 +
+    #    channels_last and torch.compile (bf16 + channels_last), 3 warm-up + 20 timed steps each; the
+    #    driver stops starting runs after --deadline seconds and prints the ratio table it has.
+    if [ -x "$TORCH_PY" ]; then
+        step "bench: podgpu vs PyTorch (resnet50)" 200 "$TORCH_PY" tools/bench/compare.py \
+            --bench-step "$bin/bench-step" --python "$TORCH_PY" --device cuda --model resnet50 \
+            --batch 128 --steps 20 --warmup 3 --deadline 185 --timeout 150 --markdown
+    else
+        skip "bench: PyTorch side" "no PyTorch at $TORCH_PY (set PODGPU_TORCH_PYTHON)"
+        step "bench: podgpu steps (resnet50)" 90 "$bin/bench-step" --device cuda --models resnet50 \
+            --batch 128 --steps 20 --warmup 3
+    fi
+    # 2. Microbenchmarks, shortest sampling that still gives a median of several samples.
+    step "bench: convolutions (resnet50)" 60 "$bin/bench-conv" --device cuda --samples 5 \
+        --min-sample-ms 5 --max-case-s 1
+    step "bench: own kernels" 60 "$bin/bench-kernels" --device cuda --samples 7 \
+        --min-sample-ms 5 --max-case-s 1
+    step "bench: GEMMs" 30 "$bin/bench-gemm" --device cuda --samples 7 --min-sample-ms 5 \
+        --max-case-s 1
+    step "bench: whole steps (resnet18, metrics)" 40 "$bin/bench-step" --device cuda \
+        --models resnet18 --batch 128 --steps 20 --warmup 3 --with-metrics
+    return 0
+}
+
+bench_only() {
+    local start=$RUN_START
+    if [ ! -x "$GPU_DIR/bin/bench-step" ]; then
+        echo "no $GPU_DIR/bin/bench-step: run 'tools/gpu-check.sh pack' on the build machine and copy $GPU_DIR here"
+        exit 2
+    fi
+    gpu_env
+    command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    bench_section
+    summary "$start"
+}
+
 case "${1:-}" in
     pack) pack ;;
     run) run ;;
-    *) echo "usage: $0 pack|run   (see docs/GPU.md)"; exit 2 ;;
+    bench) bench_only ;;
+    *) echo "usage: $0 pack|run|bench   (see docs/GPU.md, BENCHMARKS.md)"; exit 2 ;;
 esac

@@ -294,6 +294,32 @@ fn build_plan(
     })
 }
 
+/// The algorithm and workspace bytes cuDNN's heuristics chose for one convolution shape in the
+/// current math mode, per direction (forward, backward data, backward filter) as cuDNN's enum names;
+/// `None` for a direction that has not run on that shape yet. For `bench-conv`.
+pub fn chosen_algorithms(
+    gpu: &Gpu,
+    x: [usize; 4],
+    w: [usize; 4],
+    geom: &ConvGeom,
+) -> [Option<(String, usize)>; 3] {
+    let slot = gpu.dnn.lock().unwrap();
+    let key = ConvKey {
+        x,
+        w,
+        geom: *geom,
+        mode: math_mode() as u8,
+    };
+    match slot.as_ref().and_then(|d| d.as_ref().ok()?.plans.get(&key)) {
+        Some(p) => [
+            p.fwd.map(|(a, ws)| (format!("{a:?}"), ws)),
+            p.bwd_data.map(|(a, ws)| (format!("{a:?}"), ws)),
+            p.bwd_filter.map(|(a, ws)| (format!("{a:?}"), ws)),
+        ],
+        None => [None, None, None],
+    }
+}
+
 /// Picks from cuDNN's ranked heuristic results: the first that succeeded, fits the workspace limit
 /// and uses the wanted math type; else the first that succeeded and fits. Returns (algo, workspace
 /// bytes, math type).

@@ -20,7 +20,7 @@ pub mod smallcnn;
 pub use densenet::DenseNet;
 pub use layers::{BatchNorm, Conv, Linear};
 pub use mobilenet::MobileNetV2;
-pub use resnet::{ResNet, Stem};
+pub use resnet::{ConvShape, ResNet, Stem};
 pub use smallcnn::SmallCnn;
 
 use crate::autograd::{ParamId, ParamKind, ParamStore, Tape, Var};
@@ -228,6 +228,18 @@ impl Network {
             }
         };
         Output { features, logits }
+    }
+
+    /// Every convolution of the backbone on images of shape `x` [N, C, H, W], in forward order
+    /// (derived for the ResNets, which the benchmarks time; an error for the other backbones).
+    pub fn conv_shapes(&self, ps: &ParamStore, x: [usize; 4]) -> Result<Vec<ConvShape>, String> {
+        match &self.backbone {
+            Backbone::ResNet(r) => Ok(r.conv_shapes(ps, x)),
+            _ => Err(format!(
+                "convolution shapes are derived for the ResNets only, not {}",
+                self.spec.arch
+            )),
+        }
     }
 
     /// The frozen PEDCC centroids [K, n] on the store's device, if the head is PEDCC.

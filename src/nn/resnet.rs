@@ -63,6 +63,43 @@ impl Block {
     }
 }
 
+/// The max-pool after the stem for non-CIFAR inputs: 3×3, stride 2, padding 1.
+const STEM_POOL: ops::Pool2dSpec = ops::Pool2dSpec {
+    kernel: (3, 3),
+    stride: (2, 2),
+    padding: (1, 1),
+};
+
+/// One convolution of a network as it runs on an input of a given size (FLOP counts, benchmarks).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    /// The weight's parameter name, e.g. `layer2.0.layers.3.weight`.
+    pub name: String,
+    /// Input [N, C, H, W].
+    pub x: [usize; 4],
+    /// Weight [Cout, Cin/groups, KH, KW].
+    pub w: [usize; 4],
+    pub spec: ops::Conv2dSpec,
+}
+
+impl ConvShape {
+    fn of(conv: &Conv, ps: &ParamStore, x: [usize; 4]) -> ConvShape {
+        let p = ps.get(conv.weight);
+        let s = p.value.shape();
+        ConvShape {
+            name: p.name.clone(),
+            x,
+            w: [s[0], s[1], s[2], s[3]],
+            spec: conv.spec,
+        }
+    }
+
+    /// The output shape [N, Cout, OH, OW].
+    pub fn y(&self) -> [usize; 4] {
+        ops::ConvGeom::new(&self.x, &self.w, self.spec).y_shape()
+    }
+}
+
 /// The ResNet backbone up to global average pooling: images [N, C, H, W] → pooled features [N, out_dim].
 pub struct ResNet {
     stem_conv: Conv,
@@ -198,12 +235,34 @@ impl ResNet {
         })
     }
 
+    /// Every convolution `forward` runs on an input of shape `x` [N, C, H, W], in order: the same walk
+    /// as `forward`, on shapes only.
+    pub fn conv_shapes(&self, ps: &ParamStore, x: [usize; 4]) -> Vec<ConvShape> {
+        let mut out = vec![ConvShape::of(&self.stem_conv, ps, x)];
+        let mut y = out[0].y();
+        if self.stem != Stem::Cifar {
+            y = STEM_POOL.out_shape(&y, "max_pool2d");
+        }
+        for block in self.layers.iter().flatten() {
+            let input = y;
+            for (conv, _) in &block.convs {
+                let c = ConvShape::of(conv, ps, y);
+                y = c.y();
+                out.push(c);
+            }
+            if let Some((conv, _)) = &block.shortcut {
+                out.push(ConvShape::of(conv, ps, input));
+            }
+        }
+        out
+    }
+
     pub fn forward(&self, t: &mut Tape, ps: &mut ParamStore, x: &Var) -> Var {
         let y = self.stem_conv.forward(t, ps, x);
         let y = self.stem_bn.forward(t, ps, &y);
         let mut y = ops::relu(t, &y);
         if self.stem != Stem::Cifar {
-            y = ops::max_pool2d(t, &y, ops::Pool2dSpec::new(3, 2, 1));
+            y = ops::max_pool2d(t, &y, STEM_POOL);
         }
         for layer in &self.layers {
             for block in layer {
