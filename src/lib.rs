@@ -9,6 +9,7 @@ pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod fixture;
+pub mod fsutil;
 pub mod gradcheck;
 pub mod loss;
 pub mod nn;

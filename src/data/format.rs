@@ -262,14 +262,10 @@ pub fn write_dataset(path: &Path, spec: &DatasetSpec) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create folder {}", dir.display()))?;
-    let file_name = path
-        .file_name()
-        .with_context(|| format!("output path {} has no file name", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
+    if path.file_name().is_none() {
+        anyhow::bail!("output path {} has no file name", path.display());
+    }
+    let tmp = crate::fsutil::temp_path_for(path);
     let result = (|| -> anyhow::Result<()> {
         let f = std::fs::File::create(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
@@ -299,11 +295,5 @@ pub fn write_dataset(path: &Path, spec: &DatasetSpec) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(e.context(format!("writing dataset {}", path.display())));
     }
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
-    // Make the rename itself durable.
-    if let Ok(d) = std::fs::File::open(&dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::fsutil::commit_temp(&tmp, path)
 }

@@ -5,7 +5,6 @@ use crate::tensor::Tensor;
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 /// The tensor name inside a PEDCC file.
@@ -35,46 +34,7 @@ pub fn save(path: &Path, pedcc: &Pedcc) -> Result<()> {
     .collect();
     let bytes = safetensors::serialize([(TENSOR_NAME, view)], Some(meta))
         .map_err(|e| anyhow!("serialising the PEDCC: {e}"))?;
-    write_atomically(path, &bytes)
-}
-
-/// Writes `bytes` to a temporary sibling of `path`, syncs it and renames it over `path`.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("{} is not a file path; give a file name", path.display()))?;
-    if !dir.is_dir() {
-        bail!(
-            "cannot write {}: folder {} does not exist; create it first or choose another path",
-            path.display(),
-            dir.display()
-        );
-    }
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        // Make the rename itself durable (a crash right after must not lose the new name).
-        std::fs::File::open(&dir)?.sync_all()
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        bail!(
-            "cannot write {}: {e}; check that the folder is writable or choose another path",
-            path.display()
-        );
-    }
-    Ok(())
+    crate::fsutil::write_atomic(path, &bytes)
 }
 
 /// Reads a PEDCC file: tensor `pedcc` [K, n] (f32 or f64) with unit rows → f32 host tensor [K, n].
