@@ -77,22 +77,14 @@ pub fn usable_gpu(ordinal: usize) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// A multi-line description of the CUDA setup (device, versions, where each library came from)
-/// for `podgpu devices` and tools/gpu-check.sh. Never panics.
+/// A multi-line description of the CUDA setup for `podgpu device` and tools/gpu-check.sh: the
+/// device, the library versions the libraries report, then (after every library is open, as cudarc
+/// opens it) the chosen files and every CUDA library file actually mapped, with its version. Never
+/// panics.
 pub fn describe() -> String {
     use std::fmt::Write as _;
     let report = libs::ensure_loaded();
     let mut s = String::new();
-    for (lib, found) in &report.found {
-        let from = match found {
-            libs::Found::System => "dlopen default search path".to_string(),
-            libs::Found::Path(p) => p.display().to_string(),
-        };
-        let _ = writeln!(s, "{:<24} {from}", lib.label());
-    }
-    for lib in &report.missing {
-        let _ = writeln!(s, "{:<24} MISSING", lib.label());
-    }
     match Gpu::get(0) {
         Ok(g) => {
             let i = &g.info;
@@ -115,8 +107,13 @@ pub fn describe() -> String {
                 }
             }
             if report.has(Lib::Cublas) {
-                if let Ok(v) = crate::cuda::blas::version(&g) {
-                    let _ = writeln!(s, "cuBLAS version           {v}");
+                match crate::cuda::blas::version(&g) {
+                    Ok(v) => {
+                        let _ = writeln!(s, "cuBLAS version           {v}");
+                    }
+                    Err(e) => {
+                        let _ = writeln!(s, "cuBLAS: {e}");
+                    }
                 }
             }
         }
@@ -130,6 +127,8 @@ pub fn describe() -> String {
     if let Ok(v) = crate::cuda::dnn::version() {
         let _ = writeln!(s, "cuDNN version            {v}");
     }
+    libs::open_as_cudarc_does();
+    s.push_str(&libs::describe_libraries());
     s
 }
 

@@ -25,6 +25,8 @@ enum Command {
     Fidelity(podgpu::cli::fidelity::Args),
     /// Convert, verify and describe dataset files
     Data(podgpu::cli::data::Args),
+    /// Describe the GPU and the CUDA libraries in use (exit status 3 when no GPU is usable).
+    Device(podgpu::cli::device::Args),
     /// List every network with its parameter count and forward FLOPs per image.
     Models(podgpu::cli::models::Args),
     /// Train several losses (and/or networks) with one recipe and tabulate and plot their accuracies.
@@ -61,6 +63,9 @@ fn install_panic_hook() {
 }
 
 fn main() {
+    // Before anything else (threads, output): restart with the chosen CUDA libraries first on the
+    // library path if a second copy would otherwise be loaded (src/cuda/libs).
+    podgpu::cuda::libs::reexec_with_chosen_libraries();
     install_panic_hook();
     if std::env::var_os("PODGPU_TEST_INTERNAL_PANIC").is_some() {
         // Lets the test suite check what a user sees on a bug; never set otherwise.
@@ -73,6 +78,7 @@ fn main() {
         Command::Pedcc(a) => podgpu::cli::pedcc::run(a),
         Command::Fidelity(a) => podgpu::cli::fidelity::run(a),
         Command::Data(a) => podgpu::cli::data::run(a),
+        Command::Device(a) => podgpu::cli::device::run(a),
         Command::Models(a) => podgpu::cli::models::run(a),
         Command::Compare(a) => podgpu::cli::compare::run(a),
         Command::Visualize(a) => podgpu::cli::visualize::run(a),

@@ -86,6 +86,24 @@ fn every_kernel_source_compiles_for_compute_90() {
     }
 }
 
+/// The launcher sources, embedded when the test is compiled, so the test reads no file at run time
+/// (it runs from a copy of the repository in another folder on the GPU machine).
+const LAUNCHERS: &[(&str, &str)] = &[
+    ("blas.rs", include_str!("../src/cuda/blas.rs")),
+    ("dnn.rs", include_str!("../src/cuda/dnn.rs")),
+    ("kernels.rs", include_str!("../src/cuda/kernels.rs")),
+    ("launch.rs", include_str!("../src/cuda/launch.rs")),
+    (
+        "loss_kernels.rs",
+        include_str!("../src/cuda/loss_kernels.rs"),
+    ),
+    ("mod.rs", include_str!("../src/cuda/mod.rs")),
+    ("nn_kernels.rs", include_str!("../src/cuda/nn_kernels.rs")),
+    ("nvrtc.rs", include_str!("../src/cuda/nvrtc.rs")),
+    ("optim.rs", include_str!("../src/cuda/optim.rs")),
+    ("pool.rs", include_str!("../src/cuda/pool.rs")),
+];
+
 /// Every kernel name the launchers ask for (`"…_f32"` / `"…_i32"` literals in src/cuda/*.rs)
 /// exists in some .cu source, so a typo fails here rather than on the first GPU run.
 #[test]
@@ -94,10 +112,8 @@ fn launchers_only_name_existing_kernels() {
         .iter()
         .flat_map(|s| kernel_names(s.src))
         .collect();
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/cuda");
     let mut asked = BTreeSet::new();
-    for e in std::fs::read_dir(&dir).unwrap().flatten() {
-        let text = std::fs::read_to_string(e.path()).unwrap();
+    for (_, text) in LAUNCHERS {
         for piece in text.split('"').skip(1).step_by(2) {
             let ident = piece.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if ident && (piece.ends_with("_f32") || piece.ends_with("_i32")) {
@@ -117,14 +133,39 @@ fn launchers_only_name_existing_kernels() {
     );
 }
 
+/// LAUNCHERS lists every file of src/cuda. Checked where the sources are (the build machine); a
+/// packed test executable elsewhere has no sources to compare with and says so.
+#[test]
+fn the_launcher_list_covers_src_cuda() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/cuda");
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        println!(
+            "SKIPPED: {} is not here (a packed test executable); LAUNCHERS was checked where it \
+             was built",
+            dir.display()
+        );
+        return;
+    };
+    let on_disk: BTreeSet<String> = rd
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".rs"))
+        .collect();
+    let listed: BTreeSet<String> = LAUNCHERS.iter().map(|(n, _)| n.to_string()).collect();
+    assert_eq!(
+        listed, on_disk,
+        "tests/cuda_nvrtc.rs LAUNCHERS must list every src/cuda/*.rs"
+    );
+}
+
 fn find_ptxas() -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var("PATH")
         .unwrap_or_default()
         .split(':')
         .map(PathBuf::from)
         .collect();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    if let Ok(rd) = std::fs::read_dir(root.join(".venv-cuda/lib")) {
+    // The optional nvcc wheel in the repository's .venv-cuda (found from the working directory).
+    if let Ok(rd) = std::fs::read_dir(".venv-cuda/lib") {
         for py in rd.flatten() {
             dirs.push(py.path().join("site-packages/nvidia/cu13/bin"));
         }
@@ -168,29 +209,33 @@ fn compiled_modules_are_cached_on_disk() {
         println!("SKIPPED: NVRTC not found (see every_kernel_source_compiles_for_compute_90)");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("podgpu-cache-{}", std::process::id()));
-    // Only this test in this binary reads PODGPU_CACHE_DIR.
-    std::env::set_var("PODGPU_CACHE_DIR", &dir);
+    // Its own folder, passed in: no environment variable is changed while other threads run.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ptx");
     let src = nvrtc::source("elementwise").unwrap();
     for target in ["compute_90", "sm_90"] {
-        let first = nvrtc::image_cached(src, target).expect("compiles");
-        let files: Vec<_> = std::fs::read_dir(dir.join("ptx"))
+        let first = nvrtc::image_cached_in(src, target, &dir).expect("compiles");
+        let file = std::fs::read_dir(&dir)
             .unwrap()
             .flatten()
-            .collect();
-        assert!(
-            files
-                .iter()
-                .any(|f| f.file_name().to_string_lossy().contains(target)),
-            "no cache file for {target} in {}",
-            dir.display()
-        );
-        let again = nvrtc::image_cached(src, target).expect("cached");
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().contains(target))
+            .unwrap_or_else(|| panic!("no cache file for {target} in {}", dir.display()));
+        // Mark the cached copy: the second call must return the marked bytes, not recompile.
+        let mut marked = std::fs::read(&file).unwrap();
+        marked.extend_from_slice(b"\n// read back from the cache\n");
+        std::fs::write(&file, &marked).unwrap();
+        let again = nvrtc::image_cached_in(src, target, &dir).expect("cached");
         match (first, again) {
-            (nvrtc::Image::Ptx(a), nvrtc::Image::Ptx(b)) => assert_eq!(a, b),
-            (nvrtc::Image::Cubin(a), nvrtc::Image::Cubin(b)) => assert_eq!(a, b),
+            (nvrtc::Image::Ptx(a), nvrtc::Image::Ptx(b)) => {
+                assert_eq!(b.as_bytes(), &marked[..]);
+                assert!(b.starts_with(&a));
+            }
+            (nvrtc::Image::Cubin(a), nvrtc::Image::Cubin(b)) => {
+                assert_eq!(b, marked);
+                assert!(b.starts_with(&a));
+            }
             _ => panic!("{target}: cached image of another kind"),
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

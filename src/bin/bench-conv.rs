@@ -126,6 +126,7 @@ struct Row {
 }
 
 fn main() {
+    podgpu::cuda::libs::reexec_with_chosen_libraries();
     bench::exit_on_error(run());
 }
 

@@ -86,6 +86,7 @@ fn stored(rows: usize, cols: usize, t: bool) -> [usize; 2] {
 }
 
 fn main() {
+    podgpu::cuda::libs::reexec_with_chosen_libraries();
     bench::exit_on_error(run());
 }
 

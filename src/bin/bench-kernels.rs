@@ -454,6 +454,7 @@ fn sgd_case(
 }
 
 fn main() {
+    podgpu::cuda::libs::reexec_with_chosen_libraries();
     bench::exit_on_error(run());
 }
 

@@ -282,6 +282,7 @@ fn time_config(
 }
 
 fn main() {
+    podgpu::cuda::libs::reexec_with_chosen_libraries();
     bench::exit_on_error(run());
 }
 

@@ -2,6 +2,7 @@
 
 pub mod compare;
 pub mod data;
+pub mod device;
 pub mod eval;
 pub mod fidelity;
 pub mod models;

@@ -8,7 +8,7 @@
 
 use super::libs::{self, Lib};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// One `.cu` file: the module name (file stem) and its source, embedded in the binary with
 /// `cuda/common.cuh` (shared helpers; NVRTC has no include path of ours) in front.
@@ -200,7 +200,7 @@ pub fn compile_cubin(name: &str, src: &str, sm: &str) -> Result<Vec<u8>, String>
 }
 
 /// 64-bit FNV-1a: a stable hash (unlike `DefaultHasher`) for cache file names.
-fn fnv1a(parts: &[&[u8]]) -> u64 {
+pub(crate) fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for p in parts {
         for &b in *p {
@@ -213,16 +213,10 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     h
 }
 
-pub fn cache_dir() -> Option<PathBuf> {
-    if let Ok(d) = std::env::var("PODGPU_CACHE_DIR") {
-        return Some(PathBuf::from(d).join("ptx"));
-    }
-    if let Ok(d) = std::env::var("XDG_CACHE_HOME") {
-        return Some(PathBuf::from(d).join("podgpu").join("ptx"));
-    }
-    std::env::var("HOME")
-        .ok()
-        .map(|h| PathBuf::from(h).join(".cache").join("podgpu").join("ptx"))
+/// The folder compiled modules are cached in: `ptx` under `libs::cache_root()`
+/// (`$PODGPU_CACHE_DIR`, else `$XDG_CACHE_HOME/podgpu`, else `~/.cache/podgpu`).
+pub fn cache_dir() -> PathBuf {
+    libs::cache_root().join("ptx")
 }
 
 /// Compiled code of one module: PTX text for a virtual architecture, or CUBIN for a real one.
@@ -234,6 +228,12 @@ pub enum Image {
 /// The compiled module for `target` (`compute_XY` → PTX, `sm_XY` → CUBIN), from the disk cache when
 /// present, else compiled and cached.
 pub fn image_cached(src: &KernelSource, target: &str) -> Result<Image, String> {
+    image_cached_in(src, target, &cache_dir())
+}
+
+/// `image_cached` with the cache in `dir` (tests use their own folder instead of changing the
+/// process environment, which other threads read).
+pub fn image_cached_in(src: &KernelSource, target: &str, dir: &Path) -> Result<Image, String> {
     let (maj, min) = version()?;
     let nv = format!("{maj}.{min}");
     let opts = format!("{:?}", options(target).options);
@@ -245,7 +245,7 @@ pub fn image_cached(src: &KernelSource, target: &str) -> Result<Image, String> {
     ]);
     let cubin = target.starts_with("sm_");
     let ext = if cubin { "cubin" } else { "ptx" };
-    let file = cache_dir().map(|d| d.join(format!("{}-{target}-{key:016x}.{ext}", src.name)));
+    let file = Some(dir.join(format!("{}-{target}-{key:016x}.{ext}", src.name)));
     if let Some(f) = &file {
         if let Ok(bytes) = std::fs::read(f) {
             if cubin && bytes.starts_with(b"\x7fELF") {
