@@ -38,6 +38,29 @@ __device__ float block_sum(float v) {
     return part[0];
 }
 
+__device__ __forceinline__ double warp_sum_d(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// block_sum in double, for sums whose terms nearly cancel afterwards (same rules as block_sum).
+__device__ double block_sum_d(double v) {
+    __shared__ double part[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum_d(v);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        double t = lane < nwarps ? part[lane] : 0.0;
+        t = warp_sum_d(t);
+        if (lane == 0) part[0] = t;
+    }
+    __syncthreads();
+    return part[0];
+}
+
 // Maximum over the whole block, returned to every thread (same rules as block_sum).
 __device__ float block_max(float v) {
     __shared__ float part[32];

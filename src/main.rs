@@ -42,6 +42,14 @@ fn install_panic_hook() {
         return; // the default hook prints the full trace
     }
     std::panic::set_hook(Box::new(|info| {
+        // Running out of GPU memory is not a bug: `cuda::catch_oom` reports it with advice where
+        // it is caught; uncaught, say what happened and what to change.
+        if let Some(oom) = info.payload().downcast_ref::<podgpu::cuda::OutOfMemory>() {
+            if !podgpu::cuda::catching_oom() {
+                eprintln!("error: {}", oom.advice(None));
+            }
+            return;
+        }
         let what = info
             .payload()
             .downcast_ref::<&str>()

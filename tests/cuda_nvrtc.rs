@@ -90,9 +90,14 @@ fn every_kernel_source_compiles_for_compute_90() {
 /// (it runs from a copy of the repository in another folder on the GPU machine).
 const LAUNCHERS: &[(&str, &str)] = &[
     ("blas.rs", include_str!("../src/cuda/blas.rs")),
-    ("dnn.rs", include_str!("../src/cuda/dnn.rs")),
+    ("dnn/bn.rs", include_str!("../src/cuda/dnn/bn.rs")),
+    ("dnn/conv.rs", include_str!("../src/cuda/dnn/conv.rs")),
+    ("dnn/mod.rs", include_str!("../src/cuda/dnn/mod.rs")),
     ("kernels.rs", include_str!("../src/cuda/kernels.rs")),
     ("launch.rs", include_str!("../src/cuda/launch.rs")),
+    ("libs/maps.rs", include_str!("../src/cuda/libs/maps.rs")),
+    ("libs/mod.rs", include_str!("../src/cuda/libs/mod.rs")),
+    ("libs/search.rs", include_str!("../src/cuda/libs/search.rs")),
     (
         "loss_kernels.rs",
         include_str!("../src/cuda/loss_kernels.rs"),
@@ -133,29 +138,75 @@ fn launchers_only_name_existing_kernels() {
     );
 }
 
-/// LAUNCHERS lists every file of src/cuda. Checked where the sources are (the build machine); a
+/// LAUNCHERS lists every file of src/cuda (and its folders). Checked where the sources are (the build machine); a
 /// packed test executable elsewhere has no sources to compare with and says so.
 #[test]
 fn the_launcher_list_covers_src_cuda() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/cuda");
-    let Ok(rd) = std::fs::read_dir(&dir) else {
+    if !dir.is_dir() {
         println!(
             "SKIPPED: {} is not here (a packed test executable); LAUNCHERS was checked where it \
              was built",
             dir.display()
         );
         return;
-    };
-    let on_disk: BTreeSet<String> = rd
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".rs"))
-        .collect();
+    }
+    let mut on_disk = BTreeSet::new();
+    let mut todo = vec![dir.clone()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                let rel = p.strip_prefix(&dir).unwrap().to_string_lossy().into_owned();
+                on_disk.insert(rel);
+            }
+        }
+    }
     let listed: BTreeSet<String> = LAUNCHERS.iter().map(|(n, _)| n.to_string()).collect();
     assert_eq!(
         listed, on_disk,
         "tests/cuda_nvrtc.rs LAUNCHERS must list every src/cuda/*.rs"
     );
+}
+
+/// The body of kernel `name` in a PTX text (from its `.entry` to the next one).
+fn ptx_body<'a>(ptx: &'a str, name: &str) -> &'a str {
+    let start = ptx
+        .find(&format!(".entry {name}("))
+        .unwrap_or_else(|| panic!("no .entry {name} in the PTX"));
+    let rest = &ptx[start + 1..];
+    &ptx[start..start + 1 + rest.find(".entry").unwrap_or(rest.len())]
+}
+
+/// The SC value subtracts two nearly equal sums; like the CPU reference, the kernel must accumulate
+/// and subtract them in double (a float accumulator would leave mostly rounding error). Checked on
+/// the compiled PTX: double-precision adds or FMAs, and the scale passed as a double.
+#[test]
+fn the_sc_value_kernel_accumulates_in_double() {
+    if nvrtc::version().is_err() {
+        assert!(!in_ci(), "CI=true but NVRTC cannot be loaded");
+        println!("SKIPPED: NVRTC not found (see every_kernel_source_compiles_for_compute_90)");
+        return;
+    }
+    let src = nvrtc::source("loss").unwrap();
+    let ptx = nvrtc::compile(src.name, src.src, ARCH).expect("loss.cu compiles");
+    let body = ptx_body(&ptx, "sc_loss_f32");
+    assert!(
+        body.contains("add.f64") || body.contains("fma.rn.f64"),
+        "sc_loss_f32 has no double-precision accumulation:\n{body}"
+    );
+    assert!(
+        body.contains("sub.f64") || body.contains("add.f64"),
+        "{body}"
+    );
+    assert!(
+        body.contains(".param .f64"),
+        "sc_loss_f32 must take its scale as a double:\n{body}"
+    );
+    // A plain float kernel of the same file has no double arithmetic: the check can tell them apart.
+    assert!(!ptx_body(&ptx, "sc_grad_f32").contains(".f64"));
 }
 
 fn find_ptxas() -> Option<PathBuf> {

@@ -191,7 +191,7 @@ pub fn sc_loss(m: &Tensor, s: &Tensor, norm: f64) -> Tensor {
         "sc_loss: M must be square, got {:?}",
         m.shape()
     );
-    let (side32, n32, norm32) = (side as i32, s.numel() as i32, norm as f32);
+    let (side32, n32) = (side as i32, s.numel() as i32);
     let mut loss = gpu.alloc(1);
     let f = func(&gpu, "loss", "sc_loss_f32");
     let mut l = gpu.stream.launch_builder(&f);
@@ -200,8 +200,8 @@ pub fn sc_loss(m: &Tensor, s: &Tensor, norm: f64) -> Tensor {
         .arg(buf(s).raw())
         .arg(&side32)
         .arg(&n32)
-        .arg(&norm32);
-    // SAFETY: matches sc_loss_f32(float*, const float*, const float*, int, int, float): M holds
+        .arg(&norm);
+    // SAFETY: matches sc_loss_f32(float*, const float*, const float*, int, int, double): M holds
     // side² floats, s holds n.
     check(unsafe { l.launch(one_block()) }, "sc_loss_f32");
     tensor(&[1], loss)
@@ -253,6 +253,9 @@ pub fn sc_fwd_bwd(x: &Tensor, p: &Tensor, labels: &Tensor, variant: Variant) -> 
     let (xt, norms) = l2norm_rows_fwd(x, SC_NORMALIZE_EPS);
     let d = sc_diff(&xt, p, labels);
     let s = col_sumsq(&d);
+    // True fp32 for both products whatever the math mode: the value and the gradient are what is
+    // left after large terms cancel (see loss::sc).
+    let _fp32 = super::math_mode_scope(super::MathMode::Fp32);
     // G = D Dᵀ  [B, B]
     let mut g = gpu.alloc(b * b);
     blas::gemm(

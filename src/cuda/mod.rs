@@ -24,12 +24,21 @@ pub mod nvrtc;
 pub mod optim;
 pub mod pool;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView,
+};
 use libs::Lib;
 use pool::{Pool, PoolStats};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+
+/// Locks a mutex even if a thread panicked while holding it. Every lock here guards caches and
+/// counters that stay valid after a panic (the panicking operation's own result is what is lost),
+/// so one failed test or op must not turn every later use of the GPU into a poisoned-lock panic.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// What the GPU reports about itself.
 #[derive(Clone, Debug)]
@@ -50,6 +59,11 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     pub info: DeviceInfo,
     pool: Mutex<Pool>,
+    /// Host buffers of `upload_owned` copies, each with an event recorded after its copy: a buffer
+    /// is dropped only once its event has completed (the copy may read it until then).
+    staged: Mutex<Vec<(CudaEvent, Vec<f32>)>>,
+    /// How many times the host waited for this GPU (stream synchronisations, device→host copies).
+    host_waits: AtomicU64,
     /// Compiled modules by `.cu` name and loaded functions by kernel name (names are unique).
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     funcs: Mutex<HashMap<&'static str, CudaFunction>>,
@@ -102,12 +116,26 @@ impl CudaBuf {
         p
     }
 
-    /// Copies the buffer to host memory (synchronises the stream).
+    /// Copies the buffer to host memory, waiting for the stream (and so for every kernel queued
+    /// before). Panics on a device error (a broken device or a podgpu bug).
     pub fn to_host(&self) -> Vec<f32> {
-        self.gpu
-            .stream
-            .clone_dtoh(&self.view())
+        self.try_to_host()
             .unwrap_or_else(|e| panic!("copy from cuda:{} failed: {e}", self.gpu.ordinal))
+    }
+
+    /// `to_host` that returns device errors (e.g. a kernel queued earlier that faulted).
+    pub fn try_to_host(&self) -> Result<Vec<f32>, String> {
+        let mut out = vec![0f32; self.len];
+        if self.len > 0 {
+            self.gpu
+                .stream
+                .memcpy_dtoh(&self.view(), &mut out)
+                .map_err(|e| e.to_string())?;
+        }
+        // The copy is queued with cuMemcpyDtoHAsync into pageable memory, and CUDA does not
+        // promise that it has finished when that call returns: wait for the stream explicitly.
+        self.gpu.synchronize()?;
+        Ok(out)
     }
 
     /// A copy of the first `len` elements in a fresh pooled buffer (queued on the stream, no sync).
@@ -137,11 +165,83 @@ impl CudaBuf {
 impl Drop for CudaBuf {
     fn drop(&mut self) {
         if let Some(s) = self.slot.take() {
-            if let Ok(mut pool) = self.gpu.pool.lock() {
-                pool.give_back(s);
-            }
+            lock(&self.gpu.pool).give_back(s);
         }
     }
+}
+
+/// A device allocation that failed even after the pool gave its cached blocks back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutOfMemory {
+    pub ordinal: usize,
+    /// Bytes asked for.
+    pub requested: usize,
+    /// Bytes held by podgpu's live buffers, and the most it held.
+    pub in_use: usize,
+    pub peak: usize,
+    /// What the driver reports free and in total on the device (0 when it could not be asked).
+    pub free: usize,
+    pub total: usize,
+}
+
+impl std::fmt::Display for OutOfMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        write!(
+            f,
+            "cuda:{} is out of memory: {:.2} GiB requested while podgpu holds {:.2} GiB (peak \
+             {:.2} GiB) and the device has {:.2} GiB free of {:.2} GiB",
+            self.ordinal,
+            gib(self.requested),
+            gib(self.in_use),
+            gib(self.peak),
+            gib(self.free),
+            gib(self.total)
+        )
+    }
+}
+
+impl OutOfMemory {
+    /// The message with what to change: a smaller batch (half of `batch`, when known).
+    pub fn advice(&self, batch: Option<usize>) -> String {
+        match batch {
+            Some(b) if b > 1 => format!(
+                "{self}; try a smaller batch, e.g. --batch-size {} (now {b}), or free the GPU \
+                 from other processes (nvidia-smi lists them)",
+                (b / 2).max(1)
+            ),
+            _ => format!(
+                "{self}; try a smaller --batch-size, or free the GPU from other processes \
+                 (nvidia-smi lists them)"
+            ),
+        }
+    }
+}
+
+thread_local! {
+    static CATCHING_OOM: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f`; an out-of-memory failure inside it (raised by `Gpu::alloc`, which has no error path
+/// because the ops that call it have none) comes back as `Err` instead of unwinding further. Any
+/// other panic continues unwinding. Everything `f` allocated is freed by the unwinding, so the GPU
+/// stays usable (e.g. to retry with a smaller batch).
+pub fn catch_oom<R>(f: impl FnOnce() -> R) -> Result<R, OutOfMemory> {
+    CATCHING_OOM.with(|c| c.set(c.get() + 1));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    CATCHING_OOM.with(|c| c.set(c.get() - 1));
+    match r {
+        Ok(v) => Ok(v),
+        Err(payload) => match payload.downcast::<OutOfMemory>() {
+            Ok(oom) => Err(*oom),
+            Err(other) => std::panic::resume_unwind(other),
+        },
+    }
+}
+
+/// Whether this thread is inside `catch_oom` (the panic hook stays silent then: the caller reports).
+pub fn catching_oom() -> bool {
+    CATCHING_OOM.with(|c| c.get() > 0)
 }
 
 static GPUS: OnceLock<Mutex<Vec<Option<Arc<Gpu>>>>> = OnceLock::new();
@@ -157,7 +257,7 @@ impl Gpu {
                 report.missing_message(&[Lib::Driver])
             ));
         }
-        let mut gpus = GPUS.get_or_init(|| Mutex::new(Vec::new())).lock().unwrap();
+        let mut gpus = lock(GPUS.get_or_init(|| Mutex::new(Vec::new())));
         if let Some(Some(g)) = gpus.get(ordinal) {
             return Ok(g.clone());
         }
@@ -184,6 +284,8 @@ impl Gpu {
             stream,
             info,
             pool: Mutex::new(Pool::new()),
+            staged: Mutex::new(Vec::new()),
+            host_waits: AtomicU64::new(0),
             modules: Mutex::new(HashMap::new()),
             funcs: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
@@ -193,26 +295,46 @@ impl Gpu {
         Ok(gpu)
     }
 
-    /// An uninitialised buffer of `n` f32 elements from the pool. Panics when the device is out of
-    /// memory even after the cache was released (an unrecoverable state for a training step).
+    /// An uninitialised buffer of `n` f32 elements from the pool. When the device is out of memory
+    /// even after the cache was released, unwinds with an `OutOfMemory` payload (after the pool's
+    /// lock is released): `catch_oom` turns it into an error for the user, with what to change.
     pub fn alloc(self: &Arc<Self>, n: usize) -> CudaBuf {
-        let slice = self
-            .pool
-            .lock()
-            .unwrap()
-            .take(&self.stream, n)
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cuda:{}: cannot allocate {} bytes: {e}",
-                    self.ordinal,
-                    n * 4
-                )
-            });
-        CudaBuf {
-            slot: Some(slice),
-            len: n,
-            gpu: self.clone(),
+        match self.try_alloc(n) {
+            Ok(b) => b,
+            Err(oom) => std::panic::panic_any(oom),
         }
+    }
+
+    /// `alloc` that returns out-of-memory as an error.
+    pub fn try_alloc(self: &Arc<Self>, n: usize) -> Result<CudaBuf, OutOfMemory> {
+        let taken = {
+            let mut pool = lock(&self.pool);
+            pool.take(&self.stream, n).map_err(|_| pool.stats())
+        };
+        match taken {
+            Ok(slice) => Ok(CudaBuf {
+                slot: Some(slice),
+                len: n,
+                gpu: self.clone(),
+            }),
+            Err(stats) => {
+                let (free, total) = self.mem_info().unwrap_or((0, 0));
+                Err(OutOfMemory {
+                    ordinal: self.ordinal,
+                    requested: pool::size_class(n) * 4,
+                    in_use: stats.bytes_in_use,
+                    peak: stats.peak_bytes_in_use,
+                    free,
+                    total,
+                })
+            }
+        }
+    }
+
+    /// (free, total) bytes of device memory as the driver reports them.
+    pub fn mem_info(&self) -> Result<(usize, usize), String> {
+        self.ctx.bind_to_thread().map_err(|e| e.to_string())?;
+        cudarc::driver::result::mem_get_info().map_err(|e| e.to_string())
     }
 
     /// A zero-filled buffer of `n` elements.
@@ -227,44 +349,77 @@ impl Gpu {
         b
     }
 
+    /// Copies `host` into a new buffer and waits until the copy has read it (`host` is borrowed and
+    /// may be freed as soon as this returns; CUDA does not promise that an asynchronous copy from
+    /// pageable memory has read it before the call returns). For data made for the copy, use
+    /// `upload_owned`, which does not wait.
     pub fn upload(self: &Arc<Self>, host: &[f32]) -> CudaBuf {
         let mut b = self.alloc(host.len());
         if !host.is_empty() {
             self.stream
                 .memcpy_htod(host, b.raw_mut())
                 .unwrap_or_else(|e| panic!("copy to cuda:{} failed: {e}", self.ordinal));
+            self.synchronize()
+                .unwrap_or_else(|e| panic!("copy to cuda:{} failed: {e}", self.ordinal));
         }
         b
     }
 
-    /// Uploads 32-bit integers (labels) into a buffer, bit for bit.
+    /// Copies `host` into a new buffer without waiting: `host` is kept alive until an event
+    /// recorded after the copy has completed (checked, and finished buffers dropped, at each later
+    /// `upload_owned` and at every wait).
+    pub fn upload_owned(self: &Arc<Self>, host: Vec<f32>) -> CudaBuf {
+        let mut b = self.alloc(host.len());
+        if !host.is_empty() {
+            self.stream
+                .memcpy_htod(&host, b.raw_mut())
+                .unwrap_or_else(|e| panic!("copy to cuda:{} failed: {e}", self.ordinal));
+            let done = self
+                .stream
+                .record_event(None)
+                .unwrap_or_else(|e| panic!("cuda:{}: event: {e}", self.ordinal));
+            let mut staged = lock(&self.staged);
+            staged.retain(|(ev, _)| !ev.is_complete());
+            staged.push((done, host));
+        }
+        b
+    }
+
+    /// Uploads 32-bit integers (labels) into a buffer, bit for bit, without waiting.
     pub fn upload_i32(self: &Arc<Self>, host: &[i32]) -> CudaBuf {
         let words: Vec<f32> = host.iter().map(|&v| f32::from_bits(v as u32)).collect();
-        self.upload(&words)
+        self.upload_owned(words)
     }
 
     pub fn pool_stats(&self) -> PoolStats {
-        self.pool.lock().unwrap().stats()
+        lock(&self.pool).stats()
     }
 
     pub fn reset_peak_memory(&self) {
-        self.pool.lock().unwrap().reset_peak();
+        lock(&self.pool).reset_peak();
     }
 
     /// Frees every cached block back to the driver.
     pub fn release_cached_memory(&self) -> Result<(), String> {
-        self.pool
-            .lock()
-            .unwrap()
+        lock(&self.pool)
             .release_cached(&self.stream)
             .map_err(|e| e.to_string())
     }
 
-    /// Waits for all queued work; surfaces asynchronous kernel errors.
+    /// Waits for all queued work; surfaces asynchronous kernel errors. Counted in `host_waits`.
     pub fn synchronize(&self) -> Result<(), String> {
+        self.host_waits.fetch_add(1, Ordering::Relaxed);
         self.stream
             .synchronize()
-            .map_err(|e| format!("cuda:{}: {e}", self.ordinal))
+            .map_err(|e| format!("cuda:{}: {e}", self.ordinal))?;
+        lock(&self.staged).clear();
+        Ok(())
+    }
+
+    /// How many times the host has waited for this GPU so far (every `synchronize`, so every
+    /// device→host copy): a training step should not wait at all.
+    pub fn host_waits(&self) -> u64 {
+        self.host_waits.load(Ordering::Relaxed)
     }
 
     /// The targets our kernels are compiled for on this device, preferred first (`sm_90`, then
@@ -276,11 +431,11 @@ impl Gpu {
 
     /// A kernel of one of our `.cu` modules, compiling and loading the module at first use.
     pub fn func(&self, module: &'static str, kernel: &'static str) -> Result<CudaFunction, String> {
-        if let Some(f) = self.funcs.lock().unwrap().get(kernel) {
+        if let Some(f) = lock(&self.funcs).get(kernel) {
             return Ok(f.clone());
         }
         let m = {
-            let mut mods = self.modules.lock().unwrap();
+            let mut mods = lock(&self.modules);
             match mods.get(module) {
                 Some(m) => m.clone(),
                 None => {
@@ -295,7 +450,7 @@ impl Gpu {
         let f = m
             .load_function(kernel)
             .map_err(|e| format!("kernel {kernel} not in cuda/{module}.cu: {e}"))?;
-        self.funcs.lock().unwrap().insert(kernel, f.clone());
+        lock(&self.funcs).insert(kernel, f.clone());
         Ok(f)
     }
 }
@@ -346,7 +501,7 @@ fn device_info(ctx: &Arc<CudaContext>) -> Result<DeviceInfo, cudarc::driver::Dri
 }
 
 /// How fp32 matrix products and convolutions are computed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MathMode {
     /// Plain fp32 (reference accuracy).
     Fp32,
@@ -356,8 +511,29 @@ pub enum MathMode {
 
 static MATH_MODE: AtomicU8 = AtomicU8::new(0);
 
+/// Sets the process-wide math mode. Prefer `math_mode_scope`, which restores the previous mode.
 pub fn set_math_mode(mode: MathMode) {
     MATH_MODE.store(mode as u8, Ordering::Relaxed);
+}
+
+/// Sets the math mode until the returned guard drops, then restores the one before (also when a
+/// panic unwinds past the guard, so a failing test cannot leave TF32 on for the tests after it).
+#[must_use = "the mode is restored when the guard drops"]
+pub fn math_mode_scope(mode: MathMode) -> MathModeGuard {
+    let previous = math_mode();
+    set_math_mode(mode);
+    MathModeGuard { previous }
+}
+
+/// Restores the previous math mode on drop (see `math_mode_scope`).
+pub struct MathModeGuard {
+    previous: MathMode,
+}
+
+impl Drop for MathModeGuard {
+    fn drop(&mut self) {
+        set_math_mode(self.previous);
+    }
 }
 
 pub fn math_mode() -> MathMode {
@@ -390,4 +566,74 @@ pub fn buf(t: &crate::tensor::Tensor) -> &CudaBuf {
 pub fn tensor(shape: &[usize], b: CudaBuf) -> crate::tensor::Tensor {
     debug_assert_eq!(crate::tensor::numel(shape), b.len());
     crate::tensor::Tensor::from_storage(shape, crate::tensor::Storage::Cuda(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn oom() -> OutOfMemory {
+        OutOfMemory {
+            ordinal: 0,
+            requested: 3 << 30,
+            in_use: 130 << 30,
+            peak: 131 << 30,
+            free: 1 << 29,
+            total: 140 << 30,
+        }
+    }
+
+    #[test]
+    fn a_panic_inside_a_math_mode_scope_restores_the_mode() {
+        set_math_mode(MathMode::Fp32);
+        let r = std::panic::catch_unwind(|| {
+            let _tf32 = math_mode_scope(MathMode::Tf32);
+            assert_eq!(math_mode(), MathMode::Tf32);
+            panic!("a failing TF32 test");
+        });
+        assert!(r.is_err());
+        assert_eq!(math_mode(), MathMode::Fp32);
+    }
+
+    #[test]
+    fn catch_oom_returns_out_of_memory_and_lets_other_panics_through() {
+        let got = catch_oom(|| -> u32 { std::panic::panic_any(oom()) });
+        assert_eq!(got, Err(oom()));
+        assert!(!catching_oom());
+        assert_eq!(catch_oom(|| 7), Ok(7));
+        let other = std::panic::catch_unwind(|| catch_oom(|| panic!("a bug")));
+        assert!(
+            other.is_err(),
+            "a panic that is not out-of-memory keeps unwinding"
+        );
+        assert!(!catching_oom());
+    }
+
+    #[test]
+    fn out_of_memory_says_how_much_and_what_to_change() {
+        let text = oom().advice(Some(128));
+        assert!(
+            text.starts_with("cuda:0 is out of memory: 3.00 GiB requested"),
+            "{text}"
+        );
+        assert!(
+            text.contains("holds 130.00 GiB (peak 131.00 GiB)"),
+            "{text}"
+        );
+        assert!(text.contains("0.50 GiB free of 140.00 GiB"), "{text}");
+        assert!(text.contains("--batch-size 64 (now 128)"), "{text}");
+        assert!(oom().advice(None).contains("try a smaller --batch-size"));
+    }
+
+    #[test]
+    fn a_poisoned_lock_is_still_usable() {
+        let m = Mutex::new(5);
+        let _ = std::panic::catch_unwind(|| {
+            let _g = m.lock().unwrap();
+            panic!("panic while holding the lock");
+        });
+        assert!(m.is_poisoned());
+        *lock(&m) += 1;
+        assert_eq!(*lock(&m), 6);
+    }
 }

@@ -17,8 +17,8 @@
 //! The op is a composite of tensor-level pieces so that on the GPU the two products (the Gram and G·D)
 //! go to cuBLAS and the rest are the small kernels of `cuda::loss_kernels` (the same ones its fused
 //! `sc_fwd_bwd` chains): centroid subtraction (`sc_diff`), column sums of squares (`col_sumsq`), the
-//! value (`sc_loss`) and the gradient combination (`sc_grad`). The GPU sums in f32 where the host
-//! accumulates the value in f64.
+//! value (`sc_loss`) and the gradient combination (`sc_grad`). Both devices accumulate the value in
+//! f64, and the two products run in true fp32 even in TF32 mode (see `sc_of_normalized`).
 
 use super::{cuda_labels, label_indices, Variant};
 use crate::autograd::{Tape, Var};
@@ -214,6 +214,10 @@ pub fn sc_of_normalized(
     let coef = sc_coefficient(b, n, variant);
     let gram = form.uses_gram(b, n);
     let d = sub_class_centroids_fwd(xn.value(), p, labels);
+    // The value and the gradient keep what is left after large terms cancel (‖G‖² − ‖s‖²,
+    // G·D − D∘s): with TF32 inputs that would be mostly rounding error, so these small products
+    // run in true fp32 whatever the math mode.
+    let fp32 = cuda::math_mode_scope(cuda::MathMode::Fp32);
     let m = if gram {
         ops::matmul_fwd(&d, false, &d, true) // G = DDᵀ, B×B
     } else {
@@ -221,8 +225,10 @@ pub fn sc_of_normalized(
     };
     let s = col_sumsq_fwd(&d);
     let loss = sc_value_fwd(&m, &s, coef);
+    drop(fp32);
     t.op(loss, &[xn], move || {
         Box::new(move |g, _| {
+            let _fp32 = cuda::math_mode_scope(cuda::MathMode::Fp32);
             let md = if gram {
                 ops::matmul_fwd(&m, false, &d, false) // G·D
             } else {

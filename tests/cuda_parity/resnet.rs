@@ -2,7 +2,7 @@
 //! training mode) on the CPU and on the GPU from the same initial parameters: one forward+backward
 //! compared loss by loss and gradient by gradient, then five SGD steps whose losses must track.
 
-use super::{close, gpu_or_skip, GPU_LOCK};
+use super::{close, gpu, GPU_LOCK};
 use podgpu::autograd::{ParamKind, ParamStore, Tape};
 use podgpu::cuda::{self, MathMode};
 use podgpu::loss::{self, PodConfig, ScForm, Variant};
@@ -76,7 +76,7 @@ fn forward_backward(net: &Network, ps: &mut ParamStore, images: &Tensor, labels:
 
 /// Compares one forward+backward: loss, outputs, every gradient and every BN buffer.
 fn compare_step(mode: MathMode, loss_tol: f64, grad_tol: f64) {
-    cuda::set_math_mode(mode);
+    let _mode = cuda::math_mode_scope(mode);
     let (net, mut hs) = network();
     let mut gs = hs.clone();
     gs.to_device(GPU);
@@ -145,20 +145,21 @@ fn compare_step(mode: MathMode, loss_tol: f64, grad_tol: f64) {
         grads == trainable && grads > 60,
         "{grads} gradients for {trainable} trainable tensors (resnet18 has 62)"
     );
-    cuda::set_math_mode(MathMode::Fp32);
 }
 
 #[test]
+#[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
 fn resnet_forward_backward_matches_cpu_fp32() {
     let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(_gpu) = gpu_or_skip() else { return };
+    let _gpu = gpu();
     compare_step(MathMode::Fp32, 1e-4, 2e-3);
 }
 
 #[test]
+#[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
 fn resnet_forward_backward_matches_cpu_tf32() {
     let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(_gpu) = gpu_or_skip() else { return };
+    let _gpu = gpu();
     compare_step(MathMode::Tf32, 1e-2, 5e-2);
 }
 
@@ -194,10 +195,10 @@ fn small_resnet_loss_falls_on_the_cpu() {
 }
 
 #[test]
+#[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
 fn resnet_sgd_steps_track_cpu() {
     let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(gpu) = gpu_or_skip() else { return };
-    cuda::set_math_mode(MathMode::Fp32);
+    let gpu = gpu();
     let (net, mut hs) = network();
     let mut gs = hs.clone();
     gs.to_device(GPU);
@@ -222,4 +223,37 @@ fn resnet_sgd_steps_track_cpu() {
         allocs[1], allocs[4],
         "steady steps allocated device memory: {allocs:?}"
     );
+}
+
+/// `--deterministic` on the GPU: only deterministic cuDNN algorithms, so two runs of the same steps
+/// from the same start end with bit-identical weights. (Without it, cuDNN may pick backward
+/// algorithms that sum with atomics, and the bits can differ from run to run.)
+#[test]
+#[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
+fn deterministic_mode_repeats_bit_for_bit_on_the_gpu() {
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _gpu = gpu();
+    struct Restore;
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            podgpu::cpu::set_deterministic(false);
+        }
+    }
+    let _restore = Restore;
+    podgpu::cpu::set_deterministic(true);
+    let run = || {
+        let (net, mut ps) = network();
+        ps.to_device(GPU);
+        let losses = train(&net, &mut ps, |_| {});
+        let weights: Vec<Vec<u32>> = ps
+            .iter()
+            .map(|p| p.value.to_vec_f32().iter().map(|v| v.to_bits()).collect())
+            .collect();
+        (losses, weights)
+    };
+    let (l1, w1) = run();
+    let (l2, w2) = run();
+    println!("deterministic losses {l1:?}");
+    assert_eq!(l1, l2, "losses differ between two deterministic runs");
+    assert!(w1 == w2, "weights differ between two deterministic runs");
 }

@@ -1,0 +1,696 @@
+//! cuDNN convolutions: the three passes share one plan per shape and one way of choosing an
+//! algorithm.
+//!
+//! Per convolution shape (and math mode and determinism) a plan is built once and cached: the tensor,
+//! filter and per-pass convolution descriptors, and per pass the algorithm chosen from cuDNN's ranked
+//! heuristics under the rules of `pick`: fp32 accepts only FMA kernels (on Hopper cuDNN's default math
+//! may use TF32, which would make "fp32" silently TF32), tf32 prefers tensor-op kernels and never
+//! takes the ones that down-convert to fp16, deterministic mode (`cpu::deterministic()`, set by
+//! `--deterministic`) only deterministic algorithms, and every workspace fits `WORKSPACE_LIMIT`.
+//! Workspaces come from the pool, so a steady training step allocates nothing.
+
+use super::{
+    alloc, dims4, ok, one, ptr, with_dnn, zero, ConvDesc, Dnn, Fail, FilterDesc, TensorDesc,
+};
+use crate::cuda::launch::gpu_of;
+use crate::cuda::{math_mode, tensor, MathMode};
+use crate::tensor::{numel, Tensor};
+use cudarc::cudnn::sys;
+use std::collections::hash_map::Entry;
+use std::ffi::c_void;
+
+/// Geometry of a 2-D convolution. Pairs are (height, width).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConvGeom {
+    pub stride: [usize; 2],
+    pub pad: [usize; 2],
+    pub dilation: [usize; 2],
+    pub groups: usize,
+}
+
+impl ConvGeom {
+    /// Output height and width for an input of `h`×`w` and a filter of `r`×`s`.
+    pub fn out_hw(&self, h: usize, w: usize, r: usize, s: usize) -> (usize, usize) {
+        let oh = (h + 2 * self.pad[0] - (self.dilation[0] * (r - 1) + 1)) / self.stride[0] + 1;
+        let ow = (w + 2 * self.pad[1] - (self.dilation[1] * (s - 1) + 1)) / self.stride[1] + 1;
+        (oh, ow)
+    }
+}
+
+/// The three passes of a convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Pass {
+    /// y = conv(x, w)
+    Forward,
+    /// dx from dy and w
+    BackwardData,
+    /// dw from x and dy
+    BackwardFilter,
+}
+
+impl Pass {
+    const ALL: [Pass; 3] = [Pass::Forward, Pass::BackwardData, Pass::BackwardFilter];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Pass::Forward => "forward convolution",
+            Pass::BackwardData => "backward-data convolution",
+            Pass::BackwardFilter => "backward-filter convolution",
+        }
+    }
+}
+
+/// Most workspace a convolution algorithm may ask for.
+pub const WORKSPACE_LIMIT: usize = 1 << 30;
+
+/// The math types in cuDNN's `cudnnMathType_t`, as the numbers cuDNN writes.
+mod math {
+    pub const DEFAULT: u32 = 0;
+    pub const TENSOR_OP: u32 = 1;
+    pub const TENSOR_OP_ALLOW_CONVERSION: u32 = 2;
+    pub const FMA: u32 = 3;
+}
+
+/// One ranked result of cuDNN's heuristics, read as plain numbers (the three passes' perf structs
+/// share this layout), so that a value the bindings do not know is never read as a Rust enum.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Candidate {
+    pub algo: u32,
+    pub status: u32,
+    pub time: f32,
+    pub memory: usize,
+    pub determinism: u32,
+    pub math: u32,
+    pub reserved: [i32; 3],
+}
+
+// The three perf structs must have exactly this layout for the casts in `heuristics`.
+const _: () = {
+    assert!(
+        std::mem::size_of::<Candidate>()
+            == std::mem::size_of::<sys::cudnnConvolutionFwdAlgoPerf_t>()
+    );
+    assert!(
+        std::mem::size_of::<Candidate>()
+            == std::mem::size_of::<sys::cudnnConvolutionBwdDataAlgoPerf_t>()
+    );
+    assert!(
+        std::mem::size_of::<Candidate>()
+            == std::mem::size_of::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>()
+    );
+};
+
+/// What the chosen algorithm must satisfy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Rules {
+    pub mode: MathMode,
+    pub deterministic: bool,
+}
+
+impl Rules {
+    fn current() -> Rules {
+        Rules {
+            mode: math_mode(),
+            deterministic: crate::cpu::deterministic(),
+        }
+    }
+
+    /// The descriptor math type to ask the heuristics with.
+    fn descriptor_math(self) -> sys::cudnnMathType_t {
+        match self.mode {
+            MathMode::Fp32 => sys::cudnnMathType_t::CUDNN_FMA_MATH,
+            MathMode::Tf32 => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+        }
+    }
+}
+
+/// Chooses from cuDNN's ranked results: the best-ranked one that succeeded, fits the workspace
+/// limit, is deterministic when that is asked for, and has an allowed math type — fp32: FMA only;
+/// tf32: tensor-op first, then default or FMA math (more precise, never worse), never the fp16
+/// down-conversion. The error says which rule left nothing, for `what` (a pass and a shape).
+pub(crate) fn pick(cands: &[Candidate], rules: Rules, what: &str) -> Result<Candidate, String> {
+    let succeeded: Vec<&Candidate> = cands.iter().filter(|c| c.status == 0).collect();
+    if succeeded.is_empty() {
+        return Err(format!(
+            "cuDNN offers no {what} algorithm for this shape ({} candidates, none succeeded)",
+            cands.len()
+        ));
+    }
+    let fits: Vec<&Candidate> = succeeded
+        .into_iter()
+        .filter(|c| c.memory <= WORKSPACE_LIMIT)
+        .collect();
+    if fits.is_empty() {
+        return Err(format!(
+            "every cuDNN {what} algorithm for this shape needs more than {} MiB of workspace",
+            WORKSPACE_LIMIT >> 20
+        ));
+    }
+    let allowed: Vec<&Candidate> = fits
+        .into_iter()
+        .filter(|c| !rules.deterministic || c.determinism == 1)
+        .collect();
+    if allowed.is_empty() {
+        return Err(format!(
+            "cuDNN has no deterministic {what} algorithm for this shape; run without \
+             --deterministic (GPU results then vary slightly from run to run)"
+        ));
+    }
+    let preference: &[u32] = match rules.mode {
+        MathMode::Fp32 => &[math::FMA],
+        MathMode::Tf32 => &[math::TENSOR_OP, math::DEFAULT, math::FMA],
+    };
+    preference
+        .iter()
+        .find_map(|m| allowed.iter().find(|c| c.math == *m))
+        .map(|c| **c)
+        .ok_or_else(|| match rules.mode {
+            MathMode::Fp32 => format!(
+                "cuDNN offers no true-fp32 (FMA-only) {what} algorithm for this shape, only \
+                 ones that may use TF32; run with --math tf32 to accept TF32"
+            ),
+            MathMode::Tf32 => {
+                format!("cuDNN offers only {what} algorithms that convert to fp16 for this shape")
+            }
+        })
+}
+
+fn math_type(m: u32) -> sys::cudnnMathType_t {
+    match m {
+        math::TENSOR_OP => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+        math::TENSOR_OP_ALLOW_CONVERSION => {
+            sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION
+        }
+        math::FMA => sys::cudnnMathType_t::CUDNN_FMA_MATH,
+        _ => sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
+    }
+}
+
+/// An algorithm of one pass, as the enum cuDNN's run call takes.
+#[derive(Clone, Copy, Debug)]
+enum Algo {
+    Fwd(sys::cudnnConvolutionFwdAlgo_t),
+    Data(sys::cudnnConvolutionBwdDataAlgo_t),
+    Filter(sys::cudnnConvolutionBwdFilterAlgo_t),
+}
+
+impl Algo {
+    /// The enum for cuDNN's number of an algorithm of `pass`; `None` for a number the bindings do
+    /// not know (never transmuted).
+    fn of(pass: Pass, n: u32) -> Option<Algo> {
+        use sys::cudnnConvolutionBwdDataAlgo_t as D;
+        use sys::cudnnConvolutionBwdFilterAlgo_t as W;
+        use sys::cudnnConvolutionFwdAlgo_t as F;
+        Some(match (pass, n) {
+            (Pass::Forward, 0) => Algo::Fwd(F::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM),
+            (Pass::Forward, 1) => Algo::Fwd(F::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM),
+            (Pass::Forward, 2) => Algo::Fwd(F::CUDNN_CONVOLUTION_FWD_ALGO_GEMM),
+            (Pass::Forward, 3) => Algo::Fwd(F::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT),
+            (Pass::Forward, 4) => Algo::Fwd(F::CUDNN_CONVOLUTION_FWD_ALGO_FFT),
+            (Pass::Forward, 5) => Algo::Fwd(F::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING),
+            (Pass::Forward, 6) => Algo::Fwd(F::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD),
+            (Pass::Forward, 7) => Algo::Fwd(F::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED),
+            (Pass::BackwardData, 0) => Algo::Data(D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0),
+            (Pass::BackwardData, 1) => Algo::Data(D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1),
+            (Pass::BackwardData, 2) => Algo::Data(D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT),
+            (Pass::BackwardData, 3) => Algo::Data(D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING),
+            (Pass::BackwardData, 4) => Algo::Data(D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD),
+            (Pass::BackwardData, 5) => {
+                Algo::Data(D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED)
+            }
+            (Pass::BackwardFilter, 0) => Algo::Filter(W::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0),
+            (Pass::BackwardFilter, 1) => Algo::Filter(W::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1),
+            (Pass::BackwardFilter, 2) => Algo::Filter(W::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT),
+            (Pass::BackwardFilter, 3) => Algo::Filter(W::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3),
+            (Pass::BackwardFilter, 4) => {
+                Algo::Filter(W::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD)
+            }
+            (Pass::BackwardFilter, 5) => {
+                Algo::Filter(W::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED)
+            }
+            (Pass::BackwardFilter, 6) => {
+                Algo::Filter(W::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING)
+            }
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> String {
+        match self {
+            Algo::Fwd(a) => format!("{a:?}"),
+            Algo::Data(a) => format!("{a:?}"),
+            Algo::Filter(a) => format!("{a:?}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct ConvKey {
+    x: [usize; 4],
+    w: [usize; 4],
+    geom: ConvGeom,
+    rules: Rules,
+}
+
+/// Descriptors and chosen algorithms of one convolution shape. One convolution descriptor per pass,
+/// because each pass's algorithm may need its own math type.
+pub(crate) struct ConvPlan {
+    x: TensorDesc,
+    w: FilterDesc,
+    y: TensorDesc,
+    y_shape: [usize; 4],
+    conv: [ConvDesc; 3],
+    /// Per pass: the algorithm and its workspace bytes, once chosen.
+    algo: [Option<(Algo, usize)>; 3],
+}
+
+impl Dnn {
+    fn plan(&mut self, key: ConvKey) -> Result<&mut ConvPlan, String> {
+        Ok(match self.plans.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(v) => v.insert(build_plan(&key)?),
+        })
+    }
+}
+
+fn build_plan(key: &ConvKey) -> Result<ConvPlan, String> {
+    let (x, w, g) = (key.x, key.w, &key.geom);
+    let (oh, ow) = g.out_hw(x[2], x[3], w[2], w[3]);
+    let y_shape = [x[0], w[0], oh, ow];
+    let xd = TensorDesc::nchw(x)?;
+    let yd = TensorDesc::nchw(y_shape)?;
+    let wd = FilterDesc(
+        cudarc::cudnn::result::create_filter_descriptor().map_err(|e| format!("{e:?}"))?,
+    );
+    // SAFETY: fresh descriptor, configured once.
+    ok(
+        unsafe {
+            sys::cudnnSetFilter4dDescriptor(
+                wd.0,
+                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+                w[0] as i32,
+                w[1] as i32,
+                w[2] as i32,
+                w[3] as i32,
+            )
+        },
+        "cudnnSetFilter4dDescriptor",
+    )?;
+    let mk_conv = || -> Result<ConvDesc, String> {
+        let c = ConvDesc(
+            cudarc::cudnn::result::create_convolution_descriptor().map_err(|e| format!("{e:?}"))?,
+        );
+        // SAFETY: fresh descriptor.
+        unsafe {
+            ok(
+                sys::cudnnSetConvolution2dDescriptor(
+                    c.0,
+                    g.pad[0] as i32,
+                    g.pad[1] as i32,
+                    g.stride[0] as i32,
+                    g.stride[1] as i32,
+                    g.dilation[0] as i32,
+                    g.dilation[1] as i32,
+                    sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                    sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                ),
+                "cudnnSetConvolution2dDescriptor",
+            )?;
+            ok(
+                sys::cudnnSetConvolutionGroupCount(c.0, g.groups as i32),
+                "cudnnSetConvolutionGroupCount",
+            )?;
+            ok(
+                sys::cudnnSetConvolutionMathType(c.0, key.rules.descriptor_math()),
+                "cudnnSetConvolutionMathType",
+            )?;
+        }
+        Ok(c)
+    };
+    let conv = [mk_conv()?, mk_conv()?, mk_conv()?];
+    // Check our output shape against cuDNN's.
+    let (mut n, mut c, mut h, mut wo) = (0, 0, 0, 0);
+    // SAFETY: configured descriptors; writes four ints.
+    ok(
+        unsafe {
+            sys::cudnnGetConvolution2dForwardOutputDim(
+                conv[0].0, xd.0, wd.0, &mut n, &mut c, &mut h, &mut wo,
+            )
+        },
+        "cudnnGetConvolution2dForwardOutputDim",
+    )?;
+    let cudnn_y = [n as usize, c as usize, h as usize, wo as usize];
+    if cudnn_y != y_shape {
+        return Err(format!(
+            "conv output shape: ours {y_shape:?}, cuDNN {cudnn_y:?} (x {x:?}, w {w:?}, {g:?})"
+        ));
+    }
+    Ok(ConvPlan {
+        x: xd,
+        w: wd,
+        y: yd,
+        y_shape,
+        conv,
+        algo: [None; 3],
+    })
+}
+
+/// cuDNN's ranked heuristic results for one pass of a plan.
+fn heuristics(
+    handle: sys::cudnnHandle_t,
+    p: &ConvPlan,
+    pass: Pass,
+) -> Result<Vec<Candidate>, String> {
+    // More than any pass has algorithms (8, 6, 7), so nothing is cut off.
+    const N: usize = 16;
+    let mut out = [Candidate::default(); N];
+    let mut got = 0i32;
+    let cd = p.conv[pass.index()].0;
+    // SAFETY: configured descriptors; cuDNN writes at most N results into a buffer of N structs of
+    // the perf structs' layout (checked at compile time above).
+    let status = unsafe {
+        match pass {
+            Pass::Forward => sys::cudnnGetConvolutionForwardAlgorithm_v7(
+                handle,
+                p.x.0,
+                p.w.0,
+                cd,
+                p.y.0,
+                N as i32,
+                &mut got,
+                out.as_mut_ptr() as *mut sys::cudnnConvolutionFwdAlgoPerf_t,
+            ),
+            Pass::BackwardData => sys::cudnnGetConvolutionBackwardDataAlgorithm_v7(
+                handle,
+                p.w.0,
+                p.y.0,
+                cd,
+                p.x.0,
+                N as i32,
+                &mut got,
+                out.as_mut_ptr() as *mut sys::cudnnConvolutionBwdDataAlgoPerf_t,
+            ),
+            Pass::BackwardFilter => sys::cudnnGetConvolutionBackwardFilterAlgorithm_v7(
+                handle,
+                p.x.0,
+                p.y.0,
+                cd,
+                p.w.0,
+                N as i32,
+                &mut got,
+                out.as_mut_ptr() as *mut sys::cudnnConvolutionBwdFilterAlgoPerf_t,
+            ),
+        }
+    };
+    ok(status, &format!("heuristics of the {}", pass.what()))?;
+    Ok(out[..(got.max(0) as usize).min(N)].to_vec())
+}
+
+/// The algorithm of `pass` for the plan (chosen at first use, then cached), with its math type set
+/// on the pass's descriptor.
+fn algorithm(
+    handle: sys::cudnnHandle_t,
+    p: &mut ConvPlan,
+    key: &ConvKey,
+    pass: Pass,
+) -> Result<(Algo, usize), String> {
+    if let Some(a) = p.algo[pass.index()] {
+        return Ok(a);
+    }
+    let shape = format!(
+        "x {:?}, w {:?}, stride {:?}, pad {:?}, dilation {:?}, groups {}",
+        key.x, key.w, key.geom.stride, key.geom.pad, key.geom.dilation, key.geom.groups
+    );
+    let cands = heuristics(handle, p, pass)?;
+    let c = pick(&cands, key.rules, &format!("{} ({shape})", pass.what()))?;
+    let algo = Algo::of(pass, c.algo).ok_or_else(|| {
+        format!(
+            "cuDNN chose {} algorithm number {} for {shape}, which podgpu does not know",
+            pass.what(),
+            c.algo
+        )
+    })?;
+    // SAFETY: configured descriptor.
+    ok(
+        unsafe { sys::cudnnSetConvolutionMathType(p.conv[pass.index()].0, math_type(c.math)) },
+        "cudnnSetConvolutionMathType",
+    )?;
+    p.algo[pass.index()] = Some((algo, c.memory));
+    Ok((algo, c.memory))
+}
+
+/// One pass of a convolution: `a` and `b` are its two inputs in cuDNN's argument order (forward:
+/// x, w; backward data: w, dy; backward filter: x, dy); returns its output (y, dx or dw).
+fn convolve(
+    pass: Pass,
+    a: &Tensor,
+    b: &Tensor,
+    x: [usize; 4],
+    w: [usize; 4],
+    geom: &ConvGeom,
+) -> Tensor {
+    let gpu = gpu_of(a);
+    let key = ConvKey {
+        x,
+        w,
+        geom: *geom,
+        rules: Rules::current(),
+    };
+    with_dnn(&gpu, |d| {
+        let handle = d.handle;
+        let p = d.plan(key)?;
+        let (algo, ws_bytes) = algorithm(handle, p, &key, pass)?;
+        let out_shape = match pass {
+            Pass::Forward => p.y_shape,
+            Pass::BackwardData => x,
+            Pass::BackwardFilter => w,
+        };
+        let dy_shape = match pass {
+            Pass::Forward => None,
+            Pass::BackwardData => Some(b.shape()),
+            Pass::BackwardFilter => Some(b.shape()),
+        };
+        if let Some(s) = dy_shape {
+            if s != p.y_shape {
+                return Err(Fail::Msg(format!(
+                    "{}: dy is {s:?}, the convolution's output is {:?}",
+                    pass.what(),
+                    p.y_shape
+                )));
+            }
+        }
+        let out = alloc(&gpu, numel(&out_shape))?;
+        let ws = alloc(&gpu, ws_bytes.div_ceil(4))?;
+        let (wsp, outp) = (
+            ws.device_ptr() as *mut c_void,
+            out.device_ptr() as *mut c_void,
+        );
+        let cd = p.conv[pass.index()].0;
+        // SAFETY: the buffers match the plan's descriptors (inputs from tensors of those shapes,
+        // the output and the workspace sized from the plan); all on the handle's stream.
+        let status = unsafe {
+            match algo {
+                Algo::Fwd(al) => sys::cudnnConvolutionForward(
+                    handle,
+                    one(),
+                    p.x.0,
+                    ptr(a),
+                    p.w.0,
+                    ptr(b),
+                    cd,
+                    al,
+                    wsp,
+                    ws_bytes,
+                    zero(),
+                    p.y.0,
+                    outp,
+                ),
+                Algo::Data(al) => sys::cudnnConvolutionBackwardData(
+                    handle,
+                    one(),
+                    p.w.0,
+                    ptr(a),
+                    p.y.0,
+                    ptr(b),
+                    cd,
+                    al,
+                    wsp,
+                    ws_bytes,
+                    zero(),
+                    p.x.0,
+                    outp,
+                ),
+                Algo::Filter(al) => sys::cudnnConvolutionBackwardFilter(
+                    handle,
+                    one(),
+                    p.x.0,
+                    ptr(a),
+                    p.y.0,
+                    ptr(b),
+                    cd,
+                    al,
+                    wsp,
+                    ws_bytes,
+                    zero(),
+                    p.w.0,
+                    outp,
+                ),
+            }
+        };
+        ok(status, &format!("{} with {}", pass.what(), algo.name()))?;
+        Ok(tensor(&out_shape, out))
+    })
+}
+
+/// y = conv2d(x, w): x [N, C, H, W], w [K, C/groups, R, S] → y [N, K, OH, OW].
+pub fn conv2d_fwd(x: &Tensor, w: &Tensor, geom: &ConvGeom) -> Tensor {
+    let (xs, ws) = (dims4(x, "conv2d x"), dims4(w, "conv2d w"));
+    convolve(Pass::Forward, x, w, xs, ws, geom)
+}
+
+/// dx of a convolution: dy [N, K, OH, OW], w [K, C/groups, R, S] → dx of shape `x_shape`.
+pub fn conv2d_bwd_data(dy: &Tensor, w: &Tensor, x_shape: &[usize], geom: &ConvGeom) -> Tensor {
+    let xs: [usize; 4] = x_shape
+        .try_into()
+        .expect("conv2d_bwd_data: x_shape must be NCHW");
+    convolve(Pass::BackwardData, w, dy, xs, dims4(w, "conv2d w"), geom)
+}
+
+/// dw of a convolution: x [N, C, H, W], dy [N, K, OH, OW] → dw of shape `w_shape`.
+pub fn conv2d_bwd_filter(x: &Tensor, dy: &Tensor, w_shape: &[usize], geom: &ConvGeom) -> Tensor {
+    let ws: [usize; 4] = w_shape
+        .try_into()
+        .expect("conv2d_bwd_filter: w_shape must be 4-D");
+    convolve(Pass::BackwardFilter, x, dy, dims4(x, "conv2d x"), ws, geom)
+}
+
+/// The algorithm and workspace bytes chosen for one convolution shape under the current math mode
+/// and determinism, per pass (forward, backward data, backward filter) as cuDNN's enum names; `None`
+/// for a pass that has not run on that shape yet. For `bench-conv`.
+pub fn chosen_algorithms(
+    gpu: &crate::cuda::Gpu,
+    x: [usize; 4],
+    w: [usize; 4],
+    geom: &ConvGeom,
+) -> [Option<(String, usize)>; 3] {
+    let slot = crate::cuda::lock(&gpu.dnn);
+    let key = ConvKey {
+        x,
+        w,
+        geom: *geom,
+        rules: Rules::current(),
+    };
+    match slot.as_ref().and_then(|d| d.as_ref().ok()?.plans.get(&key)) {
+        Some(p) => Pass::ALL.map(|pass| p.algo[pass.index()].map(|(a, ws)| (a.name(), ws))),
+        None => [None, None, None],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(algo: u32, math: u32, deterministic: bool, memory: usize) -> Candidate {
+        Candidate {
+            algo,
+            status: 0,
+            memory,
+            determinism: deterministic as u32,
+            math,
+            ..Candidate::default()
+        }
+    }
+
+    const FP32: Rules = Rules {
+        mode: MathMode::Fp32,
+        deterministic: false,
+    };
+    const TF32: Rules = Rules {
+        mode: MathMode::Tf32,
+        deterministic: false,
+    };
+
+    #[test]
+    fn fp32_takes_only_fma_kernels() {
+        // On Hopper the best-ranked kernels are tensor-op or default math (which may use TF32).
+        let list = [
+            cand(1, math::TENSOR_OP, true, 0),
+            cand(0, math::DEFAULT, true, 0),
+            cand(6, math::FMA, true, 0),
+        ];
+        assert_eq!(pick(&list, FP32, "fwd").unwrap().algo, 6);
+        let e = pick(&list[..2], FP32, "forward convolution").unwrap_err();
+        assert!(e.contains("FMA") && e.contains("--math tf32"), "{e}");
+    }
+
+    #[test]
+    fn tf32_prefers_tensor_ops_and_never_down_converts() {
+        let list = [
+            cand(1, math::TENSOR_OP_ALLOW_CONVERSION, true, 0),
+            cand(0, math::FMA, true, 0),
+            cand(2, math::TENSOR_OP, true, 0),
+        ];
+        assert_eq!(pick(&list, TF32, "fwd").unwrap().algo, 2);
+        assert_eq!(pick(&list[..2], TF32, "fwd").unwrap().algo, 0);
+        assert!(pick(&list[..1], TF32, "fwd").is_err());
+    }
+
+    #[test]
+    fn failed_oversized_and_nondeterministic_candidates_are_skipped() {
+        let mut failed = cand(0, math::FMA, true, 0);
+        failed.status = 3000;
+        let list = [
+            failed,
+            cand(1, math::FMA, true, WORKSPACE_LIMIT + 1),
+            cand(2, math::FMA, false, 0),
+            cand(3, math::FMA, true, 64),
+        ];
+        assert_eq!(pick(&list, FP32, "fwd").unwrap().algo, 2);
+        let det = Rules {
+            deterministic: true,
+            ..FP32
+        };
+        assert_eq!(pick(&list, det, "fwd").unwrap().algo, 3);
+        let e = pick(&list[..3], det, "backward-filter convolution").unwrap_err();
+        assert!(
+            e.contains("deterministic") && e.contains("--deterministic"),
+            "{e}"
+        );
+        assert!(pick(&[failed], FP32, "fwd")
+            .unwrap_err()
+            .contains("none succeeded"));
+        assert!(pick(&list[1..2], FP32, "fwd")
+            .unwrap_err()
+            .contains("workspace"));
+    }
+
+    #[test]
+    fn algorithm_numbers_map_to_the_bindings_enums() {
+        for (pass, count) in [
+            (Pass::Forward, 8),
+            (Pass::BackwardData, 6),
+            (Pass::BackwardFilter, 7),
+        ] {
+            for n in 0..count {
+                let a = Algo::of(pass, n).unwrap_or_else(|| panic!("{pass:?} {n}"));
+                // The enum's own number is the one cuDNN wrote.
+                let v = match a {
+                    Algo::Fwd(x) => x as u32,
+                    Algo::Data(x) => x as u32,
+                    Algo::Filter(x) => x as u32,
+                };
+                assert_eq!(v, n, "{pass:?}");
+            }
+            assert!(
+                Algo::of(pass, count).is_none(),
+                "{pass:?}: the COUNT value is no algorithm"
+            );
+        }
+    }
+}
