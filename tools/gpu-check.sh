@@ -534,7 +534,8 @@ train_note() {
     first="$(head -n 1 "$m")"
     last="$(tail -n 1 "$m")"
     f() { grep -o "\"$1\":[^,}]*" <<< "$2" | cut -d: -f2 | awk '{ printf "%.4g", $1 }'; }
-    echo "epochs $(f epoch "$last"): train loss $(f train_loss "$first") -> $(f train_loss "$last"), test acc $(f test_acc "$first") -> $(f test_acc "$last"), $(f images_per_s "$last") img/s"
+    pc() { grep -o "\"$1\":[^,}]*" <<< "$2" | cut -d: -f2 | awk '{ printf "%.1f%%", 100 * $1 }'; }
+    echo "epochs $(f epoch "$last"): train loss $(f train_loss "$first") -> $(f train_loss "$last"), test acc $(pc test_acc "$first") -> $(pc test_acc "$last"), $(f images_per_s "$last") img/s"
 }
 
 # The GPU run's checkpoint scored on the GPU and on the CPU: the accuracies must agree.
