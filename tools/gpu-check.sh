@@ -1,34 +1,88 @@
 #!/usr/bin/env bash
 # tools/gpu-check.sh — prove the CUDA backend on a GPU machine that has no Rust toolchain.
 #
-#   tools/gpu-check.sh pack   # here (Rust machine): build release binaries + test executables into .gpu/
-#   tools/gpu-check.sh run    # there (GPU machine, repo root with .gpu/ copied along): run the checks
-#   tools/gpu-check.sh bench  # there: only the bench section (issue 6; BENCHMARKS.md)
+# Here (the Rust machine):
+#   tools/gpu-check.sh pack     build the release binaries and the CUDA test executables into the
+#                               git-ignored .gpu/bin, and check that what the device tool uploads
+#                               (tracked + untracked-not-ignored files + .gpu) fits in 64 MiB
+#   tools/gpu-check.sh size     only that size check
+# There (the GPU machine, repository root, .gpu/ carried along), as two separate calls:
+#   bash tools/gpu-check.sh checks   ≤ 4 min: device and library report, NVRTC compile, every parity
+#                                    test, every fixture on the GPU, a short `podgpu train` + `eval`
+#   bash tools/gpu-check.sh bench    ≤ 5 min: podgpu vs PyTorch side by side, the microbenchmarks
+#   bash tools/gpu-check.sh run      both, one after the other
 #
-# `run` prints the device and library versions, runs the CUDA parity tests, the POD fixtures through
-# `podgpu fidelity --device cuda` and a short `podgpu train` on a real data sample (each only when
-# the binary has that subcommand), then the bench section (podgpu vs PyTorch side by side on ResNet50,
-# the microbenchmarks; PODGPU_BENCH=0 skips it), and ends with a table. Each step has its own time
-# limit; the whole run stays under 8 minutes. See docs/GPU.md and BENCHMARKS.md.
+# Each writes its whole log and a JSON summary into $PODGPU_GPU_RESULTS (default .gpu/results;
+# point it at the device tool's $OUT): checks.log + checks.json (+ train-metrics.jsonl),
+# bench.log + bench.json (+ compare.json). Steps are PASS, FAIL, TIMEOUT, SKIPPED or NO-DEVICE.
+# Exit status: 0 every step passed; 1 a step failed or timed out; 2 nothing packed / bad usage;
+# 3 no GPU here (every step that needs none passed, every GPU step said NO-DEVICE) — the no-GPU
+# rehearsal in .ci/run expects exactly 3. See docs/GPU.md.
+#
+# Variables: PODGPU_GPU_RESULTS (results folder), PODGPU_CHECKS_BUDGET_S / PODGPU_BENCH_BUDGET_S
+# (lower the 240 s / 300 s totals when less device time is left; never raised), PODGPU_TRAIN_ARGS
+# (replaces the short train's arguments), PODGPU_TORCH_PYTHON (PyTorch for the bench),
+# PODGPU_CACHE_DIR (PTX cache, default .gpu/cache).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
+ROOT="$PWD"
+SELF="$ROOT/tools/gpu-check.sh"
 GPU_DIR=.gpu
+BIN="$GPU_DIR/bin"
 MAX_MIB=64
+EXIT_NO_DEVICE=3
+CHECKS_BUDGET=240
+BENCH_BUDGET=300
+TEST_BINS=(cuda_device cuda_nvrtc cuda_parity)
+BENCH_BINS=(bench-step bench-conv bench-kernels bench-gemm)
+TORCH_PY="${PODGPU_TORCH_PYTHON:-/opt/torch/.venv/bin/python}"
+
+# ---------------------------------------------------------------------------------------------
+# pack / size: on the Rust machine
+# ---------------------------------------------------------------------------------------------
+
+bytes_of_files() { # NUL-separated paths on stdin -> total apparent size in bytes
+    local total=0 f s
+    while IFS= read -r -d '' f; do
+        s=$(stat -c %s -- "$f" 2>/dev/null) || continue   # a tracked file deleted here uploads nothing
+        total=$((total + s))
+    done
+    echo "$total"
+}
+
+mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
+
+# What the device tool uploads: tracked + untracked-not-ignored files, a git-ignored shared/ folder
+# inside the checkout (it travels too), and the carried .gpu/. Prints it; fails above the limit.
+size() {
+    local tree shared=0 gpu=0 total limit=$((MAX_MIB * 1048576))
+    tree=$(git ls-files -z -co --exclude-standard | bytes_of_files)
+    if [ -d shared ] && git check-ignore -q shared; then
+        shared=$(find shared -type f -print0 | bytes_of_files)
+    fi
+    [ -d "$GPU_DIR" ] && gpu=$(find "$GPU_DIR" -type f -print0 | bytes_of_files)
+    total=$((tree + shared + gpu))
+    echo "== upload: tracked + untracked files $(mib "$tree") MiB$([ "$shared" -gt 0 ] && echo " + shared/ $(mib "$shared") MiB") + $GPU_DIR $(mib "$gpu") MiB = $(mib "$total") MiB (limit $MAX_MIB MiB, $(mib $((limit - total))) MiB to spare)"
+    if [ "$total" -gt "$limit" ]; then
+        echo "ERROR: the upload exceeds $MAX_MIB MiB; the device tool would refuse it"
+        return 1
+    fi
+}
 
 pack() {
     set -e
-    echo "== building release binaries and test executables (cargo -j 1)"
-    cargo build --release -j 1 --bins
+    local jobs="${CARGO_BUILD_JOBS:-1}" json b f
+    echo "== building release binaries and the CUDA test executables (cargo -j $jobs)"
+    cargo build --release -j "$jobs" --bins
     # --no-run builds the test executables; their paths come from cargo's JSON messages.
-    local json
-    json="$(cargo test --release -j 1 --no-run --message-format=json \
+    json="$(cargo test --release -j "$jobs" --no-run --message-format=json \
         --test cuda_parity --test cuda_device --test cuda_nvrtc)"
     rm -rf "$GPU_DIR"
-    mkdir -p "$GPU_DIR/bin" "$GPU_DIR/data"
-    cp target/release/podgpu "$GPU_DIR/bin/"
-    # The benchmark binaries the bench section runs (issue 6; ~2.5 MiB each once stripped).
-    for b in bench-step bench-conv bench-kernels bench-gemm; do
-        [ -x "target/release/$b" ] && cp "target/release/$b" "$GPU_DIR/bin/"
+    mkdir -p "$BIN"
+    cp target/release/podgpu "$BIN/"
+    # The benchmark binaries the bench run uses (issue 6).
+    for b in "${BENCH_BINS[@]}"; do
+        if [ -x "target/release/$b" ]; then cp "target/release/$b" "$BIN/"; fi
     done
     echo "$json" | python3 -c '
 import json, sys, shutil
@@ -38,69 +92,322 @@ for line in sys.stdin:
     except ValueError:
         continue
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
-        name = m["target"]["name"]
-        shutil.copy(m["executable"], sys.argv[1] + "/bin/" + name)
-        print("test executable:", name)
-' "$GPU_DIR"
-    # Debug info is not needed there; stripping keeps the folder small.
-    strip "$GPU_DIR"/bin/* 2>/dev/null || true
-    # Fixtures and a small real-data sample, when they exist in the repo.
-    if [ -d tests/fixtures ]; then cp -r tests/fixtures "$GPU_DIR/data/fixtures"; fi
-    # The small real CIFAR-10 sample the README's run command uses (6 MB, lossless).
-    cp datasets/cifar10-small.bin "$GPU_DIR/data/"
-    cp tools/gpu-check.sh "$GPU_DIR/"
-    local total
-    total=$(du -sm "$GPU_DIR" | cut -f1)
-    echo "== $GPU_DIR is ${total} MiB (limit ${MAX_MIB} MiB)"
-    du -sh "$GPU_DIR"/bin/* "$GPU_DIR"/data/* 2>/dev/null || true
-    if [ "$total" -gt "$MAX_MIB" ]; then echo "ERROR: $GPU_DIR exceeds ${MAX_MIB} MiB"; exit 1; fi
+        shutil.copy(m["executable"], sys.argv[1] + "/" + m["target"]["name"])
+' "$BIN"
+    for b in "${TEST_BINS[@]}"; do
+        [ -f "$BIN/$b" ] || { echo "ERROR: test executable $b was not built"; exit 1; }
+    done
+    # Line tables are not needed there; the symbols stay, so backtraces name functions.
+    strip --strip-debug "$BIN"/*
+    # Sources the binaries were built from: the device run checks them (stale binaries = FAIL), and
+    # reads fixtures and data from their repository paths (tests/fixtures, datasets/), not from .gpu.
+    git ls-files -co --exclude-standard -- src cuda tests Cargo.toml Cargo.lock build.rs \
+        | while IFS= read -r f; do if [ -f "$f" ]; then sha256sum -- "$f"; fi; done \
+        > "$GPU_DIR/sources.sha256"
+    {
+        echo "commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)"
+        echo "dirty=$([ -n "$(git status --porcelain 2>/dev/null)" ] && echo yes || echo no)"
+        echo "packed=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+        echo "rustc=$(rustc --version 2>/dev/null || echo unknown)"
+    } > "$GPU_DIR/MANIFEST"
+    set +e
+    du -h "$BIN"/* | sort -k2
+    if ! size; then
+        echo "== stripping the symbols too and measuring again"
+        strip "$BIN"/*
+        size || exit 1
+    fi
 }
 
 # ---------------------------------------------------------------------------------------------
-# run: on the GPU machine
+# checks / bench: on the GPU machine (and in the no-GPU rehearsal of .ci/run)
 # ---------------------------------------------------------------------------------------------
 
-RESULTS=()
-record() { RESULTS+=("$(printf '%-34s %-8s %6ss  %s' "$1" "$2" "$3" "$4")"); }
+now_ms() { local t="${EPOCHREALTIME//[.,]/}"; echo $((t / 1000)); }
+secs() { awk -v m="$1" 'BEGIN { printf "%.1f", m / 1000 }'; }
 
-# step NAME LIMIT_SECONDS COMMAND...: runs with a time limit, records PASS/FAIL/TIMEOUT.
-# The whole run must stay under 8 minutes: no step may run past TOTAL_LIMIT seconds after the start.
-TOTAL_LIMIT=460
-RUN_START=$(date +%s)
+json_str() { # a JSON string literal of $1
+    local s="$1"
+    s="${s//\\/\\\\}"
+    s="${s//\"/\\\"}"
+    s="${s//$'\n'/\\n}"
+    s="${s//$'\r'/\\r}"
+    s="${s//$'\t'/\\t}"
+    s="$(printf '%s' "$s" | tr -d '\000-\010\013\014\016-\037\177')"
+    printf '"%s"' "$s"
+}
 
-# Steps stop at DEADLINE seconds after the start: TOTAL_LIMIT, or earlier for the checks that run
-# before the bench section, which keeps BENCH_RESERVE seconds for itself.
-DEADLINE=$TOTAL_LIMIT
+last_line() { # the last non-empty line of a file, at most 160 characters
+    local l
+    l="$(grep -v '^[[:space:]]*$' "$1" 2>/dev/null | tail -n 1)"
+    printf '%s' "${l:0:160}"
+}
 
+S_NAME=() S_STATUS=() S_MS=() S_LIMIT=() S_GPU=() S_NOTE=()
+FAILED_TESTS=()  # "executable<TAB>test name"
+NO_DEVICE=0
+NO_DEVICE_REASON=""
+DEVICE_LINE="not detected yet"
+LIB_REPORT=""
+STATUS=RUNNING
+EXIT_CODE=null
+WORK=""
+
+begin() { # KIND BUDGET
+    KIND="$1"
+    BUDGET="$2"
+    START_MS=$(now_ms)
+    START_ISO=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+    JSON="$RESULTS/$KIND.json"
+    WORK="$(mktemp -d)"
+    trap 'rm -rf "$WORK"' EXIT
+    STEP_OUT="$WORK/step.out"
+    echo "== tools/gpu-check.sh $KIND on $(uname -n), $START_ISO; budget ${BUDGET}s; results in $RESULTS"
+    write_json
+}
+
+elapsed_s() { echo $((($(now_ms) - START_MS) / 1000)); }
+left_s() { echo $((BUDGET - $(elapsed_s))); }
+
+# record NAME STATUS MS LIMIT GPU(0/1) NOTE
+record() {
+    S_NAME+=("$1") S_STATUS+=("$2") S_MS+=("$3") S_LIMIT+=("$4") S_GPU+=("$5") S_NOTE+=("$6")
+    write_json
+}
+
+write_json() {
+    local i sep="" manifest=""
+    if [ -f "$GPU_DIR/MANIFEST" ]; then
+        local k v
+        while IFS='=' read -r k v; do
+            [ -n "$k" ] && manifest+="$sep$(json_str "$k"): $(json_str "$v")" && sep=", "
+        done < "$GPU_DIR/MANIFEST"
+        sep=""
+    fi
+    {
+        printf '{\n  "run": %s,\n  "status": %s,\n  "exit_code": %s,\n' "$(json_str "$KIND")" \
+            "$(json_str "$STATUS")" "$EXIT_CODE"
+        printf '  "started": %s,\n  "seconds": %s,\n  "budget_s": %s,\n  "host": %s,\n' \
+            "$(json_str "$START_ISO")" "$(secs $(($(now_ms) - START_MS)))" "$BUDGET" "$(json_str "$(uname -n)")"
+        printf '  "device": %s,\n  "library_report": %s,\n  "packed": {%s},\n' \
+            "$(json_str "$DEVICE_LINE")" "$(json_str "$LIB_REPORT")" "$manifest"
+        printf '  "log": %s,\n  "steps": [' "$(json_str "$KIND.log")"
+        for i in "${!S_NAME[@]}"; do
+            printf '%s\n    {"name": %s, "status": %s, "seconds": %s, "limit_s": %s, "gpu": %s, "note": %s}' \
+                "$sep" "$(json_str "${S_NAME[$i]}")" "$(json_str "${S_STATUS[$i]}")" "$(secs "${S_MS[$i]}")" \
+                "${S_LIMIT[$i]}" "$([ "${S_GPU[$i]}" = 1 ] && echo true || echo false)" \
+                "$(json_str "${S_NOTE[$i]}")"
+            sep=","
+        done
+        printf '\n  ],\n  "reruns": ['
+        sep=""
+        for i in "${RERUNS[@]}"; do
+            printf '%s\n    %s' "$sep" "$i"
+            sep=","
+        done
+        printf '\n  ],\n  "failed_tests": ['
+        sep=""
+        for i in "${FAILED_TESTS[@]}"; do
+            printf '%s%s' "$sep" "$(json_str "${i/$'\t'/ }")"
+            sep=", "
+        done
+        printf ']\n}\n'
+    } > "$JSON.tmp" && mv -f "$JSON.tmp" "$JSON"
+}
+
+# run_limited LIMIT CMD...: runs with a time limit, output to the log and to $STEP_OUT;
+# sets RL_RC, RL_MS, RL_TIMEOUT (1 when the limit stopped it).
+run_limited() {
+    local limit="$1" t0
+    shift
+    echo "\$ $*"
+    t0=$(now_ms)
+    timeout --kill-after=5 "$limit" "$@" < /dev/null 2>&1 | tee "$STEP_OUT"
+    RL_RC=${PIPESTATUS[0]}
+    RL_MS=$(($(now_ms) - t0))
+    RL_TIMEOUT=0
+    if { [ "$RL_RC" = 124 ] || [ "$RL_RC" = 137 ]; } && [ "$RL_MS" -ge $((limit * 1000 - 500)) ]; then
+        RL_TIMEOUT=1
+    fi
+}
+
+# Cap a step's limit by what is left of the budget; 0 when too little is left to start it.
+cap() {
+    local limit="$1" left
+    left=$(left_s)
+    if [ "$left" -lt 5 ]; then echo 0; elif [ "$limit" -gt "$left" ]; then echo "$left"; else echo "$limit"; fi
+}
+
+header() { echo; echo "=================== $1"; }
+
+# Says why a step does not run, in one line, and records it.
+not_run() { # NAME STATUS GPU NOTE [LIMIT]
+    header "$1: $2 ($4)"
+    record "$1" "$2" 0 "${5:-0}" "$3" "$4"
+}
+
+rc_note() {
+    local rc="$1"
+    case "$rc" in
+        126) echo "exit 126 (not executable)" ;;
+        127) echo "exit 127 (command not found)" ;;
+        134) echo "aborted (SIGABRT)" ;;
+        137) echo "killed (SIGKILL)" ;;
+        139) echo "segmentation fault (SIGSEGV)" ;;
+        *) if [ "$rc" -gt 128 ]; then echo "killed by signal $((rc - 128))"; else echo "exit $rc"; fi ;;
+    esac
+}
+
+# step NAME LIMIT GPU CMD...: one command with a time limit; PASS / FAIL / TIMEOUT.
 step() {
-    local name="$1" limit="$2"
-    shift 2
-    local left=$(( DEADLINE - ($(date +%s) - RUN_START) ))
-    if [ "$left" -lt 5 ]; then
-        skip "$name" "no time left in the ${DEADLINE}s budget"
+    local name="$1" limit="$2" gpu="$3" pass_note="${STEP_NOTE:-}"
+    shift 3
+    STEP_NOTE=""
+    if [ "$gpu" = 1 ] && [ "$NO_DEVICE" = 1 ]; then
+        not_run "$name" NO-DEVICE 1 "no GPU: $NO_DEVICE_REASON" "$limit"
         return 1
     fi
-    [ "$limit" -gt "$left" ] && limit=$left
-    echo
-    echo "=================== $name (limit ${limit}s)"
-    echo "\$ $*"
-    local t0 rc
-    t0=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@"
-    rc=$?
-    local dt=$(( $(date +%s) - t0 ))
-    case $rc in
-        0) record "$name" PASS "$dt" "" ;;
-        124|137) record "$name" TIMEOUT "$dt" "limit ${limit}s" ;;
-        *) record "$name" FAIL "$dt" "exit $rc" ;;
-    esac
-    return $rc
+    limit=$(cap "$limit")
+    if [ "$limit" = 0 ]; then
+        not_run "$name" TIMEOUT "$gpu" "not started: the ${BUDGET}s budget is used up"
+        return 1
+    fi
+    header "$name (limit ${limit}s)"
+    run_limited "$limit" "$@"
+    if [ "$RL_TIMEOUT" = 1 ]; then
+        record "$name" TIMEOUT "$RL_MS" "$limit" "$gpu" "stopped at ${limit}s; last line: $(last_line "$STEP_OUT")"
+    elif [ "$RL_RC" = 0 ]; then
+        record "$name" PASS "$RL_MS" "$limit" "$gpu" "$pass_note"
+    else
+        record "$name" FAIL "$RL_MS" "$limit" "$gpu" "$(rc_note "$RL_RC"): $(last_line "$STEP_OUT")"
+    fi
+    [ "$RL_RC" = 0 ]
 }
 
-skip() { echo; echo "=================== $1: SKIPPED ($2)"; record "$1" SKIPPED 0 "$2"; }
+# test_step NAME LIMIT GPU EXECUTABLE [VAR=VALUE...] -- LIBTEST ARGS...
+# Runs a test executable; lists the failed tests (for the reruns), and when the executable crashes
+# (no "test result:" line) names the test that was running and goes on with the tests after it.
+test_step() {
+    local name="$1" limit="$2" gpu="$3" exe="$4"
+    shift 4
+    local envs=()
+    while [ $# -gt 0 ] && [ "$1" != -- ]; do envs+=("$1"); shift; done
+    shift
+    local path="$BIN/$exe"
+    if [ "$gpu" = 1 ] && [ "$NO_DEVICE" = 1 ]; then
+        not_run "$name" NO-DEVICE 1 "no GPU: $NO_DEVICE_REASON" "$limit"
+        return 1
+    fi
+    if [ ! -x "$path" ]; then
+        not_run "$name" FAIL "$gpu" "$path is not packed"
+        return 1
+    fi
+    limit=$(cap "$limit")
+    if [ "$limit" = 0 ]; then
+        not_run "$name" TIMEOUT "$gpu" "not started: the ${BUDGET}s budget is used up"
+        return 1
+    fi
+    header "$name (limit ${limit}s)"
+    local t0 status=PASS failed=() crashed=() filters=() rounds=0 left summary=""
+    t0=$(now_ms)
+    while :; do
+        left=$((limit - ($(now_ms) - t0) / 1000))
+        if [ "$left" -lt 3 ]; then status=TIMEOUT; summary="no time left to go on after the crash"; break; fi
+        run_limited "$left" env "${envs[@]}" "$path" "${filters[@]}" "$@"
+        rounds=$((rounds + 1))
+        # Failed tests: libtest's list after the last "failures:" when it got to its summary, else
+        # (a crash or a timeout) every test whose result line says FAILED.
+        local t
+        while IFS= read -r t; do
+            [ -n "$t" ] && failed+=("$t") && FAILED_TESTS+=("$exe"$'\t'"$t")
+        done < <(awk '/^test [^ ]+ \.\.\. / { cur = $2; if ($0 ~ / FAILED$/ && !(cur in f)) { f[cur] = 1; s[m++] = cur }; next }
+                      /^FAILED$/ && cur != "" && !(cur in f) { f[cur] = 1; s[m++] = cur }
+                      /^failures:$/ { n = 0; inblk = 1; next }
+                      inblk && /^    [^ ]+$/ { a[n++] = $1; next }
+                      inblk && /^test result:/ { inblk = 0; done = 1 }
+                      END { if (done) for (i = 0; i < n; i++) print a[i]; else for (i = 0; i < m; i++) print s[i] }' "$STEP_OUT")
+        if grep -q '^test result:' "$STEP_OUT"; then
+            [ "$RL_RC" = 0 ] || status=FAIL
+            break
+        fi
+        if [ "$RL_TIMEOUT" = 1 ]; then
+            status=TIMEOUT
+            summary="stopped at ${limit}s in $(sed -n 's/^test \([^ ]*\) \.\.\. .*/\1/p' "$STEP_OUT" | tail -n 1)"
+            break
+        fi
+        if [ "$RL_RC" = 0 ]; then break; fi
+        # Crashed: the last test started is the one that was running.
+        status=FAIL
+        local cur
+        cur="$(sed -n 's/^test \([^ ]*\) \.\.\. .*/\1/p' "$STEP_OUT" | tail -n 1)"
+        if [ -z "$cur" ]; then
+            summary="$(rc_note "$RL_RC") before any test ran: $(last_line "$STEP_OUT")"
+            break
+        fi
+        crashed+=("$cur ($(rc_note "$RL_RC"))")
+        FAILED_TESTS+=("$exe"$'\t'"$cur")
+        [ "$rounds" -ge 6 ] && { summary="gave up after $rounds crashes"; break; }
+        # The tests after it, in libtest's order, run next.
+        local all rest=() seen=0
+        mapfile -t all < <(env "${envs[@]}" timeout 20 "$path" --list "$@" 2>/dev/null | sed -n 's/: test$//p')
+        for t in "${all[@]}"; do
+            if [ "$seen" = 1 ]; then rest+=("$t"); elif [ "$t" = "$cur" ]; then seen=1; fi
+        done
+        if [ "${#rest[@]}" = 0 ]; then break; fi
+        echo "== $exe crashed in $cur; going on with the ${#rest[@]} test(s) after it"
+        filters=("${rest[@]}" --exact)
+    done
+    local ms=$(($(now_ms) - t0)) note=""
+    [ "${#failed[@]}" -gt 0 ] && note="${#failed[@]} failed: ${failed[*]}"
+    [ "${#crashed[@]}" -gt 0 ] && note="${note:+$note; }crashed: ${crashed[*]}"
+    [ -n "$summary" ] && note="${note:+$note; }$summary"
+    if [ "$status" = PASS ]; then
+        note="$(grep '^test result:' "$STEP_OUT" | tail -n 1 | sed 's/^test result: //; s/; finished in.*//')"
+        # Without a device the GPU tests say so instead of running (see tests/cuda_parity.rs).
+        local skipped
+        skipped=$(grep -c 'SKIPPED' "$STEP_OUT")
+        [ "$skipped" -gt 0 ] && note="$note; $skipped line(s) say SKIPPED"
+    elif [ -z "$note" ]; then
+        note="$(rc_note "$RL_RC"): $(last_line "$STEP_OUT")"
+    fi
+    record "$name" "$status" "$ms" "$limit" "$gpu" "$note"
+}
 
+# Every failed test alone, synchronous launches, full output in the log (issue 10 item 5), in what
+# is left of the budget; one step in the table, each rerun in the JSON's "reruns".
+RERUNS=()  # JSON objects
+rerun_failed() {
+    local entry exe name n="${#FAILED_TESTS[@]}" limit again=() alone=() not_run_n=0 t0
+    [ "$n" = 0 ] && return 0
+    header "rerunning the $n failed test(s) alone with CUDA_LAUNCH_BLOCKING=1"
+    t0=$(now_ms)
+    for entry in "${FAILED_TESTS[@]}"; do
+        exe="${entry%%$'\t'*}"
+        name="${entry#*$'\t'}"
+        limit=$(cap 60)
+        if [ "$limit" -lt 10 ]; then
+            not_run_n=$((not_run_n + 1))
+            continue
+        fi
+        header "rerun: $exe $name (limit ${limit}s)"
+        run_limited "$limit" env CUDA_LAUNCH_BLOCKING=1 RUST_BACKTRACE=1 \
+            "$BIN/$exe" "$name" --exact --include-ignored --nocapture --test-threads=1
+        local st=FAIL
+        if [ "$RL_TIMEOUT" = 1 ]; then st=TIMEOUT; elif [ "$RL_RC" = 0 ]; then st=PASS; fi
+        if [ "$st" = PASS ]; then alone+=("$exe $name"); else again+=("$exe $name"); fi
+        RERUNS+=("{\"test\": $(json_str "$exe $name"), \"status\": $(json_str "$st"), \"seconds\": $(secs "$RL_MS"), \"note\": $(json_str "$([ "$st" = PASS ] || echo "$(rc_note "$RL_RC"): $(last_line "$STEP_OUT")")")}")
+    done
+    local note="$n failed test(s): ${#again[@]} fail again alone"
+    [ "${#alone[@]}" -gt 0 ] && note="$note, ${#alone[@]} pass alone (order-dependent or flaky: ${alone[*]})"
+    [ "$not_run_n" -gt 0 ] && note="$note; $not_run_n not rerun (no time left)"
+    # FAIL: failures reproduce alone; PASS: all pass alone; SKIPPED: no time to rerun any.
+    local st=FAIL
+    if [ "${#again[@]}" = 0 ]; then st=PASS; [ "${#alone[@]}" = 0 ] && st=SKIPPED; fi
+    record "reruns of failed tests (CUDA_LAUNCH_BLOCKING=1)" "$st" $(($(now_ms) - t0)) 60 0 "$note"
+}
+
+# Libraries: `podgpu device --env` when this podgpu has it, else the script's own search.
 cuda_lib_dirs() {
-    # PyTorch's venv on the GPU machines, then any other Python env's nvidia wheels.
     local d
     for d in /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib \
              /usr/local/lib/python3*/dist-packages/nvidia/*/lib \
@@ -109,145 +416,260 @@ cuda_lib_dirs() {
     done
 }
 
-# The CUDA libraries of PyTorch's venv on the library paths; tests fail instead of skipping.
-gpu_env() {
+# Finds the GPU and the libraries, sets the environment every later binary runs in, and records
+# the "device" step: PASS (a GPU podgpu can use), NO-DEVICE (none here), FAIL (nvidia-smi sees a
+# GPU but podgpu cannot use it).
+detect_device() {
+    header "device and libraries"
+    local t0 smi_ok=0 smi_note="" out rc dev_rc=none note="" has_dev=0
+    t0=$(now_ms)
+    export PODGPU_CACHE_DIR="${PODGPU_CACHE_DIR:-$ROOT/$GPU_DIR/cache}"
+    export PODGPU_FIXTURES="${PODGPU_FIXTURES:-$ROOT/tests/fixtures}"
+    export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+    if command -v nvidia-smi > /dev/null; then
+        out="$(timeout 10 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>&1)"
+        rc=$?
+        if [ "$rc" = 0 ] && [ -n "$out" ] && ! grep -qi 'failed\|error\|no devices' <<< "$out"; then
+            smi_ok=1
+            DEVICE_LINE="$(head -n 1 <<< "$out")"
+            [ "$(wc -l <<< "$out")" -gt 1 ] && DEVICE_LINE="$DEVICE_LINE (+$(($(wc -l <<< "$out") - 1)) more)"
+            timeout 10 nvidia-smi 2>&1 | head -n 30
+        else
+            smi_note="nvidia-smi failed ($(rc_note "$rc")): $(tail -n 1 <<< "$out")"
+        fi
+    else
+        smi_note="nvidia-smi not found"
+    fi
+    echo "nvidia-smi: ${smi_note:-$DEVICE_LINE}"
+    if "$BIN/podgpu" help device > /dev/null 2>&1; then
+        has_dev=1
+        out="$(timeout 10 "$BIN/podgpu" device --env 2>&1)"
+        rc=$?
+        echo "\$ $BIN/podgpu device --env   (exit $rc)"
+        echo "$out"
+        local exports
+        exports="$(grep -E '^export [A-Za-z_][A-Za-z0-9_]*=' <<< "$out")"
+        if [ -n "$exports" ]; then
+            eval "$exports"
+        else
+            note="podgpu device --env printed no export lines (exit $rc); library folders from the script"
+            libs_fallback
+        fi
+        echo "\$ $BIN/podgpu device"
+        LIB_REPORT="$(timeout 10 "$BIN/podgpu" device 2>&1)"
+        dev_rc=$?
+        echo "$LIB_REPORT"
+        echo "(exit $dev_rc)"
+    else
+        note="this podgpu has no 'device' subcommand: library folders from the script's own search, library report from the cuda_device test"
+        libs_fallback
+    fi
+    echo "PODGPU_CUDA_LIBS=${PODGPU_CUDA_LIBS:-}"
+    echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+    local status=PASS
+    if [ "$smi_ok" = 1 ]; then
+        if [ "$dev_rc" != none ] && [ "$dev_rc" != 0 ]; then
+            status=FAIL
+            note="nvidia-smi sees a GPU but podgpu device says exit $dev_rc: $(tail -n 1 <<< "$LIB_REPORT")${note:+; $note}"
+        fi
+    elif [ "$dev_rc" = 0 ]; then
+        note="$smi_note, but podgpu device found a GPU${note:+; $note}"
+        DEVICE_LINE="$(grep -m 1 -i 'cuda:\|gpu' <<< "$LIB_REPORT" || echo "GPU (no nvidia-smi)")"
+    else
+        NO_DEVICE=1
+        status=NO-DEVICE
+        NO_DEVICE_REASON="$smi_note"
+        if [ "$has_dev" = 1 ]; then
+            NO_DEVICE_REASON="$NO_DEVICE_REASON; podgpu device (exit $dev_rc): $(grep -v '^[[:space:]]*$' <<< "$LIB_REPORT" | tail -n 1)"
+        fi
+        DEVICE_LINE="none ($NO_DEVICE_REASON)"
+        header "device: NO-DEVICE (no GPU: $NO_DEVICE_REASON)"
+    fi
+    # With a GPU here, GPU tests must fail rather than skip.
+    [ "$NO_DEVICE" = 0 ] && export PODGPU_REQUIRE_GPU=1
+    [ "$status" = NO-DEVICE ] && note="no GPU: $NO_DEVICE_REASON${note:+; $note}"
+    record device "$status" $(($(now_ms) - t0)) 30 1 "${note:-$DEVICE_LINE}"
+}
+
+libs_fallback() {
     local libs
     libs="$(cuda_lib_dirs)"
-    export PODGPU_CUDA_LIBS="${libs%:}${PODGPU_CUDA_LIBS:+:$PODGPU_CUDA_LIBS}"
-    export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:-}"
-    export PODGPU_REQUIRE_GPU=1
-    export PODGPU_CACHE_DIR="${PODGPU_CACHE_DIR:-$PWD/$GPU_DIR/cache}"
+    if [ -n "$libs" ]; then
+        export PODGPU_CUDA_LIBS="${libs%:}${PODGPU_CUDA_LIBS:+:$PODGPU_CUDA_LIBS}"
+        export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:-}"
+    fi
 }
 
-run() {
-    local start bin
-    start=$RUN_START
-    bin="$GPU_DIR/bin"
-    if [ ! -x "$bin/podgpu" ]; then
-        echo "no $bin/podgpu: run 'tools/gpu-check.sh pack' on the build machine and copy $GPU_DIR here"
+# The packed binaries: run bits back (the upload may drop them), built from these sources?
+prepare() {
+    header "packed binaries"
+    if [ ! -x "$BIN/podgpu" ] && [ ! -f "$BIN/podgpu" ]; then
+        echo "no $BIN/podgpu: run 'tools/gpu-check.sh pack' on the build machine and carry $GPU_DIR along"
+        STATUS=FAIL EXIT_CODE=2
+        record "packed binaries" FAIL 0 0 0 "no $BIN/podgpu (run tools/gpu-check.sh pack, carry .gpu)"
         exit 2
     fi
-    gpu_env
-    echo "PODGPU_CUDA_LIBS=$PODGPU_CUDA_LIBS"
-    # The checks leave BENCH_RESERVE seconds of the budget to the bench section.
-    [ "${PODGPU_BENCH:-1}" != 0 ] && DEADLINE=$(( TOTAL_LIMIT - BENCH_RESERVE ))
-
-    echo "=================== device"
-    if command -v nvidia-smi > /dev/null; then
-        nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv || true
-    else
-        echo "nvidia-smi not found"
-    fi
-    ls /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib 2>/dev/null | grep -E 'lib(cudnn|cublas|cublasLt|nvrtc)\.so' | sort -u || true
-
-    # Device, library versions and where each library was loaded from (printed by the test).
-    step "device + libraries" 45 "$bin/cuda_device" --nocapture --test-threads=1
-    step "kernels compile (NVRTC)" 45 "$bin/cuda_nvrtc" --nocapture
-    step "parity CPU vs GPU" 180 "$bin/cuda_parity" --nocapture --test-threads=1
-
-    if "$bin/podgpu" help fidelity > /dev/null 2>&1; then
-        if [ -d "$GPU_DIR/data/fixtures" ]; then
-            step "fidelity fixtures on GPU" 90 "$bin/podgpu" fidelity --device cuda "$GPU_DIR/data/fixtures"
+    chmod +x "$BIN"/*
+    cat "$GPU_DIR/MANIFEST" 2>/dev/null
+    ls -l "$BIN"
+    local status=PASS note bad
+    note="$(grep '^commit=' "$GPU_DIR/MANIFEST" 2>/dev/null | cut -c8-19)$(grep -q '^dirty=yes' "$GPU_DIR/MANIFEST" 2>/dev/null && echo ' (dirty tree)')"
+    if [ -f "$GPU_DIR/sources.sha256" ]; then
+        bad="$(sha256sum --quiet -c "$GPU_DIR/sources.sha256" 2>&1 | sed 's/: .*//' | head -n 5 | tr '\n' ' ')"
+        if [ -n "$bad" ]; then
+            status=FAIL
+            note="sources changed since the pack, binaries are stale (repack): $bad"
+            echo "$note"
         else
-            skip "fidelity fixtures on GPU" "no fixtures packed (tests/fixtures missing)"
+            note="built from these sources; commit $note"
         fi
-    else
-        skip "fidelity fixtures on GPU" "this podgpu has no 'fidelity' subcommand yet"
     fi
-
-    # Short training run on the shipped CIFAR-10 sample: the loss must fall and the accuracy rise as
-    # on the CPU (compare with the same command and --device cpu). PODGPU_TRAIN_ARGS overrides it.
-    if "$bin/podgpu" help train > /dev/null 2>&1; then
-        if [ -f "$GPU_DIR/data/cifar10-small.bin" ]; then
-            rm -rf "$GPU_DIR/run-train"
-            # shellcheck disable=SC2086
-            step "short train on GPU" 100 "$bin/podgpu" train ${PODGPU_TRAIN_ARGS:-resnet18 --data $GPU_DIR/data/cifar10-small.bin --device cuda --epochs 3 --batch-size 64 --feature-dim 64 --out $GPU_DIR/run-train} \
-                && step "eval of the GPU run" 30 "$bin/podgpu" eval --device cuda --checkpoint "$GPU_DIR/run-train/last.safetensors" --data "$GPU_DIR/data/cifar10-small.bin"
-        else
-            skip "short train on GPU" "no data sample packed"
-        fi
-    else
-        skip "short train on GPU" "this podgpu has no 'train' subcommand yet"
-    fi
-
-    if [ "${PODGPU_BENCH:-1}" != 0 ]; then
-        DEADLINE=$TOTAL_LIMIT
-        bench_section
-    else
-        skip "bench (issue 6)" "PODGPU_BENCH=0"
-    fi
-
-    summary "$start"
+    record "packed binaries" "$status" 0 0 0 "$note"
 }
 
-summary() {
-    echo
-    echo "=================== summary ($(( $(date +%s) - $1 ))s total)"
-    printf '%-34s %-8s %7s  %s\n' "step" "result" "time" "note"
-    local r failed=0
-    for r in "${RESULTS[@]}"; do
-        echo "$r"
-        case "$r" in *" FAIL "*|*" TIMEOUT "*) failed=1 ;; esac
-    done
-    return $failed
+# Short training run on the shipped CIFAR-10 sample, then a note: loss and accuracy first → last.
+train_note() {
+    local m="$1" first last
+    [ -f "$m" ] || return 0
+    first="$(head -n 1 "$m")"
+    last="$(tail -n 1 "$m")"
+    f() { grep -o "\"$1\":[^,}]*" <<< "$2" | cut -d: -f2 | awk '{ printf "%.4g", $1 }'; }
+    pc() { grep -o "\"$1\":[^,}]*" <<< "$2" | cut -d: -f2 | awk '{ printf "%.1f%%", 100 * $1 }'; }
+    echo "epochs $(f epoch "$last"): train loss $(f train_loss "$first") -> $(f train_loss "$last"), test acc $(pc test_acc "$first") -> $(pc test_acc "$last"), $(f images_per_s "$last") img/s"
 }
 
+# The GPU run's checkpoint scored on the GPU and on the CPU: the accuracies must agree.
+eval_both() {
+    local ck="$1" data="$2" a b
+    echo "\$ podgpu eval --device cuda --checkpoint $ck --data $data"
+    "$BIN/podgpu" eval --device cuda --checkpoint "$ck" --data "$data" > "$ck.cuda.txt" 2>&1
+    a=$?
+    cat "$ck.cuda.txt"
+    echo "\$ podgpu eval --device cpu --checkpoint $ck --data $data"
+    "$BIN/podgpu" eval --device cpu --checkpoint "$ck" --data "$data" > "$ck.cpu.txt" 2>&1
+    b=$?
+    cat "$ck.cpu.txt"
+    [ "$a" = 0 ] && [ "$b" = 0 ] || return 1
+    a="$(sed -n 's/^accuracy .*(\([0-9]*\) \/ [0-9]*).*/\1/p' "$ck.cuda.txt" | head -n 1)"
+    b="$(sed -n 's/^accuracy .*(\([0-9]*\) \/ [0-9]*).*/\1/p' "$ck.cpu.txt" | head -n 1)"
+    echo "correct: cuda $a, cpu $b (test split; they may differ by 5 at most)"
+    [ -n "$a" ] && [ -n "$b" ] && [ $((a > b ? a - b : b - a)) -le 5 ]
+}
 
-# ---------------------------------------------------------------------------------------------
-# bench (issue 6): the side-by-side table podgpu vs PyTorch, then the microbenchmarks.
-# Runs at the end of `run` (PODGPU_BENCH=0 skips it) or alone with `tools/gpu-check.sh bench`.
-# In `run` the checks before it stop BENCH_RESERVE seconds before TOTAL_LIMIT, so the bench section
-# always has at least that long; each bench step's limit is capped by what is left.
-# ---------------------------------------------------------------------------------------------
-
-BENCH_RESERVE=220
-TORCH_PY="${PODGPU_TORCH_PYTHON:-/opt/torch/.venv/bin/python}"
-
-bench_section() {
-    local bin="$GPU_DIR/bin"
-    if [ ! -x "$bin/bench-step" ]; then
-        skip "bench (issue 6)" "no $bin/bench-step packed"
-        return 0
+checks_main() {
+    begin checks "$CHECKS_BUDGET"
+    prepare
+    detect_device
+    # Per-step limits (s): device 30 + 15 + 30 + 80 + 20 + 45 + 20 = 240; reruns use what is left.
+    test_step "cuda_device (device, libraries)" 15 0 cuda_device -- --nocapture --test-threads=1
+    if [ -z "$LIB_REPORT" ]; then
+        LIB_REPORT="(from the cuda_device test)"$'\n'"$(sed 's/^test [^ ]* \.\.\. //' "$STEP_OUT" \
+            | grep -v '^ok$\|^running [0-9]\|^test result:\|^[[:space:]]*$' | head -c 8000)"
+        write_json
     fi
-    # 1. ResNet50-CIFAR at batch 128: podgpu fp32/tf32 vs PyTorch eager fp32, eager tf32, AMP bf16 +
-    #    channels_last and torch.compile (bf16 + channels_last), 3 warm-up + 20 timed steps each; the
-    #    driver stops starting runs after --deadline seconds and prints the ratio table it has.
-    if [ -x "$TORCH_PY" ]; then
-        step "bench: podgpu vs PyTorch (resnet50)" 200 "$TORCH_PY" tools/bench/compare.py \
-            --bench-step "$bin/bench-step" --python "$TORCH_PY" --device cuda --model resnet50 \
-            --batch 128 --steps 20 --warmup 3 --deadline 185 --timeout 150 --markdown
+    test_step "kernels compile (NVRTC)" 30 0 cuda_nvrtc CI=true -- --nocapture --test-threads=1
+    test_step "parity CPU vs GPU" 80 1 cuda_parity -- --include-ignored --nocapture --test-threads=1
+    step "fixtures on GPU" 20 1 "$BIN/podgpu" fidelity --device cuda tests/fixtures
+    local run="$GPU_DIR/run-train" data=datasets/cifar10-small.bin
+    rm -rf "$run"
+    # shellcheck disable=SC2086  # PODGPU_TRAIN_ARGS is a word list
+    if step "short train on GPU" 45 1 "$BIN/podgpu" train ${PODGPU_TRAIN_ARGS:-resnet18 --data $data --device cuda --epochs 3 --batch-size 64 --feature-dim 64 --out $run}; then
+        S_NOTE[-1]="$(train_note "$run/metrics.jsonl")"
+        write_json
+    fi
+    [ -f "$run/metrics.jsonl" ] && cp "$run/metrics.jsonl" "$RESULTS/train-metrics.jsonl"
+    if [ -f "$run/last.safetensors" ] || [ "$NO_DEVICE" = 1 ]; then
+        step "eval of the GPU run (cuda, cpu)" 20 1 bash "$SELF" _eval-both "$run/last.safetensors" "$data" \
+            && { S_NOTE[-1]="$(grep '^correct:' "$STEP_OUT")"; write_json; }
     else
-        skip "bench: PyTorch side" "no PyTorch at $TORCH_PY (set PODGPU_TORCH_PYTHON)"
-        step "bench: podgpu steps (resnet50)" 90 "$bin/bench-step" --device cuda --models resnet50 \
-            --batch 128 --steps 20 --warmup 3
+        not_run "eval of the GPU run (cuda, cpu)" SKIPPED 1 "the short train wrote no checkpoint"
     fi
-    # 2. Microbenchmarks, shortest sampling that still gives a median of several samples.
-    step "bench: convolutions (resnet50)" 60 "$bin/bench-conv" --device cuda --samples 5 \
+    rerun_failed
+    finish
+}
+
+bench_main() {
+    begin bench "$BENCH_BUDGET"
+    prepare
+    detect_device
+    # Per-step limits (s): device 30 + 160 + 35 + 30 + 15 + 30 = 300.
+    if [ ! -x "$BIN/bench-step" ]; then
+        not_run "bench: podgpu vs PyTorch (resnet50)" FAIL 1 "no $BIN/bench-step packed"
+    elif [ -x "$TORCH_PY" ] || [ "$NO_DEVICE" = 1 ]; then
+        # ResNet50-CIFAR at batch 128: podgpu fp32/tf32 vs PyTorch eager fp32, eager tf32, AMP bf16 +
+        # channels_last, torch.compile; compare.py starts no run after --deadline s, and prints the
+        # ratio table it has.
+        step "bench: podgpu vs PyTorch (resnet50)" 160 1 env PYTHONUNBUFFERED=1 "$TORCH_PY" \
+            tools/bench/compare.py --bench-step "$BIN/bench-step" --python "$TORCH_PY" --device cuda \
+            --model resnet50 --batch 128 --steps 20 --warmup 3 --check-batch 2 --deadline 145 \
+            --timeout 110 --markdown --json-out "$RESULTS/compare.json"
+    else
+        not_run "bench: PyTorch side" SKIPPED 1 "no PyTorch at $TORCH_PY (set PODGPU_TORCH_PYTHON)"
+        step "bench: podgpu steps (resnet50)" 90 1 "$BIN/bench-step" --device cuda --models resnet50 \
+            --batch 128 --steps 20 --warmup 3 --check-batch 2
+    fi
+    # Microbenchmarks: the shortest sampling that still gives a median of several samples.
+    step "bench: convolutions (resnet50)" 35 1 "$BIN/bench-conv" --device cuda --samples 5 \
         --min-sample-ms 5 --max-case-s 1
-    step "bench: own kernels" 60 "$bin/bench-kernels" --device cuda --samples 7 \
+    step "bench: own kernels" 30 1 "$BIN/bench-kernels" --device cuda --samples 7 \
         --min-sample-ms 5 --max-case-s 1
-    step "bench: GEMMs" 30 "$bin/bench-gemm" --device cuda --samples 7 --min-sample-ms 5 \
+    step "bench: GEMMs" 15 1 "$BIN/bench-gemm" --device cuda --samples 7 --min-sample-ms 5 \
         --max-case-s 1
-    step "bench: whole steps (resnet18, metrics)" 40 "$bin/bench-step" --device cuda \
-        --models resnet18 --batch 128 --steps 20 --warmup 3 --with-metrics
-    return 0
+    step "bench: whole steps (resnet18, metrics)" 30 1 "$BIN/bench-step" --device cuda \
+        --models resnet18 --batch 128 --steps 20 --warmup 3 --check-batch 2 --with-metrics
+    finish
 }
 
-bench_only() {
-    local start=$RUN_START
-    if [ ! -x "$GPU_DIR/bin/bench-step" ]; then
-        echo "no $GPU_DIR/bin/bench-step: run 'tools/gpu-check.sh pack' on the build machine and copy $GPU_DIR here"
-        exit 2
+# Overall status, the JSON, the table; exits with 0, 1 or 3.
+finish() {
+    local i any_failed=0
+    for i in "${!S_STATUS[@]}"; do
+        case "${S_STATUS[$i]}" in FAIL|TIMEOUT) any_failed=1 ;; esac
+    done
+    if [ "$any_failed" = 1 ]; then STATUS=FAIL EXIT_CODE=1
+    elif [ "$NO_DEVICE" = 1 ]; then STATUS=NO-DEVICE EXIT_CODE=$EXIT_NO_DEVICE
+    else STATUS=PASS EXIT_CODE=0
     fi
-    gpu_env
-    command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-    bench_section
-    summary "$start"
+    write_json
+    echo
+    echo "=================== $KIND summary: $STATUS (exit $EXIT_CODE) in $(secs $(($(now_ms) - START_MS)))s of ${BUDGET}s; device: $DEVICE_LINE"
+    printf '%-38s %-9s %7s %6s  %s\n' step result time limit note
+    for i in "${!S_NAME[@]}"; do
+        printf '%-38s %-9s %6ss %5ss  %s\n' "${S_NAME[$i]:0:38}" "${S_STATUS[$i]}" "$(secs "${S_MS[$i]}")" \
+            "${S_LIMIT[$i]}" "${S_NOTE[$i]:0:110}"
+    done
+    echo "results: $RESULTS/$KIND.json, $RESULTS/$KIND.log"
+    exit "$EXIT_CODE"
+}
+
+budget() { # NAME DEFAULT: the default, or the variable's value when it is lower
+    local v="${!1:-}"
+    if [[ "$v" =~ ^[0-9]+$ ]] && [ "$v" -lt "$2" ]; then echo "$v"; else echo "$2"; fi
+}
+
+device_run() { # checks|bench: runs it with its whole output into RESULTS/KIND.log
+    RESULTS="${PODGPU_GPU_RESULTS:-$GPU_DIR/results}"
+    mkdir -p "$RESULTS" || exit 2
+    RESULTS="$(cd "$RESULTS" && pwd)"
+    case "$1" in
+        checks) CHECKS_BUDGET=$(budget PODGPU_CHECKS_BUDGET_S "$CHECKS_BUDGET"); checks_main 2>&1 | tee "$RESULTS/checks.log" ;;
+        bench) BENCH_BUDGET=$(budget PODGPU_BENCH_BUDGET_S "$BENCH_BUDGET"); bench_main 2>&1 | tee "$RESULTS/bench.log" ;;
+    esac
+    return "${PIPESTATUS[0]}"
 }
 
 case "${1:-}" in
     pack) pack ;;
-    run) run ;;
-    bench) bench_only ;;
-    *) echo "usage: $0 pack|run|bench   (see docs/GPU.md, BENCHMARKS.md)"; exit 2 ;;
+    size) size ;;
+    checks|bench) device_run "$1" ;;
+    run)
+        device_run checks
+        a=$?
+        device_run bench
+        b=$?
+        for s in 2 1 3 0; do if [ "$a" = "$s" ] || [ "$b" = "$s" ]; then exit "$s"; fi; done
+        exit 1
+        ;;
+    _eval-both) shift; eval_both "$@" ;;
+    *) echo "usage: $0 pack|size (here) | checks|bench|run (on the GPU machine)   (see docs/GPU.md)"; exit 2 ;;
 esac
