@@ -172,7 +172,8 @@ pub(crate) fn pick(cands: &[Candidate], rules: Rules, what: &str) -> Result<Cand
         .ok_or_else(|| match rules.mode {
             MathMode::Fp32 => format!(
                 "cuDNN offers no true-fp32 (FMA-only) {what} algorithm for this shape, only \
-                 ones that may use TF32; run with --math tf32 to accept TF32"
+                 ones that may use TF32; to accept TF32 run with --precision tf32 (train) or \
+                 --math tf32 (fidelity, bench tools)"
             ),
             MathMode::Tf32 => {
                 format!("cuDNN offers only {what} algorithms that convert to fp16 for this shape")
