@@ -1,9 +1,13 @@
 // SGD with momentum and weight decay over all parameters in one launch (PyTorch's torch.optim.SGD,
-// dampening 0, no Nesterov):
-//   g = grad + wd * p;  m = momentum * m + g;  p -= lr * m
+// dampening 0):
+//   g = grad + wd * p;  m = momentum * m + g;  p -= lr * (nesterov ? g + momentum * m : m)
 // The table has one entry per parameter tensor; blockIdx.y picks the entry, blockIdx.x and the
 // threads stride over its elements. Frozen tensors (flags & 1) are skipped: the PEDCC head and
 // BN buffers never change. The layout matches `SgdEntry` in src/cuda/optim.rs (40 bytes).
+//
+// `skip` (may be null) is the numerics guard's flag in the trainer's step ledger (cuda/guard.cu):
+// while it is non-zero nothing is updated, so that the weights and momentum stay those before the
+// first step with a non-finite loss or gradient, although the host learns of it only later.
 struct SgdEntry {
     float* p;
     const float* g;
@@ -14,7 +18,8 @@ struct SgdEntry {
 };
 
 extern "C" __global__ void sgd_multi_f32(const SgdEntry* __restrict__ table, int count, float lr,
-                                         float momentum) {
+                                         float momentum, int nesterov, const int* __restrict__ skip) {
+    if (skip && *skip) return;
     const int t = blockIdx.y;
     if (t >= count) return;
     const SgdEntry e = table[t];
@@ -23,6 +28,8 @@ extern "C" __global__ void sgd_multi_f32(const SgdEntry* __restrict__ table, int
         const float g = e.g[i] + e.wd * e.p[i];
         const float m = momentum * e.m[i] + g;
         e.m[i] = m;
-        e.p[i] -= lr * m;
+        // Nesterov as the per-tensor path computes it: d = g + fl(momentum * m), separately rounded.
+        const float d = nesterov ? __fadd_rn(g, __fmul_rn(momentum, m)) : m;
+        e.p[i] -= lr * d;
     }
 }

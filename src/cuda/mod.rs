@@ -10,11 +10,12 @@
 //!
 //! Files: `libs` (finding libraries), `pool` (allocator), `nvrtc` (kernel compilation and cache),
 //! `launch` (launch helpers), `kernels` (the launchers the op dispatch calls), `blas` (cuBLAS),
-//! `dnn` (cuDNN convolution and batch norm), `nn_kernels`, `loss_kernels`, `optim` (launchers of our
-//! other kernels).
+//! `dnn` (cuDNN convolution and batch norm), `nn_kernels`, `loss_kernels`, `optim`, `guard` (the
+//! trainer's step ledger) (launchers of our other kernels).
 
 pub mod blas;
 pub mod dnn;
+pub mod guard;
 pub mod kernels;
 pub mod launch;
 pub mod libs;
@@ -55,6 +56,8 @@ pub struct Gpu {
     funcs: Mutex<HashMap<&'static str, CudaFunction>>,
     pub(crate) blas: OnceLock<Result<blas::Blas, String>>,
     pub(crate) dnn: Mutex<Option<Result<dnn::Dnn, String>>>,
+    /// Uploads in flight and the count of host waits (`upload_owned`, `host_waits`).
+    host_sync: HostSync,
 }
 
 /// f32 data in device memory, from the caching pool (returned to it on drop).
@@ -102,12 +105,15 @@ impl CudaBuf {
         p
     }
 
-    /// Copies the buffer to host memory (synchronises the stream).
+    /// Copies the buffer to host memory (synchronises the stream; a host wait).
     pub fn to_host(&self) -> Vec<f32> {
-        self.gpu
+        let v = self
+            .gpu
             .stream
             .clone_dtoh(&self.view())
-            .unwrap_or_else(|e| panic!("copy from cuda:{} failed: {e}", self.gpu.ordinal))
+            .unwrap_or_else(|e| panic!("copy from cuda:{} failed: {e}", self.gpu.ordinal));
+        self.gpu.note_host_wait();
+        v
     }
 
     /// A copy of the first `len` elements in a fresh pooled buffer (queued on the stream, no sync).
@@ -188,6 +194,7 @@ impl Gpu {
             funcs: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
             dnn: Mutex::new(None),
+            host_sync: HostSync::default(),
         });
         gpus[ordinal] = Some(gpu.clone());
         Ok(gpu)
@@ -251,20 +258,26 @@ impl Gpu {
         self.pool.lock().unwrap().reset_peak();
     }
 
-    /// Frees every cached block back to the driver.
+    /// Frees every cached block back to the driver (waits for the stream first: a host wait).
     pub fn release_cached_memory(&self) -> Result<(), String> {
-        self.pool
+        let r = self
+            .pool
             .lock()
             .unwrap()
             .release_cached(&self.stream)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string());
+        self.note_host_wait();
+        r
     }
 
-    /// Waits for all queued work; surfaces asynchronous kernel errors.
+    /// Waits for all queued work; surfaces asynchronous kernel errors. A host wait.
     pub fn synchronize(&self) -> Result<(), String> {
-        self.stream
+        let r = self
+            .stream
             .synchronize()
-            .map_err(|e| format!("cuda:{}: {e}", self.ordinal))
+            .map_err(|e| format!("cuda:{}: {e}", self.ordinal));
+        self.note_host_wait();
+        r
     }
 
     /// The targets our kernels are compiled for on this device, preferred first (`sm_90`, then
@@ -330,6 +343,78 @@ impl Gpu {
         Err(errors.join("; "))
     }
 }
+
+// ---- Uploads without a wait, and the count of host waits (issue 10, item 8) ----
+//
+// `upload` copies from a borrowed host slice, so it must not return before the copy has read it;
+// per-step uploads (a batch's images and labels, the SGD and guard pointer tables) use
+// `upload_owned` instead, which takes the host vector and keeps it alive until an event recorded
+// after the copy has completed, without waiting. Finished copies are released lazily: on later
+// uploads and after every host wait. `host_waits` counts the host's waits on the device
+// (synchronisations and device-to-host copies), which is what the trainer's "no host
+// synchronisation inside a step" is measured by.
+
+/// What a `Gpu` keeps for `upload_owned` and `host_waits`.
+#[derive(Default)]
+struct HostSync {
+    /// Host vectors of copies the stream may not have read yet, each with an event recorded after
+    /// its copy, oldest first.
+    in_flight: Mutex<std::collections::VecDeque<(cudarc::driver::CudaEvent, Vec<f32>)>>,
+    /// Host waits so far (`Gpu::host_waits`).
+    waits: std::sync::atomic::AtomicU64,
+}
+
+impl Gpu {
+    /// Copies `host` into a fresh buffer without waiting for the copy: the vector is kept until the
+    /// stream has passed the copy (CUDA does not promise that an asynchronous copy from pageable
+    /// memory has read its source when the call returns).
+    pub fn upload_owned(self: &Arc<Self>, host: Vec<f32>) -> CudaBuf {
+        self.release_finished_uploads();
+        let mut b = self.alloc(host.len());
+        if !host.is_empty() {
+            self.stream
+                .memcpy_htod(&host, b.raw_mut())
+                .unwrap_or_else(|e| panic!("copy to cuda:{} failed: {e}", self.ordinal));
+            match self.stream.record_event(None) {
+                Ok(done) => self
+                    .host_sync
+                    .in_flight
+                    .lock()
+                    .unwrap()
+                    .push_back((done, host)),
+                // Without an event the only safe release is after the copy: wait for it.
+                Err(_) => {
+                    let _ = self.synchronize();
+                }
+            }
+        }
+        b
+    }
+
+    /// How many times the host has waited for this GPU so far (stream synchronisations,
+    /// device-to-host copies).
+    pub fn host_waits(&self) -> u64 {
+        self.host_sync.waits.load(Ordering::Relaxed)
+    }
+
+    /// Records a host wait (call it after every synchronisation or device-to-host copy); the wait
+    /// also lets the copies it waited for release their host vectors.
+    pub(crate) fn note_host_wait(&self) {
+        self.host_sync.waits.fetch_add(1, Ordering::Relaxed);
+        self.release_finished_uploads();
+    }
+
+    /// Drops the host vectors of the uploads the stream has passed (oldest first; stops at the
+    /// first one still pending).
+    fn release_finished_uploads(&self) {
+        let mut q = self.host_sync.in_flight.lock().unwrap();
+        while q.front().is_some_and(|(done, _)| done.is_complete()) {
+            q.pop_front();
+        }
+    }
+}
+
+// ---- end of the upload/host-wait block ----
 
 fn device_info(ctx: &Arc<CudaContext>) -> Result<DeviceInfo, cudarc::driver::DriverError> {
     use cudarc::driver::sys::CUdevice_attribute as A;
