@@ -31,20 +31,29 @@ pub struct SgdParam<'a> {
 /// g = grad + wd·p; m = momentum·m + g; p −= lr·m for every entry, in one launch (PyTorch's SGD
 /// with dampening 0; a zero momentum buffer makes the first step m = g as in PyTorch).
 pub fn sgd_step(params: &[SgdParam], lr: f32, momentum: f32) {
-    sgd_step_guarded(params, lr, momentum, false, None);
+    let m = Momentum {
+        momentum,
+        nesterov: false,
+        buffers: true,
+    };
+    sgd_step_guarded(params, lr, m, None);
 }
 
-/// `sgd_step` with Nesterov momentum as an option (d = g + momentum·m instead of m) and an optional
-/// skip flag: `skip` is the device address of an i32 (the numerics guard's flag in the trainer's
-/// step ledger, `cuda::guard`); while it is non-zero the kernel changes nothing. Nothing waits for
-/// the device: the pointer table goes up with `Gpu::upload_owned`.
-pub fn sgd_step_guarded(
-    params: &[SgdParam],
-    lr: f32,
-    momentum: f32,
-    nesterov: bool,
-    skip: Option<u64>,
-) {
+/// The momentum settings of `sgd_step_guarded`.
+#[derive(Clone, Copy, Debug)]
+pub struct Momentum {
+    pub momentum: f32,
+    /// d = g + momentum·m instead of m.
+    pub nesterov: bool,
+    /// false: plain SGD (p −= lr·g); the momentum tensors are neither read nor written.
+    pub buffers: bool,
+}
+
+/// `sgd_step` with every setting of `optim::Sgd` (Nesterov, no momentum) and an optional skip
+/// flag: `skip` is the device address of an i32 (the numerics guard's flag in the trainer's step
+/// ledger, `cuda::guard`); while it is non-zero the kernel changes nothing. Nothing waits for the
+/// device: the pointer table goes up with `Gpu::upload_owned`.
+pub fn sgd_step_guarded(params: &[SgdParam], lr: f32, m: Momentum, skip: Option<u64>) {
     if params.is_empty() {
         return;
     }
@@ -83,16 +92,17 @@ pub fn sgd_step_guarded(
         shared_mem_bytes: 0,
     };
     let f = func(&gpu, "optim", "sgd_multi_f32");
-    let (c32, n32) = (count as i32, nesterov as i32);
+    let (c32, n32, b32) = (count as i32, m.nesterov as i32, m.buffers as i32);
     let skip = skip.unwrap_or(NULL);
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(dev_table.raw())
         .arg(&c32)
         .arg(&lr)
-        .arg(&momentum)
+        .arg(&m.momentum)
         .arg(&n32)
+        .arg(&b32)
         .arg(&skip);
-    // SAFETY: matches sgd_multi_f32(const SgdEntry*, int, float, float, int, const int*); every
+    // SAFETY: matches sgd_multi_f32(const SgdEntry*, int, float, float, int, int, const int*); every
     // pointer in the table is a live buffer of n floats, kept alive by `params` until the kernel is
     // queued (and by the stream order after that, as the pool only reuses blocks for later work);
     // `skip` is null or the address of a live i32 on this GPU.

@@ -90,7 +90,8 @@ impl FromStr for Variant {
 ///   labels_to_gpu`), which is what the CUDA kernels index with. Such a tensor is not f32 data:
 ///   read it with `label_values` (never `to_vec_f64` or `to_device(Cpu)`).
 ///
-/// Making the GPU tensor is one host-to-device copy per batch; no op reads labels back to the host.
+/// Making the GPU tensor is one host-to-device copy per batch, which the host does not wait for
+/// (`Gpu::upload_owned`); no op reads labels back to the host.
 /// Indices are not range-checked on the GPU: the data loader validates them against the classes.
 pub fn labels_tensor(labels: &[usize], like: &Tensor) -> Tensor {
     match like.device() {
