@@ -10,8 +10,8 @@
 //!
 //! Files: `libs` (finding libraries), `pool` (allocator), `nvrtc` (kernel compilation and cache),
 //! `launch` (launch helpers), `kernels` (the launchers the op dispatch calls), `blas` (cuBLAS),
-//! `dnn` (cuDNN convolution and batch norm), `nn_kernels`, `loss_kernels`, `optim`, `guard` (the
-//! trainer's step ledger) (launchers of our other kernels).
+//! `dnn` (cuDNN convolution and batch norm), `nn_kernels`, `loss_kernels`, `optim` and `guard` (the
+//! trainer's step ledger): launchers of our other kernels.
 
 pub mod blas;
 pub mod dnn;

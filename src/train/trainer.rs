@@ -744,7 +744,8 @@ impl Run {
         let mut progress = Progress::new(total_batches, epoch + 1, cfg.epochs);
         // The epoch's sums and the numerics guard live on the device (`ledger`): a step reads
         // nothing back; the host reads the ledger every `cadence` steps, at the end of the epoch and
-        // before a mid-epoch checkpoint (DESIGN.md §3: the GPU must never wait for the host).
+        // before a mid-epoch checkpoint, so that the host never waits for the GPU inside a step and
+        // can queue the next steps while it computes.
         let mut ledger = StepLedger::new(self.device, &tally, &self.ps);
         let reads_before = crate::tensor::host_reads();
         let waits_before = host_waits(self.device);
