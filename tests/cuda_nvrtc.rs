@@ -93,6 +93,7 @@ const LAUNCHERS: &[(&str, &str)] = &[
     ("dnn/bn.rs", include_str!("../src/cuda/dnn/bn.rs")),
     ("dnn/conv.rs", include_str!("../src/cuda/dnn/conv.rs")),
     ("dnn/mod.rs", include_str!("../src/cuda/dnn/mod.rs")),
+    ("guard.rs", include_str!("../src/cuda/guard.rs")),
     ("kernels.rs", include_str!("../src/cuda/kernels.rs")),
     ("launch.rs", include_str!("../src/cuda/launch.rs")),
     ("libs/maps.rs", include_str!("../src/cuda/libs/maps.rs")),

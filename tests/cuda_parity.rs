@@ -17,6 +17,8 @@ mod failures;
 mod ops_parity;
 #[path = "cuda_parity/resnet.rs"]
 mod resnet;
+#[path = "cuda_parity/trainer.rs"]
+mod trainer;
 
 use podgpu::cuda::dnn::{self, ConvGeom};
 use podgpu::cuda::loss_kernels::{self as lk, Variant};

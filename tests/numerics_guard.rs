@@ -179,3 +179,134 @@ fn divergence_after_a_good_epoch_keeps_and_names_its_checkpoint() {
     assert!(ck.tensors.values().all(|t| t.all_finite()));
     assert_eq!(exact_metrics(&run).len(), 1);
 }
+
+#[test]
+fn a_gradient_poisoned_at_a_known_step_is_named_at_that_step() {
+    // 64 images in batches of 16: 4 steps per epoch. A NaN is put into `fc.weight`'s gradient at
+    // step 6 (epoch 2, batch 2); the host reads the guard only at the epoch's end (step 8), but the
+    // error names step 6, and the checkpoint is the one before it (end of epoch 1).
+    let s = tempfile::tempdir().unwrap();
+    let data = s.path().join("tiny.bin");
+    tiny_dataset(&data, 12, 3, 64, 16);
+    let run_dir = s.path().join("run");
+    let o = podgpu()
+        .env(podgpu::train::trainer::TEST_NAN_GRADIENT_ENV, "6:fc.weight")
+        .env(podgpu::train::ledger::READ_EVERY_ENV, "1000")
+        .args([
+            "train",
+            "resnet18",
+            "--width",
+            "2",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "3",
+            "--device",
+            "cpu",
+            "--threads",
+            "2",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            run_dir.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("a non-finite gradient at epoch 2, batch 2 of 4 (step 6) (the loss was "),
+        "{err}"
+    );
+    assert!(
+        err.contains("the gradient of `fc.weight` has 1 NaN and 0 infinite values of "),
+        "{err}"
+    );
+    assert!(!err.contains("parameters have non-finite"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "The last good checkpoint is {} (end of epoch 1)",
+            run_dir.join("last.safetensors").display()
+        )),
+        "{err}"
+    );
+    let ck = podgpu::train::load_checkpoint(&run_dir.join("last.safetensors")).unwrap();
+    assert_eq!((ck.state.epoch, ck.state.global_step), (1, 4));
+    assert!(ck.tensors.values().all(|t| t.all_finite()));
+    assert_eq!(exact_metrics(&run_dir).len(), 1);
+}
+
+/// Parameters, momentum and guard of `steps` SGD steps on a small store, the trainer's order (guard,
+/// then the update that skips while the guard's flag is set), with a NaN in `b`'s gradient at step
+/// `poison`; the ledger is read once, after the last step.
+fn guarded_steps(
+    steps: u64,
+    poison: Option<u64>,
+) -> (
+    podgpu::ParamStore,
+    podgpu::optim::Sgd,
+    podgpu::train::ledger::Reading,
+) {
+    use podgpu::train::ledger::StepLedger;
+    use podgpu::train::tally::EpochTally;
+    use podgpu::ParamKind;
+    let mut ps = podgpu::ParamStore::new();
+    ps.add(
+        "a",
+        Tensor::from_vec(&[3], vec![0.5f32, -1.0, 2.0]),
+        ParamKind::Trainable,
+    );
+    ps.add(
+        "b",
+        Tensor::from_vec(&[2], vec![1.5f32, 0.25]),
+        ParamKind::Trainable,
+    );
+    ps.add(
+        "frozen",
+        Tensor::from_vec(&[2], vec![1.0f32, 1.0]),
+        ParamKind::Frozen,
+    );
+    let mut sgd = podgpu::optim::Sgd::new(0.9, 5e-4, false).unwrap();
+    let mut ledger = StepLedger::new(podgpu::Device::Cpu, &EpochTally::default(), &ps);
+    let loss = Tensor::from_vec(&[1], vec![0.75f32]);
+    for step in 1..=steps {
+        for p in ps.iter_mut() {
+            let n = p.value.numel();
+            let mut g: Vec<f32> = (0..n).map(|i| (step as f32 + i as f32).sin()).collect();
+            if p.name == "b" && poison == Some(step) {
+                g[1] = f32::NAN;
+            }
+            p.grad = Some(Tensor::from_vec(&[n], g));
+        }
+        ledger.guard(step, &ps, &loss);
+        sgd.step_unless(&mut ps, 0.1, Some(ledger.skip_flag()));
+        ps.zero_grad();
+    }
+    let r = ledger.read();
+    (ps, sgd, r)
+}
+
+#[test]
+fn updates_stop_at_the_bad_step_although_it_is_read_later() {
+    let (after, sgd, r) = guarded_steps(6, Some(3));
+    let bad = r.bad.expect("the guard recorded the bad step");
+    assert_eq!(bad.step, 3);
+    assert_eq!(bad.loss, 0.75);
+    assert_eq!(bad.counts, vec![(0, 0), (1, 0), (0, 0)]);
+    // The weights and momentum are those after step 2, bit for bit.
+    let (before, sgd2, r2) = guarded_steps(2, None);
+    assert_eq!(r2.bad, None);
+    for (p, q) in after.iter().zip(before.iter()) {
+        let bits = |t: &Tensor| {
+            t.to_vec_f32()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(bits(&p.value), bits(&q.value), "{}", p.name);
+    }
+    for (name, m) in &sgd.state().momentum {
+        let m2 = &sgd2.state().momentum[name];
+        assert_eq!(m.to_vec_f32(), m2.to_vec_f32(), "momentum of {name}");
+    }
+}

@@ -27,6 +27,8 @@ use podgpu::optim::Sgd;
 use podgpu::pedcc::{self, Method};
 use podgpu::rng::Rng;
 use podgpu::tensor::{rel_error, DType, Device, Tensor};
+use podgpu::train::ledger::StepLedger;
+use podgpu::train::tally::EpochTally;
 
 #[derive(Parser)]
 #[command(about = "Time whole training steps (forward, POD loss, backward, SGD)")]
@@ -62,8 +64,9 @@ struct Args {
     /// Batch of the f64 CPU reference check (0: no check)
     #[arg(long, default_value_t = 8)]
     check_batch: usize,
-    /// Also time steps that read the loss, accuracy and feature norms back every step, as
-    /// `podgpu train` does
+    /// Also time steps with what `podgpu train` adds to each step on the device: the numerics guard
+    /// over every gradient and the loss, and the epoch sums (loss, accuracy, δ norms); nothing is
+    /// read back
     #[arg(long)]
     with_metrics: bool,
     #[arg(long, default_value_t = 0.1)]
@@ -131,14 +134,16 @@ fn batch_data(args: &Args, batch: usize, dtype: DType) -> (Tensor, Vec<usize>) {
     (Tensor::from_f64_as(&shape, &v, dtype), labels)
 }
 
-/// Forward, POD loss and backward; returns the loss (gradients stay in the store). With `metrics`,
-/// also what the trainer reads back every step: the loss, the correct count and the δ norms.
+/// Forward, POD loss and backward; returns the loss (gradients stay in the store). With a ledger,
+/// also what the trainer does on the device every step (nothing is read back): the numerics guard
+/// over every gradient and the loss, and the step's loss, correct count and δ norms added to the
+/// epoch sums (`train::ledger`).
 fn forward_backward(
     s: &mut Setup,
     images: &Tensor,
     labels: &[usize],
     device: Device,
-    metrics: bool,
+    ledger: Option<(&mut StepLedger, u64)>,
 ) -> Tensor {
     let mut tape = Tape::train();
     let x = tape.constant(images.to_device(device));
@@ -154,13 +159,20 @@ fn forward_backward(
     )
     .loss;
     tape.backward(&l, &mut s.ps);
-    if metrics {
-        let _ = l.value().item();
-        let _ = loss::count_correct(out.logits.value(), labels);
-        let _ = loss::delta_norm_sum(
+    if let Some((ledger, step)) = ledger {
+        ledger.guard(step, &s.ps, l.value());
+        let norms = loss::delta_norms(
             loss::Variant::Paper,
             out.features.value(),
             out.logits.value(),
+        );
+        ledger.add_step(
+            l.value(),
+            out.logits.value(),
+            &y,
+            labels,
+            &norms,
+            labels.len(),
         );
     }
     l.value().clone()
@@ -175,7 +187,7 @@ struct StepResult {
 fn one_step(args: &Args, arch: &str, dtype: DType, device: Device) -> Result<StepResult> {
     let mut s = build(args, arch, dtype, device)?;
     let (images, labels) = batch_data(args, args.check_batch, dtype);
-    let l = forward_backward(&mut s, &images, &labels, device, false);
+    let l = forward_backward(&mut s, &images, &labels, device, None);
     let (mut outputs, mut names) = (vec![l.to_device(Device::Cpu)], vec!["loss".to_string()]);
     for p in s.ps.iter() {
         if p.kind == ParamKind::Trainable {
@@ -261,20 +273,30 @@ fn time_config(
     let mut sgd = Sgd::new(0.9, 5e-4, false)?;
     let clock = Clock::for_device(device)?;
     let mut last = None;
+    let mut ledger = metrics.then(|| StepLedger::new(device, &EpochTally::default(), &s.ps));
+    let mut step = 0u64;
+    let mut one_step = |s: &mut Setup, sgd: &mut Sgd| {
+        step += 1;
+        let l = forward_backward(
+            s,
+            &images,
+            &labels,
+            device,
+            ledger.as_mut().map(|g| (g, step)),
+        );
+        sgd.step_unless(&mut s.ps, args.lr, ledger.as_ref().map(|g| g.skip_flag()));
+        s.ps.zero_grad();
+        l
+    };
     // The warm-up also builds the cuDNN plans and fills the allocator's cache.
     let warm = args.common.warmup.max(1);
     for _ in 0..warm {
-        forward_backward(&mut s, &images, &labels, device, metrics);
-        sgd.step(&mut s.ps, args.lr);
-        s.ps.zero_grad();
+        one_step(&mut s, &mut sgd);
     }
     clock.sync();
     memory::reset_peak(device);
     let (stats, steps_s) = clock.measure_steps(0, args.steps, || {
-        let l = forward_backward(&mut s, &images, &labels, device, metrics);
-        sgd.step(&mut s.ps, args.lr);
-        s.ps.zero_grad();
-        last = Some(l);
+        last = Some(one_step(&mut s, &mut sgd));
     });
     let peak = memory::peak_bytes(device);
     let final_loss = last.map_or(f64::NAN, |l| l.item());

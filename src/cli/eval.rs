@@ -119,11 +119,16 @@ pub fn run(a: Args) -> Result<()> {
     let (net, mut ps, cfg, ds) = load_network(&a.checkpoint, a.data.clone())?;
     ps.to_device(device);
     let split = ds.split(&a.split).map_err(|e| anyhow!("{e}"))?;
-    let f = extract(&net, &mut ps, &split, a.batch_size, None, device)?;
+    // Out of GPU memory comes back as an error naming a smaller --batch-size.
+    let oom = |o: crate::cuda::OutOfMemory| anyhow!(o.advice(Some(a.batch_size)));
+    let f = crate::cuda::catch_oom(|| extract(&net, &mut ps, &split, a.batch_size, None, device))
+        .map_err(oom)??;
     let mut r = summarize(&f, ds.num_classes());
     if a.gda {
         let train = ds.split("train").map_err(|e| anyhow!("{e}"))?;
-        let ft = extract(&net, &mut ps, &train, a.batch_size, None, device)?;
+        let ft =
+            crate::cuda::catch_oom(|| extract(&net, &mut ps, &train, a.batch_size, None, device))
+                .map_err(oom)??;
         let g = crate::train::gda::fit(&ft.features, &ft.labels, ds.num_classes())?;
         r.gda_accuracy = Some(g.accuracy(&f.features, &f.labels));
     }

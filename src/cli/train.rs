@@ -121,9 +121,14 @@ pub struct Args {
     /// pedcc-loss: q of the root (MSE)^(1/q) (default 1).
     #[arg(long)]
     pub pedcc_root: Option<f64>,
-    /// Bit-identical weights for a seed whatever the thread count (fixed-order reductions on the CPU).
+    /// Bit-identical weights for a seed whatever the thread count (fixed-order reductions on the
+    /// CPU); on the GPU, deterministic cuDNN algorithms only.
     #[arg(long)]
     pub deterministic: bool,
+    /// GPU math: fp32 (true fp32, the default) or tf32 (tensor cores for convolutions and matrix
+    /// products; the SC loss stays fp32). The CPU computes in f32 either way.
+    #[arg(long, value_enum)]
+    pub precision: Option<crate::train::Precision>,
     /// Check every op's output and gradients for NaN/inf and name the first op that produced one
     /// (slow; for debugging a diverging run). May be given with --resume.
     #[arg(long)]
@@ -210,6 +215,9 @@ pub fn resolve(a: &Args) -> Result<TrainConfig> {
     c.pedcc_repulsion |= a.pedcc_repulsion;
     c.deterministic |= a.deterministic;
     c.detect_anomaly |= a.detect_anomaly;
+    if let Some(p) = a.precision {
+        c.precision = p;
+    }
     if !crate::nn::MODEL_NAMES.contains(&c.model.as_str()) {
         bail!(
             "unknown model `{}`; podgpu has {}",
@@ -246,6 +254,7 @@ pub fn run(a: Args) -> Result<()> {
                 || a.limit_test.is_some()
                 || a.out.is_some()
                 || a.deterministic
+                || a.precision.is_some()
                 || a.loss_settings_given();
             if changes_math {
                 bail!(

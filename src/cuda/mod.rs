@@ -10,11 +10,12 @@
 //!
 //! Files: `libs` (finding libraries), `pool` (allocator), `nvrtc` (kernel compilation and cache),
 //! `launch` (launch helpers), `kernels` (the launchers the op dispatch calls), `blas` (cuBLAS),
-//! `dnn` (cuDNN convolution and batch norm), `nn_kernels`, `loss_kernels`, `optim` (launchers of our
-//! other kernels).
+//! `dnn` (cuDNN convolution and batch norm), `nn_kernels`, `loss_kernels`, `optim` and `guard` (the
+//! trainer's step ledger): launchers of our other kernels.
 
 pub mod blas;
 pub mod dnn;
+pub mod guard;
 pub mod kernels;
 pub mod launch;
 pub mod libs;
@@ -374,13 +375,17 @@ impl Gpu {
             self.stream
                 .memcpy_htod(&host, b.raw_mut())
                 .unwrap_or_else(|e| panic!("copy to cuda:{} failed: {e}", self.ordinal));
-            let done = self
-                .stream
-                .record_event(None)
-                .unwrap_or_else(|e| panic!("cuda:{}: event: {e}", self.ordinal));
-            let mut staged = lock(&self.staged);
-            staged.retain(|(ev, _)| !ev.is_complete());
-            staged.push((done, host));
+            match self.stream.record_event(None) {
+                Ok(done) => {
+                    let mut staged = lock(&self.staged);
+                    staged.retain(|(ev, _)| !ev.is_complete());
+                    staged.push((done, host));
+                }
+                // Without an event the only safe release is after the copy: wait for it.
+                Err(_) => {
+                    let _ = self.synchronize();
+                }
+            }
         }
         b
     }
@@ -399,8 +404,9 @@ impl Gpu {
         lock(&self.pool).reset_peak();
     }
 
-    /// Frees every cached block back to the driver.
+    /// Frees every cached block back to the driver (waits for the stream first: a host wait).
     pub fn release_cached_memory(&self) -> Result<(), String> {
+        self.host_waits.fetch_add(1, Ordering::Relaxed);
         lock(&self.pool)
             .release_cached(&self.stream)
             .map_err(|e| e.to_string())

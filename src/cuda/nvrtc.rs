@@ -39,6 +39,7 @@ pub const SOURCES: &[KernelSource] = &[
     cu!("head"),
     cu!("loss"),
     cu!("optim"),
+    cu!("guard"),
 ];
 
 pub fn source(name: &str) -> Option<&'static KernelSource> {

@@ -1,7 +1,7 @@
 //! The SGD update of every parameter tensor in one kernel launch (optim.cu).
 
 use super::buf;
-use super::launch::{check, func, gpu_of, THREADS};
+use super::launch::{check, func, gpu_of, NULL, THREADS};
 use crate::tensor::Tensor;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -31,6 +31,29 @@ pub struct SgdParam<'a> {
 /// g = grad + wd·p; m = momentum·m + g; p −= lr·m for every entry, in one launch (PyTorch's SGD
 /// with dampening 0; a zero momentum buffer makes the first step m = g as in PyTorch).
 pub fn sgd_step(params: &[SgdParam], lr: f32, momentum: f32) {
+    let m = Momentum {
+        momentum,
+        nesterov: false,
+        buffers: true,
+    };
+    sgd_step_guarded(params, lr, m, None);
+}
+
+/// The momentum settings of `sgd_step_guarded`.
+#[derive(Clone, Copy, Debug)]
+pub struct Momentum {
+    pub momentum: f32,
+    /// d = g + momentum·m instead of m.
+    pub nesterov: bool,
+    /// false: plain SGD (p −= lr·g); the momentum tensors are neither read nor written.
+    pub buffers: bool,
+}
+
+/// `sgd_step` with every setting of `optim::Sgd` (Nesterov, no momentum) and an optional skip
+/// flag: `skip` is the device address of an i32 (the numerics guard's flag in the trainer's step
+/// ledger, `cuda::guard`); while it is non-zero the kernel changes nothing. Nothing waits for the
+/// device: the pointer table goes up with `Gpu::upload_owned`.
+pub fn sgd_step_guarded(params: &[SgdParam], lr: f32, m: Momentum, skip: Option<u64>) {
     if params.is_empty() {
         return;
     }
@@ -53,8 +76,8 @@ pub fn sgd_step(params: &[SgdParam], lr: f32, momentum: f32) {
             flags: p.frozen as i32,
         });
     }
-    let words: &[f32] = bytemuck::cast_slice(&table);
-    let dev_table = gpu.upload(words);
+    let words: Vec<f32> = bytemuck::cast_slice(&table).to_vec();
+    let dev_table = gpu.upload_owned(words);
     let count = table.len();
     assert!(
         count <= 65_535,
@@ -69,12 +92,20 @@ pub fn sgd_step(params: &[SgdParam], lr: f32, momentum: f32) {
         shared_mem_bytes: 0,
     };
     let f = func(&gpu, "optim", "sgd_multi_f32");
-    let c32 = count as i32;
+    let (c32, n32, b32) = (count as i32, m.nesterov as i32, m.buffers as i32);
+    let skip = skip.unwrap_or(NULL);
     let mut l = gpu.stream.launch_builder(&f);
-    l.arg(dev_table.raw()).arg(&c32).arg(&lr).arg(&momentum);
-    // SAFETY: matches sgd_multi_f32(const SgdEntry*, int, float, float); every pointer in the table
-    // is a live buffer of n floats, kept alive by `params` until the kernel is queued (and by the
-    // stream order after that, as the pool only reuses blocks for later work).
+    l.arg(dev_table.raw())
+        .arg(&c32)
+        .arg(&lr)
+        .arg(&m.momentum)
+        .arg(&n32)
+        .arg(&b32)
+        .arg(&skip);
+    // SAFETY: matches sgd_multi_f32(const SgdEntry*, int, float, float, int, int, const int*); every
+    // pointer in the table is a live buffer of n floats, kept alive by `params` until the kernel is
+    // queued (and by the stream order after that, as the pool only reuses blocks for later work);
+    // `skip` is null or the address of a live i32 on this GPU.
     check(unsafe { l.launch(cfg) }, "sgd_multi_f32");
 }
 

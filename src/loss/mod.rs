@@ -26,7 +26,7 @@ use crate::autograd::{Tape, Var};
 use crate::cuda;
 use crate::ops;
 use crate::ops::dispatch;
-use crate::tensor::{Device, Elem, Tensor};
+use crate::tensor::{Device, Elem, Storage, Tensor};
 use std::fmt;
 use std::str::FromStr;
 
@@ -90,13 +90,14 @@ impl FromStr for Variant {
 ///   labels_to_gpu`), which is what the CUDA kernels index with. Such a tensor is not f32 data:
 ///   read it with `label_values` (never `to_vec_f64` or `to_device(Cpu)`).
 ///
-/// Making the GPU tensor is one host-to-device copy per batch; no op reads labels back to the host.
+/// Making the GPU tensor is one host-to-device copy per batch, which the host does not wait for
+/// (`Gpu::upload_owned`); no op reads labels back to the host.
 /// Indices are not range-checked on the GPU: the data loader validates them against the classes.
 pub fn labels_tensor(labels: &[usize], like: &Tensor) -> Tensor {
     match like.device() {
         Device::Cuda(_) => {
             let ints: Vec<i32> = labels.iter().map(|&l| label_i32(l as f64)).collect();
-            cuda::loss_kernels::labels_to_gpu(&cuda::buf(like).gpu, &ints)
+            labels_up(&cuda::buf(like).gpu, &ints)
         }
         Device::Cpu => {
             let v: Vec<f64> = labels.iter().map(|&l| l as f64).collect();
@@ -113,6 +114,22 @@ fn label_i32(l: f64) -> i32 {
     l as i32
 }
 
+/// i32 labels into a GPU tensor [len] (bit for bit in its words), uploaded without waiting for the
+/// copy (`Gpu::upload_owned`): one per training step.
+fn labels_up(gpu: &std::sync::Arc<cuda::Gpu>, ints: &[i32]) -> Tensor {
+    let words: Vec<f32> = ints.iter().map(|&v| f32::from_bits(v as u32)).collect();
+    cuda::tensor(&[ints.len()], gpu.upload_owned(words))
+}
+
+/// The values of a host labels tensor, read in place (a CPU kernel's access, not a host read).
+fn host_label_values(labels: &Tensor) -> Vec<f64> {
+    match labels.storage() {
+        Storage::F32(v) => v.iter().map(|&x| x as f64).collect(),
+        Storage::F64(v) => v.clone(),
+        Storage::Cuda(_) => unreachable!("host_label_values of a GPU tensor"),
+    }
+}
+
 /// The values of a labels tensor (or of `argmax_rows_fwd`'s predictions) on the host, decoding
 /// either encoding of `labels_tensor`. Reads a GPU tensor back (synchronises).
 pub fn label_values(labels: &Tensor) -> Vec<f64> {
@@ -122,7 +139,7 @@ pub fn label_values(labels: &Tensor) -> Vec<f64> {
             .map(f64::from)
             .collect()
     } else {
-        labels.to_vec_f64()
+        host_label_values(labels)
     }
 }
 
@@ -132,8 +149,11 @@ pub(crate) fn cuda_labels(labels: &Tensor, like: &Tensor) -> Tensor {
     if labels.is_cuda() {
         return labels.clone();
     }
-    let ints: Vec<i32> = labels.to_vec_f64().into_iter().map(label_i32).collect();
-    cuda::loss_kernels::labels_to_gpu(&cuda::buf(like).gpu, &ints)
+    let ints: Vec<i32> = host_label_values(labels)
+        .into_iter()
+        .map(label_i32)
+        .collect();
+    labels_up(&cuda::buf(like).gpu, &ints)
 }
 
 /// The class indices of a labels tensor, checked against `classes` and the batch size.
@@ -255,7 +275,17 @@ pub fn sum_row_norms(x: &Tensor) -> f64 {
     if norms.is_cuda() {
         return cuda::loss_kernels::sum(&norms).item();
     }
-    norms.to_vec_f64().iter().sum()
+    host_norm_sum(&norms)
+}
+
+/// Σ of a host tensor of norms in f64, in order: the δ schedule's sum on the CPU (the trainer's step
+/// ledger adds exactly this).
+pub fn host_norm_sum(norms: &Tensor) -> f64 {
+    match norms.storage() {
+        Storage::F32(v) => v.iter().map(|&x| x as f64).sum(),
+        Storage::F64(v) => v.iter().sum(),
+        Storage::Cuda(_) => panic!("host_norm_sum of a GPU tensor"),
+    }
 }
 
 /// mean_b ‖x_b‖ (paper δ schedule: the latent features x).
@@ -269,5 +299,14 @@ pub fn delta_norm_sum(variant: Variant, x: &Tensor, logits: &Tensor) -> f64 {
     match DeltaSchedule::norm_source(variant) {
         NormSource::Features => sum_row_norms(x),
         NormSource::Logits => sum_row_norms(logits),
+    }
+}
+
+/// The per-row norms whose sum `delta_norm_sum` is, left on the tensors' device: ‖x_b‖ (paper) or
+/// ‖x_b Pᵀ‖ (reference).
+pub fn delta_norms(variant: Variant, x: &Tensor, logits: &Tensor) -> Tensor {
+    match DeltaSchedule::norm_source(variant) {
+        NormSource::Features => ops::row_norms_fwd(x),
+        NormSource::Logits => ops::row_norms_fwd(logits),
     }
 }

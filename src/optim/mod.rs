@@ -5,4 +5,4 @@ mod schedule;
 mod sgd;
 
 pub use schedule::StepSchedule;
-pub use sgd::{sgd_update, Sgd, SgdState};
+pub use sgd::{sgd_update, Sgd, SgdState, SkipIf};

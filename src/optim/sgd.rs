@@ -26,6 +26,31 @@ pub struct SgdState {
     pub steps: u64,
 }
 
+/// A flag word that turns an SGD step into a no-op while it is non-zero: word `index` of `words`, a
+/// tensor of 32-bit words on the parameters' device (the trainer's step ledger,
+/// `train::ledger::StepLedger::skip_flag`, whose guard sets it when a step is not finite).
+#[derive(Clone, Copy)]
+pub struct SkipIf<'a> {
+    pub words: &'a Tensor,
+    pub index: usize,
+}
+
+impl SkipIf<'_> {
+    /// Whether the flag is set, read on the host: in place for a host tensor, a read (a wait) for a
+    /// GPU one.
+    pub fn is_set(&self) -> bool {
+        match self.words.device() {
+            Device::Cpu => self.words.host::<f32>()[self.index].to_bits() != 0,
+            Device::Cuda(_) => self.words.to_vec_f32()[self.index].to_bits() != 0,
+        }
+    }
+
+    /// The flag's device address (GPU tensors only).
+    fn device_ptr(&self) -> u64 {
+        crate::cuda::buf(self.words).device_ptr() + 4 * self.index as u64
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Sgd {
     pub momentum: f64,
@@ -57,22 +82,29 @@ impl Sgd {
 
     /// One update of every trainable parameter that has a gradient, at learning rate `lr`.
     ///
-    /// When all of them are on one GPU (and the setting is plain momentum SGD, as in training), the
-    /// whole update is one kernel launch (`cuda::optim::sgd_step`); otherwise each tensor is updated
-    /// on its own device by `sgd_update`.
+    /// When all of them are on one GPU, the whole update is one kernel launch
+    /// (`cuda::optim::sgd_step_guarded`); otherwise each tensor is updated on its own device by
+    /// `sgd_update`.
     pub fn step(&mut self, store: &mut ParamStore, lr: f64) {
-        if !self.step_fused_cuda(store, lr) {
+        self.step_unless(store, lr, None);
+    }
+
+    /// `step`, except that nothing changes (no parameter, no momentum buffer) while `skip` is set: the
+    /// trainer's numerics guard sets it on the device once a step's loss or gradient is not finite,
+    /// and the one-launch GPU update tests it there, so the weights stay the last good ones without
+    /// the host waiting for the check. On the CPU the flag is read in place (free). A GPU update that
+    /// cannot take the one-launch path (parameters on several devices, more than 65 535 tensors)
+    /// reads the flag to the host first: one wait per step.
+    pub fn step_unless(&mut self, store: &mut ParamStore, lr: f64, skip: Option<SkipIf>) {
+        if !self.step_fused_cuda(store, lr, skip) && !skip.is_some_and(|s| s.is_set()) {
             self.step_per_tensor(store, lr);
         }
         self.state.steps += 1;
     }
 
-    /// Whether the one-launch GPU update applies: momentum > 0 without Nesterov (the kernel's
-    /// math), and every trainable parameter with a gradient (at least one) on the same GPU.
+    /// Whether the one-launch GPU update applies: every trainable parameter with a gradient (at
+    /// least one) on the same GPU.
     fn fused_cuda_device(&self, store: &ParamStore) -> Option<Device> {
-        if self.momentum == 0.0 || self.nesterov {
-            return None;
-        }
         let mut device = None;
         for p in store.iter() {
             let Some(g) = &p.grad else { continue };
@@ -89,9 +121,15 @@ impl Sgd {
     }
 
     /// The whole update in one launch; false (nothing done) when it does not apply.
-    fn step_fused_cuda(&mut self, store: &mut ParamStore, lr: f64) -> bool {
+    fn step_fused_cuda(&mut self, store: &mut ParamStore, lr: f64, skip: Option<SkipIf>) -> bool {
         let Some(device) = self.fused_cuda_device(store) else {
             return false;
+        };
+        // The flag must be on the parameters' GPU for the kernel to read it.
+        let skip_ptr = match skip {
+            None => None,
+            Some(s) if s.words.device() == device => Some(s.device_ptr()),
+            Some(_) => return false,
         };
         let updated =
             |p: &crate::autograd::Param| p.kind == ParamKind::Trainable && p.grad.is_some();
@@ -101,9 +139,15 @@ impl Sgd {
         // The kernel writes the parameters and momentum buffers in place: make sure no other tensor
         // (a tape still holding a value, a clone) shares their buffers, as `host_mut` does on the CPU.
         // A missing buffer starts at zero, which makes the first step's buffer the gradient.
+        // Without momentum there are no buffers (as on the CPU); the kernel then never touches the
+        // table's momentum pointer, which is given the gradient's.
+        let with_momentum = self.momentum != 0.0;
         let mut bufs = Vec::new();
         for p in store.iter_mut().filter(|p| updated(p)) {
             p.value.cuda_buf_mut();
+            if !with_momentum {
+                continue;
+            }
             let mut b = match self.state.momentum.remove(&p.name) {
                 Some(b) if b.device() == device => b,
                 Some(b) => b.to_device(device),
@@ -115,16 +159,28 @@ impl Sgd {
         let table: Vec<crate::cuda::optim::SgdParam> = store
             .iter()
             .filter(|p| updated(p))
-            .zip(&bufs)
-            .map(|(p, (_, b))| crate::cuda::optim::SgdParam {
-                param: &p.value,
-                grad: p.grad.as_ref().expect("filtered on grad"),
-                momentum: b,
-                weight_decay: self.weight_decay as f32,
-                frozen: false,
+            .enumerate()
+            .map(|(i, p)| {
+                let grad = p.grad.as_ref().expect("filtered on grad");
+                crate::cuda::optim::SgdParam {
+                    param: &p.value,
+                    grad,
+                    momentum: bufs.get(i).map_or(grad, |(_, b)| b),
+                    weight_decay: self.weight_decay as f32,
+                    frozen: false,
+                }
             })
             .collect();
-        crate::cuda::optim::sgd_step(&table, lr as f32, self.momentum as f32);
+        crate::cuda::optim::sgd_step_guarded(
+            &table,
+            lr as f32,
+            crate::cuda::optim::Momentum {
+                momentum: self.momentum as f32,
+                nesterov: self.nesterov,
+                buffers: with_momentum,
+            },
+            skip_ptr,
+        );
         drop(table);
         self.state.momentum.extend(bufs);
         true

@@ -9,7 +9,24 @@ mod elem;
 pub use elem::Elem;
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// Tensor value reads to the host so far in this process, on any device (see `host_reads`).
+static HOST_READS: AtomicU64 = AtomicU64::new(0);
+
+/// How many times, in this process, a `Tensor` read API brought tensor values to the host: `item`,
+/// `to_vec_f32`, `to_vec_f64`, `to_dtype` and `to_device(Device::Cpu)` of a GPU tensor, `max_abs`,
+/// `all_finite`. Counted on every device: on a GPU each such read waits for the device, on the CPU
+/// it is free, but counting it there lets a CPU test show how often code (the trainer's step) would
+/// wait on a GPU. Kernels' own access to host buffers (`Tensor::host`) is not a read.
+pub fn host_reads() -> u64 {
+    HOST_READS.load(Ordering::Relaxed)
+}
+
+fn count_host_read() {
+    HOST_READS.fetch_add(1, Ordering::Relaxed);
+}
 
 /// Element type of a tensor.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
@@ -203,8 +220,14 @@ impl Tensor {
         }
     }
 
-    /// All values as f64 on the host (copies from the GPU when needed).
+    /// All values as f64 on the host (copies from the GPU when needed). Counts as a host read.
     pub fn to_vec_f64(&self) -> Vec<f64> {
+        count_host_read();
+        self.values_f64()
+    }
+
+    /// `to_vec_f64` without counting (for the conversions below, which count once themselves).
+    fn values_f64(&self) -> Vec<f64> {
         match &*self.storage {
             Storage::F32(v) => v.iter().map(|&x| x as f64).collect(),
             Storage::F64(v) => v.clone(),
@@ -212,8 +235,14 @@ impl Tensor {
         }
     }
 
-    /// All values as f32 on the host (copies from the GPU when needed).
+    /// All values as f32 on the host (copies from the GPU when needed). Counts as a host read.
     pub fn to_vec_f32(&self) -> Vec<f32> {
+        count_host_read();
+        self.values_f32()
+    }
+
+    /// `to_vec_f32` without counting: a host tensor's values copied for an upload.
+    fn values_f32(&self) -> Vec<f32> {
         match &*self.storage {
             Storage::F32(v) => v.clone(),
             Storage::F64(v) => v.iter().map(|&x| x as f32).collect(),
@@ -232,7 +261,8 @@ impl Tensor {
         self.to_vec_f64()[0]
     }
 
-    /// Converts to a host tensor of the given dtype (no-op when already there).
+    /// Converts to a host tensor of the given dtype (no-op when already there). A GPU tensor's
+    /// values come to the host (a host read, as is a conversion between host dtypes).
     pub fn to_dtype(&self, dtype: DType) -> Tensor {
         if self.dtype() == dtype && !self.is_cuda() {
             return self.clone();
@@ -241,15 +271,30 @@ impl Tensor {
     }
 
     /// Moves the tensor to a device. GPU tensors are f32; f64 host data is converted.
+    ///
+    /// GPU → host is a host read (it waits for the device). Host → GPU does not wait: the values are
+    /// copied into a buffer the GPU keeps until its stream has read them (`Gpu::upload_owned`), so a
+    /// training step's batch goes up without a synchronisation.
     pub fn to_device(&self, device: Device) -> Tensor {
         match (device, &*self.storage) {
-            (Device::Cpu, Storage::Cuda(b)) => Tensor::from_vec(&self.shape, b.to_host()),
+            (Device::Cpu, Storage::Cuda(b)) => {
+                count_host_read();
+                Tensor::from_vec(&self.shape, b.to_host())
+            }
             (Device::Cpu, _) => self.clone(),
             (Device::Cuda(i), Storage::Cuda(b)) if b.ordinal() == i => self.clone(),
             (Device::Cuda(i), _) => {
                 let gpu = crate::cuda::Gpu::get(i)
                     .unwrap_or_else(|e| panic!("cuda:{i} requested but not usable: {e}"));
-                Tensor::from_storage(&self.shape, Storage::Cuda(gpu.upload(&self.to_vec_f32())))
+                let values = match &*self.storage {
+                    Storage::Cuda(b) => {
+                        // Another GPU's tensor passes through the host (a read of that GPU).
+                        count_host_read();
+                        b.to_host()
+                    }
+                    _ => self.values_f32(),
+                };
+                Tensor::from_storage(&self.shape, Storage::Cuda(gpu.upload_owned(values)))
             }
         }
     }

@@ -1,10 +1,12 @@
-//! The numerics guard of the training loop: after every backward pass, before the optimizer touches
-//! the weights, every trainable parameter's gradient is checked for NaN and ±inf, so that a
-//! non-finite gradient stops the run with the tensor named instead of silently poisoning the weights.
+//! The numerics guard's report of a non-finite gradient (`BadGradient`), and a direct check of a
+//! parameter store (`non_finite_gradient`).
 //!
-//! Cost: one pass over the gradients per step on the CPU (a fraction of a percent of a ResNet step);
-//! on the GPU one row-norm reduction per tensor, with a precise host check only when a norm is not
-//! finite (a norm can overflow f32 while every value is finite).
+//! The trainer guards every step on the device without waiting for it (`train::ledger`: one kernel
+//! counts NaN/±inf over every gradient and the loss, the update skips while a bad step is recorded,
+//! the host reads the record every few steps) and reports it with `BadGradient`. `non_finite_gradient`
+//! checks a store on the spot: one pass over the gradients on the CPU; on the GPU one row-norm
+//! reduction per tensor read back, with a precise host check only when a norm is not finite (a norm
+//! can overflow f32 while every value is finite).
 
 use crate::autograd::anomaly::count_non_finite;
 use crate::autograd::{ParamKind, ParamStore};

@@ -131,7 +131,9 @@ impl std::str::FromStr for LossKind {
 
 pub use crate::loss::Variant;
 
-/// GPU math mode (DESIGN.md §2); the CPU always computes in f32.
+/// GPU math mode (DESIGN.md §2): fp32 (true fp32: cuBLAS default math, FMA-only cuDNN kernels) or
+/// tf32 (tensor cores for convolutions and matrix products); bf16 is planned. The CPU always computes
+/// in f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -320,6 +322,10 @@ impl TrainConfig {
         need(
             !self.model.trim().is_empty(),
             "model must be named (e.g. resnet50)".into(),
+        );
+        need(
+            self.precision != Precision::Bf16,
+            "precision must be fp32 or tf32: the bf16 path is not built yet".into(),
         );
         need(
             crate::device::parse(&self.device).is_ok(),

@@ -7,7 +7,7 @@ use crate::autograd::{ParamId, ParamKind, ParamStore, Tape, Var};
 use crate::loss::baselines::{self, Margin, PedccLossConfig};
 use crate::loss::{self, PodConfig, ScForm};
 use crate::nn::{Network, Output};
-use crate::optim::Sgd;
+use crate::optim::{Sgd, SkipIf};
 use crate::tensor::{DType, Device, Tensor};
 use anyhow::{anyhow, Result};
 
@@ -147,6 +147,11 @@ impl Objective {
     /// a second forward of the same images, the complement entropy, backward and its own SGD step (the
     /// second forward runs in training mode, so batch-norm statistics see the batch twice, as in the
     /// official COT code).
+    ///
+    /// `skip` is the trainer's numerics-guard flag: COT's complement update skips while it is set, as
+    /// the main update does. (The Center Loss centres are a buffer, not weights, and are updated
+    /// regardless: a run whose guard tripped stops without saving them.)
+    #[allow(clippy::too_many_arguments)]
     pub fn after_step(
         &mut self,
         net: &Network,
@@ -155,6 +160,7 @@ impl Objective {
         out: &Output,
         labels: &Tensor,
         lr: f64,
+        skip: Option<SkipIf>,
     ) {
         match self.kind {
             LossKind::Center => {
@@ -178,7 +184,7 @@ impl Objective {
                 let l = baselines::complement_entropy(&mut tape, &o.logits, labels);
                 tape.backward(&l, ps);
                 drop(tape);
-                sgd.step(ps, lr);
+                sgd.step_unless(ps, lr, skip);
                 ps.zero_grad();
             }
             _ => {}

@@ -41,6 +41,8 @@ pub struct Progress {
     images: u64,
     loss_sum: f64,
     losses: usize,
+    /// The epoch's mean loss as last read (`show_loss`); replaces the mean of `update`'s losses.
+    shown_loss: Option<f64>,
     out: Output,
 }
 
@@ -100,6 +102,7 @@ impl Progress {
             images: 0,
             loss_sum: 0.0,
             losses: 0,
+            shown_loss: None,
             out,
         }
     }
@@ -151,8 +154,23 @@ impl Progress {
         }
     }
 
-    /// Mean loss over the epoch's batches so far (NaN before the first finite one).
+    /// Batch `batch_idx` (0-based) of `images` images is done, its loss not known yet (the trainer
+    /// reads losses every few steps and passes them to `show_loss`).
+    pub fn advance(&mut self, batch_idx: usize, images: usize) {
+        self.update(batch_idx, images, f64::NAN);
+    }
+
+    /// The epoch's mean loss so far, as last read: what the line shows from now on.
+    pub fn show_loss(&mut self, mean_loss: f64) {
+        self.shown_loss = Some(mean_loss);
+    }
+
+    /// The loss the line shows: the last `show_loss`, else the mean over the epoch's batches so far
+    /// (NaN before the first finite one).
     pub fn mean_loss(&self) -> f64 {
+        if let Some(l) = self.shown_loss {
+            return l;
+        }
         if self.losses == 0 {
             f64::NAN
         } else {
@@ -263,6 +281,18 @@ mod tests {
         p.update(1, 4, f64::NAN);
         p.update(2, 4, 4.0);
         assert_eq!(p.mean_loss(), 3.0);
+        assert_eq!(p.images(), 12);
+    }
+
+    #[test]
+    fn a_shown_loss_replaces_the_batch_mean() {
+        let mut p = Progress::with_mode(3, 1, 1, ProgressMode::Off);
+        p.advance(0, 4);
+        assert!(p.mean_loss().is_nan());
+        p.advance(1, 4);
+        p.show_loss(1.5);
+        p.advance(2, 4);
+        assert_eq!(p.mean_loss(), 1.5);
         assert_eq!(p.images(), 12);
     }
 }

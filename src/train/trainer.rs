@@ -10,11 +10,17 @@
 //! folder is locked against a second trainer; Ctrl-C stops after the current step with a checkpoint
 //! of that exact point (`tally`); a non-finite loss or gradient stops the run naming the step, the
 //! tensor and the last good checkpoint, and `--detect-anomaly` names the first op that produced one.
+//!
+//! No host synchronisation inside a step (issue 10): the epoch's sums and the numerics guard live on
+//! the training device (`ledger::StepLedger`); the host reads them every few steps (`ledger::Cadence`,
+//! about once a second, or `PODGPU_READ_EVERY`), at the epoch's end and before a Ctrl-C checkpoint.
+//! A non-finite step is recorded on the device and every later update skipped, so the error, read up
+//! to a few steps later, names the step where it happened and the weights are those before it.
 
-use super::anomaly::non_finite_gradient;
 use super::checkpoint::{load_checkpoint, save_checkpoint, save_epoch_checkpoints, TrainState};
 use super::config::{HeadKind, LossKind, TrainConfig};
 use super::eval;
+use super::ledger::{Cadence, NonFinite, StepLedger};
 use super::metrics::{EpochRecord, MetricsLog};
 use super::objective::{register_loss_buffers, Objective};
 use super::plot::plot_metrics;
@@ -42,6 +48,25 @@ pub struct RunSummary {
     pub final_train_loss: f64,
     pub final_test_acc: Option<f64>,
     pub best_test_acc: Option<f64>,
+    /// What the training steps of this invocation cost in host reads and waits.
+    pub step_loop: LoopCounts,
+}
+
+/// Host reads and waits of the training steps (each epoch's step loop, from its first step to its
+/// last read of the step ledger; evaluation and checkpoints excluded), summed over the epochs a
+/// `train`/`resume` call ran. A step itself reads nothing: the host reads the ledger every
+/// `PODGPU_READ_EVERY` steps (adaptive when unset), at the epoch's end and before a mid-epoch
+/// checkpoint, so on a GPU `host_waits` is about `ledger_reads`, not a multiple of `steps`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoopCounts {
+    /// Training steps taken.
+    pub steps: u64,
+    /// `tensor::host_reads()` during the loops (on any device).
+    pub host_reads: u64,
+    /// `Gpu::host_waits()` of the training GPU during the loops (0 on the CPU).
+    pub host_waits: u64,
+    /// Reads of the step ledger (each one host read).
+    pub ledger_reads: u64,
 }
 
 /// Everything a run needs, built from the config (fresh) or from a run folder (resume).
@@ -64,6 +89,10 @@ struct Run {
     pending: Option<EpochTally>,
     /// What `last.safetensors` on disk holds, for error messages ("end of epoch 3").
     saved: Option<String>,
+    /// When the host reads the step ledger.
+    cadence: Cadence,
+    /// Host reads and waits of the step loops so far.
+    loop_counts: LoopCounts,
     _lock: RunLock,
 }
 
@@ -136,6 +165,10 @@ fn prepare(cfg: &TrainConfig) -> Result<(Device, Dataset, Split, Option<Split>)>
     }
     set_threads(cfg.threads);
     crate::cpu::set_deterministic(cfg.deterministic);
+    crate::cuda::set_math_mode(match cfg.precision {
+        super::config::Precision::Tf32 => crate::cuda::MathMode::Tf32,
+        _ => crate::cuda::MathMode::Fp32,
+    });
     let (ds, train, test) = open_data(cfg)?;
     Ok((device, ds, train, test))
 }
@@ -390,6 +423,7 @@ impl Run {
         state.mean_norm = delta.mean_norm();
         let metrics = MetricsLog::create(&dir)?;
         let objective = Objective::new(&cfg, centroids.map(|p| p.to_device(device)), &ps)?;
+        let cadence = Cadence::from_env(cfg.detect_anomaly)?;
         Ok(Run {
             objective,
             cfg,
@@ -406,6 +440,8 @@ impl Run {
             metrics,
             pending: None,
             saved: None,
+            cadence,
+            loop_counts: LoopCounts::default(),
             _lock: lock,
         })
     }
@@ -483,6 +519,7 @@ impl Run {
             cfg.epochs
         );
         let objective = Objective::new(&cfg, centroids.map(|p| p.to_device(device)), &ps)?;
+        let cadence = Cadence::from_env(cfg.detect_anomaly)?;
         Ok(Run {
             objective,
             cfg,
@@ -499,6 +536,8 @@ impl Run {
             metrics,
             pending,
             saved: Some(saved),
+            cadence,
+            loop_counts: LoopCounts::default(),
             _lock: lock,
         })
     }
@@ -518,6 +557,24 @@ impl Run {
                      again with a lower --lr or check the data"
                 .into(),
         }
+    }
+
+    /// What to say when the GPU ran out of memory in `epoch`: how much, the batch size to try, and
+    /// that the last checkpoint is intact (a smaller batch is a new run: it changes the run).
+    fn out_of_memory_advice(&self, oom: &crate::cuda::OutOfMemory, epoch: usize) -> String {
+        let kept = match &self.saved {
+            Some(at) => format!(
+                "The last checkpoint, {} ({at}), is intact",
+                self.dir.join("last.safetensors").display()
+            ),
+            None => "No checkpoint was written yet".into(),
+        };
+        format!(
+            "{} (in epoch {}). {kept}; the batch size is one of a run's settings, so a smaller one \
+             means a new run",
+            oom.advice(Some(self.cfg.batch_size)),
+            epoch + 1
+        )
     }
 
     fn go(mut self) -> Result<RunSummary> {
@@ -563,7 +620,12 @@ impl Run {
         let start_epoch = self.state.epoch;
         for epoch in start_epoch..cfg.epochs {
             let pending = self.pending.take();
-            let (rec, test_acc) = match self.train_epoch(&train_loader, epoch, pending)? {
+            // Out of GPU memory (a typed panic from the allocator, which the ops cannot return)
+            // becomes an error with the batch size to try; the checkpoint on disk is untouched.
+            let outcome =
+                crate::cuda::catch_oom(|| self.train_epoch(&train_loader, epoch, pending))
+                    .map_err(|oom| anyhow::anyhow!(self.out_of_memory_advice(&oom, epoch)))?;
+            let (rec, test_acc) = match outcome? {
                 EpochOutcome::Done(rec, test_acc) => (rec, test_acc),
                 EpochOutcome::Stopped(tally) => {
                     return Err(self.save_interrupted(tally, train_loader.batches_per_epoch())?)
@@ -610,7 +672,52 @@ impl Run {
             final_train_loss: last_loss,
             final_test_acc: last_acc,
             best_test_acc: self.state.best_acc,
+            step_loop: self.loop_counts,
         })
+    }
+
+    /// Reads the step ledger (nothing when no step was added since the last read) into `tally`, and
+    /// stops the run when its guard recorded a non-finite step: the error names that step (one of
+    /// `unread`, the steps since the previous read), as the check before each update used to.
+    fn read_ledger(
+        &mut self,
+        ledger: &mut StepLedger,
+        tally: &mut EpochTally,
+        unread: &[(u64, usize)],
+        epoch: usize,
+        total_batches: usize,
+    ) -> Result<()> {
+        if ledger.has_news() {
+            self.loop_counts.ledger_reads += 1;
+        }
+        let r = ledger.read();
+        self.cadence.read_done();
+        if let Some(bad) = &r.bad {
+            let at = match unread.iter().find(|(s, _)| *s == bad.step) {
+                Some(&(step, index)) => step_place(epoch, index, total_batches, step),
+                None => format!("epoch {} (step {})", epoch + 1, bad.step),
+            };
+            let advice = self.recovery_advice();
+            let hint = "(--detect-anomaly finds the first op that produced a non-finite value)";
+            match ledger.describe(bad) {
+                NonFinite::Loss(lv) => {
+                    bail!("the loss became {lv} at {at}: training diverged. {advice} {hint}")
+                }
+                NonFinite::Gradient { bad, loss } => bail!(
+                    "a non-finite gradient at {at} (the loss was {loss}): {bad}. {advice} {hint}"
+                ),
+            }
+        }
+        tally.loss_sum = r.loss_sum;
+        tally.norm_sum = r.norm_sum;
+        tally.correct = r.correct as usize;
+        Ok(())
+    }
+
+    /// Adds an epoch's step loop to `loop_counts` (host reads and waits since the loop started).
+    fn count_loop(&mut self, reads_before: u64, waits_before: u64) {
+        self.loop_counts.host_reads += crate::tensor::host_reads() - reads_before;
+        self.loop_counts.host_waits += host_waits(self.device) - waits_before;
     }
 
     /// Writes the checkpoint of a run stopped mid-epoch (the epoch's sums included) and returns the
@@ -648,7 +755,7 @@ impl Run {
         epoch: usize,
         resume: Option<EpochTally>,
     ) -> Result<EpochOutcome> {
-        let cfg = &self.cfg;
+        let cfg = self.cfg.clone();
         let lr = self.schedule.lr_at(epoch);
         let mut tally = resume.unwrap_or_default();
         if tally.next_batch == 0
@@ -662,6 +769,18 @@ impl Run {
         let started = Instant::now();
         let total_batches = loader.batches_per_epoch();
         let mut progress = Progress::new(total_batches, epoch + 1, cfg.epochs);
+        // The epoch's sums and the numerics guard live on the device (`ledger`): a step reads
+        // nothing back; the host reads the ledger every `cadence` steps, at the end of the epoch and
+        // before a mid-epoch checkpoint, so that the host never waits for the GPU inside a step and
+        // can queue the next steps while it computes.
+        let mut ledger = StepLedger::new(self.device, &tally, &self.ps);
+        let reads_before = crate::tensor::host_reads();
+        let waits_before = host_waits(self.device);
+        self.cadence.restart();
+        // The batch of every step since the last read, to name the one a late-read guard record
+        // points at.
+        let mut unread_steps: Vec<(u64, usize)> = Vec::new();
+        let poison = test_nan_gradient_at()?;
         for batch in loader.epoch_from(epoch as u64, tally.next_batch) {
             let b = batch.labels.len();
             let index = batch.index;
@@ -679,49 +798,54 @@ impl Run {
             let l = self
                 .objective
                 .loss(&mut tape, &self.ps, &out, &labels_t, delta);
-            let at = format!(
-                "epoch {}, batch {} of {total_batches} (step {})",
-                epoch + 1,
-                index + 1,
-                self.state.global_step + 1
-            );
+            let step = self.state.global_step + 1;
             if let Some(a) = tape.anomaly() {
+                let at = step_place(epoch, index, total_batches, step);
                 bail!("--detect-anomaly at {at}: {a}. {}", self.recovery_advice());
             }
-            let lv = l.value().item();
-            if !lv.is_finite() {
-                bail!(
-                    "the loss became {lv} at {at}: training diverged. {} (--detect-anomaly finds \
-                     the first op that produced a non-finite value)",
-                    self.recovery_advice()
-                );
-            }
+            let loss_t = l.value().clone();
             tape.backward(&l, &mut self.ps);
             if let Some(a) = tape.anomaly() {
+                let at = step_place(epoch, index, total_batches, step);
                 bail!("--detect-anomaly at {at}: {a}. {}", self.recovery_advice());
             }
             drop(tape);
-            if let Some(bad) = non_finite_gradient(&self.ps) {
-                // Checked before the update, so the weights in memory are still the last good ones.
-                bail!(
-                    "a non-finite gradient at {at} (the loss was {lv}): {bad}. {} \
-                     (--detect-anomaly finds the first op that produced a non-finite value)",
-                    self.recovery_advice()
-                );
+            if let Some((at_step, name)) = &poison {
+                if *at_step == step {
+                    poison_gradient(&mut self.ps, name.as_deref())?;
+                }
             }
-            self.sgd.step(&mut self.ps, lr);
+            // Checked before the update, which skips while the guard's flag is set, so the weights
+            // in memory stay the last good ones until the host reads the record.
+            ledger.guard(step, &self.ps, &loss_t);
+            self.sgd
+                .step_unless(&mut self.ps, lr, Some(ledger.skip_flag()));
             self.ps.zero_grad();
-            self.objective
-                .after_step(&self.net, &mut self.ps, x.value(), &out, &labels_t, lr);
+            self.objective.after_step(
+                &self.net,
+                &mut self.ps,
+                x.value(),
+                &out,
+                &labels_t,
+                lr,
+                Some(ledger.skip_flag()),
+            );
             self.state.global_step += 1;
-            tally.loss_sum += lv * b as f64;
+            self.loop_counts.steps += 1;
+            let norms = loss::delta_norms(cfg.variant, out.features.value(), out.logits.value());
+            ledger.add_step(&loss_t, out.logits.value(), &labels_t, &labels, &norms, b);
             tally.seen += b;
-            tally.correct += loss::count_correct(out.logits.value(), &labels);
-            tally.norm_sum +=
-                loss::delta_norm_sum(cfg.variant, out.features.value(), out.logits.value());
-            progress.update(index, b, lv);
-            if signal::stop_requested() && tally.next_batch < total_batches {
+            unread_steps.push((step, index));
+            let stopping = signal::stop_requested() && tally.next_batch < total_batches;
+            if self.cadence.step_done() || stopping {
+                self.read_ledger(&mut ledger, &mut tally, &unread_steps, epoch, total_batches)?;
+                unread_steps.clear();
+                progress.show_loss(tally.loss_sum / tally.seen as f64);
+            }
+            progress.advance(index, b);
+            if stopping {
                 tally.train_time_s += started.elapsed().as_secs_f64();
+                self.count_loop(reads_before, waits_before);
                 progress.finish(&format!(
                     "epoch {:>3}/{}  stopped after batch {} of {total_batches} on request",
                     epoch + 1,
@@ -731,6 +855,8 @@ impl Run {
                 return Ok(EpochOutcome::Stopped(tally));
             }
         }
+        self.read_ledger(&mut ledger, &mut tally, &unread_steps, epoch, total_batches)?;
+        self.count_loop(reads_before, waits_before);
         let EpochTally {
             loss_sum,
             seen,
@@ -794,6 +920,58 @@ impl Run {
         ));
         Ok(EpochOutcome::Done(rec, test_acc))
     }
+}
+
+/// "epoch 2, batch 5 of 20 (step 25)": where a step was, as the errors name it.
+fn step_place(epoch: usize, index: usize, total_batches: usize, step: u64) -> String {
+    format!(
+        "epoch {}, batch {} of {total_batches} (step {step})",
+        epoch + 1,
+        index + 1
+    )
+}
+
+/// `Gpu::host_waits` of the training GPU (0 on the CPU).
+fn host_waits(device: Device) -> u64 {
+    match device {
+        Device::Cpu => 0,
+        Device::Cuda(i) => crate::cuda::Gpu::get(i)
+            .map(|g| g.host_waits())
+            .unwrap_or(0),
+    }
+}
+
+/// A test hook: `PODGPU_TEST_NAN_GRADIENT_AT=STEP[:PARAM]` puts a NaN into the gradient of `PARAM`
+/// (default: the first trainable parameter with a gradient) after the backward pass of global step
+/// STEP (1-based), to check the numerics guard against a known step. Not for users.
+pub const TEST_NAN_GRADIENT_ENV: &str = "PODGPU_TEST_NAN_GRADIENT_AT";
+
+fn test_nan_gradient_at() -> Result<Option<(u64, Option<String>)>> {
+    let Ok(v) = std::env::var(TEST_NAN_GRADIENT_ENV) else {
+        return Ok(None);
+    };
+    let (step, name) = match v.split_once(':') {
+        Some((s, n)) => (s, Some(n.to_string())),
+        None => (v.as_str(), None),
+    };
+    let step = step
+        .trim()
+        .parse::<u64>()
+        .map_err(|_| anyhow!("{TEST_NAN_GRADIENT_ENV}={v:?}: expected STEP[:PARAM]"))?;
+    Ok(Some((step, name)))
+}
+
+fn poison_gradient(ps: &mut ParamStore, name: Option<&str>) -> Result<()> {
+    let p = ps
+        .iter_mut()
+        .filter(|p| p.kind == crate::ParamKind::Trainable && p.grad.is_some())
+        .find(|p| name.is_none_or(|n| p.name == n))
+        .ok_or_else(|| anyhow!("{TEST_NAN_GRADIENT_ENV}: no such parameter with a gradient"))?;
+    let g = p.grad.as_ref().expect("filtered on grad");
+    let mut v = g.to_vec_f32();
+    v[0] = f32::NAN;
+    p.grad = Some(Tensor::from_vec(g.shape(), v).to_device(g.device()));
+    Ok(())
 }
 
 fn peak_memory(device: Device) -> u64 {

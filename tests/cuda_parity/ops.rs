@@ -535,8 +535,8 @@ fn sgd_steps_match_cpu_fused_and_per_tensor() {
     let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let gpu = gpu();
     let mut rng = Rng::new(25);
-    // (momentum, weight decay, nesterov): the first two take the one-launch path, the others the
-    // per-tensor one.
+    // (momentum, weight decay, nesterov): `Sgd::step` takes the one-launch path for all four (a
+    // store on one GPU); the per-tensor path (several devices) is checked on its own below.
     for (m, wd, nesterov) in [
         (0.9, 5e-4, false),
         (0.9, 0.0, false),
@@ -604,6 +604,26 @@ fn sgd_steps_match_cpu_fused_and_per_tensor() {
         println!(
             "{tag}: {} device allocations over 3 steps",
             gpu.pool_stats().device_allocs - allocs
+        );
+    }
+    // The per-tensor GPU update (`optim::sgd_update` on one tensor, what `Sgd` uses when the
+    // parameters are not all on one GPU) against the host, for every setting, three steps each.
+    for (m, wd, nesterov) in [(0.9, 5e-4, false), (0.9, 1e-2, true), (0.0, 5e-4, false)] {
+        let n = 1000;
+        let w0 = randn(n, &mut rng);
+        let (mut hw, mut gw) = (host(&[n], &w0), dev(&[n], &w0));
+        let (mut hb, mut gb) = (None, None);
+        for step in 0..3 {
+            let g = randn(n, &mut rng);
+            let lr = 0.1 / (step + 1) as f64;
+            podgpu::optim::sgd_update(&mut hw, &host(&[n], &g), &mut hb, lr, m, wd, nesterov);
+            podgpu::optim::sgd_update(&mut gw, &dev(&[n], &g), &mut gb, lr, m, wd, nesterov);
+        }
+        same(
+            &format!("per-tensor sgd m={m} wd={wd} nesterov={nesterov}"),
+            &gw,
+            &hw,
+            1e-6,
         );
     }
 }

@@ -200,10 +200,17 @@ impl LibReport {
                 dirs.join(", ")
             }
         );
-        s.push_str(
-            "; set PODGPU_CUDA_LIBS to the folders holding them (colon-separated), e.g. \
-             <venv>/lib/python3.X/site-packages/nvidia/cu13/lib:<venv>/…/nvidia/cudnn/lib",
-        );
+        if libs.iter().all(|l| *l == Lib::Driver) {
+            s.push_str(
+                "; libcuda.so.1 comes with the NVIDIA driver: install it, or set PODGPU_CUDA_LIBS \
+                 to the folder holding it",
+            );
+        } else {
+            s.push_str(
+                "; set PODGPU_CUDA_LIBS to the folders holding them (colon-separated), e.g. \
+                 <venv>/lib/python3.X/site-packages/nvidia/cu13/lib:<venv>/…/nvidia/cudnn/lib",
+            );
+        }
         s
     }
 }
