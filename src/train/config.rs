@@ -485,7 +485,7 @@ mod tests {
             limit_train: Some(2000),
             out: Some("runs/a b".into()),
             threads: Some(2),
-            precision: Precision::Bf16,
+            precision: Precision::Tf32,
             deterministic: true,
             ..TrainConfig::default()
         };
@@ -497,6 +497,16 @@ mod tests {
         let path = dir.path().join("config.toml");
         c.save(&path).unwrap();
         assert_eq!(TrainConfig::load(&path).unwrap(), c);
+    }
+
+    #[test]
+    fn bf16_is_refused_until_it_exists() {
+        let c = TrainConfig {
+            precision: Precision::Bf16,
+            ..TrainConfig::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("precision must be fp32 or tf32"), "{e}");
     }
 
     #[test]
