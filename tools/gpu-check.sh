@@ -441,6 +441,13 @@ detect_device() {
         smi_note="nvidia-smi not found"
     fi
     echo "nvidia-smi: ${smi_note:-$DEVICE_LINE}"
+    # PyTorch's CUDA libraries first (after any the caller named): the bench then compares podgpu
+    # and PyTorch on the same cuBLAS and cuDNN files, and the checks test those.
+    local venv_libs
+    venv_libs="$(cuda_lib_dirs)"
+    if [ -n "$venv_libs" ]; then
+        export PODGPU_CUDA_LIBS="${PODGPU_CUDA_LIBS:+$PODGPU_CUDA_LIBS:}${venv_libs%:}"
+    fi
     if "$BIN/podgpu" help device > /dev/null 2>&1; then
         has_dev=1
         out="$(timeout 10 "$BIN/podgpu" device --env 2>&1)"

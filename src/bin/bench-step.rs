@@ -381,7 +381,12 @@ fn run() -> Result<()> {
                 if metrics && !args.with_metrics {
                     continue;
                 }
-                let (stats, steps_s, peak, final_loss) = time_config(&args, arch, device, metrics)?;
+                let timed = cuda::catch_oom(|| time_config(&args, arch, device, metrics)).map_err(
+                    |oom| {
+                        anyhow::anyhow!("{arch}: {}", oom.advice_for("--batch", Some(args.batch)))
+                    },
+                )?;
+                let (stats, steps_s, peak, final_loss) = timed?;
                 rows.push(Row {
                     model: arch.clone(),
                     precision: name.into(),

@@ -205,15 +205,20 @@ impl std::fmt::Display for OutOfMemory {
 impl OutOfMemory {
     /// The message with what to change: a smaller batch (half of `batch`, when known).
     pub fn advice(&self, batch: Option<usize>) -> String {
+        self.advice_for("--batch-size", batch)
+    }
+
+    /// `advice` for a command whose batch flag is `flag` (e.g. `--batch` of the bench tools).
+    pub fn advice_for(&self, flag: &str, batch: Option<usize>) -> String {
         match batch {
             Some(b) if b > 1 => format!(
-                "{self}; try a smaller batch, e.g. --batch-size {} (now {b}), or free the GPU \
-                 from other processes (nvidia-smi lists them)",
+                "{self}; try a smaller batch, e.g. {flag} {} (now {b}), or free the GPU from \
+                 other processes (nvidia-smi lists them)",
                 (b / 2).max(1)
             ),
             _ => format!(
-                "{self}; try a smaller --batch-size, or free the GPU from other processes \
-                 (nvidia-smi lists them)"
+                "{self}; try a smaller {flag}, or free the GPU from other processes (nvidia-smi \
+                 lists them)"
             ),
         }
     }
