@@ -567,15 +567,15 @@ checks_main() {
     begin checks "$CHECKS_BUDGET"
     prepare
     detect_device
-    # Per-step limits (s): device 30 + 15 + 30 + 80 + 20 + 45 + 20 = 240; reruns use what is left.
+    # Per-step limits (s): device 30 + 15 + 15 + 95 + 20 + 45 + 20 = 240; reruns use what is left.
     test_step "cuda_device (device, libraries)" 15 0 cuda_device -- --nocapture --test-threads=1
     if [ -z "$LIB_REPORT" ]; then
         LIB_REPORT="(from the cuda_device test)"$'\n'"$(sed 's/^test [^ ]* \.\.\. //' "$STEP_OUT" \
             | grep -v '^ok$\|^running [0-9]\|^test result:\|^[[:space:]]*$' | head -c 8000)"
         write_json
     fi
-    test_step "kernels compile (NVRTC)" 30 0 cuda_nvrtc CI=true -- --nocapture --test-threads=1
-    test_step "parity CPU vs GPU" 80 1 cuda_parity -- --include-ignored --nocapture --test-threads=1
+    test_step "kernels compile (NVRTC)" 15 0 cuda_nvrtc CI=true -- --nocapture --test-threads=1
+    test_step "parity CPU vs GPU" 95 1 cuda_parity -- --include-ignored --nocapture --test-threads=1
     step "fixtures on GPU" 20 1 "$BIN/podgpu" fidelity --device cuda tests/fixtures
     local run="$GPU_DIR/run-train" data=datasets/cifar10-small.bin
     rm -rf "$run"
