@@ -80,6 +80,16 @@ fn main() {
         panic!("test panic requested by PODGPU_TEST_INTERNAL_PANIC");
     }
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Train(_) | Command::Compare(_) | Command::Visualize(_)
+    ) {
+        // A report piped into `head` ends quietly when the reader stops, as Unix tools do, instead
+        // of a "failed printing to stdout" panic. (Training keeps Rust's default: a closed output
+        // must not kill a run between two checkpoints.)
+        // SAFETY: setting a signal disposition before any other thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result: anyhow::Result<()> = match cli.command {
         Command::Train(a) => podgpu::cli::train::run(a),
         Command::Eval(a) => podgpu::cli::eval::run(a),

@@ -33,6 +33,7 @@ MAX_MIB=64
 EXIT_NO_DEVICE=3
 CHECKS_BUDGET=240
 BENCH_BUDGET=300
+CIFAR_BUDGET=240
 TEST_BINS=(cuda_device cuda_nvrtc cuda_parity)
 BENCH_BINS=(bench-step bench-conv bench-kernels bench-gemm)
 TORCH_PY="${PODGPU_TORCH_PYTHON:-/opt/torch/.venv/bin/python}"
@@ -110,6 +111,14 @@ for line in sys.stdin:
         echo "packed=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
         echo "rustc=$(rustc --version 2>/dev/null || echo unknown)"
     } > "$GPU_DIR/MANIFEST"
+    # The real CIFAR-10 run of the optional third call (`cifar`): the 18 MB JPEG tree from the shared
+    # data folder (the converted .bin is 185 MB, over the upload limit; it is converted there).
+    if [ "${PODGPU_PACK_CIFAR:-0}" = 1 ]; then
+        local src="${PODGPU_SHARED_DATA:-../shared/data}/cifar10-jpeg.tar.xz"
+        mkdir -p "$GPU_DIR/data"
+        cp "$src" "$GPU_DIR/data/"
+        echo "packed $src for the cifar call"
+    fi
     set +e
     du -h "$BIN"/* | sort -k2
     if ! size; then
@@ -627,6 +636,43 @@ bench_main() {
     finish
 }
 
+# The optional third call: real CIFAR-10 (all 60,000 images, from the packed JPEG tree), ResNet18
+# trained with softmax and with POD side by side (`podgpu compare`), accuracy per epoch and images/s.
+# Only when the checks passed and device time is left (docs/GPU.md).
+cifar_main() {
+    begin cifar "$CIFAR_BUDGET"
+    prepare
+    detect_device
+    local tar="$GPU_DIR/data/cifar10-jpeg.tar.xz" work="${TMPDIR:-/tmp}/podgpu-cifar" run="$GPU_DIR/run-cifar"
+    local data="$work/cifar10.bin" epochs="${PODGPU_CIFAR_EPOCHS:-4}" left
+    if [ ! -f "$tar" ]; then
+        not_run "unpack + convert CIFAR-10" SKIPPED 0 "not packed: PODGPU_PACK_CIFAR=1 tools/gpu-check.sh pack"
+        not_run "compare softmax vs pod (resnet18)" SKIPPED 1 "no data"
+        finish
+    fi
+    rm -rf "$work" "$run"
+    mkdir -p "$work"
+    # Per-step limits (s): device 30 + 60 + the rest (at least 120 by default) for the comparison.
+    if step "unpack + convert CIFAR-10" 60 0 bash -c "tar -xJf '$tar' -C '$work' && '$BIN/podgpu' data convert --from image-folder --norm cifar10 --out '$data' '$work/cifar10-jpeg'"; then
+        S_NOTE[-1]="$("$BIN/podgpu" data info "$data" 2>&1 | head -n 3 | tr '\n' ' ' | cut -c1-150)"
+        write_json
+    fi
+    left=$(($(left_s) - 5))
+    if [ -f "$data" ] || [ "$NO_DEVICE" = 1 ]; then
+        step "compare softmax vs pod (resnet18)" "$left" 1 "$BIN/podgpu" compare --losses softmax,pod \
+            --models resnet18 --data "$data" --device cuda --epochs "$epochs" --batch-size 128 --out "$run"
+    else
+        not_run "compare softmax vs pod (resnet18)" SKIPPED 1 "the conversion wrote no dataset"
+    fi
+    # Whatever the comparison wrote (each epoch appends its metrics), even when it was cut off.
+    local f
+    for f in comparison.md comparison.csv; do [ -f "$run/$f" ] && cp "$run/$f" "$RESULTS/"; done
+    for f in "$run"/*/metrics.jsonl; do
+        [ -f "$f" ] && cp "$f" "$RESULTS/$(basename "$(dirname "$f")")-metrics.jsonl"
+    done
+    finish
+}
+
 # Overall status, the JSON, the table; exits with 0, 1 or 3.
 finish() {
     local i any_failed=0
@@ -661,6 +707,7 @@ device_run() { # checks|bench: runs it with its whole output into RESULTS/KIND.l
     case "$1" in
         checks) CHECKS_BUDGET=$(budget PODGPU_CHECKS_BUDGET_S "$CHECKS_BUDGET"); checks_main 2>&1 | tee "$RESULTS/checks.log" ;;
         bench) BENCH_BUDGET=$(budget PODGPU_BENCH_BUDGET_S "$BENCH_BUDGET"); bench_main 2>&1 | tee "$RESULTS/bench.log" ;;
+        cifar) CIFAR_BUDGET=$(budget PODGPU_CIFAR_BUDGET_S "$CIFAR_BUDGET"); cifar_main 2>&1 | tee "$RESULTS/cifar.log" ;;
     esac
     return "${PIPESTATUS[0]}"
 }
@@ -668,7 +715,7 @@ device_run() { # checks|bench: runs it with its whole output into RESULTS/KIND.l
 case "${1:-}" in
     pack) pack ;;
     size) size ;;
-    checks|bench) device_run "$1" ;;
+    checks|bench|cifar) device_run "$1" ;;
     run)
         device_run checks
         a=$?
@@ -678,5 +725,5 @@ case "${1:-}" in
         exit 1
         ;;
     _eval-both) shift; eval_both "$@" ;;
-    *) echo "usage: $0 pack|size (here) | checks|bench|run (on the GPU machine)   (see docs/GPU.md)"; exit 2 ;;
+    *) echo "usage: $0 pack|size (here) | checks|bench|cifar|run (on the GPU machine)   (see docs/GPU.md)"; exit 2 ;;
 esac

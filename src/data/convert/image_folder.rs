@@ -7,7 +7,10 @@
 //!   per-class random fraction goes to `test`.
 //!
 //! Classes are the sorted folder names of the train split (byte order, as torchvision sorts); every
-//! other split must use the same class folders. Files are taken in sorted name order. Images are decoded
+//! other split must use the same class folders. Files are taken in sorted name order within a class,
+//! and the classes are interleaved in the file (the first image of every class, then the second, …),
+//! so that the first N images of a split — `--max-train`, `train --limit-train` — cover every class
+//! instead of the first class only, as in CIFAR's own mixed order. Images are decoded
 //! in parallel and converted to RGB (or grey with `--grayscale`); with `--size HxW` they are resized
 //! (bilinear, `--fit stretch`) or scaled to cover and centre-cropped (`--fit center-crop`), otherwise all
 //! images must already have the same size.
@@ -126,6 +129,25 @@ fn decode(path: &Path, opts: &FolderOptions) -> Result<(usize, usize, Vec<u8>)> 
     Ok((h, w, chw))
 }
 
+/// Round-robin over the classes (labels 0..classes), keeping each class's own order: the first item
+/// of every class, then the second, …; a class that runs out is left out of later rounds.
+fn interleave_classes(items: Vec<(PathBuf, u32)>, classes: usize) -> Vec<(PathBuf, u32)> {
+    let mut per_class: Vec<std::collections::VecDeque<(PathBuf, u32)>> =
+        vec![std::collections::VecDeque::new(); classes];
+    for it in items {
+        per_class[it.1 as usize].push_back(it);
+    }
+    let mut out = Vec::new();
+    while per_class.iter().any(|q| !q.is_empty()) {
+        for q in per_class.iter_mut() {
+            if let Some(it) = q.pop_front() {
+                out.push(it);
+            }
+        }
+    }
+    out
+}
+
 fn build_split(name: &str, items: &[(PathBuf, u32)], opts: &FolderOptions) -> Result<RawSplit> {
     let decoded: Vec<(usize, usize, Vec<u8>)> = items
         .par_iter()
@@ -228,6 +250,9 @@ pub fn from_folder(root: &Path, opts: &FolderOptions) -> Result<RawDataset> {
         }
         labelled = vec![("train".into(), train), ("test".into(), test)];
     }
+    for (_, items) in labelled.iter_mut() {
+        *items = interleave_classes(std::mem::take(items), classes.len());
+    }
     let splits = labelled
         .iter()
         .filter(|(_, items)| !items.is_empty())
@@ -250,4 +275,24 @@ pub fn from_folder(root: &Path, opts: &FolderOptions) -> Result<RawDataset> {
         channels: if opts.grayscale { 1 } else { 3 },
         splits,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_are_interleaved_in_their_own_order() {
+        let it = |c: u32, i: u32| (PathBuf::from(format!("{c}/{i}.png")), c);
+        let items = vec![it(0, 0), it(0, 1), it(0, 2), it(1, 0), it(2, 0), it(2, 1)];
+        let out = interleave_classes(items, 3);
+        let names: Vec<String> = out.iter().map(|(p, _)| p.display().to_string()).collect();
+        assert_eq!(
+            names,
+            ["0/0.png", "1/0.png", "2/0.png", "0/1.png", "2/1.png", "0/2.png"]
+        );
+        // Every class appears among the first `classes` images.
+        let first: std::collections::BTreeSet<u32> = out[..3].iter().map(|i| i.1).collect();
+        assert_eq!(first.len(), 3);
+    }
 }
