@@ -27,14 +27,17 @@ extern "C" __global__ void sgd_multi_f32(const SgdEntry* __restrict__ table, int
     const SgdEntry e = table[t];
     if (e.flags & 1) return;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < e.n; i += (i64)gridDim.x * blockDim.x) {
-        const float g = e.g[i] + e.wd * e.p[i];
+        // Each product and sum rounded on its own (no FMA contraction), as the host and the
+        // per-tensor path compute them, so the three agree bit for bit.
+        // No decay term when wd == 0, as PyTorch and the host (0·inf would be NaN).
+        const float g = e.wd != 0.0f ? __fadd_rn(e.g[i], __fmul_rn(e.wd, e.p[i])) : e.g[i];
         float d = g;  // plain SGD (with_momentum == 0): no buffer, e.m is not touched
         if (with_momentum) {
-            const float m = momentum * e.m[i] + g;
+            const float m = __fadd_rn(__fmul_rn(momentum, e.m[i]), g);
             e.m[i] = m;
             // Nesterov as the per-tensor path computes it: d = g + fl(momentum * m), separately rounded.
             d = nesterov ? __fadd_rn(g, __fmul_rn(momentum, m)) : m;
         }
-        e.p[i] -= lr * d;
+        e.p[i] = __fsub_rn(e.p[i], __fmul_rn(lr, d));
     }
 }

@@ -31,7 +31,7 @@ extern "C" __global__ void maxpool2d_fwd_f32(float* __restrict__ y, int* __restr
                 const int w = ow * sw - pw + j;
                 if (w < 0 || w >= W) continue;
                 const float v = xp[h * W + w];
-                if (bi < 0 || v > best || v != v) { best = v; bi = h * W + w; if (v != v) break; }
+                if (bi < 0 || v > best || v != v) { best = v; bi = h * W + w; }  // NaN wins, the last one as on the host
             }
         }
         y[o] = best;

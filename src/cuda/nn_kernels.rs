@@ -32,7 +32,7 @@ fn nchw(t: &Tensor) -> [usize; 4] {
     }
 }
 
-/// The 14 i32 geometry arguments of the pool kernels: N, C, H, W, OH, OW, kh, kw, sh, sw, ph, pw.
+/// The 12 i32 geometry arguments of the pool kernels: N, C, H, W, OH, OW, kh, kw, sh, sw, ph, pw.
 fn pool_args(x: [usize; 4], g: &PoolGeom) -> [i32; 12] {
     let (oh, ow) = g.out_hw(x[2], x[3]);
     [

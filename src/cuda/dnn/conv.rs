@@ -2,22 +2,26 @@
 //! algorithm.
 //!
 //! Per convolution shape (and math mode and determinism) a plan is built once and cached: the tensor,
-//! filter and per-pass convolution descriptors, and per pass the algorithm chosen from cuDNN's ranked
-//! heuristics under the rules of `pick`: fp32 accepts only FMA kernels (on Hopper cuDNN's default math
+//! filter and per-pass convolution descriptors, and per pass an algorithm. By default it is the one
+//! cuDNN *measures* fastest on the real buffers (`cudnnFind…AlgorithmEx`), once per shape, remembered
+//! on disk per device and cuDNN version (`algo_cache`) so that later runs do not measure again; with
+//! `--deterministic` (and with `PODGPU_CONV_ALGO=heuristic`) it is cuDNN's heuristic ranking instead,
+//! the same choice every time. Either way the candidates pass the rules of `pick`: fp32 accepts only FMA kernels (on Hopper cuDNN's default math
 //! may use TF32, which would make "fp32" silently TF32), tf32 prefers tensor-op kernels and never
 //! takes the ones that down-convert to fp16, deterministic mode (`cpu::deterministic()`, set by
 //! `--deterministic`) only deterministic algorithms, and every workspace fits `WORKSPACE_LIMIT`.
 //! Workspaces come from the pool, so a steady training step allocates nothing.
 
-use super::{
-    alloc, dims4, ok, one, ptr, with_dnn, zero, ConvDesc, Dnn, Fail, FilterDesc, TensorDesc,
-};
+use super::algo_cache::{self, AlgoCache};
+use super::{alloc, dims4, ok, one, ptr, with_dnn, zero, ConvDesc, Fail, FilterDesc, TensorDesc};
 use crate::cuda::launch::gpu_of;
-use crate::cuda::{math_mode, tensor, MathMode};
+use crate::cuda::{math_mode, tensor, Gpu, MathMode};
 use crate::tensor::{numel, Tensor};
 use cudarc::cudnn::sys;
 use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::{Arc, OnceLock};
 
 /// Geometry of a 2-D convolution. Pairs are (height, width).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -270,13 +274,27 @@ pub(crate) struct ConvPlan {
     algo: [Option<(Algo, usize)>; 3],
 }
 
-impl Dnn {
-    fn plan(&mut self, key: ConvKey) -> Result<&mut ConvPlan, String> {
-        Ok(match self.plans.entry(key) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(v) => v.insert(build_plan(&key)?),
-        })
-    }
+fn plan_in(plans: &mut HashMap<ConvKey, ConvPlan>, key: ConvKey) -> Result<&mut ConvPlan, String> {
+    Ok(match plans.entry(key) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(v) => v.insert(build_plan(&key)?),
+    })
+}
+
+/// How algorithms are chosen when no rule forces the heuristics: `PODGPU_CONV_ALGO=heuristic` or
+/// `measured` (the default).
+fn measure_by_default() -> bool {
+    static MEASURED: OnceLock<bool> = OnceLock::new();
+    *MEASURED.get_or_init(|| match std::env::var("PODGPU_CONV_ALGO").as_deref() {
+        Ok("heuristic") => false,
+        Ok("measured") | Err(_) => true,
+        Ok(other) => {
+            eprintln!(
+                "warning: PODGPU_CONV_ALGO={other:?} is neither heuristic nor measured; measuring"
+            );
+            true
+        }
+    })
 }
 
 fn build_plan(key: &ConvKey) -> Result<ConvPlan, String> {
@@ -413,27 +431,148 @@ fn heuristics(
     Ok(out[..(got.max(0) as usize).min(N)].to_vec())
 }
 
-/// The algorithm of `pass` for the plan (chosen at first use, then cached), with its math type set
-/// on the pass's descriptor.
+/// cuDNN's results of running every algorithm of one pass on the real buffers (`io`: the pass's two
+/// inputs and its output, in the run call's order), fastest first. The search workspace is the limit,
+/// or a quarter of the free memory when that is less.
+fn measure(
+    handle: sys::cudnnHandle_t,
+    gpu: &Arc<Gpu>,
+    p: &ConvPlan,
+    pass: Pass,
+    io: Io,
+) -> Result<Vec<Candidate>, Fail> {
+    const N: usize = 16;
+    let free = gpu.mem_info().map(|m| m.0).unwrap_or(WORKSPACE_LIMIT);
+    let ws_bytes = WORKSPACE_LIMIT.min(free / 4);
+    let ws = alloc(gpu, ws_bytes.div_ceil(4))?;
+    let wsp = ws.device_ptr() as *mut c_void;
+    let mut out = [Candidate::default(); N];
+    let mut got = 0i32;
+    let cd = p.conv[pass.index()].0;
+    // SAFETY: the buffers match the plan's descriptors (as in `convolve`); the output is only
+    // written (it is computed again afterwards); at most N results of the perf structs' layout.
+    let status = unsafe {
+        match pass {
+            Pass::Forward => sys::cudnnFindConvolutionForwardAlgorithmEx(
+                handle,
+                p.x.0,
+                io.a,
+                p.w.0,
+                io.b,
+                cd,
+                p.y.0,
+                io.out,
+                N as i32,
+                &mut got,
+                out.as_mut_ptr() as *mut sys::cudnnConvolutionFwdAlgoPerf_t,
+                wsp,
+                ws_bytes,
+            ),
+            Pass::BackwardData => sys::cudnnFindConvolutionBackwardDataAlgorithmEx(
+                handle,
+                p.w.0,
+                io.a,
+                p.y.0,
+                io.b,
+                cd,
+                p.x.0,
+                io.out,
+                N as i32,
+                &mut got,
+                out.as_mut_ptr() as *mut sys::cudnnConvolutionBwdDataAlgoPerf_t,
+                wsp,
+                ws_bytes,
+            ),
+            Pass::BackwardFilter => sys::cudnnFindConvolutionBackwardFilterAlgorithmEx(
+                handle,
+                p.x.0,
+                io.a,
+                p.y.0,
+                io.b,
+                cd,
+                p.w.0,
+                io.out,
+                N as i32,
+                &mut got,
+                out.as_mut_ptr() as *mut sys::cudnnConvolutionBwdFilterAlgoPerf_t,
+                wsp,
+                ws_bytes,
+            ),
+        }
+    };
+    ok(status, &format!("measuring the {}", pass.what()))?;
+    Ok(out[..(got.max(0) as usize).min(N)].to_vec())
+}
+
+/// The device addresses of one pass's two inputs and its output.
+#[derive(Clone, Copy)]
+struct Io {
+    a: *const c_void,
+    b: *const c_void,
+    out: *mut c_void,
+}
+
+/// The algorithm of `pass` for the plan (chosen at first use, then kept in the plan), with its math
+/// type set on the pass's descriptor: measured (or taken from the disk cache of measurements) unless
+/// deterministic mode or `PODGPU_CONV_ALGO=heuristic` asks for the heuristic ranking.
 fn algorithm(
     handle: sys::cudnnHandle_t,
+    gpu: &Arc<Gpu>,
     p: &mut ConvPlan,
     key: &ConvKey,
     pass: Pass,
-) -> Result<(Algo, usize), String> {
+    io: Io,
+    algos: &mut AlgoCache,
+) -> Result<(Algo, usize), Fail> {
     if let Some(a) = p.algo[pass.index()] {
         return Ok(a);
     }
-    let shape = format!(
-        "x {:?}, w {:?}, stride {:?}, pad {:?}, dilation {:?}, groups {}",
-        key.x, key.w, key.geom.stride, key.geom.pad, key.geom.dilation, key.geom.groups
+    let what = format!(
+        "{} (x {:?}, w {:?}, stride {:?}, pad {:?}, dilation {:?}, groups {})",
+        pass.what(),
+        key.x,
+        key.w,
+        key.geom.stride,
+        key.geom.pad,
+        key.geom.dilation,
+        key.geom.groups
     );
-    let cands = heuristics(handle, p, pass)?;
-    let c = pick(&cands, key.rules, &format!("{} ({shape})", pass.what()))?;
+    let c = if measure_by_default() && !key.rules.deterministic {
+        let ck = algo_cache::key(pass, key.x, key.w, &key.geom, key.rules.mode);
+        // A remembered choice still has to pass today's rules and name a known algorithm.
+        let remembered = algos.get(&ck).map(|c| Candidate {
+            algo: c.algo,
+            memory: c.workspace,
+            math: c.math,
+            determinism: 1,
+            ..Candidate::default()
+        });
+        match remembered
+            .filter(|c| Algo::of(pass, c.algo).is_some())
+            .and_then(|c| pick(&[c], key.rules, &what).ok())
+        {
+            Some(c) => c,
+            None => {
+                let c = pick(&measure(handle, gpu, p, pass, io)?, key.rules, &what)?;
+                let choice = algo_cache::Choice {
+                    algo: c.algo,
+                    workspace: c.memory,
+                    math: c.math,
+                };
+                if let Err(e) = algos.insert(ck, choice) {
+                    eprintln!(
+                        "note: cuDNN algorithm cache not saved ({e}); the next run measures again"
+                    );
+                }
+                c
+            }
+        }
+    } else {
+        pick(&heuristics(handle, p, pass)?, key.rules, &what)?
+    };
     let algo = Algo::of(pass, c.algo).ok_or_else(|| {
         format!(
-            "cuDNN chose {} algorithm number {} for {shape}, which podgpu does not know",
-            pass.what(),
+            "cuDNN chose algorithm number {} for the {what}, which podgpu does not know",
             c.algo
         )
     })?;
@@ -465,8 +604,7 @@ fn convolve(
     };
     with_dnn(&gpu, |d| {
         let handle = d.handle;
-        let p = d.plan(key)?;
-        let (algo, ws_bytes) = algorithm(handle, p, &key, pass)?;
+        let p = plan_in(&mut d.plans, key)?;
         let out_shape = match pass {
             Pass::Forward => p.y_shape,
             Pass::BackwardData => x,
@@ -487,6 +625,12 @@ fn convolve(
             }
         }
         let out = alloc(&gpu, numel(&out_shape))?;
+        let io = Io {
+            a: ptr(a),
+            b: ptr(b),
+            out: out.device_ptr() as *mut c_void,
+        };
+        let (algo, ws_bytes) = algorithm(handle, &gpu, p, &key, pass, io, &mut d.algos)?;
         let ws = alloc(&gpu, ws_bytes.div_ceil(4))?;
         let (wsp, outp) = (
             ws.device_ptr() as *mut c_void,

@@ -14,6 +14,7 @@
 //! never poisons the handle for the calls after it, and out-of-memory keeps its `OutOfMemory`
 //! payload for `cuda::catch_oom`.
 
+mod algo_cache;
 mod bn;
 mod conv;
 
@@ -114,6 +115,8 @@ pub struct Dnn {
     handle: sys::cudnnHandle_t,
     plans: HashMap<conv::ConvKey, conv::ConvPlan>,
     bn: HashMap<[usize; 4], (TensorDesc, TensorDesc)>,
+    /// Measured convolution algorithms, in memory and on disk (`algo_cache`).
+    algos: algo_cache::AlgoCache,
 }
 
 // SAFETY: the handle is only used under the device's `dnn` mutex, one thread at a time, which is
@@ -135,10 +138,22 @@ impl Dnn {
         // SAFETY: fresh handle; the stream belongs to this device's context.
         unsafe { cudarc::cudnn::result::set_stream(handle, gpu.stream.cu_stream() as _) }
             .map_err(|e| format!("cudnnSetStream: {e:?}"))?;
+        let cudnn = cudarc::cudnn::result::get_version();
+        let path = algo_cache::file_for(
+            &libs::cache_root(),
+            &gpu.info.name,
+            gpu.info.compute_capability,
+            cudnn,
+        );
+        let (algos, warning) = algo_cache::AlgoCache::open(Some(path), &gpu.info.name, cudnn);
+        if let Some(w) = warning {
+            eprintln!("note: cuDNN algorithm cache: {w}");
+        }
         Ok(Dnn {
             handle,
             plans: HashMap::new(),
             bn: HashMap::new(),
+            algos,
         })
     }
 }
