@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod fixture;
 pub mod fsutil;
 pub mod gradcheck;

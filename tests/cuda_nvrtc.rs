@@ -90,7 +90,10 @@ fn every_kernel_source_compiles_for_compute_90() {
 /// (it runs from a copy of the repository in another folder on the GPU machine).
 const LAUNCHERS: &[(&str, &str)] = &[
     ("blas.rs", include_str!("../src/cuda/blas.rs")),
-    ("dnn/algo_cache.rs", include_str!("../src/cuda/dnn/algo_cache.rs")),
+    (
+        "dnn/algo_cache.rs",
+        include_str!("../src/cuda/dnn/algo_cache.rs"),
+    ),
     ("dnn/bn.rs", include_str!("../src/cuda/dnn/bn.rs")),
     ("dnn/conv.rs", include_str!("../src/cuda/dnn/conv.rs")),
     ("dnn/mod.rs", include_str!("../src/cuda/dnn/mod.rs")),
