@@ -15,10 +15,12 @@
 
 pub mod grads;
 pub mod local;
+#[cfg(feature = "distributed")]
+pub mod mpi;
 pub mod shard;
 
 /// What a group of ranks can do together. Every rank must make the same calls in the same order.
-pub trait Collective: Send + Sync {
+pub trait Collective {
     /// This process's rank, 0-based.
     fn rank(&self) -> usize;
     /// The number of ranks.
