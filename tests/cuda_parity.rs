@@ -11,6 +11,8 @@
 //! Tolerances (relative error ‖a−b‖/‖b‖): fp32 1e-4 (1e-5 for elementwise), tf32 5e-3; whole-network
 //! gradients 2e-3 (fp32) and 5e-2 (tf32).
 
+#[path = "cuda_parity/baselines.rs"]
+mod baselines;
 #[path = "cuda_parity/failures.rs"]
 mod failures;
 #[path = "cuda_parity/ops.rs"]

@@ -39,6 +39,7 @@ pub const SOURCES: &[KernelSource] = &[
     cu!("head"),
     cu!("loss"),
     cu!("optim"),
+    cu!("baselines"),
     cu!("guard"),
 ];
 

@@ -10,9 +10,8 @@
 //! softmax CE + λ·L_C with λ = 0.003. The same distance against the fixed PEDCC is the MSE term of
 //! PEDCC-Loss.
 
-use super::{back_to, host_copy};
 use crate::autograd::{Tape, Var};
-use crate::loss::{label_indices, scale_by_scalar_fwd};
+use crate::loss::{cuda_labels, label_indices, scale_by_scalar_fwd};
 use crate::ops::{assert_same_place, dispatch};
 use crate::tensor::{Elem, Tensor};
 
@@ -46,16 +45,14 @@ pub fn center_loss_fwd(
     )
 }
 
-/// CUDA arm: the host kernel on host copies (see `baselines`).
+/// CUDA arm: `cuda/baselines.cu` (no copy to the host).
 fn center_loss_cuda(
     x: &Tensor,
     c: &Tensor,
     labels: &Tensor,
     with_grad: bool,
 ) -> (Tensor, Option<Tensor>) {
-    let (l, g) =
-        center_loss_host::<f32>(&host_copy(x), &host_copy(c), &host_copy(labels), with_grad);
-    (back_to(l, x), g.map(|g| back_to(g, x)))
+    crate::cuda::baseline_kernels::center_loss(x, c, &cuda_labels(labels, x), with_grad)
 }
 
 fn center_loss_host<T: Elem>(
@@ -116,10 +113,9 @@ pub fn center_update_fwd(centers: &Tensor, x: &Tensor, labels: &Tensor, alpha: f
     )
 }
 
-/// CUDA arm: the host kernel on host copies (see `baselines`).
+/// CUDA arm: `cuda/baselines.cu` (no copy to the host).
 fn center_update_cuda(c: &Tensor, x: &Tensor, labels: &Tensor, alpha: f64) -> Tensor {
-    let out = center_update_host::<f32>(&host_copy(c), &host_copy(x), &host_copy(labels), alpha);
-    back_to(out, c)
+    crate::cuda::baseline_kernels::center_update(c, x, &cuda_labels(labels, x), alpha)
 }
 
 fn center_update_host<T: Elem>(

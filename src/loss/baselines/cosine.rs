@@ -7,9 +7,8 @@
 //! ```
 //! A zero feature has no direction: its cosine is taken as 0 and it gets no gradient.
 
-use super::{back_to, host_copy};
 use crate::autograd::{Tape, Var};
-use crate::loss::{label_indices, scale_by_scalar_fwd};
+use crate::loss::{cuda_labels, label_indices, scale_by_scalar_fwd};
 use crate::ops::{assert_same_place, dispatch};
 use crate::tensor::{Elem, Tensor};
 
@@ -39,16 +38,14 @@ pub fn cosine_loss_fwd(
     )
 }
 
-/// CUDA arm: the host kernel on host copies (see `baselines`).
+/// CUDA arm: `cuda/baselines.cu` (no copy to the host).
 fn cosine_loss_cuda(
     x: &Tensor,
     p: &Tensor,
     labels: &Tensor,
     with_grad: bool,
 ) -> (Tensor, Option<Tensor>) {
-    let (l, g) =
-        cosine_loss_host::<f32>(&host_copy(x), &host_copy(p), &host_copy(labels), with_grad);
-    (back_to(l, x), g.map(|g| back_to(g, x)))
+    crate::cuda::baseline_kernels::cosine_loss(x, p, &cuda_labels(labels, x), with_grad)
 }
 
 fn cosine_loss_host<T: Elem>(

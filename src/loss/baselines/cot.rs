@@ -12,9 +12,8 @@
 //! ∂L/∂z_bj = P_bj (log P_bj − Σ_{k≠y_b} P_bk log P_bk) / (B·K)   for j ≠ y_b,   0 for j = y_b
 //! ```
 
-use super::{back_to, host_copy};
 use crate::autograd::{Tape, Var};
-use crate::loss::{label_indices, scale_by_scalar_fwd};
+use crate::loss::{cuda_labels, label_indices, scale_by_scalar_fwd};
 use crate::ops::dispatch;
 use crate::tensor::{Elem, Tensor};
 
@@ -45,14 +44,17 @@ pub fn complement_entropy_fwd(
     )
 }
 
-/// CUDA arm: the host kernel on host copies (see `baselines`).
+/// CUDA arm: `cuda/baselines.cu` (no copy to the host).
 fn complement_entropy_cuda(
     logits: &Tensor,
     labels: &Tensor,
     with_grad: bool,
 ) -> (Tensor, Option<Tensor>) {
-    let (l, g) = complement_entropy_host::<f32>(&host_copy(logits), &host_copy(labels), with_grad);
-    (back_to(l, logits), g.map(|g| back_to(g, logits)))
+    crate::cuda::baseline_kernels::complement_entropy(
+        logits,
+        &cuda_labels(labels, logits),
+        with_grad,
+    )
 }
 
 fn complement_entropy_host<T: Elem>(

@@ -14,9 +14,8 @@
 //! at θ_t and keeps decreasing with the angle (InsightFace's ArcFace uses the similar c − m·sin m).
 //! sin θ in f' is floored at 1e-6 so that a cosine of exactly ±1 gives a finite gradient.
 
-use super::{back_to, host_copy};
 use crate::autograd::{Tape, Var};
-use crate::loss::{label_indices, scale_by_scalar_fwd};
+use crate::loss::{cuda_labels, label_indices, scale_by_scalar_fwd};
 use crate::ops::dispatch;
 use crate::tensor::{Elem, Tensor};
 use std::f64::consts::PI;
@@ -104,7 +103,7 @@ pub fn margin_softmax_ce_fwd(
     )
 }
 
-/// CUDA arm: the host kernel on host copies (see `baselines`).
+/// CUDA arm: `cuda/baselines.cu` (no copy to the host).
 fn margin_softmax_ce_cuda(
     cos: &Tensor,
     labels: &Tensor,
@@ -112,14 +111,13 @@ fn margin_softmax_ce_cuda(
     scale: f64,
     with_grad: bool,
 ) -> (Tensor, Option<Tensor>) {
-    let (l, g) = margin_softmax_ce_host::<f32>(
-        &host_copy(cos),
-        &host_copy(labels),
-        margin,
+    crate::cuda::baseline_kernels::margin_ce(
+        cos,
+        &cuda_labels(labels, cos),
+        (margin.m1, margin.m2, margin.m3),
         scale,
         with_grad,
-    );
-    (back_to(l, cos), g.map(|g| back_to(g, cos)))
+    )
 }
 
 fn margin_softmax_ce_host<T: Elem>(

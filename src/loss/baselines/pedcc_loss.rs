@@ -13,7 +13,6 @@
 
 use super::center::center_loss;
 use super::margin::{margin_softmax_ce, Margin};
-use super::{back_to, host_copy};
 use crate::autograd::{Tape, Var};
 use crate::loss::pedcc_logits;
 use crate::ops::{self, dispatch};
@@ -84,9 +83,9 @@ pub fn scalar_pow_fwd(v: &Tensor, e: f64) -> Tensor {
     dispatch!(v, scalar_pow_host, scalar_pow_cuda, v, e)
 }
 
-/// CUDA arm: the host kernel on a host copy (see `baselines`).
+/// CUDA arm: `cuda/baselines.cu` (no copy to the host).
 fn scalar_pow_cuda(v: &Tensor, e: f64) -> Tensor {
-    back_to(scalar_pow_host::<f32>(&host_copy(v), e), v)
+    crate::cuda::baseline_kernels::scalar_pow(v, e)
 }
 
 fn scalar_pow_host<T: Elem>(v: &Tensor, e: f64) -> Tensor {
