@@ -73,7 +73,7 @@ pub struct Fixture {
 impl Fixture {
     /// Reads a fixture file; errors say what is wrong with it.
     pub fn read(path: &Path) -> Result<Fixture> {
-        let bytes = std::fs::read(path)
+        let bytes = crate::fsutil::read_regular(path)
             .with_context(|| format!("cannot read fixture {}", path.display()))?;
         Fixture::from_bytes(path, &bytes)
     }

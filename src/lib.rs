@@ -3,6 +3,7 @@
 
 pub mod autograd;
 pub mod bench;
+pub mod budget;
 pub mod cli;
 pub mod cpu;
 pub mod cuda;

@@ -106,7 +106,7 @@ fn main() {
             eprintln!("{stop}");
             std::process::exit(podgpu::train::signal::INTERRUPTED_EXIT_CODE);
         }
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", podgpu::cli::error_text(&e));
         std::process::exit(1);
     }
 }

@@ -523,16 +523,12 @@ fn output_folder_holding_a_run() {
 
 // ---- checkpoints and --resume ----
 
+/// `podgpu train --resume DIR --epochs 2 --threads 2` with `extra` (its own `--epochs` replaces the 2).
 fn resume(dir: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "train",
-        "--resume",
-        dir.to_str().unwrap(),
-        "--epochs",
-        "2",
-        "--threads",
-        "2",
-    ];
+    let mut args = vec!["train", "--resume", dir.to_str().unwrap(), "--threads", "2"];
+    if !extra.contains(&"--epochs") {
+        args.extend(["--epochs", "2"]);
+    }
     args.extend_from_slice(extra);
     run(&args)
 }
@@ -584,6 +580,12 @@ fn resume_of_a_checkpoint_from_another_model() {
     state.model = "resnet34".into();
     state.config["model"] = "resnet34".into();
     save_checkpoint(&ck_path, &store, &ck.optim, &state).unwrap();
+    // The folder's settings say so too (otherwise they and the checkpoint disagree, see
+    // `resume_after_hand_edits_of_config_toml`).
+    podgpu::train::TrainConfig::from_json(&state.config)
+        .unwrap()
+        .save(&run.join("config.toml"))
+        .unwrap();
     assert_refused(
         &resume(&run, &[]),
         1,
@@ -616,7 +618,7 @@ fn resume_with_settings_that_change_the_run() {
     assert_refused(
         &resume(&run, &["--lr", "0.5"]),
         1,
-        &["only --epochs, --device, --threads and --detect-anomaly"],
+        &["only --epochs, --device, --threads, --detect-anomaly and --data"],
     );
 }
 
@@ -677,4 +679,1004 @@ fn a_panic_is_reported_as_an_internal_error_without_a_trace() {
         .unwrap();
     let (_, err) = text(&o);
     assert!(err.contains("panicked at"), "{err}");
+}
+
+// ---- issue 14: never continue from the wrong state, never overwrite what the user has ----
+
+/// `podgpu` with `args`, killed (and the test failed) if it has not ended after `secs` seconds: a
+/// FIFO or device read by mistake would block forever.
+fn run_within(secs: u64, args: &[&str]) -> std::process::Output {
+    let mut child = podgpu()
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed().as_secs() > secs {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!("podgpu {args:?} still ran after {secs} s: {:?}", text(&o));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[cfg(unix)]
+fn mkfifo(p: &Path) {
+    let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+/// Every file under `dir` (not recursive) with its bytes.
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_file())
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn output_folder_that_holds_files() {
+    let s = Setup::new();
+    let out = s.path("mine");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), b"my notes").unwrap();
+    std::fs::write(out.join("config.toml"), b"# my own settings\n").unwrap();
+    std::fs::write(out.join("best.safetensors"), b"my best model").unwrap();
+    let before = snapshot(&out);
+    let o = s.train(&s.data(), &out, &[]);
+    assert_refused(
+        &o,
+        1,
+        &[
+            "is not empty (it holds best.safetensors, config.toml, notes.txt)",
+            "--overwrite",
+        ],
+    );
+    assert_eq!(snapshot(&out), before, "a refused run changed the folder");
+    // --overwrite replaces the run files and leaves the others.
+    assert_ok(&s.train(&s.data(), &out, &["--overwrite"]));
+    assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"my notes");
+    assert!(load_checkpoint(&out.join("best.safetensors")).is_ok());
+}
+
+#[test]
+fn stale_temp_clean_up_keeps_the_users_files() {
+    let s = Setup::new();
+    let run = s.trained_run("r");
+    let mine = [".notes.tmp-1", ".cifar.bin.tmp-5", ".last.tmp-1.bak"];
+    for f in mine {
+        std::fs::write(run.join(f), b"mine").unwrap();
+    }
+    std::fs::write(
+        run.join(".last.podgpu-tmp-999.safetensors"),
+        b"half a checkpoint",
+    )
+    .unwrap();
+    let o = resume(&run, &["--epochs", "1"]);
+    assert_ok(&o);
+    assert!(
+        text(&o).0.contains("removed 1 temporary file"),
+        "{}",
+        text(&o).0
+    );
+    for f in mine {
+        assert_eq!(std::fs::read(run.join(f)).unwrap(), b"mine", "{f}");
+    }
+    assert!(!run.join(".last.podgpu-tmp-999.safetensors").exists());
+}
+
+#[test]
+fn default_run_folders_of_runs_started_together_differ() {
+    let s = Setup::new();
+    let data = s.data();
+    let start = || {
+        podgpu()
+            .current_dir(s.tmp.path())
+            .args([
+                "train",
+                "resnet18",
+                "--width",
+                "2",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+                "--limit-test",
+                "8",
+            ])
+            .arg("--data")
+            .arg(&data)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (start(), start());
+    for o in [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()] {
+        assert_ok(&o);
+    }
+    let runs: Vec<_> = std::fs::read_dir(s.path("runs"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    for r in runs {
+        assert!(
+            r.path().join("last.safetensors").is_file(),
+            "{:?}",
+            r.path()
+        );
+    }
+}
+
+#[test]
+fn resume_with_another_dataset_at_the_recorded_path() {
+    let s = Setup::new();
+    let run = s.trained_run("r");
+    let original = std::fs::read(s.data()).unwrap();
+    // Same name and classes, other images.
+    tiny_dataset(&s.data(), 12, 3, 48, 16);
+    assert_refused(
+        &resume(&run, &[]),
+        1,
+        &[
+            "is not the one this run trained on",
+            "it is another dataset",
+            "train 48 of 1×12×12",
+        ],
+    );
+    // The same images, re-normalised.
+    let renormalised = with_meta(&original, |m| m.mean = vec![0.5]);
+    std::fs::write(s.data(), renormalised).unwrap();
+    assert_refused(
+        &resume(&run, &[]),
+        1,
+        &["it was re-normalised", "mean [0.5]"],
+    );
+    // Other labels.
+    let mut relabelled = original.clone();
+    let at = read_meta(&original).splits[0].labels.offset as usize;
+    relabelled[at] = (relabelled[at] + 1) % 3;
+    let relabelled = with_meta(&relabelled, |m| {
+        m.splits[0].labels.crc32 = crc32fast::hash(&relabelled[at..at + 4 * 64])
+    });
+    std::fs::write(s.data(), relabelled).unwrap();
+    assert_refused(&resume(&run, &[]), 1, &["it holds other labels"]);
+    std::fs::write(s.data(), &original).unwrap();
+    assert_ok(&resume(&run, &[]));
+}
+
+#[test]
+fn resume_of_a_run_whose_dataset_moved() {
+    let s = Setup::new();
+    let run = s.trained_run("r");
+    let moved = s.path("moved.bin");
+    std::fs::rename(s.data(), &moved).unwrap();
+    assert_refused(
+        &resume(&run, &[]),
+        1,
+        &["tiny.bin does not exist", "--data NEW_PATH", "same dataset"],
+    );
+    // Another dataset given as the moved one is refused.
+    let other = s.path("other.bin");
+    tiny_dataset(&other, 12, 3, 32, 16);
+    assert_refused(
+        &resume(&run, &["--data", other.to_str().unwrap()]),
+        1,
+        &["given with --data is not the one this run trained on"],
+    );
+    let o = resume(&run, &["--data", moved.to_str().unwrap()]);
+    assert_ok(&o);
+    assert!(
+        text(&o).0.contains("the run's dataset moved"),
+        "{}",
+        text(&o).0
+    );
+    let cfg = podgpu::train::TrainConfig::load(&run.join("config.toml")).unwrap();
+    assert_eq!(cfg.data.unwrap(), moved.canonicalize().unwrap());
+    // From now on the new place is the run's.
+    assert_ok(&resume(&run, &["--epochs", "3"]));
+}
+
+#[test]
+fn a_relative_data_path_is_recorded_absolute() {
+    let s = Setup::new();
+    let here = s.path("here");
+    let elsewhere = s.path("elsewhere");
+    std::fs::create_dir_all(&here).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::copy(s.data(), here.join("d.bin")).unwrap();
+    // Another dataset under the same relative name in the other folder.
+    tiny_dataset(&elsewhere.join("d.bin"), 12, 3, 48, 16);
+    let common = [
+        "--width",
+        "2",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--threads",
+        "2",
+    ];
+    let o = podgpu()
+        .current_dir(&here)
+        .args([
+            "train", "resnet18", "--epochs", "1", "--data", "d.bin", "--out", "run",
+        ])
+        .args(common)
+        .output()
+        .unwrap();
+    assert_ok(&o);
+    let run = here.join("run");
+    let o = podgpu()
+        .current_dir(&elsewhere)
+        .args([
+            "train",
+            "--resume",
+            run.to_str().unwrap(),
+            "--epochs",
+            "2",
+            "--threads",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert_ok(&o);
+    let ck = load_checkpoint(&run.join("last.safetensors")).unwrap();
+    assert_eq!(
+        ck.state.run.unwrap().dataset.path,
+        here.join("d.bin").canonicalize().unwrap()
+    );
+    // A relative path edited into config.toml that resolves to another dataset is refused.
+    let cfg_path = run.join("config.toml");
+    let text_before = std::fs::read_to_string(&cfg_path).unwrap();
+    let edited: String = text_before
+        .lines()
+        .map(|l| {
+            if l.starts_with("data = ") {
+                "data = \"d.bin\"".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&cfg_path, &edited).unwrap();
+    let o = podgpu()
+        .current_dir(&elsewhere)
+        .args([
+            "train",
+            "--resume",
+            run.to_str().unwrap(),
+            "--epochs",
+            "3",
+            "--threads",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert_refused(
+        &o,
+        1,
+        &[
+            "the relative path d.bin resolves to",
+            "named in config.toml",
+        ],
+    );
+}
+
+#[test]
+fn resume_with_a_checkpoint_of_another_run() {
+    let s = Setup::new();
+    let a = s.trained_run("a");
+    let b = s.trained_run("b");
+    std::fs::copy(b.join("last.safetensors"), a.join("last.safetensors")).unwrap();
+    assert_refused(
+        &resume(&a, &[]),
+        1,
+        &["last.safetensors belongs to another run", "its own folder"],
+    );
+}
+
+#[test]
+fn resume_with_the_pedcc_of_another_run() {
+    let s = Setup::new();
+    let run = s.trained_run("r");
+    let pedcc = run.join("pedcc.safetensors");
+    let dim = podgpu::pedcc::load(&pedcc).unwrap().dim(1).to_string();
+    let o = run_within(
+        60,
+        &[
+            "pedcc",
+            "--classes",
+            "3",
+            "--dim",
+            &dim,
+            "--seed",
+            "99",
+            "--out",
+            pedcc.to_str().unwrap(),
+        ],
+    );
+    assert_ok(&o);
+    assert_refused(
+        &resume(&run, &[]),
+        1,
+        &[
+            "pedcc.safetensors is not this run's PEDCC",
+            "restore the run's own",
+        ],
+    );
+}
+
+#[test]
+fn resume_after_hand_edits_of_config_toml() {
+    let s = Setup::new();
+    let run = s.trained_run("r");
+    let cfg_path = run.join("config.toml");
+    let original = std::fs::read_to_string(&cfg_path).unwrap();
+    let edit = |from: &str, to: &str| {
+        let t = original.replace(from, to);
+        assert_ne!(t, original, "`{from}` not in config.toml");
+        std::fs::write(&cfg_path, &t).unwrap();
+        t
+    };
+    let edited = edit("\nlr = 0.1\n", "\nlr = 0.5\n");
+    assert_refused(
+        &run_within(120, &["train", "--resume", run.to_str().unwrap()]),
+        1,
+        &[
+            "config.toml and the run's checkpoint disagree",
+            "lr = 0.5 in config.toml, 0.1 in the checkpoint",
+            "podgpu train --config",
+        ],
+    );
+    assert_eq!(
+        std::fs::read_to_string(&cfg_path).unwrap(),
+        edited,
+        "the edit was overwritten"
+    );
+    // epochs is one of the settings a resume may change: honoured.
+    let edited = edit("\nepochs = 1\n", "\nepochs = 2\n");
+    let o = run_within(
+        120,
+        &["train", "--resume", run.to_str().unwrap(), "--threads", "2"],
+    );
+    assert_ok(&o);
+    assert!(text(&o).0.contains("training to epoch 2"), "{}", text(&o).0);
+    assert_eq!(
+        load_checkpoint(&run.join("last.safetensors"))
+            .unwrap()
+            .state
+            .epoch,
+        2
+    );
+    // Nothing changed on the command line: the user's file stays as written.
+    assert_eq!(std::fs::read_to_string(&cfg_path).unwrap(), edited);
+}
+
+#[test]
+fn resume_of_a_checkpoint_with_a_changed_header() {
+    let s = Setup::new();
+    let run = s.trained_run("r");
+    let ck = run.join("last.safetensors");
+    let bytes = std::fs::read(&ck).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + header_len]).unwrap();
+    let at = 8 + header.find(r#""epoch":"1""#).unwrap() + r#""epoch":""#.len();
+    let mut edited = bytes.clone();
+    edited[at] = b'0';
+    std::fs::write(&ck, &edited).unwrap();
+    assert_refused(
+        &resume(&run, &[]),
+        1,
+        &["is corrupted or truncated", "header fails its checksum"],
+    );
+}
+
+#[test]
+fn resume_repairs_a_best_checkpoint_lost_in_a_crash() {
+    let s = Setup::new();
+    let run = s.trained_run("r");
+    // A run killed after writing last.safetensors and before best.safetensors.
+    std::fs::remove_file(run.join("best.safetensors")).unwrap();
+    let o = resume(&run, &["--epochs", "1"]);
+    assert_ok(&o);
+    assert!(text(&o).0.contains("restored"), "{}", text(&o).0);
+    assert_eq!(
+        std::fs::read(run.join("best.safetensors")).unwrap(),
+        std::fs::read(run.join("last.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn a_plot_that_cannot_be_written() {
+    let s = Setup::new();
+    let run = s.trained_run("r");
+    // loss.png cannot be replaced (a folder with a file in it, as a full disk would refuse it).
+    std::fs::remove_file(run.join("loss.png")).unwrap();
+    std::fs::create_dir(run.join("loss.png")).unwrap();
+    std::fs::write(run.join("loss.png/x"), b"x").unwrap();
+    let o = resume(&run, &[]);
+    assert_ok(&o);
+    let (_, err) = text(&o);
+    assert!(
+        err.contains("warning:") && err.contains("loss.png"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("Os {") && !err.contains("kind:"),
+        "a debug structure: {err}"
+    );
+    assert_eq!(
+        load_checkpoint(&run.join("last.safetensors"))
+            .unwrap()
+            .state
+            .epoch,
+        2
+    );
+}
+
+#[test]
+fn data_convert_never_destroys_what_the_user_has() {
+    let s = Setup::new();
+    let dir = s.path("idx");
+    std::fs::create_dir(&dir).unwrap();
+    let idx = |dims: &[u32], data: &[u8]| {
+        let mut v = vec![0, 0, 8, dims.len() as u8];
+        for d in dims {
+            v.extend_from_slice(&d.to_be_bytes());
+        }
+        v.extend_from_slice(data);
+        v
+    };
+    let images = dir.join("train-images-idx3-ubyte");
+    let labels = dir.join("train-labels-idx1-ubyte");
+    std::fs::write(&images, idx(&[4, 8, 8], &[7u8; 256])).unwrap();
+    std::fs::write(&labels, idx(&[4], &[0, 1, 0, 1])).unwrap();
+    let images_bytes = std::fs::read(&images).unwrap();
+    let (i, l) = (images.to_str().unwrap(), labels.to_str().unwrap());
+    // --out is an input.
+    let o = run_within(60, &["data", "convert", i, l, "--out", i]);
+    assert_refused(&o, 1, &["is one of the inputs", "choose another --out"]);
+    assert_eq!(std::fs::read(&images).unwrap(), images_bytes);
+    // A good dataset at --out is not replaced by one that cannot be used.
+    let out = s.path("out.bin");
+    assert_ok(&run_within(
+        60,
+        &["data", "convert", i, l, "--out", out.to_str().unwrap()],
+    ));
+    let good = std::fs::read(&out).unwrap();
+    for (mean, std, needle) in [
+        ("NaN", "0.5", "mean values must be finite"),
+        ("0.5", "1e-45", "would not be finite"),
+        ("0.5", "0", "std values must be finite and > 0"),
+    ] {
+        let o = run_within(
+            60,
+            &[
+                "data",
+                "convert",
+                i,
+                l,
+                "--out",
+                out.to_str().unwrap(),
+                "--mean",
+                mean,
+                "--std",
+                std,
+            ],
+        );
+        assert_refused(&o, 1, &[needle]);
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            good,
+            "--mean {mean} --std {std}"
+        );
+    }
+    // An existing file that is not a dataset is the user's.
+    let notes = s.path("notes.txt");
+    std::fs::write(&notes, b"mine").unwrap();
+    let o = run_within(
+        60,
+        &["data", "convert", i, l, "--out", notes.to_str().unwrap()],
+    );
+    assert_refused(&o, 1, &["exists and is not a podgpu dataset"]);
+    assert_eq!(std::fs::read(&notes).unwrap(), b"mine");
+}
+
+#[test]
+fn hostile_sizes_are_refused_before_allocation() {
+    let s = Setup::new();
+    let p = s.path("p.st");
+    let p = p.to_str().unwrap();
+    for (args, needles) in [
+        (
+            vec!["models", "--models", "resnet18", "--width", "100000000"],
+            vec!["needs at least", "more than this machine has", "--width"],
+        ),
+        (
+            vec!["models", "--models", "resnet18", "--image-size", "1000000"],
+            vec!["needs at least", "--image-size"],
+        ),
+        (
+            vec![
+                "models",
+                "--models",
+                "resnet18",
+                "--feature-dim",
+                "100000000000",
+            ],
+            vec!["needs at least", "--feature-dim"],
+        ),
+        (
+            vec!["pedcc", "--classes", "100000000", "--dim", "2", "--out", p],
+            vec!["a PEDCC of 100000000 classes in 2 dimensions needs at least"],
+        ),
+        (
+            vec![
+                "pedcc",
+                "--classes",
+                "3",
+                "--dim",
+                "18446744073709551615",
+                "--out",
+                p,
+            ],
+            vec!["needs at least", "--dim"],
+        ),
+    ] {
+        let o = run_within(60, &args);
+        assert_refused(&o, 1, &needles);
+    }
+    assert_fresh_refused(
+        &s,
+        &s.data(),
+        &["--width", "100000000"],
+        &["needs at least", "--width"],
+    );
+    assert_fresh_refused(
+        &s,
+        &s.data(),
+        &["--feature-dim", "100000000000"],
+        &["needs at least", "--feature-dim"],
+    );
+    assert_fresh_refused(
+        &s,
+        &s.data(),
+        &["--width", "100000000", "--loss", "softmax"],
+        &["needs at least"],
+    );
+    // A PEDCC file of 2 million classes (16 MB) would need its 2M × 2M inner products.
+    let big = s.path("big.safetensors");
+    let k = 2_000_000usize;
+    let data: Vec<u8> = (0..k)
+        .flat_map(|i| {
+            let a = i as f32 * 1e-6;
+            [a.cos(), a.sin()]
+        })
+        .flat_map(f32::to_le_bytes)
+        .collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![k, 2], &data).unwrap();
+    safetensors::serialize_to_file([("pedcc", view)], None, &big).unwrap();
+    assert_fresh_refused(
+        &s,
+        &s.data(),
+        &["--pedcc", big.to_str().unwrap(), "--feature-dim", "2"],
+        &["a PEDCC of 2000000 classes in 2 dimensions needs at least"],
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn decompression_is_bounded_by_the_size_the_header_announces() {
+    use std::io::Write;
+    use std::os::unix::process::CommandExt;
+    let s = Setup::new();
+    let dir = s.path("bomb");
+    std::fs::create_dir(&dir).unwrap();
+    // A header announcing 4 images of 8×8, followed by 4 GB of zeros: gzip members of 64 MiB of
+    // zeros each (about 64 KB compressed), concatenated.
+    let mut head = vec![0u8, 0, 8, 3];
+    for d in [4u32, 8, 8] {
+        head.extend_from_slice(&d.to_be_bytes());
+    }
+    let gz = |bytes: &[u8]| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    };
+    let zeros = gz(&vec![0u8; 64 << 20]);
+    let mut f = std::fs::File::create(dir.join("train-images-idx3-ubyte.gz")).unwrap();
+    f.write_all(&gz(&head)).unwrap();
+    for _ in 0..64 {
+        f.write_all(&zeros).unwrap();
+    }
+    drop(f);
+    let mut labels = vec![0u8, 0, 8, 1, 0, 0, 0, 4];
+    labels.extend_from_slice(&[0, 1, 0, 1]);
+    // Not gzipped, whatever the name says (gzip is told by its magic bytes).
+    std::fs::write(dir.join("train-labels-idx1-ubyte.gz"), labels).unwrap();
+    let mut cmd = podgpu();
+    cmd.args([
+        "data",
+        "convert",
+        dir.to_str().unwrap(),
+        "--out",
+        s.path("o.bin").to_str().unwrap(),
+    ]);
+    // SAFETY: setrlimit in the child before exec: 2 GiB of address space, half of the bomb.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 2 << 30,
+                rlim_max: 2 << 30,
+            };
+            libc::setrlimit(libc::RLIMIT_AS, &lim);
+            Ok(())
+        });
+    }
+    let o = cmd.output().unwrap();
+    assert_refused(&o, 1, &["holds more data", "[4, 8, 8]"]);
+}
+
+#[test]
+fn an_image_that_announces_a_huge_size() {
+    let s = Setup::new();
+    let root = s.path("imgs");
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        image::GrayImage::from_pixel(4, 4, image::Luma([9]))
+            .save(root.join(class).join("ok.png"))
+            .unwrap();
+    }
+    // A valid PNG header that announces 60000×60000 pixels, in a few hundred bytes.
+    let mut png = std::fs::read(root.join("a/ok.png")).unwrap();
+    png[16..20].copy_from_slice(&60000u32.to_be_bytes());
+    png[20..24].copy_from_slice(&60000u32.to_be_bytes());
+    let crc = crc32fast::hash(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    std::fs::write(root.join("b/bomb.png"), png).unwrap();
+    let o = run_within(
+        60,
+        &[
+            "data",
+            "convert",
+            root.to_str().unwrap(),
+            "--out",
+            s.path("o.bin").to_str().unwrap(),
+        ],
+    );
+    assert_refused(
+        &o,
+        1,
+        &["bomb.png is 60000×60000 pixels", "more than podgpu decodes"],
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn fifos_and_devices_are_refused_at_once() {
+    let s = Setup::new();
+    let fifo = s.path("fifo");
+    mkfifo(&fifo);
+    let f = fifo.to_str().unwrap();
+    let o = run_within(
+        60,
+        &[
+            "train",
+            "resnet18",
+            "--device",
+            "cpu",
+            "--data",
+            f,
+            "--out",
+            s.path("run").to_str().unwrap(),
+        ],
+    );
+    assert_refused(&o, 1, &["a named pipe (FIFO), not a regular file"]);
+    assert!(!s.path("run").exists());
+    for args in [
+        vec!["eval", "--checkpoint", f, "--device", "cpu"],
+        vec!["eval", "--checkpoint", "/dev/zero", "--device", "cpu"],
+        vec!["data", "verify", f],
+        vec!["data", "verify", "/dev/zero"],
+        vec!["train", "--config", f, "--device", "cpu"],
+    ] {
+        let o = run_within(60, &args);
+        assert_refused(&o, 1, &["not a regular file"]);
+    }
+    // The run folder's lock file replaced by a FIFO.
+    let run = s.trained_run("r");
+    std::fs::remove_file(run.join(".lock")).unwrap();
+    mkfifo(&run.join(".lock"));
+    let o = run_within(60, &["train", "--resume", run.to_str().unwrap()]);
+    assert_refused(&o, 1, &[".lock is not a regular file"]);
+}
+
+#[test]
+fn non_finite_weights_in_a_checkpoint() {
+    let s = Setup::new();
+    let run = s.trained_run("r");
+    let ck = run.join("last.safetensors");
+    // NaN in fc.weight, with every checksum consistent (as a diverged run's file would be).
+    {
+        use podgpu::train::checkpoint::{header_checksum, HEADER_CHECKSUM};
+        let bytes = std::fs::read(&ck).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let mut meta = header.metadata().clone().unwrap();
+        let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.to_string(),
+                    v.dtype(),
+                    v.shape().to_vec(),
+                    v.data().to_vec(),
+                )
+            })
+            .collect();
+        let fc = tensors.iter_mut().find(|t| t.0 == "fc.weight").unwrap();
+        fc.3[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        let sums: std::collections::BTreeMap<&str, String> = tensors
+            .iter()
+            .map(|(n, _, _, d)| (n.as_str(), format!("{:08x}", crc32fast::hash(d))))
+            .collect();
+        meta.insert("checksums".into(), serde_json::to_string(&sums).unwrap());
+        let sum = header_checksum(
+            &meta,
+            tensors
+                .iter()
+                .map(|(n, d, s, _)| (n.as_str(), *d, s.as_slice())),
+        );
+        meta.insert(HEADER_CHECKSUM.into(), serde_json::to_string(&sum).unwrap());
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .map(|(n, d, sh, b)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(*d, sh.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        std::fs::write(&ck, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+    }
+    let needles = ["holds non-finite values", "`fc.weight` holds 1 NaN"];
+    assert_refused(&resume(&run, &[]), 1, &needles);
+    let o = run_within(
+        120,
+        &[
+            "eval",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ],
+    );
+    assert_refused(&o, 1, &needles);
+}
+
+#[test]
+fn eval_of_a_damaged_dataset() {
+    let s = Setup::new();
+    let run = s.trained_run("r");
+    let p = s.damaged("flipped.bin", |b| {
+        let at = read_meta(b).splits[1].pixels.offset as usize + 10;
+        b[at] ^= 0x40;
+    });
+    let o = run_within(
+        120,
+        &[
+            "eval",
+            "--checkpoint",
+            run.join("last.safetensors").to_str().unwrap(),
+            "--data",
+            p.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ],
+    );
+    assert_refused(&o, 1, &["failed its checksum", "split 'test' pixels"]);
+}
+
+#[test]
+fn degenerate_pedccs() {
+    let s = Setup::new();
+    let o = run_within(
+        60,
+        &[
+            "pedcc",
+            "--classes",
+            "3",
+            "--dim",
+            "1",
+            "--out",
+            s.path("p.st").to_str().unwrap(),
+        ],
+    );
+    assert_refused(
+        &o,
+        1,
+        &["is degenerate", "coincide", "could not be told apart"],
+    );
+    assert!(!s.path("p.st").exists());
+    // A file with two identical rows.
+    let f = s.path("twins.safetensors");
+    let rows: [[f32; 2]; 3] = [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]];
+    let data: Vec<u8> = rows
+        .iter()
+        .flatten()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![3, 2], &data).unwrap();
+    safetensors::serialize_to_file([("pedcc", view)], None, &f).unwrap();
+    assert_fresh_refused(
+        &s,
+        &s.data(),
+        &["--pedcc", f.to_str().unwrap(), "--feature-dim", "2"],
+        &["is degenerate: centroids 1 and 2 coincide"],
+    );
+}
+
+#[test]
+fn threads_beyond_the_cores_are_capped() {
+    let s = Setup::new();
+    let o = s.train(&s.data(), &s.path("run"), &["--threads", "4096"]);
+    assert_ok(&o);
+    assert!(
+        text(&o).0.contains("note: --threads 4096 is more than the"),
+        "{}",
+        text(&o).0
+    );
+}
+
+#[test]
+fn decoder_errors_are_said_once() {
+    let s = Setup::new();
+    let root = s.path("imgs");
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        image::GrayImage::from_pixel(4, 4, image::Luma([9]))
+            .save(root.join(class).join("ok.png"))
+            .unwrap();
+    }
+    // A PNG of 4×4 RGB pixels whose compressed data holds one row only.
+    let chunk = |kind: &[u8], data: &[u8]| {
+        let mut c = (data.len() as u32).to_be_bytes().to_vec();
+        c.extend_from_slice(kind);
+        c.extend_from_slice(data);
+        c.extend_from_slice(&crc32fast::hash(&c[4..]).to_be_bytes());
+        c
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&4u32.to_be_bytes());
+    ihdr.extend_from_slice(&4u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut z, &[0u8; 13]).unwrap();
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &ihdr));
+    png.extend(chunk(b"IDAT", &z.finish().unwrap()));
+    png.extend(chunk(b"IEND", &[]));
+    std::fs::write(root.join("b/cut.png"), png).unwrap();
+    let o = run_within(
+        60,
+        &[
+            "data",
+            "convert",
+            root.to_str().unwrap(),
+            "--out",
+            s.path("o.bin").to_str().unwrap(),
+        ],
+    );
+    let err = assert_refused(&o, 1, &["cannot decode image", "cut.png"]);
+    let line = err.lines().next().unwrap();
+    let tail = line.rsplit(": ").next().unwrap();
+    assert_eq!(line.matches(tail).count(), 1, "said twice: {line}");
+    assert!(
+        !err.contains("{ ") && !err.contains("Os {"),
+        "a debug structure: {err}"
+    );
+}
+
+#[test]
+fn suggested_commands_quote_paths() {
+    let s = Setup::new();
+    let run = s.trained_run("my run");
+    let o = s.train(&s.data(), &run, &[]);
+    let quoted = format!("podgpu train --resume '{}'", run.display());
+    assert_refused(&o, 1, &["already holds a run", &quoted]);
+}
+
+#[test]
+fn following_the_advice_for_a_damaged_checkpoint() {
+    let s = Setup::new();
+    let run = s.trained_run("r");
+    let ck = run.join("last.safetensors");
+    let mut bytes = std::fs::read(&ck).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 0x01;
+    std::fs::write(&ck, &bytes).unwrap();
+    let err = assert_refused(&resume(&run, &[]), 1, &["is corrupted or truncated", "cp "]);
+    // The advice is two commands in backquotes: run them as they are.
+    let cmds: Vec<&str> = err.split('`').skip(1).step_by(2).collect();
+    let cp = cmds
+        .iter()
+        .find(|c| c.starts_with("cp "))
+        .expect("a cp command");
+    let resume_cmd = cmds
+        .iter()
+        .find(|c| c.starts_with("podgpu train --resume"))
+        .unwrap();
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cp)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{cp}");
+    let args: Vec<String> = shell_words(resume_cmd);
+    let mut all: Vec<&str> = args[1..].iter().map(String::as_str).collect();
+    all.extend(["--threads", "2", "--epochs", "2"]);
+    assert_ok(&run_within(120, &all));
+}
+
+/// Splits a simple command line (words, single quotes) as a shell would.
+fn shell_words(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for c in s.chars() {
+        match c {
+            '\'' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+#[test]
+fn resume_with_a_damaged_metrics_line() {
+    let s = Setup::new();
+    let run = s.trained_run("r");
+    let m = run.join("metrics.jsonl");
+    let text_before = std::fs::read_to_string(&m).unwrap();
+    std::fs::write(&m, format!("{{\"epoch\": oops\n{text_before}")).unwrap();
+    assert_refused(
+        &resume(&run, &[]),
+        1,
+        &[
+            "metrics.jsonl line 1 is not a valid record",
+            "fix or delete that line",
+            "podgpu train --resume",
+        ],
+    );
 }

@@ -338,3 +338,197 @@ fn writing_into_a_missing_folder_is_a_clear_error() {
         "{e}"
     );
 }
+
+// ---- issue 14: the whole checkpoint is protected, non-finite weights are refused ----
+
+/// The checkpoint's bytes with the first occurrence of `from` in its JSON header replaced by `to`
+/// (same length, so that the layout stays valid).
+fn edit_header(bytes: &[u8], from: &str, to: &str) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + header_len]).unwrap();
+    let at = header
+        .find(from)
+        .unwrap_or_else(|| panic!("`{from}` not in {header}"));
+    let mut out = bytes.to_vec();
+    out[8 + at..8 + at + from.len()].copy_from_slice(to.as_bytes());
+    out
+}
+
+#[test]
+fn one_changed_byte_in_the_header_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _, _) = saved(dir.path());
+    let bytes = std::fs::read(&path).unwrap();
+    let bad = dir.path().join("edited.safetensors");
+    // The epoch, the best accuracy and a setting: each a valid value that would be loaded silently.
+    for (from, to) in [
+        (r#""epoch":"7""#, r#""epoch":"8""#),
+        (r#""best_acc":"0.8125""#, r#""best_acc":"0.9125""#),
+        (r#"\"lr\":0.1"#, r#"\"lr\":0.5"#),
+    ] {
+        std::fs::write(&bad, edit_header(&bytes, from, to)).unwrap();
+        let e = load_err(&bad);
+        assert!(
+            e.contains("corrupted or truncated") && e.contains("header fails its checksum"),
+            "{from} → {to}: {e}"
+        );
+    }
+}
+
+/// The checkpoint at `path` rewritten with `edit` applied to its tensors, the checksum list and the
+/// header checksum recomputed as podgpu writes them (a deliberate, consistent edit).
+fn rewrite(
+    path: &Path,
+    edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
+    keep_list: bool,
+) {
+    use podgpu::train::checkpoint::{header_checksum, HEADER_CHECKSUM};
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut meta = header.metadata().clone().unwrap();
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                v.dtype(),
+                v.shape().to_vec(),
+                v.data().to_vec(),
+            )
+        })
+        .collect();
+    edit(&mut tensors);
+    if !keep_list {
+        let sums: std::collections::BTreeMap<&str, String> = tensors
+            .iter()
+            .map(|(n, _, _, d)| (n.as_str(), format!("{:08x}", crc32fast::hash(d))))
+            .collect();
+        meta.insert("checksums".into(), serde_json::to_string(&sums).unwrap());
+    }
+    let shapes = tensors
+        .iter()
+        .map(|(n, d, s, _)| (n.as_str(), *d, s.as_slice()));
+    let sum = header_checksum(&meta, shapes);
+    meta.insert(HEADER_CHECKSUM.into(), serde_json::to_string(&sum).unwrap());
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+}
+
+#[test]
+fn a_missing_tensor_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _, _) = saved(dir.path());
+    let original = std::fs::read(&path).unwrap();
+    // The tensor and its checksum entry both gone, the header checksum left as written.
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut meta = header.metadata().clone().unwrap();
+    let mut sums: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(&meta["checksums"]).unwrap();
+    sums.remove("fc.bias");
+    meta.insert("checksums".into(), serde_json::to_string(&sums).unwrap());
+    let views: Vec<(String, safetensors::tensor::TensorView)> = st
+        .iter()
+        .filter(|(n, _)| *n != "fc.bias")
+        .map(|(n, v)| (n.to_string(), v))
+        .collect();
+    std::fs::write(&path, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+    let e = load_err(&path);
+    assert!(e.contains("header fails its checksum"), "{e}");
+    // Only in the checksum list: named.
+    std::fs::write(&path, &original).unwrap();
+    rewrite(&path, |t| t.retain(|(n, _, _, _)| n != "fc.bias"), true);
+    let e = load_err(&path);
+    assert!(e.contains("tensor `fc.bias` is missing"), "{e}");
+}
+
+#[test]
+fn non_finite_weights_are_never_saved_nor_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, s, sgd) = saved(dir.path());
+    let before = std::fs::read(&path).unwrap();
+    // Saving NaN weights fails and keeps the last good file.
+    let mut bad = ParamStore::new();
+    for p in s.iter() {
+        let mut v = p.value.to_vec_f32();
+        if p.name == "fc.weight" {
+            v[3] = f32::NAN;
+            v[4] = f32::INFINITY;
+        }
+        bad.add(p.name.clone(), Tensor::from_vec(p.value.shape(), v), p.kind);
+    }
+    let e = format!(
+        "{:#}",
+        save_checkpoint(&path, &bad, sgd.state(), &state()).unwrap_err()
+    );
+    assert!(
+        e.contains("not finite") && e.contains("`fc.weight` holds 1 NaN and 1 infinite"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    // A file that holds them (written by something else, consistently) is refused.
+    rewrite(
+        &path,
+        |t| {
+            let (_, _, _, d) = t.iter_mut().find(|(n, _, _, _)| n == "fc.weight").unwrap();
+            d[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        },
+        false,
+    );
+    let e = load_err(&path);
+    assert!(
+        e.contains("holds non-finite values") && e.contains("`fc.weight` holds 1 NaN"),
+        "{e}"
+    );
+}
+
+#[test]
+fn best_is_restored_from_last_after_a_crash_between_the_two_writes() {
+    use podgpu::train::checkpoint::reconcile_best;
+    let dir = tempfile::tempdir().unwrap();
+    let (s, sgd) = trained(5);
+    let mut st = state();
+    st.best_acc = None;
+    st.epoch = 1;
+    save_epoch_checkpoints(dir.path(), &s, sgd.state(), &mut st, Some(0.5)).unwrap();
+    st.epoch = 2;
+    save_epoch_checkpoints(dir.path(), &s, sgd.state(), &mut st, Some(0.7)).unwrap();
+    assert_eq!((st.best_acc, st.best_epoch), (Some(0.7), Some(2)));
+    let last = dir.path().join("last.safetensors");
+    let best = dir.path().join("best.safetensors");
+    let last_bytes = std::fs::read(&last).unwrap();
+    assert_eq!(
+        reconcile_best(dir.path(), &st, &last_bytes, false).unwrap(),
+        None
+    );
+    // Killed after last was written, before best: no best (or the previous one).
+    std::fs::remove_file(&best).unwrap();
+    let note = reconcile_best(dir.path(), &st, &last_bytes, false)
+        .unwrap()
+        .unwrap();
+    assert!(note.contains("restored"), "{note}");
+    assert_eq!(std::fs::read(&best).unwrap(), last_bytes);
+    // A best of another epoch that cannot be repaired from last (last is mid-epoch) is reported.
+    let mut older = st.clone();
+    older.epoch = 1;
+    older.best_acc = Some(0.5);
+    save_checkpoint(&best, &s, sgd.state(), &older).unwrap();
+    let note = reconcile_best(dir.path(), &st, &last_bytes, true)
+        .unwrap()
+        .unwrap();
+    assert!(
+        note.contains("does not hold the run's best epoch") && note.contains("it holds epoch 1"),
+        "{note}"
+    );
+}

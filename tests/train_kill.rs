@@ -246,3 +246,155 @@ fn sigint_mid_epoch_checkpoints_the_exact_step() {
     );
     assert_eq!(exact_metrics(&reference), exact_metrics(&dir));
 }
+
+/// Starts `args` with stdout piped and returns the child once training has started (the header
+/// line; the signal handler is installed before it), with a thread draining its output.
+fn start_training(
+    args: &[String],
+    log: &Path,
+    env: &[(&str, &str)],
+) -> (Child, std::thread::JoinHandle<String>) {
+    let mut cmd = podgpu();
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    let drain = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut text = String::new();
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line.unwrap();
+            if line.starts_with("run folder") {
+                let _ = started_tx.send(());
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    started_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("podgpu did not start training");
+    (child, drain)
+}
+
+/// SIGHUP (the terminal closed) stops a run like Ctrl-C: status 130, a checkpoint of that step.
+#[test]
+fn sighup_stops_like_sigterm_with_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("tiny.bin");
+    tiny_dataset(&data, 12, 3, 480, 30);
+    let dir = tmp.path().join("hung-up");
+    let log = tmp.path().join("stderr.txt");
+    let mut args = fresh_args(&data, &dir);
+    let epochs = args.iter().position(|a| a == "--epochs").unwrap();
+    args[epochs + 1] = "1".into();
+    let (child, drain) = start_training(&args, &log, &[]);
+    signal(&child, libc::SIGHUP);
+    let out = child.wait_with_output().unwrap();
+    let stdout = drain.join().unwrap();
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(out.status.code(), Some(130), "{stdout}\n{err}");
+    assert!(err.contains("interrupted: stopped in epoch 1"), "{err}");
+    let ck = podgpu::train::load_checkpoint(&dir.join("last.safetensors")).unwrap();
+    assert!(
+        podgpu::train::tally::EpochTally::from_extra(&ck.state.extra)
+            .unwrap()
+            .is_some()
+    );
+    assert_ok(
+        &podgpu()
+            .args(["train", "--resume", dir.to_str().unwrap()])
+            .output()
+            .unwrap(),
+    );
+}
+
+/// A memory-mapped dataset truncated while a run reads it: the run stops with a message and a
+/// checkpoint of the last step that trained on good data (no SIGBUS); with the file put back, the
+/// resumed run ends with the weights of an uninterrupted one. A small file is read into memory when
+/// opened, so truncating it does not touch the run at all.
+#[test]
+fn a_dataset_truncated_under_a_run_stops_it_with_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("tiny.bin");
+    tiny_dataset(&data, 12, 3, 480, 30);
+    let bytes = std::fs::read(&data).unwrap();
+    let with_epochs = |out: &Path, epochs: &str| {
+        let mut a = fresh_args(&data, out);
+        let i = a.iter().position(|a| a == "--epochs").unwrap();
+        a[i + 1] = epochs.into();
+        a
+    };
+    let reference = tmp.path().join("reference");
+    assert_ok(
+        &podgpu()
+            .args(with_epochs(&reference, "2"))
+            .output()
+            .unwrap(),
+    );
+
+    let dir = tmp.path().join("truncated");
+    let log = tmp.path().join("stderr.txt");
+    let env = [(podgpu::data::dataset::IN_MEMORY_ENV, "0")];
+    let (child, drain) = start_training(&with_epochs(&dir, "2"), &log, &env);
+    // Cut the file inside the first split's pixels, as `> tiny.bin` or a failing copy would.
+    let f = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+    f.set_len(4096).unwrap();
+    drop(f);
+    let out = child.wait_with_output().unwrap();
+    let stdout = drain.join().unwrap();
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{err}");
+    assert!(
+        err.contains("changed while training")
+            && err.contains("without training on the changed data"),
+        "{err}"
+    );
+    assert!(err.contains("podgpu train --resume"), "{err}");
+    assert!(dir.join("last.safetensors").is_file());
+    // Resuming with the file still cut is refused; with it put back, the run ends as if never cut.
+    let o = podgpu()
+        .args(["train", "--resume", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{:?}", text(&o));
+    std::fs::write(&data, &bytes).unwrap();
+    assert_ok(
+        &podgpu()
+            .args(["train", "--resume", dir.to_str().unwrap()])
+            .env(podgpu::data::dataset::IN_MEMORY_ENV, "0")
+            .output()
+            .unwrap(),
+    );
+    assert_same_checkpoint(
+        &reference.join("last.safetensors"),
+        &dir.join("last.safetensors"),
+    );
+    assert_eq!(exact_metrics(&reference), exact_metrics(&dir));
+
+    // Read into memory (the default for a small file): the run does not notice.
+    let dir = tmp.path().join("in-memory");
+    let (child, drain) = start_training(&with_epochs(&dir, "1"), &log, &[]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    drain.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    std::fs::write(&data, &bytes).unwrap();
+}

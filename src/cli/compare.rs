@@ -164,12 +164,26 @@ pub fn run(a: Args) -> Result<()> {
             plan.push(cfg);
         }
     }
-    std::fs::create_dir_all(&root).with_context(|| {
+    // A default name gets a suffix when another comparison started in the same second.
+    let created = if base.out.is_none() {
+        crate::train::run_dir::create_unique(&root)
+    } else {
+        std::fs::create_dir_all(&root).map(|_| root.clone())
+    };
+    let root = created.with_context(|| {
         format!(
             "could not create {}; choose a writable --out",
             root.display()
         )
     })?;
+    for cfg in &mut plan {
+        let name = cfg
+            .out
+            .as_ref()
+            .and_then(|o| o.file_name())
+            .map(PathBuf::from);
+        cfg.out = name.map(|n| root.join(n));
+    }
     println!(
         "comparing {} contestants on {} ({}) in {}",
         plan.len(),

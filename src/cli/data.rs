@@ -1,7 +1,7 @@
 //! `podgpu data convert|verify|info`: make, check and describe dataset files.
 
 use anyhow::{bail, Context, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::data::convert::{self, ConvertOptions, Fit, LabelKind, Norm, SourceFormat};
 use crate::data::{write_dataset, Dataset};
@@ -125,6 +125,12 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
     if !(0.0..1.0).contains(&a.test_fraction) {
         bail!("--test-fraction must be in [0, 1), got {}", a.test_fraction);
     }
+    if let Norm::Fixed { mean, std } = &norm {
+        if let Some(problem) = crate::data::format::normalisation_problem(mean, std) {
+            bail!("--mean/--std: {problem}");
+        }
+    }
+    check_out_path(&a.out, &a.inputs)?;
     let mut opts = ConvertOptions::new(a.inputs);
     opts.format = a.from;
     opts.label_kind = a.labels;
@@ -149,6 +155,72 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
     ds.verify_all()?;
     println!("converted {} → {}", format.name(), a.out.display());
     print_info(&ds);
+    Ok(())
+}
+
+/// Whether two paths name the same file (same device and inode).
+fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        a.canonicalize()
+            .ok()
+            .is_some_and(|x| b.canonicalize().ok() == Some(x))
+    }
+}
+
+/// `--out` must not be one of the inputs (the conversion would replace the source data), nor an
+/// existing file that is not a podgpu dataset (it is the user's, not ours to replace).
+fn check_out_path(out: &Path, inputs: &[PathBuf]) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if out.is_dir() {
+        bail!(
+            "--out {} is a folder; give the dataset file to write, e.g. {}",
+            out.display(),
+            out.join("data.bin").display()
+        );
+    }
+    for input in inputs {
+        let files: Vec<PathBuf> = if input.is_dir() {
+            std::fs::read_dir(input)
+                .map(|rd| rd.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default()
+        } else {
+            vec![input.clone()]
+        };
+        if let Some(f) = files.iter().find(|f| same_file(f, out)) {
+            bail!(
+                "--out {} is one of the inputs ({}); the conversion would replace the source \
+                 data: choose another --out",
+                out.display(),
+                f.display()
+            );
+        }
+    }
+    let mut head = [0u8; 8];
+    let is_dataset = crate::fsutil::open_regular(out)
+        .and_then(|mut f| {
+            use std::io::Read;
+            f.read_exact(&mut head)
+        })
+        .is_ok()
+        && head == crate::data::format::MAGIC;
+    if !is_dataset {
+        bail!(
+            "--out {} exists and is not a podgpu dataset; podgpu replaces only its own dataset \
+             files: choose another --out (or remove that file first)",
+            out.display()
+        );
+    }
     Ok(())
 }
 

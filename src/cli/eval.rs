@@ -49,6 +49,20 @@ pub fn load_network(
         .or_else(|| cfg.data.clone())
         .unwrap_or_else(crate::data::default_dataset_path);
     let ds = Dataset::open(&data).map_err(|e| anyhow!("{e}"))?;
+    // Every section's checksum, as `train` does: a damaged file gives a wrong score, not an error.
+    ds.verify_all().map_err(|e| anyhow!("{e}"))?;
+    // Scoring on another dataset is allowed (another test set of the same classes), but said.
+    if let Some(run) = &ckpt.state.run {
+        let now = crate::train::identity::DatasetIdentity::of(&ds, &data);
+        if let Some(diff) = run.dataset.difference(&now) {
+            eprintln!(
+                "note: {} is not the dataset {} was trained on ({}): {diff}",
+                data.display(),
+                checkpoint.display(),
+                run.dataset.path.display()
+            );
+        }
+    }
     let probe = ds.split(ds.split_names()[0]).map_err(|e| anyhow!("{e}"))?;
     let [c, h, _] = probe.image_shape();
     let fc = ckpt.tensors.get("fc.weight").ok_or_else(|| {
@@ -80,6 +94,16 @@ pub fn load_network(
         feature_dim,
         head,
     };
+    crate::budget::check_network(
+        &spec,
+        [c, h, probe.image_shape()[2]],
+        1,
+        false,
+        crate::budget::NetworkFlags {
+            size: "the width in the checkpoint's settings is wrong; use the checkpoint as written",
+            inputs: "the dataset's images are too large for this machine",
+        },
+    )?;
     let mut ps = ParamStore::new();
     let net = Network::new(
         spec,

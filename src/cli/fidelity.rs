@@ -197,6 +197,18 @@ pub fn run_model(fx: &Fixture, place: Place) -> Result<Outputs> {
         head,
     };
     let mut ps = ParamStore::new();
+    crate::budget::check_network(
+        &spec,
+        [c, image.shape[2], image.shape[3]],
+        b,
+        true,
+        crate::budget::NetworkFlags {
+            size: "the fixture's base_width, feature_dim or classes are larger than this machine \
+                   can build; check its metadata",
+            inputs: "the fixture's batch of images is larger than this machine can train on",
+        },
+    )
+    .map_err(|e| anyhow!("{path}: {e}"))?;
     let net = Network::new(spec, &mut ps, place.dtype, &mut crate::rng::Rng::new(0))
         .map_err(|e| anyhow!("{path}: {e}"))?;
     // Every parameter and buffer comes from the fixture, by its state_dict key; nothing may be left

@@ -72,13 +72,30 @@ pub fn describe(model: &str, a: &Args) -> Result<ModelInfo> {
     if a.classes < 2 || a.channels == 0 || a.width == 0 {
         bail!("--classes must be at least 2, --channels and --width at least 1");
     }
+    // Nothing is allocated for the requested sizes before they are checked against the machine.
+    let image = crate::budget::product(&[
+        a.channels as u128,
+        a.image_size as u128,
+        a.image_size as u128,
+        4,
+    ]);
+    crate::budget::ensure_fits(
+        image,
+        || {
+            format!(
+                "a {}×{}×{} input image",
+                a.channels, a.image_size, a.image_size
+            )
+        },
+        "lower --image-size or --channels",
+    )?;
     let dim = a
         .feature_dim
         .unwrap_or_else(|| pedcc::recommended_dim(a.classes));
     if dim < 2 {
         bail!("--feature-dim must be at least 2");
     }
-    let method = if a.classes <= dim + 1 {
+    let method = if a.classes <= dim.saturating_add(1) {
         Method::Simplex
     } else {
         Method::Repulsion
@@ -96,6 +113,16 @@ pub fn describe(model: &str, a: &Args) -> Result<ModelInfo> {
     };
     let mut ps = ParamStore::new();
     let mut rng = Rng::new(0);
+    crate::budget::check_network(
+        &spec,
+        [a.channels, a.image_size, a.image_size],
+        1,
+        false,
+        crate::budget::NetworkFlags {
+            size: "lower --width (64 is the standard network) or --feature-dim",
+            inputs: "lower --image-size or --channels",
+        },
+    )?;
     let net = Network::new(spec, &mut ps, DType::F32, &mut rng).map_err(|e| anyhow!(e))?;
     let s = a.image_size;
     let pixels: Vec<f32> = (0..a.channels * s * s)

@@ -31,7 +31,7 @@ pub fn run(args: Args) -> Result<()> {
         .unwrap_or_else(|| pedcc::recommended_dim(args.classes));
     // K > n+1 has no exact simplex: the CLI falls back to the repulsion method with a warning (the
     // trainer, where a silent approximation would change an experiment, asks for the flag instead).
-    let method = if args.repulsion || args.classes > dim + 1 {
+    let method = if args.repulsion || args.classes > dim.saturating_add(1) {
         Method::Repulsion
     } else {
         Method::Simplex
@@ -44,7 +44,7 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     if method == Method::Repulsion {
-        if args.classes > dim + 1 {
+        if args.classes > dim.saturating_add(1) {
             eprintln!(
                 "warning: {} classes in {dim} dimensions have no exact even distribution \
                  (that needs K ≤ n+1); using the approximate repulsion method",
@@ -55,7 +55,7 @@ pub fn run(args: Args) -> Result<()> {
                 "warning: --repulsion gives approximate points; the exact simplex exists for \
                  K = {} ≤ n+1 = {} (drop --repulsion to use it)",
                 args.classes,
-                dim + 1
+                dim.saturating_add(1)
             );
         }
     }

@@ -12,14 +12,16 @@ pub struct Args {
     /// Network: resnet18, resnet34, resnet50 (default), resnet101, resnet152, densenet121, mobilenetv2,
     /// smallcnn (`podgpu models` lists them with sizes).
     pub model: Option<String>,
-    /// Dataset file (.bin, see datasets/FORMAT.md). Default: datasets/cifar10-small.bin.
+    /// Dataset file (.bin, see datasets/FORMAT.md). Default: datasets/cifar10-small.bin. With
+    /// --resume: the run's own dataset at a new place (podgpu checks that it is the same dataset).
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// TOML file with any of the settings below (flags given here override it).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Continue the run in this folder from its last checkpoint (its saved settings are used;
-    /// --epochs may extend it, --device and --threads may change).
+    /// --epochs may extend it, --device and --threads may change, --data gives its dataset's new
+    /// place).
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
     /// pod (NaC + SC over the frozen PEDCC, default), or a baseline of the paper's Table IV: softmax,
@@ -79,9 +81,13 @@ pub struct Args {
     /// Evaluate on the first N test images only.
     #[arg(long)]
     pub limit_test: Option<usize>,
-    /// Run folder (default runs/MODEL-LOSS-TIMESTAMP).
+    /// Run folder (default runs/MODEL-LOSS-TIMESTAMP). It must be new or empty.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Start the run in an --out folder that holds files: the files a run writes there (an earlier
+    /// run's checkpoints, metrics, plots, settings) are replaced, any other file is left alone.
+    #[arg(long)]
+    pub overwrite: bool,
     /// CPU threads (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -233,7 +239,6 @@ pub fn run(a: Args) -> Result<()> {
     let summary = match &a.resume {
         Some(dir) => {
             let changes_math = a.model.is_some()
-                || a.data.is_some()
                 || a.config.is_some()
                 || a.loss.is_some()
                 || a.variant.is_some()
@@ -253,13 +258,15 @@ pub fn run(a: Args) -> Result<()> {
                 || a.limit_train.is_some()
                 || a.limit_test.is_some()
                 || a.out.is_some()
+                || a.overwrite
                 || a.deterministic
                 || a.precision.is_some()
                 || a.loss_settings_given();
             if changes_math {
                 bail!(
                     "--resume continues a run with its saved settings ({}); only --epochs, --device, \
-                     --threads and --detect-anomaly may be given with it",
+                     --threads, --detect-anomaly and --data (the run's dataset at a new place) may \
+                     be given with it",
                     dir.join("config.toml").display()
                 );
             }
@@ -270,10 +277,16 @@ pub fn run(a: Args) -> Result<()> {
                     device: a.device.clone(),
                     threads: a.threads,
                     detect_anomaly: a.detect_anomaly,
+                    data: a.data.clone(),
                 },
             )?
         }
-        None => trainer::train(resolve(&a)?)?,
+        None => trainer::train_with(
+            resolve(&a)?,
+            trainer::FreshOptions {
+                overwrite: a.overwrite,
+            },
+        )?,
     };
     if let Some(acc) = summary.final_test_acc {
         println!(

@@ -1,9 +1,52 @@
 //! Opening a dataset file: memory-map it, validate the header and every size against the file length,
 //! and hand out zero-copy views of its splits.
+//!
+//! A file changed under a running job (issue 14): files up to `in_memory_limit()` are read into memory
+//! when opened, so nothing done to the file later reaches the run; larger ones are memory-mapped under
+//! `mapguard`, which survives the SIGBUS of a truncated file and lets the trainer stop cleanly
+//! (`Split::data_changed`). Only regular files are opened (a FIFO would block, a device never end).
 
 use memmap2::Mmap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use super::mapguard;
+
+/// The bytes of an opened dataset: a private copy, or a guarded memory map of the file.
+struct Bytes {
+    map: Mmap,
+    guard: Option<mapguard::Guard>,
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+impl Bytes {
+    /// Whether pages of the mapped file could not be read since it was opened (it was truncated).
+    fn changed(&self) -> bool {
+        self.guard.as_ref().is_some_and(|g| g.faults() > 0)
+    }
+}
+
+/// Environment variable: dataset files larger than this many bytes are memory-mapped, smaller ones
+/// read into memory (default: a quarter of the machine's memory, at most 2 GiB).
+pub const IN_MEMORY_ENV: &str = "PODGPU_DATASET_IN_MEMORY_MAX";
+
+/// The largest dataset file read into memory rather than mapped.
+pub fn in_memory_limit() -> u64 {
+    if let Some(v) = std::env::var(IN_MEMORY_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+    {
+        return v;
+    }
+    let quarter = crate::budget::machine_memory().map_or(u64::MAX, |m| m / 4);
+    quarter.min(2 << 30)
+}
 
 use super::format::{
     crc32, Meta, Section, SplitMeta, FORMAT_VERSION, HEADER_LEN, LAYOUT, MAGIC, MAX_META_LEN,
@@ -14,14 +57,14 @@ use super::DatasetError;
 #[derive(Clone)]
 pub struct Dataset {
     path: PathBuf,
-    map: Arc<Mmap>,
+    map: Arc<Bytes>,
     meta: Arc<Meta>,
 }
 
 /// A zero-copy view of one split: image `i` is `pixels(i)`, C×H×W u8 bytes in the memory map.
 #[derive(Clone)]
 pub struct Split {
-    map: Arc<Mmap>,
+    map: Arc<Bytes>,
     meta: Arc<Meta>,
     index: usize,
 }
@@ -53,7 +96,7 @@ impl Dataset {
     pub fn open(path: impl AsRef<Path>) -> Result<Dataset, DatasetError> {
         let path = path.as_ref().to_path_buf();
         let p = path.display().to_string();
-        let file = std::fs::File::open(&path).map_err(|e| match e.kind() {
+        let file = crate::fsutil::open_regular(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => DatasetError::Missing { path: p.clone() },
             _ => DatasetError::Io {
                 path: p.clone(),
@@ -74,18 +117,43 @@ impl Dataset {
         if len == 0 {
             return Err(DatasetError::Empty { path: p });
         }
-        // SAFETY: the map is read-only; the writer replaces files by rename, so a file is never rewritten
-        // in place under a reader. Another process truncating it would be a bug outside our control.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| DatasetError::Io {
+        let io = |e: std::io::Error| DatasetError::Io {
             path: p.clone(),
             source: e,
-        })?;
-        let meta = parse_and_validate(&map, &p)?;
-        Ok(Dataset {
+        };
+        let bytes = if len <= in_memory_limit() {
+            // A private copy: whatever happens to the file later cannot reach the run.
+            let mut map = memmap2::MmapOptions::new()
+                .len(len as usize)
+                .map_anon()
+                .map_err(io)?;
+            use std::io::Read;
+            (&file).read_exact(&mut map).map_err(|e| {
+                io(std::io::Error::new(
+                    e.kind(),
+                    format!("{e} (the file changed while it was being read)"),
+                ))
+            })?;
+            Bytes {
+                map: map.make_read_only().map_err(io)?,
+                guard: None,
+            }
+        } else {
+            // SAFETY: the map is read-only. The writer replaces files by rename, so podgpu never
+            // rewrites a file under a reader; another process truncating it makes its pages fault,
+            // which `mapguard` turns into pages of zeros and a count the trainer checks.
+            let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+            let guard = Some(mapguard::register(map.as_ptr(), map.len()));
+            Bytes { map, guard }
+        };
+        let meta = parse_and_validate(&bytes, &p)?;
+        let ds = Dataset {
             path,
-            map: Arc::new(map),
+            map: Arc::new(bytes),
             meta: Arc::new(meta),
-        })
+        };
+        ds.check_unchanged()?;
+        Ok(ds)
     }
 
     /// Validates a dataset held in memory (`name` stands for the file in messages), as `open` does a
@@ -105,7 +173,10 @@ impl Dataset {
             .map_anon()
             .map_err(io)?;
         map.copy_from_slice(bytes);
-        let map = map.make_read_only().map_err(io)?;
+        let map = Bytes {
+            map: map.make_read_only().map_err(io)?,
+            guard: None,
+        };
         let meta = parse_and_validate(&map, name)?;
         Ok(Dataset {
             path: PathBuf::from(name),
@@ -116,6 +187,21 @@ impl Dataset {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the file changed under this process since it was opened (a mapped file that was
+    /// truncated: some of what was read since are zeros, not the data).
+    pub fn data_changed(&self) -> bool {
+        self.map.changed()
+    }
+
+    fn check_unchanged(&self) -> Result<(), DatasetError> {
+        if self.data_changed() {
+            return Err(DatasetError::Changed {
+                path: self.path.display().to_string(),
+            });
+        }
+        Ok(())
     }
 
     pub fn meta(&self) -> &Meta {
@@ -194,7 +280,9 @@ impl Dataset {
 
     /// `verify`, failing on the first checksum mismatch.
     pub fn verify_all(&self) -> Result<(), DatasetError> {
-        match self.verify().into_iter().find(|c| !c.ok()) {
+        let checks = self.verify();
+        self.check_unchanged()?;
+        match checks.into_iter().find(|c| !c.ok()) {
             None => Ok(()),
             Some(c) => Err(DatasetError::Checksum {
                 path: self.path.display().to_string(),
@@ -288,11 +376,9 @@ fn parse_and_validate(b: &[u8], p: &str) -> Result<Meta, DatasetError> {
             meta.std.len()
         )));
     }
-    if meta.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
-        || meta.mean.iter().any(|m| !m.is_finite())
-    {
+    if let Some(problem) = super::format::normalisation_problem(&meta.mean, &meta.std) {
         return Err(invalid(format!(
-            "normalisation mean {:?} / std {:?} is not usable",
+            "normalisation mean {:?} / std {:?} is not usable: {problem}",
             meta.mean, meta.std
         )));
     }
@@ -387,6 +473,12 @@ fn check_section(
 impl Split {
     fn m(&self) -> &SplitMeta {
         &self.meta.splits[self.index]
+    }
+
+    /// Whether the dataset file changed under this process since it was opened (see
+    /// `Dataset::data_changed`): images read since may be zeros.
+    pub fn data_changed(&self) -> bool {
+        self.map.changed()
     }
 
     pub fn name(&self) -> &str {

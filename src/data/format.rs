@@ -120,6 +120,35 @@ pub fn header_bytes(version: u32, meta: &[u8]) -> [u8; HEADER_LEN] {
     h
 }
 
+/// What is wrong with a per-channel normalisation, if anything: every value must be finite, every std
+/// above zero, and every normalised pixel `(p/255 − mean)/std` (computed as the loader does) finite in
+/// f32 — a tiny std would turn the inputs into infinities.
+pub fn normalisation_problem(mean: &[f32], std: &[f32]) -> Option<String> {
+    for (c, (&m, &s)) in mean.iter().zip(std).enumerate() {
+        if !m.is_finite() {
+            return Some(format!(
+                "mean values must be finite, got {m} for channel {c}"
+            ));
+        }
+        if !(s.is_finite() && s > 0.0) {
+            return Some(format!(
+                "std values must be finite and > 0, got {s} for channel {c}"
+            ));
+        }
+        for p in [0.0, 1.0] {
+            let x = ((p - m as f64) / s as f64) as f32;
+            if !x.is_finite() {
+                return Some(format!(
+                    "mean {m} / std {s} of channel {c} turn pixel value {} into {x}: the inputs \
+                     would not be finite (std is far too small)",
+                    p * 255.0
+                ));
+            }
+        }
+    }
+    None
+}
+
 impl DatasetSpec {
     /// Checks the spec is self-consistent (the same rules the reader enforces), so that a converter bug
     /// surfaces before a file is written rather than when it is opened.
@@ -139,8 +168,8 @@ impl DatasetSpec {
                 self.std.len()
             ));
         }
-        if let Some(s) = self.std.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
-            return bad(format!("std values must be finite and > 0, got {s}"));
+        if let Some(problem) = normalisation_problem(&self.mean, &self.std) {
+            return bad(problem);
         }
         if self.splits.is_empty() {
             return bad("the dataset has no splits".into());
@@ -157,7 +186,22 @@ impl DatasetSpec {
             if s.h == 0 || s.w == 0 {
                 return bad(format!("split '{}' has image size {}x{}", s.name, s.h, s.w));
             }
-            let expect = s.n * self.channels * s.h * s.w;
+            let expect =
+                s.n.checked_mul(self.channels)
+                    .and_then(|x| x.checked_mul(s.h))
+                    .and_then(|x| x.checked_mul(s.w));
+            let Some(expect) = expect else {
+                return bad(format!(
+                    "split '{}': n={} c={} h={} w={} overflows",
+                    s.name, s.n, self.channels, s.h, s.w
+                ));
+            };
+            if s.h > u32::MAX as usize || s.w > u32::MAX as usize {
+                return bad(format!(
+                    "split '{}': image size {}x{} is too large for the format",
+                    s.name, s.h, s.w
+                ));
+            }
             if s.pixels.len() != expect || s.labels.len() != s.n {
                 return bad(format!(
                     "split '{}': {} pixel bytes and {} labels for n={} c={} h={} w={} (expected {} and {})",
@@ -266,6 +310,7 @@ pub fn write_dataset(path: &Path, spec: &DatasetSpec) -> anyhow::Result<()> {
         anyhow::bail!("output path {} has no file name", path.display());
     }
     let tmp = crate::fsutil::temp_path_for(path);
+    let shown = path.display().to_string();
     let result = (|| -> anyhow::Result<()> {
         let f = std::fs::File::create(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
@@ -289,6 +334,21 @@ pub fn write_dataset(path: &Path, spec: &DatasetSpec) -> anyhow::Result<()> {
         }
         let f = w.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
+        drop(f);
+        // Everything a reader checks, on the written bytes, before they replace anything at `path`
+        // (a file that does not open must never cost the user the file it would replace).
+        let ds = super::Dataset::open(&tmp).map_err(|e| {
+            anyhow::anyhow!(
+                "{}",
+                e.to_string().replace(&*tmp.display().to_string(), &shown)
+            )
+        })?;
+        ds.verify_all().map_err(|e| {
+            anyhow::anyhow!(
+                "{}",
+                e.to_string().replace(&*tmp.display().to_string(), &shown)
+            )
+        })?;
         Ok(())
     })();
     if let Err(e) = result {

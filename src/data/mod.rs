@@ -7,6 +7,7 @@ pub mod convert;
 pub mod dataset;
 pub mod format;
 pub mod loader;
+pub mod mapguard;
 
 pub use augment::Augment;
 pub use dataset::{Dataset, SectionCheck, Split};
@@ -71,6 +72,8 @@ pub enum DatasetError {
     },
     #[error("invalid dataset: {0}")]
     Invalid(String),
+    #[error("dataset file {path} changed while podgpu was reading it (it was truncated or rewritten in place); put the complete file back and run again")]
+    Changed { path: String },
 }
 
 /// The folder of real public datasets used by the tests and by `datasets/README.md`'s examples:

@@ -68,12 +68,83 @@ pub fn check_args(classes: usize, dim: usize, method: Method) -> Result<()> {
     if dim < 1 {
         bail!("PEDCC needs a latent dimension of at least 1 (got --dim {dim})");
     }
-    if method == Method::Simplex && classes > dim + 1 {
+    if method == Method::Simplex && classes - 1 > dim {
         bail!(
             "{classes} classes do not fit as an exact simplex in {dim} dimensions (that needs \
              classes ≤ dim + 1 = {}); use a larger --dim (recommended for {classes} classes: {}), \
              or add --repulsion for approximately even points",
-            dim + 1,
+            dim as u128 + 1,
+            recommended_dim(classes)
+        );
+    }
+    check_size(classes, dim)
+}
+
+/// Refuses a PEDCC too large for the machine before anything is allocated: its K×n values (and the
+/// construction's working copies) and the K×K inner products that generating and checking it need.
+pub fn check_size(classes: usize, dim: usize) -> Result<()> {
+    let (k, n) = (classes as u128, dim as u128);
+    let bytes = crate::budget::product(&[8, k, n])
+        .saturating_mul(3)
+        .saturating_add(crate::budget::product(&[8, k, k]));
+    crate::budget::ensure_fits(
+        bytes,
+        || format!("a PEDCC of {classes} classes in {dim} dimensions"),
+        "lower the number of classes or the dimension (--dim for `podgpu pedcc`, --feature-dim \
+         for training)",
+    )
+}
+
+/// Rows closer than this (cosine above 1 − ε) coincide: their classes cannot be told apart.
+const COINCIDENT: f64 = 1e-6;
+
+/// The two rows of a K×n set (row-major) with the largest cosine, and that cosine; computed in
+/// blocks of rows, so that the K×K inner products are never held at once.
+pub fn closest_pair(values: &[f64], classes: usize, dim: usize) -> (usize, usize, f64) {
+    let norms: Vec<f64> = values
+        .chunks_exact(dim)
+        .map(|r| r.iter().map(|v| v * v).sum::<f64>().sqrt())
+        .collect();
+    let block = ((1usize << 20) / classes.max(1)).clamp(1, 256);
+    let mut g = vec![0.0; block * classes];
+    let mut best = (0, 1, f64::NEG_INFINITY);
+    for b0 in (0..classes).step_by(block) {
+        let bs = block.min(classes - b0);
+        let rows = &values[b0 * dim..(b0 + bs) * dim];
+        crate::cpu::gemm(
+            bs,
+            dim,
+            classes,
+            1.0,
+            rows,
+            false,
+            values,
+            true,
+            0.0,
+            &mut g[..bs * classes],
+        );
+        for i in 0..bs {
+            for j in (b0 + i + 1)..classes {
+                let cos = g[i * classes + j] / (norms[b0 + i] * norms[j]);
+                if cos > best.2 || cos.is_nan() {
+                    best = (b0 + i, j, cos);
+                }
+            }
+        }
+    }
+    best
+}
+
+/// Refuses a degenerate PEDCC: two coincident (or identical) centroids make their classes
+/// impossible to tell apart, e.g. 3 classes in 1 dimension.
+pub fn check_distinct(values: &[f64], classes: usize, dim: usize, source: &str) -> Result<()> {
+    let (i, j, cos) = closest_pair(values, classes, dim);
+    if cos.is_nan() || cos >= 1.0 - COINCIDENT {
+        bail!(
+            "{source} is degenerate: centroids {i} and {j} coincide (cosine {cos:.6}), so classes \
+             {i} and {j} could not be told apart; {classes} classes need more than {dim} \
+             dimension{} (recommended: {})",
+            if dim == 1 { "" } else { "s" },
             recommended_dim(classes)
         );
     }
@@ -87,6 +158,12 @@ pub fn generate(classes: usize, dim: usize, seed: u64, method: Method) -> Result
         Method::Simplex => simplex(classes, dim, seed),
         Method::Repulsion => repulsion(classes, dim, seed),
     };
+    check_distinct(
+        &values,
+        classes,
+        dim,
+        &format!("the PEDCC of {classes} classes in {dim} dimensions"),
+    )?;
     Ok(Pedcc {
         classes,
         dim,
@@ -105,7 +182,10 @@ pub fn recommended_dim(classes: usize) -> usize {
     } else if classes <= 200 {
         512
     } else {
-        (2 * classes).next_power_of_two()
+        classes
+            .checked_mul(2)
+            .and_then(usize::checked_next_power_of_two)
+            .unwrap_or(usize::MAX)
     }
 }
 

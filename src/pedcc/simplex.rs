@@ -11,7 +11,7 @@ use crate::rng::Rng;
 /// K simplex vertices in R^n (row-major K×n, f64), randomly oriented from `seed`. Needs 2 ≤ K ≤ n+1.
 pub fn simplex(classes: usize, dim: usize, seed: u64) -> Vec<f64> {
     assert!(
-        classes >= 2 && classes <= dim + 1,
+        classes >= 2 && classes <= dim.saturating_add(1),
         "simplex({classes}, {dim}) needs 2 ≤ K ≤ n+1"
     );
     let m = classes - 1;

@@ -281,7 +281,7 @@ impl TrainConfig {
 
     /// Reads and validates a TOML config file.
     pub fn load(path: &Path) -> Result<TrainConfig> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::fsutil::read_regular_to_string(path)
             .with_context(|| format!("could not read config file {}", path.display()))?;
         let cfg = TrainConfig::from_toml_str(&text)
             .with_context(|| format!("config file {} is not valid", path.display()))?;
@@ -434,7 +434,13 @@ impl TrainConfig {
             non_negative(self.center_alpha) && self.center_alpha <= 1.0,
             format!("center_alpha must be in [0, 1], got {}", self.center_alpha),
         );
-        need(self.prefetch >= 1, "prefetch must be at least 1".into());
+        need(
+            (1..=1024).contains(&self.prefetch),
+            format!(
+                "prefetch must be between 1 and 1024 batches, got {}",
+                self.prefetch
+            ),
+        );
 
         if bad.is_empty() {
             return Ok(());

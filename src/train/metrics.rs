@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::fs::{self, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -176,13 +176,21 @@ impl MetricsLog {
     pub fn resume(run_dir: &Path, next_epoch: usize) -> Result<MetricsLog> {
         let jsonl = run_dir.join(JSONL_FILE);
         let csv = run_dir.join(CSV_FILE);
-        let mut records = if jsonl.exists() {
-            read_jsonl(&jsonl)?
+        let read = if jsonl.exists() {
+            read_jsonl(&jsonl)
         } else if csv.exists() {
-            read_csv(&csv)?
+            read_csv(&csv)
         } else {
-            Vec::new()
+            Ok(Vec::new())
         };
+        let mut records = read.map_err(|e| {
+            anyhow::anyhow!(
+                "{}; nothing was changed and the checkpoint is intact: after that, run `podgpu \
+                 train --resume {}` again",
+                crate::cli::error_text(&e),
+                crate::fsutil::quoted(run_dir)
+            )
+        })?;
         records.retain(|r| r.epoch < next_epoch);
         MetricsLog::from_records(run_dir, records)
     }
@@ -252,7 +260,7 @@ fn append_fsync(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Reads `metrics.jsonl`. A last line without its newline (a write cut short by a crash) is ignored;
 /// any other unreadable line is an error.
 pub fn read_jsonl(path: &Path) -> Result<Vec<EpochRecord>> {
-    let text = fs::read_to_string(path)
+    let text = crate::fsutil::read_regular_to_string(path)
         .with_context(|| format!("could not read metrics file {}", path.display()))?;
     let complete = match text.rfind('\n') {
         Some(i) => &text[..=i],
@@ -263,9 +271,10 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<EpochRecord>> {
         if line.trim().is_empty() {
             continue;
         }
-        let rec = serde_json::from_str(line).with_context(|| {
-            format!(
-                "metrics file {} line {} is not a valid record",
+        let rec = serde_json::from_str(line).map_err(|e| {
+            anyhow::anyhow!(
+                "metrics file {} line {} is not a valid record ({e}): fix or delete that line (the \
+                 epoch it held is also in metrics.csv)",
                 path.display(),
                 i + 1
             )
@@ -278,7 +287,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<EpochRecord>> {
 /// Reads `metrics.csv`. Extra columns come back as numbers, booleans or strings by their look
 /// (the JSONL file keeps their exact JSON types); empty cells are left out.
 pub fn read_csv(path: &Path) -> Result<Vec<EpochRecord>> {
-    let text = fs::read_to_string(path)
+    let text = crate::fsutil::read_regular_to_string(path)
         .with_context(|| format!("could not read metrics file {}", path.display()))?;
     let shown = path.display();
     let rows = parse_csv(&text).with_context(|| format!("metrics file {shown}"))?;

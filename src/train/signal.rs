@@ -1,27 +1,39 @@
-//! Ctrl-C (SIGINT) and SIGTERM during training: the handler only sets a flag; the training loop
+//! Ctrl-C (SIGINT), SIGTERM and SIGHUP (the terminal closed, a session ended) during training: the
+//! handler only sets a flag; the training loop
 //! checks it after every step, writes a checkpoint of where it stopped and exits with a message
 //! saying how to resume. A second signal while the checkpoint is being written ends the process at
 //! once (the handler is reset to the default after the first one), which still leaves the previous
 //! checkpoint intact because checkpoints are written atomically.
+//!
+//! After SIGHUP the terminal may be gone, and printing to it would fail (a panic in `println!`)
+//! before the checkpoint is written: the first `stop_requested` after a hang-up points standard
+//! output and error that are terminals at /dev/null (output to files and pipes stays).
 
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static STOP: AtomicBool = AtomicBool::new(false);
+/// Set by SIGHUP; cleared once the output was detached from the terminal.
+static HANGUP: AtomicBool = AtomicBool::new(false);
 
 /// Exit status of a run stopped by a signal: 128 + SIGINT, as shells report Ctrl-C.
 pub const INTERRUPTED_EXIT_CODE: i32 = 130;
 
-extern "C" fn on_signal(_: libc::c_int) {
-    // Only an atomic store: the one thing a signal handler may safely do here.
+extern "C" fn on_signal(sig: libc::c_int) {
+    // Only atomic stores: the one thing a signal handler may safely do here.
+    #[cfg(unix)]
+    if sig == libc::SIGHUP {
+        HANGUP.store(true, Ordering::SeqCst);
+    }
+    let _ = sig;
     STOP.store(true, Ordering::SeqCst);
 }
 
-/// Installs the SIGINT/SIGTERM handler (idempotent). Errors only if the OS refuses.
+/// Installs the SIGINT/SIGTERM/SIGHUP handler (idempotent). Errors only if the OS refuses.
 #[cfg(unix)]
 pub fn install() -> std::io::Result<()> {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; the handler only
         // touches an atomic; SA_RESETHAND makes a second signal take the default action (exit).
         unsafe {
@@ -44,7 +56,29 @@ pub fn install() -> std::io::Result<()> {
 
 /// Whether a stop was requested (by a signal or `request_stop`).
 pub fn stop_requested() -> bool {
+    if HANGUP.swap(false, Ordering::SeqCst) {
+        detach_from_terminal();
+    }
     STOP.load(Ordering::SeqCst)
+}
+
+/// Points standard output and error at /dev/null where they are a terminal (after a hang-up the
+/// terminal is gone and writing to it fails).
+fn detach_from_terminal() {
+    #[cfg(unix)]
+    // SAFETY: open/isatty/dup2/close on descriptors this process owns.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+        if null < 0 {
+            return;
+        }
+        for fd in [libc::STDOUT_FILENO, libc::STDERR_FILENO] {
+            if libc::isatty(fd) == 1 {
+                libc::dup2(null, fd);
+            }
+        }
+        libc::close(null);
+    }
 }
 
 /// Asks the training loop to stop after its current step, as Ctrl-C does (tests, embedding code).
@@ -72,7 +106,6 @@ pub struct Interrupted {
 
 impl fmt::Display for Interrupted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let dir = self.run_dir.display();
         let last = self.run_dir.join("last.safetensors");
         let at = if self.batches_done == 0 {
             format!("after epoch {}", self.epoch)
@@ -87,9 +120,10 @@ impl fmt::Display for Interrupted {
         write!(
             f,
             "interrupted: stopped {at} (step {}); the checkpoint {} holds this point exactly. \
-             Continue with `podgpu train --resume {dir}`",
+             Continue with `podgpu train --resume {}`",
             self.global_step,
-            last.display()
+            last.display(),
+            crate::fsutil::quoted(&self.run_dir)
         )
     }
 }

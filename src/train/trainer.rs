@@ -11,15 +11,24 @@
 //! of that exact point (`tally`); a non-finite loss or gradient stops the run naming the step, the
 //! tensor and the last good checkpoint, and `--detect-anomaly` names the first op that produced one.
 //!
+//! Run identity (issue 14): a fresh run needs a new or empty folder (`--overwrite` replaces only
+//! the run files) and records what it trains on (`identity`); `--resume` checks that record, the
+//! folder's `config.toml` edits and the `best.safetensors` it claims (`checkpoint::reconcile_best`)
+//! before continuing, and a dataset file that changes under a running job stops it with a
+//! checkpoint of the last step that read good data.
+//!
 //! No host synchronisation inside a step (issue 10): the epoch's sums and the numerics guard live on
 //! the training device (`ledger::StepLedger`); the host reads them every few steps (`ledger::Cadence`,
 //! about once a second, or `PODGPU_READ_EVERY`), at the epoch's end and before a Ctrl-C checkpoint.
 //! A non-finite step is recorded on the device and every later update skipped, so the error, read up
 //! to a few steps later, names the step where it happened and the weights are those before it.
 
-use super::checkpoint::{load_checkpoint, save_checkpoint, save_epoch_checkpoints, TrainState};
+use super::checkpoint::{
+    load_checkpoint, reconcile_best, save_checkpoint, save_epoch_checkpoints, TrainState,
+};
 use super::config::{HeadKind, LossKind, TrainConfig};
 use super::eval;
+use super::identity::{self, DatasetIdentity, PedccIdentity, RunIdentity};
 use super::ledger::{Cadence, NonFinite, StepLedger};
 use super::metrics::{EpochRecord, MetricsLog};
 use super::objective::{register_loss_buffers, Objective};
@@ -30,6 +39,7 @@ use super::signal::{self, Interrupted};
 use super::tally::{self, EpochTally};
 use crate::autograd::{ParamStore, Tape};
 use crate::data::{Dataset, Loader, LoaderConfig, Split};
+use crate::fsutil::quoted;
 use crate::loss::{self, DeltaSchedule, Variant};
 use crate::nn::{HeadSpec, ModelSpec, Network, Stem};
 use crate::optim::{Sgd, StepSchedule};
@@ -102,6 +112,10 @@ enum EpochOutcome {
     Done(EpochRecord, Option<f64>),
     /// Stopped on request after a step; the sums so far.
     Stopped(EpochTally),
+    /// The dataset file changed under the run (truncated or rewritten in place): stopped before the
+    /// first batch that may hold changed data (or after training, before a test score that may);
+    /// the sums of the steps trained.
+    DataChanged(EpochTally),
 }
 
 /// What `--resume` may change besides continuing the run as saved.
@@ -113,6 +127,16 @@ pub struct ResumeOptions {
     pub threads: Option<usize>,
     /// Turn `--detect-anomaly` on for the rest of the run.
     pub detect_anomaly: bool,
+    /// The run's dataset at a new place (it must be the same dataset: its identity is checked).
+    pub data: Option<PathBuf>,
+}
+
+/// How a fresh run treats its `--out` folder.
+#[derive(Clone, Debug, Default)]
+pub struct FreshOptions {
+    /// Replace the files of an earlier run in `--out` (`run_dir::RUN_FILES`; nothing else) instead
+    /// of refusing a folder that is not empty.
+    pub overwrite: bool,
 }
 
 /// The stem that suits an input size (DESIGN.md §1.7): CIFAR up to 32 px, the CIFAR stem with
@@ -125,9 +149,14 @@ pub fn stem_for(height: usize) -> Stem {
     }
 }
 
-/// Trains a fresh run described by `cfg`.
+/// Trains a fresh run described by `cfg` (into a new or empty folder).
 pub fn train(cfg: TrainConfig) -> Result<RunSummary> {
-    let run = Run::fresh(cfg)?;
+    train_with(cfg, FreshOptions::default())
+}
+
+/// Trains a fresh run described by `cfg` with the given folder options.
+pub fn train_with(cfg: TrainConfig, opts: FreshOptions) -> Result<RunSummary> {
+    let run = Run::fresh(cfg, opts)?;
     run.go()
 }
 
@@ -145,6 +174,7 @@ pub fn resume(
             device,
             threads,
             detect_anomaly: false,
+            data: None,
         },
     )
 }
@@ -265,6 +295,17 @@ pub fn build_network(
         },
     };
     let mut rng = Rng::derive(cfg.seed, 0x1A17);
+    crate::budget::check_network(
+        &spec,
+        [c, h, w],
+        cfg.batch_size,
+        true,
+        crate::budget::NetworkFlags {
+            size: "lower --width (64 is the standard network) or --feature-dim",
+            inputs: "lower --batch-size, or convert the dataset to smaller images (`podgpu data \
+                     convert --size HxW`)",
+        },
+    )?;
     let net = Network::new(spec, ps, DType::F32, &mut rng).map_err(|e| anyhow!(e))?;
     register_loss_buffers(cfg.loss, ps, classes, feature_dim, DType::F32);
     Ok(net)
@@ -304,10 +345,11 @@ fn make_pedcc(cfg: &TrainConfig, classes: usize, dim: usize) -> Result<(Tensor, 
                 p.shape()
             );
         }
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let bytes = crate::fsutil::read_regular(path)
+            .with_context(|| format!("cannot read PEDCC file {}", path.display()))?;
         return Ok((p, NewPedcc::File(bytes)));
     }
-    let method = if classes > dim + 1 {
+    let method = if classes - 1 > dim {
         if !cfg.pedcc_repulsion {
             bail!(
                 "{classes} classes do not fit evenly in {dim} dimensions (an exact PEDCC needs \
@@ -325,19 +367,6 @@ fn make_pedcc(cfg: &TrainConfig, classes: usize, dim: usize) -> Result<(Tensor, 
     };
     let p = pedcc::generate(classes, dim, cfg.seed, method)?;
     Ok((p.to_tensor(), NewPedcc::Generated(p)))
-}
-
-/// A fresh run must not overwrite another run's checkpoint.
-fn refuse_existing_run(dir: &Path) -> Result<()> {
-    if dir.join("last.safetensors").exists() {
-        bail!(
-            "{} already holds a run (last.safetensors); continue it with `podgpu train --resume {}` \
-             or choose another --out",
-            dir.display(),
-            dir.display()
-        );
-    }
-    Ok(())
 }
 
 fn default_run_dir(cfg: &TrainConfig) -> PathBuf {
@@ -371,12 +400,23 @@ pub fn timestamp(secs: u64) -> String {
 }
 
 impl Run {
-    fn fresh(cfg: TrainConfig) -> Result<Run> {
+    fn fresh(mut cfg: TrainConfig, opts: FreshOptions) -> Result<Run> {
+        // The run records where its dataset is as an absolute path: a relative one would resolve
+        // elsewhere when resumed from another folder.
+        let data = cfg
+            .data
+            .clone()
+            .unwrap_or_else(crate::data::default_dataset_path);
+        cfg.data = Some(identity::absolute(&data));
         let (device, ds, train, test) = prepare(&cfg)?;
+        let default_name = cfg.out.is_none();
         let dir = cfg.out.clone().unwrap_or_else(|| default_run_dir(&cfg));
         // Everything that can be wrong with the inputs is found before the run folder is touched, so
-        // a refused run leaves nothing behind that looks like a run.
-        refuse_existing_run(&dir)?;
+        // a refused run leaves nothing behind that looks like a run; a folder that holds anything is
+        // never clobbered.
+        if !default_name {
+            run_dir::check_fresh(&dir, opts.overwrite)?;
+        }
         let classes = ds.num_classes();
         let dim = cfg
             .feature_dim
@@ -393,25 +433,17 @@ impl Run {
             new_pedcc.as_ref().map(|(p, _)| p),
             &mut ps,
         )?;
-        if dir.exists() && !dir.is_dir() {
-            bail!(
-                "--out {} is a file, not a folder; choose another --out",
-                dir.display()
-            );
-        }
-        std::fs::create_dir_all(&dir).with_context(|| {
-            format!(
-                "could not create the run folder {}; choose a writable --out",
-                dir.display()
-            )
-        })?;
-        let lock = run_dir::lock(&dir)?;
-        refuse_existing_run(&dir)?;
-        run_dir::remove_stale_temp_files(&dir)?;
+        let (dir, lock) = run_dir::create_fresh(&dir, default_name, opts.overwrite)?;
+        cfg.out = Some(dir.clone());
         let centroids = match &new_pedcc {
             Some((_, p)) => Some(p.save(&dir)?),
             None => None,
         };
+        let run = RunIdentity::new(
+            DatasetIdentity::of(&ds, &data),
+            centroids.as_ref().map(PedccIdentity::of),
+        );
+        run.save(&dir)?;
         ps.to_device(device);
         cfg.save(&dir.join("config.toml"))?;
         let sgd = Sgd::new(cfg.momentum, cfg.weight_decay, cfg.nesterov)?;
@@ -419,6 +451,7 @@ impl Run {
         let delta = DeltaSchedule::resume(cfg.variant, cfg.alpha, 0, cfg.initial_mean_norm);
         let mut state =
             TrainState::new(cfg.model.clone(), cfg.to_json(), Rng::new(cfg.seed).state());
+        state.run = Some(run);
         state.delta = delta.delta();
         state.mean_norm = delta.mean_norm();
         let metrics = MetricsLog::create(&dir)?;
@@ -472,8 +505,12 @@ impl Run {
             );
         }
         let ckpt = load_checkpoint(&ckpt_path)?;
-        let mut cfg = TrainConfig::from_json(&ckpt.state.config)
+        let saved_cfg = TrainConfig::from_json(&ckpt.state.config)
             .with_context(|| format!("the configuration saved in {}", ckpt_path.display()))?;
+        // The checkpoint must be this folder's run, and `config.toml` may only have been edited in
+        // what a resume may change (issue 14).
+        let write_run_file = identity::check_checkpoint_belongs(dir, ckpt.state.run.as_ref())?;
+        let (mut cfg, edited_data) = identity::settings_for_resume(dir, &saved_cfg)?;
         if let Some(e) = opts.epochs {
             cfg.epochs = e;
         }
@@ -485,16 +522,52 @@ impl Run {
         }
         cfg.detect_anomaly |= opts.detect_anomaly;
         cfg.out = Some(dir.to_path_buf());
+        let (data, source) = identity::resume_data_path(
+            opts.data.as_deref(),
+            edited_data.as_deref(),
+            ckpt.state.run.as_ref(),
+            saved_cfg.data.as_deref(),
+        );
+        if let Some(d) = &data {
+            identity::check_dataset_exists(dir, d, source)?;
+        }
+        cfg.data = data.clone();
         let pending = EpochTally::from_extra(&ckpt.state.extra)
             .with_context(|| format!("checkpoint {}", ckpt_path.display()))?;
         let (device, ds, train, test) = prepare(&cfg)?;
+        let data = data.unwrap_or_else(crate::data::default_dataset_path);
+        let mut state = ckpt.state.clone();
+        if let Some(run) = &mut state.run {
+            if let Some(note) = identity::check_dataset(run, &ds, &data, source)? {
+                println!("{note}");
+            }
+        }
+        cfg.data = Some(identity::absolute(&data));
+        let pedcc_path = dir.join("pedcc.safetensors");
         let centroids = match cfg.loss.uses_pedcc() {
-            true => Some(pedcc::load(&dir.join("pedcc.safetensors")).context(
+            true => Some(pedcc::load(&pedcc_path).context(
                 "the run folder's PEDCC cannot be used; restore pedcc.safetensors from a backup \
                  (it must be the run's own centroids) or start a new run",
             )?),
             false => None,
         };
+        match (&state.run, &centroids) {
+            (Some(run), Some(c)) => identity::check_pedcc(run, c, &pedcc_path)?,
+            (None, _) => {
+                // A run from before identities: record what it trains on from now on.
+                println!(
+                    "note: {} predates run identity records; recording its dataset ({}) and \
+                     PEDCC now",
+                    dir.display(),
+                    data.display()
+                );
+                state.run = Some(RunIdentity::new(
+                    DatasetIdentity::of(&ds, &data),
+                    centroids.as_ref().map(PedccIdentity::of),
+                ));
+            }
+            _ => {}
+        }
         let mut ps = ParamStore::new();
         let net = build_network(&cfg, &ds, &train, centroids.as_ref(), &mut ps)?;
         ckpt.restore_into(&mut ps, &cfg.model)?;
@@ -502,12 +575,32 @@ impl Run {
         let mut sgd = Sgd::new(cfg.momentum, cfg.weight_decay, cfg.nesterov)?;
         sgd.load_state(ckpt.optim.clone(), &ps)?;
         let schedule = StepSchedule::new(cfg.lr, &cfg.milestones, cfg.gamma)?;
-        let mut state = ckpt.state.clone();
         // Later checkpoints record the settings now in force (e.g. an extended --epochs).
         state.config = cfg.to_json();
+        // A failure between writing last and best leaves a best.safetensors that the record does
+        // not describe: restored from last when it can be, else reported.
+        let last_bytes = crate::fsutil::read_regular(&ckpt_path)
+            .with_context(|| format!("could not read checkpoint {}", ckpt_path.display()))?;
+        if let Some(note) = reconcile_best(dir, &state, &last_bytes, pending.is_some())? {
+            println!("{note}");
+        }
+        drop(last_bytes);
         let delta = DeltaSchedule::resume(cfg.variant, cfg.alpha, state.epoch, state.mean_norm);
         let metrics = MetricsLog::resume(dir, state.epoch + 1)?;
-        cfg.save(&dir.join("config.toml"))?;
+        if let Some(run) = &state.run {
+            if write_run_file || identity::load_run_file(dir)?.as_ref() != Some(run) {
+                run.save(dir)?;
+            }
+        }
+        // config.toml is rewritten only when the settings in force differ from what it says (a
+        // flag given with --resume), so that the user's own formatting and comments stay.
+        let config_file = dir.join("config.toml");
+        let on_disk = std::fs::read_to_string(&config_file)
+            .ok()
+            .and_then(|t| TrainConfig::from_toml_str(&t).ok());
+        if on_disk.as_ref() != Some(&cfg) {
+            cfg.save(&config_file)?;
+        }
         let saved = match &pending {
             Some(t) => format!("epoch {}, after batch {}", state.epoch + 1, t.next_batch),
             None => format!("end of epoch {}", state.epoch),
@@ -551,7 +644,7 @@ impl Run {
                 "The last good checkpoint is {} ({at}); `podgpu train --resume {}` continues from it \
                  with the same settings, so to change them (e.g. a lower --lr) start a new run",
                 last.display(),
-                self.dir.display()
+                quoted(&self.dir)
             ),
             None => "No checkpoint was written yet (the run failed in its first epoch); start \
                      again with a lower --lr or check the data"
@@ -630,22 +723,40 @@ impl Run {
                 EpochOutcome::Stopped(tally) => {
                     return Err(self.save_interrupted(tally, train_loader.batches_per_epoch())?)
                 }
+                EpochOutcome::DataChanged(tally) => {
+                    return Err(self.stop_on_changed_data(tally, train_loader.batches_per_epoch()))
+                }
             };
             last_loss = rec.train_loss;
             last_acc = test_acc;
             self.metrics.append(rec.clone())?;
-            plot_metrics(&self.dir, self.metrics.records())?;
+            // The plots are a view of metrics.csv: failing to draw them (a full disk) must not
+            // lose the epoch.
+            if let Err(e) = plot_metrics(&self.dir, self.metrics.records()) {
+                eprintln!(
+                    "warning: {}; training goes on (the numbers are in metrics.csv, and the plots \
+                     are drawn again after the next epoch)",
+                    crate::cli::error_text(&e)
+                );
+            }
             self.state.epoch = epoch + 1;
             self.state.delta = self.delta.delta();
             self.state.mean_norm = self.delta.mean_norm();
             self.state.extra.remove(tally::EXTRA_KEY);
-            save_epoch_checkpoints(
+            if let Err(e) = save_epoch_checkpoints(
                 &self.dir,
                 &self.ps,
                 self.sgd.state(),
                 &mut self.state,
                 test_acc,
-            )?;
+            ) {
+                bail!(
+                    "at the end of epoch {}: {}. {}",
+                    epoch + 1,
+                    crate::cli::error_text(&e),
+                    self.recovery_advice()
+                );
+            }
             self.saved = Some(format!("end of epoch {}", epoch + 1));
             if signal::stop_requested() && epoch + 1 < cfg.epochs {
                 // The signal came during evaluation or saving: the epoch is complete and saved.
@@ -720,14 +831,8 @@ impl Run {
         self.loop_counts.host_waits += host_waits(self.device) - waits_before;
     }
 
-    /// Writes the checkpoint of a run stopped mid-epoch (the epoch's sums included) and returns the
-    /// `Interrupted` error that tells the user how to resume.
-    fn save_interrupted(
-        &mut self,
-        tally: EpochTally,
-        batches_per_epoch: usize,
-    ) -> Result<anyhow::Error> {
-        let batches_done = tally.next_batch;
+    /// Writes the checkpoint of a run stopped mid-epoch (the epoch's sums included).
+    fn save_mid_epoch(&mut self, tally: &EpochTally) -> Result<()> {
         self.state
             .extra
             .insert(tally::EXTRA_KEY.to_string(), tally.to_value());
@@ -736,7 +841,64 @@ impl Run {
             &self.ps,
             self.sgd.state(),
             &self.state,
-        )?;
+        )
+    }
+
+    /// The error of a run whose dataset file changed under it, after checkpointing the last step
+    /// that trained on good data.
+    fn stop_on_changed_data(
+        &mut self,
+        tally: EpochTally,
+        batches_per_epoch: usize,
+    ) -> anyhow::Error {
+        let file = self
+            .cfg
+            .data
+            .clone()
+            .unwrap_or_else(crate::data::default_dataset_path);
+        let at = if tally.next_batch >= batches_per_epoch {
+            format!(
+                "after training epoch {}, before its test score",
+                self.state.epoch + 1
+            )
+        } else {
+            format!(
+                "in epoch {} before batch {} of {batches_per_epoch} (step {})",
+                self.state.epoch + 1,
+                tally.next_batch + 1,
+                self.state.global_step + 1
+            )
+        };
+        let saved = match self.save_mid_epoch(&tally) {
+            Ok(()) => format!(
+                "the checkpoint {} holds this point; put the run's dataset back (podgpu checks that \
+                 it is the same one) and continue with `podgpu train --resume {}`",
+                self.dir.join("last.safetensors").display(),
+                quoted(&self.dir)
+            ),
+            Err(e) => format!(
+                "the checkpoint could not be written ({}). {}",
+                crate::cli::error_text(&e),
+                self.recovery_advice()
+            ),
+        };
+        anyhow!(
+            "the dataset file {} changed while training (it was truncated or rewritten in place, \
+             so part of it can no longer be read): stopped {at} without training on the changed \
+             data; {saved}",
+            file.display()
+        )
+    }
+
+    /// Writes the checkpoint of a run stopped mid-epoch (the epoch's sums included) and returns the
+    /// `Interrupted` error that tells the user how to resume.
+    fn save_interrupted(
+        &mut self,
+        tally: EpochTally,
+        batches_per_epoch: usize,
+    ) -> Result<anyhow::Error> {
+        let batches_done = tally.next_batch;
+        self.save_mid_epoch(&tally)?;
         Ok(Interrupted {
             run_dir: self.dir.clone(),
             epoch: self.state.epoch,
@@ -784,6 +946,20 @@ impl Run {
         for batch in loader.epoch_from(epoch as u64, tally.next_batch) {
             let b = batch.labels.len();
             let index = batch.index;
+            // A batch read after the dataset file changed under the run may hold zeros: stop
+            // before training on it, with the sums of the steps before.
+            if self.train.data_changed() {
+                self.read_ledger(&mut ledger, &mut tally, &unread_steps, epoch, total_batches)?;
+                tally.train_time_s += started.elapsed().as_secs_f64();
+                self.count_loop(reads_before, waits_before);
+                progress.finish(&format!(
+                    "epoch {:>3}/{}  stopped before batch {} of {total_batches}: the dataset changed",
+                    epoch + 1,
+                    cfg.epochs,
+                    index + 1
+                ));
+                return Ok(EpochOutcome::DataChanged(tally));
+            }
             tally.next_batch = index + 1;
             if b < 2 {
                 // Batch norm and SC need at least two samples; a last batch of one is skipped.
@@ -857,6 +1033,7 @@ impl Run {
         }
         self.read_ledger(&mut ledger, &mut tally, &unread_steps, epoch, total_batches)?;
         self.count_loop(reads_before, waits_before);
+        let whole_epoch = tally.clone();
         let EpochTally {
             loss_sum,
             seen,
@@ -890,6 +1067,14 @@ impl Run {
             }
             _ => None,
         };
+        if self.train.data_changed() {
+            // The test score may have been computed from changed data: not recorded; a resume
+            // scores the epoch again.
+            let mut t = whole_epoch;
+            t.next_batch = total_batches;
+            t.train_time_s += started.elapsed().as_secs_f64();
+            return Ok(EpochOutcome::DataChanged(t));
+        }
         let mut rec = EpochRecord::new(epoch + 1);
         rec.train_loss = loss_sum / seen as f64;
         rec.train_acc = correct as f64 / seen as f64;
@@ -986,6 +1171,11 @@ fn peak_memory(device: Device) -> u64 {
 /// Sizes rayon's global pool once (later calls keep the first size).
 fn set_threads(threads: Option<usize>) {
     if let Some(n) = threads {
+        // More threads than cores only add switching; a huge count would try to start them all.
+        let (n, note) = crate::budget::useful_threads(n);
+        if let Some(note) = note {
+            println!("{note}");
+        }
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global();

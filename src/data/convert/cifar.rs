@@ -37,7 +37,7 @@ fn file_name(p: &Path) -> String {
 
 /// Reads a text file of class names, one per line (blank lines dropped).
 fn read_names(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::fsutil::read_regular_to_string(path)
         .with_context(|| format!("cannot read class names from {}", path.display()))?;
     Ok(text
         .lines()
@@ -91,7 +91,8 @@ pub fn from_bin(files: &[PathBuf], cifar100: bool, label_kind: LabelKind) -> Res
         let mut pixels = Vec::new();
         let mut labels = Vec::new();
         for p in &paths {
-            let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+            let bytes = crate::fsutil::read_regular(p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
             if bytes.is_empty() || bytes.len() % rec != 0 {
                 bail!(
                     "{} has {} bytes, not a whole number of {rec}-byte CIFAR-{} records; is it the right --from?",
@@ -154,7 +155,8 @@ pub fn numbered_classes(n: usize) -> Vec<String> {
 }
 
 fn load_pickle(p: &Path) -> Result<Value> {
-    let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+    let bytes =
+        crate::fsutil::read_regular(p).with_context(|| format!("cannot read {}", p.display()))?;
     pickle::load(&bytes).with_context(|| format!("cannot decode the pickle {}", p.display()))
 }
 

@@ -6,7 +6,7 @@
 //! `<prefix>-labels-idx1-ubyte[.gz]` with prefix `train` or `t10k`.
 
 use anyhow::{bail, Context, Result};
-use std::io::Read;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use super::{split_of_file, RawDataset, RawSplit};
@@ -24,21 +24,74 @@ pub const FASHION_CLASSES: [&str; 10] = [
     "Ankle boot",
 ];
 
-/// Reads a file, gunzipping it when it starts with the gzip magic.
-pub fn read_maybe_gz(p: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .with_context(|| format!("{} looks gzipped but does not decompress", p.display()))?;
-        Ok(out)
+/// Reads an IDX u8 array from a file, gunzipping it when it starts with the gzip magic: (dims,
+/// data). The header is read first and exactly the data it announces after it, so that a file that
+/// decompresses to more (a gzip bomb) never grows past what its header says; the announced size is
+/// checked against the machine before it is allocated.
+pub fn read_idx(p: &Path) -> Result<(Vec<usize>, Vec<u8>)> {
+    let shown = p.display();
+    let mut f = crate::fsutil::open_regular(p).with_context(|| format!("cannot read {shown}"))?;
+    let mut magic = [0u8; 2];
+    let gz = f
+        .read(&mut magic)
+        .with_context(|| format!("cannot read {shown}"))?
+        == 2
+        && magic == [0x1f, 0x8b];
+    f.seek(SeekFrom::Start(0))
+        .with_context(|| format!("cannot read {shown}"))?;
+    let mut r: Box<dyn Read> = if gz {
+        Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(f)))
     } else {
-        Ok(raw)
+        Box::new(BufReader::new(f))
+    };
+    let broken = |e: std::io::Error| {
+        if gz && e.kind() != std::io::ErrorKind::UnexpectedEof {
+            anyhow::anyhow!("{shown} looks gzipped but does not decompress: {e}")
+        } else if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            anyhow::anyhow!(
+                "{shown} is truncated: it ends before the data its IDX header announces"
+            )
+        } else {
+            anyhow::anyhow!("cannot read {shown}: {e}")
+        }
+    };
+    let mut head = [0u8; 4];
+    r.read_exact(&mut head).map_err(broken)?;
+    if head[0] != 0 || head[1] != 0 {
+        bail!("{shown} is not an IDX file (bad magic)");
     }
+    if head[2] != 0x08 {
+        bail!(
+            "{shown}: IDX element type 0x{:02x} is not unsigned bytes (0x08)",
+            head[2]
+        );
+    }
+    let nd = head[3] as usize;
+    let mut raw = vec![0u8; 4 * nd];
+    r.read_exact(&mut raw).map_err(broken)?;
+    let dims: Vec<usize> = raw
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes(c.try_into().unwrap()) as usize)
+        .collect();
+    let n = crate::budget::product(&dims.iter().map(|&d| d as u128).collect::<Vec<_>>());
+    crate::budget::ensure_fits(
+        n,
+        || format!("{shown}: its IDX header announces dims {dims:?} ({n} bytes), which"),
+        "the header is probably corrupt; download the file again",
+    )?;
+    let mut data = vec![0u8; n as usize];
+    r.read_exact(&mut data).map_err(broken)?;
+    let mut extra = [0u8; 1];
+    if r.read(&mut extra).map_err(broken)? != 0 {
+        bail!(
+            "{shown}: IDX header says {dims:?} ({n} bytes) but the file holds more data; it is \
+             corrupt"
+        );
+    }
+    Ok((dims, data))
 }
 
-/// Parses an IDX u8 array: (dims, data).
+/// Parses an IDX u8 array held in memory: (dims, data).
 pub fn parse_idx(bytes: &[u8], what: &Path) -> Result<(Vec<usize>, Vec<u8>)> {
     if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 {
         bail!("{} is not an IDX file (bad magic)", what.display());
@@ -58,13 +111,12 @@ pub fn parse_idx(bytes: &[u8], what: &Path) -> Result<(Vec<usize>, Vec<u8>)> {
     let dims: Vec<usize> = (0..nd)
         .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
         .collect();
-    let n: usize = dims.iter().product();
-    if bytes.len() != header + n {
+    let n = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if n.is_none_or(|n| bytes.len() - header != n) {
         bail!(
-            "{}: IDX header says {:?} ({} bytes) but the file holds {} data bytes; it is truncated or corrupt",
+            "{}: IDX header says {:?} but the file holds {} data bytes; it is truncated or corrupt",
             what.display(),
             dims,
-            n,
             bytes.len() - header
         );
     }
@@ -108,8 +160,8 @@ pub fn from_idx(files: &[PathBuf], fashion: bool) -> Result<RawDataset> {
                 p.is_file().then_some(p)
             })
             .with_context(|| format!("no label file {label_name} for {}", img_path.display()))?;
-        let (dims, pixels) = parse_idx(&read_maybe_gz(img_path)?, img_path)?;
-        let (ldims, labels) = parse_idx(&read_maybe_gz(&lab_path)?, &lab_path)?;
+        let (dims, pixels) = read_idx(img_path)?;
+        let (ldims, labels) = read_idx(&lab_path)?;
         let [n, h, w] = dims[..] else {
             bail!(
                 "{}: expected N×H×W images, found dims {:?}",

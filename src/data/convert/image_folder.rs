@@ -103,8 +103,8 @@ pub fn has_split_dirs(root: &Path) -> bool {
 
 /// Decodes one image to CHW u8 at the target size.
 fn decode(path: &Path, opts: &FolderOptions) -> Result<(usize, usize, Vec<u8>)> {
-    let img =
-        image::open(path).with_context(|| format!("cannot decode image {}", path.display()))?;
+    let img = image::open(path)
+        .map_err(|e| anyhow::anyhow!("cannot decode image {}: {e}", path.display()))?;
     let img = match opts.size {
         None => img,
         Some((h, w)) => match opts.fit {
@@ -148,7 +148,46 @@ fn interleave_classes(items: Vec<(PathBuf, u32)>, classes: usize) -> Vec<(PathBu
     out
 }
 
+/// The most one image may take decoded (the image crate's own default limit).
+const MAX_DECODED: u64 = 512 << 20;
+
+/// Checks, from the image headers alone, that decoding the split fits: no image beyond
+/// `MAX_DECODED` (a PNG bomb announces a huge size in a tiny file), and the whole split, as stored
+/// (at `--size` when given), within the machine's memory.
+fn check_sizes(name: &str, items: &[(PathBuf, u32)], opts: &FolderOptions) -> Result<()> {
+    let channels: u128 = if opts.grayscale { 1 } else { 3 };
+    let mut total: u128 = 0;
+    for (p, _) in items {
+        let (w, h) = image::ImageReader::open(p)
+            .and_then(|r| r.with_guessed_format())
+            .map_err(image::ImageError::IoError)
+            .and_then(|r| r.into_dimensions())
+            .map_err(|e| anyhow::anyhow!("cannot decode image {}: {e}", p.display()))?;
+        let decoded = w as u64 * h as u64 * 4;
+        if decoded > MAX_DECODED {
+            bail!(
+                "image {} is {w}×{h} pixels: decoding it needs {}, more than podgpu decodes for one \
+                 image ({}); shrink it first, or leave it out",
+                p.display(),
+                crate::budget::fmt_bytes(decoded as u128),
+                crate::budget::fmt_bytes(MAX_DECODED as u128)
+            );
+        }
+        let stored = match opts.size {
+            Some((th, tw)) => th as u128 * tw as u128,
+            None => h as u128 * w as u128,
+        };
+        total = total.saturating_add(stored * channels);
+    }
+    crate::budget::ensure_fits(
+        total,
+        || format!("the {} images of split '{name}'", items.len()),
+        "pass --size HxW to store them smaller, or convert fewer of them",
+    )
+}
+
 fn build_split(name: &str, items: &[(PathBuf, u32)], opts: &FolderOptions) -> Result<RawSplit> {
+    check_sizes(name, items, opts)?;
     let decoded: Vec<(usize, usize, Vec<u8>)> = items
         .par_iter()
         .map(|(p, _)| decode(p, opts))

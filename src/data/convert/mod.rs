@@ -150,6 +150,14 @@ fn expand_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
             files.extend(v);
         } else if p.is_file() {
             files.push(p.clone());
+        } else if p.exists() {
+            // A FIFO or device would block the reader or never end.
+            let e = crate::fsutil::open_regular(p).err();
+            bail!(
+                "input {}: {}",
+                p.display(),
+                e.map_or("not a regular file".to_string(), |e| e.to_string())
+            );
         } else {
             bail!("input {} does not exist", p.display());
         }
@@ -260,6 +268,7 @@ fn truncate(split: &mut SplitData, channels: usize, max: Option<usize>) {
         if m < split.n {
             split.n = m;
             split.labels.truncate(m);
+            // m < n, and the split's own n·c·h·w pixels exist: no overflow.
             split.pixels.truncate(m * channels * split.h * split.w);
         }
     }

@@ -1,0 +1,208 @@
+//! Memory budgets (issue 14): sizes that come from files and flags are checked against what the
+//! machine has *before* anything is allocated for them, so that a hostile or mistyped size (a width
+//! of 100000, a PEDCC of a million classes, a 30000-pixel image) ends with a message naming the size
+//! and the flag to change, not with "memory allocation of N bytes failed" (exit 134) or a machine
+//! that swaps itself to a halt.
+//!
+//! The estimates are deliberately simple (what a request needs at least, computed in `u128` so that
+//! no product overflows); a request is refused only when it needs more than the machine's memory
+//! and swap together, so nothing that could run is refused.
+
+use anyhow::{bail, Result};
+use std::sync::OnceLock;
+
+/// The machine's memory: RAM plus swap (Linux `/proc/meminfo`), or `None` where it cannot be read
+/// (then nothing is refused on size).
+pub fn machine_memory() -> Option<u64> {
+    static MEM: OnceLock<Option<u64>> = OnceLock::new();
+    *MEM.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let field = |name: &str| -> Option<u64> {
+            let line = text.lines().find(|l| l.starts_with(name))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib.saturating_mul(1024))
+        };
+        Some(field("MemTotal:")?.saturating_add(field("SwapTotal:").unwrap_or(0)))
+    })
+}
+
+/// `1.50 GiB`, `12.0 MiB`, `512 B`.
+pub fn fmt_bytes(b: u128) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+/// Refuses a request of `bytes` that is more than the machine has: `what` says what needs the memory
+/// ("a PEDCC of 100000 classes in 2 dimensions"), `advice` what to change ("lower --classes").
+pub fn ensure_fits(bytes: u128, what: impl FnOnce() -> String, advice: &str) -> Result<()> {
+    if let Some(mem) = machine_memory() {
+        if bytes > mem as u128 {
+            bail!(
+                "{} needs at least {} of memory, more than this machine has ({} with swap); {advice}",
+                what(),
+                fmt_bytes(bytes),
+                fmt_bytes(mem as u128)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The thread count worth using for a request of `asked`: more threads than the machine has cores
+/// only add switching (and a huge count would try to start that many threads). Returns the count and
+/// a note when it was capped.
+pub fn useful_threads(asked: usize) -> (usize, Option<String>) {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(asked);
+    if asked > cores {
+        (
+            cores,
+            Some(format!(
+                "note: --threads {asked} is more than the {cores} CPU cores of this machine; \
+                 using {cores}"
+            )),
+        )
+    } else {
+        (asked, None)
+    }
+}
+
+/// What to change when a network does not fit: the flags for its size (parameters) and for its
+/// inputs (activations), as the command that builds it names them.
+pub struct NetworkFlags<'a> {
+    pub size: &'a str,
+    pub inputs: &'a str,
+}
+
+/// Refuses a network too large for the machine before it is built: its parameters (from two small
+/// builds of the same architecture, at widths 8 and 16, scaled to the width asked for: convolution
+/// weights grow with width², the rest linearly; FC1 and the head from the feature dimension and the
+/// class count) held with their gradients and momentum when `training`, and the activations of a
+/// `batch` of `image` (C, H, W) inputs: at least the input and the first convolution's output
+/// (and their gradients when `training`). Architectures whose small builds fail are not estimated.
+pub fn check_network(
+    spec: &crate::nn::ModelSpec,
+    image: [usize; 3],
+    batch: usize,
+    training: bool,
+    flags: NetworkFlags<'_>,
+) -> Result<()> {
+    use crate::autograd::ParamStore;
+    use crate::nn::{HeadSpec, ModelSpec, Network};
+    let probe = |width: usize| -> Option<(u128, u128, Option<[u128; 2]>)> {
+        let p = ModelSpec {
+            width,
+            classes: 2,
+            feature_dim: 2,
+            head: HeadSpec::Linear,
+            ..spec.clone()
+        };
+        let mut ps = ParamStore::new();
+        Network::new(p, &mut ps, crate::DType::F32, &mut crate::rng::Rng::new(0)).ok()?;
+        let total: u128 = ps.iter().map(|q| q.value.numel() as u128).sum();
+        let pooled = ps.value(ps.find("fc.weight")?).dim(1) as u128;
+        // FC1 (pooled·2 + 2) and the probe's head (2·2 + 2) are added back for the real sizes.
+        let backbone = total.checked_sub(pooled * 2 + 2 + 6)?;
+        // The first convolution: [out, in, k, k].
+        let first = ps
+            .iter()
+            .find(|q| q.value.rank() == 4)
+            .map(|q| [q.value.dim(0) as u128, q.value.dim(2).max(1) as u128]);
+        Some((backbone, pooled, first))
+    };
+    let (Some((a8, p8, c8)), Some((a16, p16, c16))) = (probe(8), probe(16)) else {
+        return Ok(());
+    };
+    // a(w) = c2·w² + c1·w through the two probes; a fit that is not plausible (channel counts
+    // rounded at small widths) falls back to scaling the larger probe by (w/16)².
+    let (c2x, c1x) = (
+        (a16 as i128 - 2 * a8 as i128) as f64 / 128.0,
+        (4 * a8 as i128 - a16 as i128) as f64 / 16.0,
+    );
+    let wf = spec.width as f64;
+    let backbone = if c2x >= 0.0 && c1x >= 0.0 {
+        (c2x * wf * wf + c1x * wf) as u128
+    } else {
+        (a16 as f64 * (wf / 16.0) * (wf / 16.0)) as u128
+    };
+    let pooled = (p16.max(p8 * 2) as f64 * wf / 16.0).ceil() as u128;
+    let (n, k) = (spec.feature_dim as u128, spec.classes as u128);
+    let params = backbone
+        .saturating_add(product(&[pooled + 1, n]))
+        .saturating_add(product(&[k, n]))
+        .saturating_add(k);
+    let copies: u128 = if training { 4 } else { 1 };
+    let param_bytes = product(&[params, 4, copies]);
+    let [c, h, wd] = image.map(|v| v as u128);
+    let first = match (c8, c16) {
+        (Some([o8, k8]), Some([o16, _])) => {
+            let out = (o16.max(o8 * 2) as f64 * wf / 16.0).ceil() as u128;
+            product(&[out, h.div_ceil(k8), wd.div_ceil(k8)])
+        }
+        _ => 0,
+    };
+    let per_image = product(&[c, h, wd]).saturating_add(first);
+    let act_bytes = product(&[batch as u128, per_image, 4, if training { 2 } else { 1 }]);
+    let bytes = param_bytes.saturating_add(act_bytes);
+    let (what, advice) = if param_bytes >= act_bytes {
+        (
+            format!(
+                "{} at width {} with feature dim {} and {} classes (about {:.3e} parameters)",
+                spec.arch, spec.width, spec.feature_dim, spec.classes, params as f64
+            ),
+            flags.size,
+        )
+    } else {
+        (
+            format!(
+                "{} on {}×{}×{} images in batches of {batch}",
+                spec.arch, image[0], image[1], image[2]
+            ),
+            flags.inputs,
+        )
+    };
+    ensure_fits(bytes, || what, advice)
+}
+
+/// a·b·… in `u128` (saturating), for size estimates that must not overflow.
+pub fn product(factors: &[u128]) -> u128 {
+    factors.iter().fold(1u128, |acc, &f| acc.saturating_mul(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_print_in_binary_units() {
+        assert_eq!(fmt_bytes(512), "512 B");
+        assert_eq!(fmt_bytes(3 << 29), "1.50 GiB");
+        assert_eq!(fmt_bytes(u128::MAX).split(' ').nth(1), Some("EiB"));
+    }
+
+    #[test]
+    fn absurd_requests_are_refused_with_the_advice() {
+        if machine_memory().is_none() {
+            return;
+        }
+        let e = ensure_fits(product(&[1 << 40, 1 << 40]), || "this".into(), "lower --x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("this needs at least") && e.contains("lower --x"),
+            "{e}"
+        );
+        ensure_fits(1024, || "that".into(), "").unwrap();
+    }
+}
