@@ -108,6 +108,7 @@ const LAUNCHERS: &[(&str, &str)] = &[
     ("nvrtc.rs", include_str!("../src/cuda/nvrtc.rs")),
     ("optim.rs", include_str!("../src/cuda/optim.rs")),
     ("pool.rs", include_str!("../src/cuda/pool.rs")),
+    ("transformer.rs", include_str!("../src/cuda/transformer.rs")),
 ];
 
 /// Every kernel name the launchers ask for (`"…_f32"` / `"…_i32"` literals in src/cuda/*.rs)

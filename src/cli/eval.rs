@@ -79,6 +79,8 @@ pub fn load_network(
         classes: ds.num_classes(),
         feature_dim,
         head,
+        image_size: h,
+        drop_path: None,
     };
     let mut ps = ParamStore::new();
     let net = Network::new(

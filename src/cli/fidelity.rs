@@ -195,6 +195,8 @@ pub fn run_model(fx: &Fixture, place: Place) -> Result<Outputs> {
         classes,
         feature_dim,
         head,
+        image_size: image.shape[2],
+        drop_path: None,
     };
     let mut ps = ParamStore::new();
     let net = Network::new(spec, &mut ps, place.dtype, &mut crate::rng::Rng::new(0))

@@ -24,6 +24,7 @@ pub mod nn_kernels;
 pub mod nvrtc;
 pub mod optim;
 pub mod pool;
+pub mod transformer;
 
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView,

@@ -40,6 +40,7 @@ pub const SOURCES: &[KernelSource] = &[
     cu!("loss"),
     cu!("optim"),
     cu!("guard"),
+    cu!("transformer"),
 ];
 
 pub fn source(name: &str) -> Option<&'static KernelSource> {

@@ -263,6 +263,8 @@ pub fn build_network(
             (HeadKind::Linear, _) => HeadSpec::Linear,
             (HeadKind::Cosine, _) => HeadSpec::Cosine,
         },
+        image_size: h,
+        drop_path: None,
     };
     let mut rng = Rng::derive(cfg.seed, 0x1A17);
     let net = Network::new(spec, ps, DType::F32, &mut rng).map_err(|e| anyhow!(e))?;
