@@ -89,6 +89,7 @@ fn every_kernel_source_compiles_for_compute_90() {
 /// The launcher sources, embedded when the test is compiled, so the test reads no file at run time
 /// (it runs from a copy of the repository in another folder on the GPU machine).
 const LAUNCHERS: &[(&str, &str)] = &[
+    ("adamw.rs", include_str!("../src/cuda/adamw.rs")),
     ("blas.rs", include_str!("../src/cuda/blas.rs")),
     ("dnn/bn.rs", include_str!("../src/cuda/dnn/bn.rs")),
     ("dnn/conv.rs", include_str!("../src/cuda/dnn/conv.rs")),

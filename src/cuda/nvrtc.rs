@@ -41,6 +41,7 @@ pub const SOURCES: &[KernelSource] = &[
     cu!("optim"),
     cu!("guard"),
     cu!("transformer"),
+    cu!("adamw"),
 ];
 
 pub fn source(name: &str) -> Option<&'static KernelSource> {

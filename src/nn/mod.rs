@@ -14,6 +14,7 @@ pub mod flops;
 pub mod init;
 pub mod layers;
 pub mod mobilenet;
+pub mod pretrained;
 pub mod resnet;
 pub mod smallcnn;
 pub mod swin;
