@@ -89,6 +89,7 @@ fn every_kernel_source_compiles_for_compute_90() {
 /// The launcher sources, embedded when the test is compiled, so the test reads no file at run time
 /// (it runs from a copy of the repository in another folder on the GPU machine).
 const LAUNCHERS: &[(&str, &str)] = &[
+    ("adamw.rs", include_str!("../src/cuda/adamw.rs")),
     (
         "baseline_kernels.rs",
         include_str!("../src/cuda/baseline_kernels.rs"),
@@ -116,6 +117,7 @@ const LAUNCHERS: &[(&str, &str)] = &[
     ("nvrtc.rs", include_str!("../src/cuda/nvrtc.rs")),
     ("optim.rs", include_str!("../src/cuda/optim.rs")),
     ("pool.rs", include_str!("../src/cuda/pool.rs")),
+    ("transformer.rs", include_str!("../src/cuda/transformer.rs")),
 ];
 
 /// Every kernel name the launchers ask for (`"…_f32"` / `"…_i32"` literals in src/cuda/*.rs)

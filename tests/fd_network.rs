@@ -25,6 +25,8 @@ fn check_network(arch: &str, width: usize, variant: Variant, max_elems: usize, e
         classes,
         feature_dim: dim,
         head: HeadSpec::Pedcc(centroids.clone()),
+        image_size: 16,
+        drop_path: None,
     };
     let mut ps = ParamStore::new();
     let net = Network::new(spec, &mut ps, DType::F64, &mut Rng::new(11)).unwrap();

@@ -114,6 +114,18 @@ fn every_committed_fixture_passes() {
         kinds.iter().any(|k| k.starts_with("softmax_ce")),
         "{kinds:?}"
     );
+    // timm's ViT and Swin (tools/make_timm_fixtures.py), with POD and softmax.
+    for k in [
+        "model_vit_tiny_pod",
+        "model_vit_tiny_softmax",
+        "model_swin_tiny_pod",
+        "model_swin_tiny_softmax",
+    ] {
+        assert!(
+            kinds.iter().any(|n| n.starts_with(k)),
+            "{k} missing: {kinds:?}"
+        );
+    }
     let args: Vec<&str> = all.iter().map(|p| p.to_str().unwrap()).collect();
     let (ok, out) = fidelity(&args);
     assert!(ok, "{out}");

@@ -18,6 +18,8 @@ fn spec(arch: &str, width: usize, stem: Stem, channels: usize, head: HeadSpec) -
         classes: 3,
         feature_dim: 4,
         head,
+        image_size: 32,
+        drop_path: None,
     }
 }
 

@@ -66,6 +66,8 @@ pub struct Tape {
     detect_anomaly: bool,
     /// The first non-finite value found while `detect_anomaly` is on.
     anomaly: Option<Anomaly>,
+    /// Random draws of the forward pass (drop path, dropout): seeded by the trainer per step.
+    rng: Option<crate::rng::Rng>,
 }
 
 impl Tape {
@@ -78,6 +80,7 @@ impl Tape {
             leaf_grads: Vec::new(),
             detect_anomaly: false,
             anomaly: None,
+            rng: None,
         }
     }
 
@@ -90,6 +93,7 @@ impl Tape {
             leaf_grads: Vec::new(),
             detect_anomaly: false,
             anomaly: None,
+            rng: None,
         }
     }
 
@@ -104,6 +108,18 @@ impl Tape {
     pub fn with_anomaly_detection(mut self, on: bool) -> Tape {
         self.detect_anomaly = on;
         self
+    }
+
+    /// Seeds the random draws of this tape's forward pass (drop path, dropout). The trainer derives
+    /// one stream per step from the run's seed, so a resumed run draws the same masks.
+    pub fn with_rng(mut self, rng: crate::rng::Rng) -> Tape {
+        self.rng = Some(rng);
+        self
+    }
+
+    /// The tape's random stream (a fixed seed when none was given).
+    pub fn rng(&mut self) -> &mut crate::rng::Rng {
+        self.rng.get_or_insert_with(|| crate::rng::Rng::new(0))
     }
 
     /// The first non-finite value found by anomaly detection, if any.

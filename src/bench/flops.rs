@@ -156,6 +156,8 @@ mod tests {
             classes: 10,
             feature_dim: 256,
             head: HeadSpec::Linear,
+            image_size: 32,
+            drop_path: None,
         };
         let n = Network::new(spec, &mut ps, DType::F32, &mut Rng::new(1)).unwrap();
         (n, ps)

@@ -64,6 +64,8 @@ fn distinct_convs(args: &Args, batch: usize) -> Result<Vec<Distinct>> {
         classes: 10,
         feature_dim: 256,
         head: HeadSpec::Linear,
+        image_size: args.image,
+        drop_path: None,
     };
     let net =
         Network::new(spec, &mut ps, DType::F32, &mut Rng::new(1)).map_err(anyhow::Error::msg)?;

@@ -399,6 +399,8 @@ fn sgd_case(
             classes: 10,
             feature_dim: 256,
             head: HeadSpec::Linear,
+            image_size: 32,
+            drop_path: None,
         };
         Network::new(spec, &mut ps, DType::F32, &mut Rng::new(3)).map_err(anyhow::Error::msg)?;
         ps.to_dtype(dtype);

@@ -108,6 +108,8 @@ fn build(args: &Args, arch: &str, dtype: DType, device: Device) -> Result<Setup>
         classes: args.classes,
         feature_dim: dim,
         head: HeadSpec::Pedcc(p.clone()),
+        image_size: args.image,
+        drop_path: None,
     };
     let mut ps = ParamStore::new();
     // Built in f32 and converted, so that the f64 reference starts from the same weights.

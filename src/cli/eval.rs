@@ -93,6 +93,8 @@ pub fn load_network(
         classes: ds.num_classes(),
         feature_dim,
         head,
+        image_size: h,
+        drop_path: None,
     };
     crate::budget::check_network(
         &spec,

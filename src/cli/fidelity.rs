@@ -158,7 +158,15 @@ pub fn run_model(fx: &Fixture, place: Place) -> Result<Outputs> {
     use crate::nn::{HeadSpec, ModelSpec, Network, Stem};
     let path = fx.path.display();
     let arch = fx.meta("model")?.to_string();
-    let width: usize = fx.meta_parse("base_width")?;
+    // The transformers (`vit(...)`, `swin(...)`, timm's names) have no width or stem; their
+    // PEDCC is timm's classifier weight [K, n] (`head.weight`, Swin `head.fc.weight`).
+    let transformer = crate::nn::TransformerConfig::parse(&arch)
+        .transpose()
+        .map_err(|e| anyhow!("{path}: {e}"))?;
+    let width: usize = match &transformer {
+        Some(_) => fx.meta_parse("base_width").unwrap_or(64),
+        None => fx.meta_parse("base_width")?,
+    };
     let classes: usize = fx.meta_parse("classes")?;
     let feature_dim: usize = fx.meta_parse("feature_dim")?;
     let stem = match fx.meta("stem").unwrap_or("cifar") {
@@ -176,6 +184,15 @@ pub fn run_model(fx: &Fixture, place: Place) -> Result<Outputs> {
 
     let head = match loss_kind.as_str() {
         // The PEDCC is stored transposed, [n, K], as the reference code keeps it.
+        "pod" if transformer.is_some() => {
+            let key = match transformer {
+                Some(crate::nn::TransformerConfig::Swin(_)) => "param.head.fc.weight",
+                _ => "param.head.weight",
+            };
+            let w = fx.tensor(key)?;
+            w.expect_shape(&[Some(classes), Some(feature_dim)])?;
+            HeadSpec::Pedcc(Tensor::from_f64_as(&w.shape, &w.values, DType::F64))
+        }
         "pod" => {
             let w = fx.tensor("param.out.weight")?;
             w.expect_shape(&[Some(feature_dim), Some(classes)])?;
@@ -195,6 +212,8 @@ pub fn run_model(fx: &Fixture, place: Place) -> Result<Outputs> {
         classes,
         feature_dim,
         head,
+        image_size: image.shape[2],
+        drop_path: Some(0.0),
     };
     let mut ps = ParamStore::new();
     crate::budget::check_network(

@@ -110,6 +110,8 @@ pub fn describe(model: &str, a: &Args) -> Result<ModelInfo> {
         classes: a.classes,
         feature_dim: dim,
         head: HeadSpec::Pedcc(p),
+        image_size: a.image_size,
+        drop_path: None,
     };
     let mut ps = ParamStore::new();
     let mut rng = Rng::new(0);

@@ -10,7 +10,8 @@ use std::path::PathBuf;
 #[command(allow_negative_numbers = true)]
 pub struct Args {
     /// Network: resnet18, resnet34, resnet50 (default), resnet101, resnet152, densenet121, mobilenetv2,
-    /// smallcnn (`podgpu models` lists them with sizes).
+    /// smallcnn, vit_b16, vit_small_patch16_224, vit_tiny_patch16_224, test_vit, swin_b,
+    /// swin_tiny_patch4_window7_224, or vit(...)/swin(...) (`podgpu models` lists them with sizes).
     pub model: Option<String>,
     /// Dataset file (.bin, see datasets/FORMAT.md). Default: datasets/cifar10-small.bin. With
     /// --resume: the run's own dataset at a new place (podgpu checks that it is the same dataset).
@@ -139,6 +140,111 @@ pub struct Args {
     /// (slow; for debugging a diverging run). May be given with --resume.
     #[arg(long)]
     pub detect_anomaly: bool,
+    #[command(flatten)]
+    pub transformer: TransformerArgs,
+}
+
+/// The transformers' settings (issue 13): recipes, input size, timm weights, optimiser, schedule.
+#[derive(clap::Args, Debug, Default)]
+pub struct TransformerArgs {
+    /// Start from a named recipe, printed at start; any flag given overrides it: paper (the CNN
+    /// recipe, default), vit-finetune, swin.
+    #[arg(long)]
+    pub recipe: Option<String>,
+    /// Feed the network IMAGE×IMAGE images, resized on the fly from the stored size (training:
+    /// random-resized-crop + flip; test: resize, see --test-resize). Default: the stored size.
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Test images: resize to this side, then the centre --image-size crop (e.g. 256 for 224).
+    #[arg(long)]
+    pub test_resize: Option<usize>,
+    /// Start the backbone from a timm state dict saved with safetensors (the head is new; position
+    /// embeddings and relative-position tables are resampled to the model's size).
+    #[arg(long, value_name = "FILE")]
+    pub init: Option<PathBuf>,
+    /// sgd (default) or adamw.
+    #[arg(long, value_enum)]
+    pub optimizer: Option<crate::train::config::OptimizerKind>,
+    /// step (×gamma at --milestones, default) or cosine (to --min-lr), stepped per iteration.
+    #[arg(long, value_enum)]
+    pub schedule: Option<crate::optim::Decay>,
+    /// Linear warm-up from --warmup-lr over this many epochs (fractions allowed).
+    #[arg(long)]
+    pub warmup_epochs: Option<f64>,
+    #[arg(long)]
+    pub warmup_lr: Option<f64>,
+    /// Where the cosine decay ends.
+    #[arg(long)]
+    pub min_lr: Option<f64>,
+    /// Clip gradients to this global L2 norm.
+    #[arg(long)]
+    pub clip_grad: Option<f64>,
+    /// Stochastic depth rate of the transformers (default: timm's, ViT 0, Swin 0.1).
+    #[arg(long)]
+    pub drop_path: Option<f64>,
+    #[arg(long)]
+    pub adam_beta1: Option<f64>,
+    #[arg(long)]
+    pub adam_beta2: Option<f64>,
+    #[arg(long)]
+    pub adam_eps: Option<f64>,
+}
+
+impl TransformerArgs {
+    fn any_given(&self) -> bool {
+        self.recipe.is_some()
+            || self.image_size.is_some()
+            || self.test_resize.is_some()
+            || self.init.is_some()
+            || self.optimizer.is_some()
+            || self.schedule.is_some()
+            || [
+                self.warmup_epochs,
+                self.warmup_lr,
+                self.min_lr,
+                self.clip_grad,
+                self.drop_path,
+                self.adam_beta1,
+                self.adam_beta2,
+                self.adam_eps,
+            ]
+            .iter()
+            .any(Option::is_some)
+    }
+
+    /// Writes the given flags over `c`.
+    fn apply(&self, c: &mut TrainConfig) {
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+        }
+        set!(
+            optimizer,
+            schedule,
+            warmup_epochs,
+            warmup_lr,
+            min_lr,
+            adam_beta1,
+            adam_beta2,
+            adam_eps
+        );
+        for (flag, field) in [
+            (self.image_size, &mut c.image_size),
+            (self.test_resize, &mut c.test_resize),
+        ] {
+            if flag.is_some() {
+                *field = flag;
+            }
+        }
+        if self.clip_grad.is_some() {
+            c.clip_grad = self.clip_grad;
+        }
+        if self.drop_path.is_some() {
+            c.drop_path = self.drop_path;
+        }
+        if self.init.is_some() {
+            c.init = self.init.clone();
+        }
+    }
 }
 
 impl Args {
@@ -169,6 +275,15 @@ pub fn resolve(a: &Args) -> Result<TrainConfig> {
         Some(path) => TrainConfig::load(path)?,
         None => TrainConfig::default(),
     };
+    if let Some(m) = &a.model {
+        c.model = m.clone();
+    }
+    if a.data.is_some() {
+        c.data = a.data.clone();
+    }
+    if let Some(r) = &a.transformer.recipe {
+        c.apply_recipe(r)?;
+    }
     macro_rules! set {
         ($($field:ident),*) => { $( if let Some(v) = &a.$field { c.$field = v.clone(); } )* };
     }
@@ -224,11 +339,17 @@ pub fn resolve(a: &Args) -> Result<TrainConfig> {
     if let Some(p) = a.precision {
         c.precision = p;
     }
-    if !crate::nn::MODEL_NAMES.contains(&c.model.as_str()) {
+    a.transformer.apply(&mut c);
+    if let Some(Err(e)) = crate::nn::TransformerConfig::parse(&c.model) {
+        bail!(e);
+    }
+    if !crate::nn::is_model_name(&c.model) {
+        let t: Vec<&str> = crate::nn::TRANSFORMER_NAMES.iter().map(|t| t.0).collect();
         bail!(
-            "unknown model `{}`; podgpu has {}",
+            "unknown model `{}`; podgpu has {}, {}, and vit(...)/swin(...) configurations",
             c.model,
-            crate::nn::MODEL_NAMES.join(", ")
+            crate::nn::MODEL_NAMES.join(", "),
+            t.join(", ")
         );
     }
     c.validate()?;
@@ -261,6 +382,7 @@ pub fn run(a: Args) -> Result<()> {
                 || a.overwrite
                 || a.deterministic
                 || a.precision.is_some()
+                || a.transformer.any_given()
                 || a.loss_settings_given();
             if changes_math {
                 bail!(

@@ -53,6 +53,18 @@ impl Blas {
     }
 }
 
+impl Blas {
+    /// Sets the math mode for the next call (panics on a cuBLAS error: a broken device).
+    pub(crate) fn set_mode(&self, mode: MathMode) {
+        self.apply_mode(mode).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// The raw handle, for the calls made outside this file (strided-batched GEMMs).
+    pub(crate) fn raw(&self) -> cudarc::cublas::sys::cublasHandle_t {
+        *self.handle.handle()
+    }
+}
+
 /// The device's cuBLAS handle, created at first use.
 pub fn handle(gpu: &Gpu) -> Result<&Blas, String> {
     gpu.blas

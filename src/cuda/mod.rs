@@ -14,6 +14,7 @@
 //! trainer's step ledger): launchers of our other kernels.
 
 pub mod baseline_kernels;
+pub mod adamw;
 pub mod blas;
 pub mod dnn;
 pub mod guard;
@@ -25,6 +26,7 @@ pub mod nn_kernels;
 pub mod nvrtc;
 pub mod optim;
 pub mod pool;
+pub mod transformer;
 
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView,

@@ -41,6 +41,8 @@ pub const SOURCES: &[KernelSource] = &[
     cu!("optim"),
     cu!("baselines"),
     cu!("guard"),
+    cu!("transformer"),
+    cu!("adamw"),
 ];
 
 pub fn source(name: &str) -> Option<&'static KernelSource> {

@@ -28,6 +28,17 @@ pub enum Augment {
         ratio: (f32, f32),
         flip: bool,
     },
+    /// `RandomResizedCrop` to `size`×`size` whatever the stored size (the transformers' 224-pixel
+    /// inputs from 32-pixel files), then flip with probability 0.5 when `flip`.
+    RandomResizedCropTo {
+        size: usize,
+        scale: (f32, f32),
+        ratio: (f32, f32),
+        flip: bool,
+    },
+    /// Test images at another size: bilinear resize to `resize`×`resize` (torchvision's `Resize`
+    /// for square images), then the centre `size`×`size` crop (`resize == size`: a plain resize).
+    ResizeCenterCrop { resize: usize, size: usize },
 }
 
 /// Images with a shorter side of at least this many pixels get random-resized-crop under `Augment::Auto`.
@@ -42,6 +53,27 @@ impl Augment {
     };
     /// The CIFAR recipe (DESIGN.md §1.7).
     pub const PAD4_FLIP: Augment = Augment::PadCropFlip { pad: 4, flip: true };
+
+    /// (H, W) of the images this policy makes from stored images of h×w.
+    pub fn out_hw(self, h: usize, w: usize) -> (usize, usize) {
+        match self {
+            Augment::RandomResizedCropTo { size, .. } | Augment::ResizeCenterCrop { size, .. } => {
+                (size, size)
+            }
+            _ => (h, w),
+        }
+    }
+
+    /// The transformers' recipe for `size`-pixel inputs: random-resized-crop (torchvision's
+    /// defaults) + flip for training.
+    pub fn train_at(size: usize) -> Augment {
+        Augment::RandomResizedCropTo {
+            size,
+            scale: (0.08, 1.0),
+            ratio: (3.0 / 4.0, 4.0 / 3.0),
+            flip: true,
+        }
+    }
 
     /// Replaces `Auto` by the concrete policy for images of size h×w.
     pub fn resolve(self, h: usize, w: usize) -> Augment {
@@ -273,8 +305,9 @@ pub fn augment_image(
     scratch: &mut Vec<u8>,
     out: &mut [f32],
 ) {
-    let [_, h, w] = shape;
-    scratch.resize(src.len(), 0);
+    let [c, h, w] = shape;
+    let (oh, ow) = aug.out_hw(h, w);
+    scratch.resize(c * oh * ow, 0);
     match aug {
         Augment::None => {
             norm.apply(src, out);
@@ -296,6 +329,41 @@ pub fn augment_image(
             resized_crop(src, shape, b, h, w, scratch);
             if f {
                 hflip(scratch, shape);
+            }
+        }
+        Augment::RandomResizedCropTo {
+            size,
+            scale,
+            ratio,
+            flip,
+        } => {
+            let b = sample_crop_box(rng, h, w, scale, ratio);
+            let f = flip && rng.uniform() < 0.5;
+            resized_crop(src, shape, b, size, size, scratch);
+            if f {
+                hflip(scratch, [c, size, size]);
+            }
+        }
+        Augment::ResizeCenterCrop { resize, size } => {
+            let full = CropBox {
+                top: 0,
+                left: 0,
+                h,
+                w,
+            };
+            if resize == size {
+                resized_crop(src, shape, full, size, size, scratch);
+            } else {
+                let mut big = vec![0u8; c * resize * resize];
+                resized_crop(src, shape, full, resize, resize, &mut big);
+                let off = (resize - size) / 2;
+                for ch in 0..c {
+                    for y in 0..size {
+                        let s0 = (ch * resize + off + y) * resize + off;
+                        let d0 = (ch * size + y) * size;
+                        scratch[d0..d0 + size].copy_from_slice(&big[s0..s0 + size]);
+                    }
+                }
             }
         }
     }

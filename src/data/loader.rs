@@ -217,9 +217,11 @@ impl Loader {
         }
     }
 
-    /// (C, H, W) of every image.
+    /// (C, H, W) of every image delivered (the stored size unless the augmentation resizes).
     pub fn image_shape(&self) -> [usize; 3] {
-        self.split.image_shape()
+        let [c, h, w] = self.split.image_shape();
+        let (oh, ow) = self.augment.out_hw(h, w);
+        [c, oh, ow]
     }
 
     /// Split indices in the order epoch `epoch` visits them.
@@ -246,7 +248,8 @@ impl Loader {
     /// output buffers may be any host memory (e.g. pinned).
     pub fn fill(&self, epoch: u64, indices: &[usize], images: &mut [f32], labels: &mut [u32]) {
         let shape = self.split.image_shape();
-        let per = self.split.image_len();
+        let [c, oh, ow] = self.image_shape();
+        let per = c * oh * ow;
         assert_eq!(
             images.len(),
             indices.len() * per,
@@ -297,7 +300,7 @@ impl Loader {
         indices: &[usize],
         mut images: Vec<f32>,
     ) -> Batch {
-        let [c, h, w] = self.split.image_shape();
+        let [c, h, w] = self.image_shape();
         images.clear();
         images.resize(indices.len() * c * h * w, 0.0);
         let mut labels = vec![0u32; indices.len()];

@@ -14,14 +14,21 @@ pub mod flops;
 pub mod init;
 pub mod layers;
 pub mod mobilenet;
+pub mod pretrained;
 pub mod resnet;
 pub mod smallcnn;
+pub mod swin;
+pub mod transformer;
+pub mod vit;
 
 pub use densenet::DenseNet;
 pub use layers::{BatchNorm, Conv, Linear};
 pub use mobilenet::MobileNetV2;
 pub use resnet::{ConvShape, ResNet, Stem};
 pub use smallcnn::SmallCnn;
+pub use swin::Swin;
+pub use transformer::{TransformerConfig, TRANSFORMER_NAMES};
+pub use vit::Vit;
 
 use crate::autograd::{ParamId, ParamKind, ParamStore, Tape, Var};
 use crate::ops;
@@ -52,9 +59,15 @@ pub struct ModelSpec {
     pub classes: usize,
     pub feature_dim: usize,
     pub head: HeadSpec,
+    /// Side of the (square) input images the network is built for: the transformers' token grid
+    /// and position embeddings depend on it; the CNNs ignore it.
+    pub image_size: usize,
+    /// Stochastic depth (drop path) rate of the transformers' deepest block (None → timm's default
+    /// for the family: ViT 0, Swin 0.1); the CNNs ignore it.
+    pub drop_path: Option<f64>,
 }
 
-/// The names `podgpu` accepts for `MODEL`.
+/// The CNNs `podgpu` accepts for `MODEL` (the transformers: `TRANSFORMER_NAMES`, `is_model_name`).
 pub const MODEL_NAMES: &[&str] = &[
     "resnet18",
     "resnet34",
@@ -66,11 +79,30 @@ pub const MODEL_NAMES: &[&str] = &[
     "smallcnn",
 ];
 
+/// Whether `name` is a network podgpu builds: one of `MODEL_NAMES`, a timm name of
+/// `TRANSFORMER_NAMES`, or a `vit(...)` / `swin(...)` configuration.
+pub fn is_model_name(name: &str) -> bool {
+    MODEL_NAMES.contains(&name) || matches!(TransformerConfig::parse(name), Some(Ok(_)))
+}
+
+/// The transformer configuration of a model name (None for the CNNs).
+pub fn transformer_config(name: &str) -> Option<TransformerConfig> {
+    TransformerConfig::parse(name).and_then(Result::ok)
+}
+
+/// The latent dimension a network has without FC1 (the transformers' pooled width), if it is one
+/// that uses its pooled features directly.
+pub fn native_feature_dim(name: &str) -> Option<usize> {
+    transformer_config(name).map(|c| c.out_dim())
+}
+
 enum Backbone {
     ResNet(ResNet),
     DenseNet(DenseNet),
     MobileNetV2(MobileNetV2),
     SmallCnn(SmallCnn),
+    Vit(Vit),
+    Swin(Swin),
 }
 
 impl Backbone {
@@ -82,6 +114,18 @@ impl Backbone {
     ) -> Result<Backbone, String> {
         let unknown = |a: &str| format!("unknown model {a:?}; known: {}", MODEL_NAMES.join(", "));
         let (w, c, stem) = (spec.width, spec.in_channels, spec.stem);
+        if let Some(cfg) = TransformerConfig::parse(&spec.arch) {
+            let cfg = cfg?;
+            let dp = spec.drop_path.unwrap_or_else(|| cfg.default_drop_path());
+            return Ok(match &cfg {
+                TransformerConfig::Vit(v) => {
+                    Backbone::Vit(Vit::new(v, c, spec.image_size, dp, ps, dtype, rng)?)
+                }
+                TransformerConfig::Swin(s) => {
+                    Backbone::Swin(Swin::new(s, c, spec.image_size, dp, ps, dtype, rng)?)
+                }
+            });
+        }
         Ok(match spec.arch.as_str() {
             a if a.starts_with("resnet") => {
                 let depth: usize = a[6..].parse().map_err(|_| unknown(a))?;
@@ -109,6 +153,8 @@ impl Backbone {
             Backbone::DenseNet(b) => b.out_dim,
             Backbone::MobileNetV2(b) => b.out_dim,
             Backbone::SmallCnn(b) => b.out_dim,
+            Backbone::Vit(b) => b.out_dim,
+            Backbone::Swin(b) => b.out_dim,
         }
     }
 
@@ -118,15 +164,35 @@ impl Backbone {
             Backbone::DenseNet(b) => b.forward(t, ps, x),
             Backbone::MobileNetV2(b) => b.forward(t, ps, x),
             Backbone::SmallCnn(b) => b.forward(t, ps, x),
+            Backbone::Vit(b) => b.forward(t, ps, x),
+            Backbone::Swin(b) => b.forward(t, ps, x),
+        }
+    }
+
+    fn is_transformer(&self) -> bool {
+        matches!(self, Backbone::Vit(_) | Backbone::Swin(_))
+    }
+
+    /// The prefix of the classifier's parameters: the reference code's `out` for the CNNs, timm's
+    /// `head` (ViT) and `head.fc` (Swin) for the transformers.
+    fn head_prefix(&self) -> &'static str {
+        match self {
+            Backbone::Vit(_) => "head",
+            Backbone::Swin(_) => "head.fc",
+            _ => "out",
         }
     }
 }
 
 enum Head {
-    /// `out.weight` [n, K] frozen in the store; `centroids` keeps the [K, n] layout the loss uses.
+    /// The PEDCC frozen in the store: `out.weight` [n, K] for the CNNs (the reference code's
+    /// layout, `transposed`), or for the transformers timm's classifier `head.weight` [K, n] with a
+    /// frozen zero `head.bias`, so that the checkpoint loads into timm and timm's logits are x Pᵀ.
+    /// `centroids` keeps the [K, n] layout the loss uses.
     Pedcc {
         weight: ParamId,
         centroids: Tensor,
+        transposed: bool,
     },
     Linear(Linear),
     /// `out.weight` [K, n], rows normalised in the forward.
@@ -138,7 +204,10 @@ enum Head {
 pub struct Network {
     pub spec: ModelSpec,
     backbone: Backbone,
-    fc: Linear,
+    /// FC1 to the latent dimension: always for the CNNs (the paper's); for the transformers only
+    /// when the feature dimension differs from the backbone's width (their pooled features are
+    /// the latent features, as the paper's n = 768 for ViT-B/16).
+    fc: Option<Linear>,
     head: Head,
 }
 
@@ -160,7 +229,9 @@ impl Network {
     ) -> Result<Network, String> {
         let backbone = Backbone::new(&spec, ps, dtype, rng)?;
         let pooled = backbone.out_dim();
-        let fc = Linear::new(ps, "fc", pooled, spec.feature_dim, true, dtype, rng);
+        let fc = (!backbone.is_transformer() || pooled != spec.feature_dim)
+            .then(|| Linear::new(ps, "fc", pooled, spec.feature_dim, true, dtype, rng));
+        let prefix = backbone.head_prefix();
         let head = match &spec.head {
             HeadSpec::Pedcc(p) => {
                 if p.shape() != [spec.classes, spec.feature_dim] {
@@ -172,16 +243,35 @@ impl Network {
                     ));
                 }
                 let centroids = p.to_dtype(dtype);
-                let weight = ps.add(
-                    "out.weight",
-                    layers::transpose2d(&centroids),
-                    ParamKind::Frozen,
-                );
-                Head::Pedcc { weight, centroids }
+                let transposed = !backbone.is_transformer();
+                let stored = match transposed {
+                    true => layers::transpose2d(&centroids),
+                    false => centroids.clone(),
+                };
+                let weight = ps.add(format!("{prefix}.weight"), stored, ParamKind::Frozen);
+                if !transposed {
+                    let zeros =
+                        Tensor::from_f64_as(&[spec.classes], &vec![0.0; spec.classes], dtype);
+                    ps.add(format!("{prefix}.bias"), zeros, ParamKind::Frozen);
+                }
+                Head::Pedcc {
+                    weight,
+                    centroids,
+                    transposed,
+                }
             }
+            HeadSpec::Linear if backbone.is_transformer() => Head::Linear(transformer::linear(
+                ps,
+                prefix,
+                spec.feature_dim,
+                spec.classes,
+                true,
+                dtype,
+                rng,
+            )),
             HeadSpec::Linear => Head::Linear(Linear::new(
                 ps,
-                "out",
+                prefix,
                 spec.feature_dim,
                 spec.classes,
                 true,
@@ -191,7 +281,7 @@ impl Network {
             HeadSpec::Cosine => {
                 let w = init::default_weight(&[spec.classes, spec.feature_dim], dtype, rng);
                 Head::Cosine {
-                    weight: ps.add("out.weight", w, ParamKind::Trainable),
+                    weight: ps.add(format!("{prefix}.weight"), w, ParamKind::Trainable),
                 }
             }
         };
@@ -206,17 +296,22 @@ impl Network {
     /// Images [B, C, H, W] → features and logits. BN uses batch statistics when the tape is training.
     pub fn forward(&self, t: &mut Tape, ps: &mut ParamStore, images: &Var) -> Output {
         let pooled = self.backbone.forward(t, ps, images);
-        let features = self.fc.forward(t, ps, &pooled);
+        let features = match &self.fc {
+            Some(fc) => fc.forward(t, ps, &pooled),
+            None => pooled,
+        };
         let (b, n, k) = (
             features.shape()[0],
             self.spec.feature_dim,
             self.spec.classes,
         );
         let logits = match &self.head {
-            Head::Pedcc { weight, .. } => {
+            Head::Pedcc {
+                weight, transposed, ..
+            } => {
                 flops::add(flops::matmul_macs(b, n, k));
                 let w = t.param(ps, *weight);
-                ops::matmul(t, &features, false, &w, false)
+                ops::matmul(t, &features, false, &w, !*transposed)
             }
             Head::Linear(l) => l.forward(t, ps, &features),
             Head::Cosine { weight } => {
@@ -245,9 +340,9 @@ impl Network {
     /// The frozen PEDCC centroids [K, n] on the store's device, if the head is PEDCC.
     pub fn centroids(&self, ps: &ParamStore) -> Option<Tensor> {
         match &self.head {
-            Head::Pedcc { centroids, weight } => {
-                Some(centroids.to_device(ps.value(*weight).device()))
-            }
+            Head::Pedcc {
+                centroids, weight, ..
+            } => Some(centroids.to_device(ps.value(*weight).device())),
             Head::Linear(_) | Head::Cosine { .. } => None,
         }
     }

@@ -27,6 +27,8 @@ mod elementwise;
 mod linear;
 mod normalize;
 mod pool;
+mod tokens;
+mod transformer;
 
 pub use batchnorm::*;
 pub use concat::*;
@@ -35,6 +37,8 @@ pub use elementwise::*;
 pub use linear::*;
 pub use normalize::*;
 pub use pool::*;
+pub use tokens::*;
+pub use transformer::*;
 
 use crate::tensor::Tensor;
 

@@ -16,7 +16,7 @@
 use crate::autograd::{ParamKind, ParamStore};
 use crate::tensor::{DType, Device, Elem, Tensor};
 use anyhow::{bail, Result};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// What SGD remembers between steps: one momentum buffer per trainable parameter (by parameter
 /// name) and the number of steps taken. Saved in checkpoints.
@@ -56,6 +56,9 @@ pub struct Sgd {
     pub momentum: f64,
     pub weight_decay: f64,
     pub nesterov: bool,
+    /// Trainable parameters that are not decayed (timm's groups for the transformers: norms,
+    /// biases, position embeddings, tokens); empty for the paper's CNN recipe, which decays all.
+    pub no_decay: BTreeSet<String>,
     state: SgdState,
 }
 
@@ -76,6 +79,7 @@ impl Sgd {
             momentum,
             weight_decay,
             nesterov,
+            no_decay: BTreeSet::new(),
             state: SgdState::default(),
         })
     }
@@ -166,7 +170,7 @@ impl Sgd {
                     param: &p.value,
                     grad,
                     momentum: bufs.get(i).map_or(grad, |(_, b)| b),
-                    weight_decay: self.weight_decay as f32,
+                    weight_decay: self.decay_of(&p.name) as f32,
                     frozen: false,
                 }
             })
@@ -198,18 +202,32 @@ impl Sgd {
             } else {
                 self.state.momentum.remove(&p.name)
             };
+            let wd = if self.no_decay.contains(&p.name) {
+                0.0
+            } else {
+                self.weight_decay
+            };
             sgd_update(
                 &mut p.value,
                 grad,
                 &mut buf,
                 lr,
                 self.momentum,
-                self.weight_decay,
+                wd,
                 self.nesterov,
             );
             if let Some(buf) = buf {
                 self.state.momentum.insert(p.name.clone(), buf);
             }
+        }
+    }
+
+    /// The weight decay of a parameter (0 for those in `no_decay`).
+    fn decay_of(&self, name: &str) -> f64 {
+        if self.no_decay.contains(name) {
+            0.0
+        } else {
+            self.weight_decay
         }
     }
 

@@ -142,6 +142,18 @@ pub enum Precision {
     Bf16,
 }
 
+/// The optimiser (`--optimizer`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// SGD with momentum (PyTorch's), the paper's.
+    Sgd,
+    /// AdamW with decoupled weight decay (the Swin recipe).
+    Adamw,
+}
+
+pub use crate::optim::Decay;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
@@ -217,6 +229,32 @@ pub struct TrainConfig {
     pub pedcc_lambda: f64,
     /// PEDCC-Loss: the MSE term is L_MSE^(1/q).
     pub pedcc_root: f64,
+    /// The recipe the settings started from (`--recipe`), for the record.
+    pub recipe: Option<String>,
+    /// Side of the square images fed to the network; None → the stored size. Another size resizes
+    /// on the fly (training: random-resized-crop + flip; test: resize, see `test_resize`).
+    pub image_size: Option<usize>,
+    /// Test images: resize to this side, then the centre `image_size` crop (e.g. 256 for 224);
+    /// None → resize straight to `image_size`.
+    pub test_resize: Option<usize>,
+    /// Start the backbone from a timm state dict (safetensors; `nn::pretrained`).
+    pub init: Option<PathBuf>,
+    pub optimizer: OptimizerKind,
+    /// AdamW's β1, β2 and ε.
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    /// The decay after the warm-up: step (milestones × gamma) or cosine (to `min_lr`).
+    pub schedule: Decay,
+    /// Linear warm-up from `warmup_lr`, in epochs (fractional allowed), stepped per iteration.
+    pub warmup_epochs: f64,
+    pub warmup_lr: f64,
+    /// Where the cosine decay ends.
+    pub min_lr: f64,
+    /// Clip the gradients to this global L2 norm before each update.
+    pub clip_grad: Option<f64>,
+    /// Stochastic depth rate of the transformers (None → timm's default: ViT 0, Swin 0.1).
+    pub drop_path: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -269,11 +307,128 @@ impl Default for TrainConfig {
             pedcc_scale: 15.0,
             pedcc_lambda: 1.0,
             pedcc_root: 1.0,
+            recipe: None,
+            image_size: None,
+            test_resize: None,
+            init: None,
+            optimizer: OptimizerKind::Sgd,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            schedule: Decay::Step,
+            warmup_epochs: 0.0,
+            warmup_lr: 0.0,
+            min_lr: 0.0,
+            clip_grad: None,
+            drop_path: None,
         }
     }
 }
 
+/// The named recipes of `--recipe` (DESIGN.md §1.8).
+pub const RECIPES: &[&str] = &["paper", "vit-finetune", "swin"];
+
 impl TrainConfig {
+    /// Applies a named recipe over the current settings (flags given afterwards override it):
+    /// - `paper`: the paper's CNN recipe (the defaults).
+    /// - `vit-finetune`: SGD momentum 0.9, weight decay 0 (none on norms, biases, position
+    ///   embeddings and tokens anyway), lr 0.01, batch 128, 10 epochs, a one-epoch linear warm-up
+    ///   then cosine decay stepped per iteration, gradients clipped to norm 1 (the ViT paper's
+    ///   fine-tuning, as the POD paper's §4).
+    /// - `swin`: AdamW lr 1e-3, weight decay 0.05, β (0.9, 0.999), batch 256, 300 epochs, 20
+    ///   warm-up epochs from 1e-6, cosine decay to 1e-5, gradients clipped to norm 5, drop path
+    ///   0.5 for Swin-B (the Swin paper's ImageNet recipe; timm's default 0.1 otherwise).
+    pub fn apply_recipe(&mut self, name: &str) -> Result<()> {
+        let base = TrainConfig {
+            model: self.model.clone(),
+            data: self.data.clone(),
+            ..TrainConfig::default()
+        };
+        match name {
+            "paper" => *self = base,
+            "vit-finetune" => {
+                *self = TrainConfig {
+                    optimizer: OptimizerKind::Sgd,
+                    lr: 0.01,
+                    momentum: 0.9,
+                    weight_decay: 0.0,
+                    batch_size: 128,
+                    epochs: 10,
+                    milestones: vec![],
+                    schedule: Decay::Cosine,
+                    warmup_epochs: 1.0,
+                    warmup_lr: 0.0,
+                    min_lr: 0.0,
+                    clip_grad: Some(1.0),
+                    ..base
+                }
+            }
+            "swin" => {
+                *self = TrainConfig {
+                    optimizer: OptimizerKind::Adamw,
+                    lr: 1e-3,
+                    weight_decay: 0.05,
+                    batch_size: 256,
+                    epochs: 300,
+                    milestones: vec![],
+                    schedule: Decay::Cosine,
+                    warmup_epochs: 20.0,
+                    warmup_lr: 1e-6,
+                    min_lr: 1e-5,
+                    clip_grad: Some(5.0),
+                    drop_path: match base.model.as_str() {
+                        "swin_b" | "swin_base_patch4_window7_224" => Some(0.5),
+                        _ => None,
+                    },
+                    ..base
+                }
+            }
+            other => bail!(
+                "unknown recipe `{other}`; podgpu has {}",
+                RECIPES.join(", ")
+            ),
+        }
+        self.recipe = Some(name.to_string());
+        Ok(())
+    }
+
+    /// The optimiser and schedule settings, one line (printed at the start of a run).
+    pub fn recipe_line(&self) -> String {
+        let opt = match self.optimizer {
+            OptimizerKind::Sgd => format!(
+                "SGD lr {} momentum {} weight decay {}{}",
+                self.lr,
+                self.momentum,
+                self.weight_decay,
+                if self.nesterov { " nesterov" } else { "" }
+            ),
+            OptimizerKind::Adamw => format!(
+                "AdamW lr {} betas ({}, {}) eps {} weight decay {}",
+                self.lr, self.adam_beta1, self.adam_beta2, self.adam_eps, self.weight_decay
+            ),
+        };
+        let sched = match self.schedule {
+            Decay::Step => format!("×{} at epochs {:?}", self.gamma, self.milestones),
+            Decay::Cosine => format!("cosine to {}", self.min_lr),
+        };
+        let warm = match self.warmup_epochs > 0.0 {
+            true => format!(
+                ", linear warm-up {} epochs from {}",
+                self.warmup_epochs, self.warmup_lr
+            ),
+            false => String::new(),
+        };
+        let clip = self.clip_grad.map_or(String::new(), |c| {
+            format!(", gradients clipped to norm {c}")
+        });
+        format!(
+            "recipe {}: {opt}, {sched}{warm}{clip}, batch {}, {} epochs",
+            self.recipe.as_deref().unwrap_or("custom"),
+            self.batch_size,
+            self.epochs
+        )
+    }
+
     /// Parses TOML; fields left out keep their defaults, unknown fields are an error.
     pub fn from_toml_str(text: &str) -> Result<TrainConfig> {
         toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))
@@ -439,6 +594,59 @@ impl TrainConfig {
             format!(
                 "prefetch must be between 1 and 1024 batches, got {}",
                 self.prefetch
+            ),
+        );
+        need(
+            self.image_size.is_none_or(|s| s >= 8),
+            format!(
+                "image_size must be at least 8, got {}",
+                self.image_size.unwrap_or(0)
+            ),
+        );
+        need(
+            self.test_resize
+                .is_none_or(|r| self.image_size.is_some_and(|s| r >= s)),
+            "test_resize needs image_size and must be at least image_size".into(),
+        );
+        for (name, v) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
+            need(
+                v.is_finite() && (0.0..1.0).contains(&v),
+                format!("{name} must be in [0, 1), got {v}"),
+            );
+        }
+        need(
+            positive(self.adam_eps),
+            format!(
+                "adam_eps must be a finite number > 0, got {}",
+                self.adam_eps
+            ),
+        );
+        for (name, v) in [
+            ("warmup_epochs", self.warmup_epochs),
+            ("warmup_lr", self.warmup_lr),
+            ("min_lr", self.min_lr),
+        ] {
+            need(
+                non_negative(v),
+                format!("{name} must be a finite number >= 0, got {v}"),
+            );
+        }
+        need(
+            self.clip_grad.is_none_or(positive),
+            format!(
+                "clip_grad must be a finite number > 0, got {}",
+                self.clip_grad.unwrap_or(0.0)
+            ),
+        );
+        need(
+            self.drop_path
+                .is_none_or(|p| p.is_finite() && (0.0..1.0).contains(&p)),
+            format!(
+                "drop_path must be in [0, 1), got {}",
+                self.drop_path.unwrap_or(0.0)
             ),
         );
 

@@ -40,7 +40,8 @@ pub struct Features {
     pub labels: Vec<usize>,
 }
 
-/// Runs the network over `split` (the first `limit` images) in inference mode.
+/// Runs the network over `split` (the first `limit` images) in inference mode. Images of another
+/// size than the network's (a transformer built for `--image-size`) are resized to it.
 pub fn extract(
     net: &Network,
     ps: &mut ParamStore,
@@ -49,8 +50,27 @@ pub fn extract(
     limit: Option<usize>,
     device: Device,
 ) -> Result<Features> {
+    let size = net.spec.image_size;
+    let augment = match split.height() == size && split.width() == size {
+        true => crate::data::Augment::None,
+        false => crate::data::Augment::ResizeCenterCrop { resize: size, size },
+    };
+    extract_with(net, ps, split, batch_size, limit, device, augment)
+}
+
+/// `extract` with the test images' preprocessing given (e.g. resize 256 + centre crop 224).
+pub fn extract_with(
+    net: &Network,
+    ps: &mut ParamStore,
+    split: &Split,
+    batch_size: usize,
+    limit: Option<usize>,
+    device: Device,
+    augment: crate::data::Augment,
+) -> Result<Features> {
     let cfg = LoaderConfig {
         limit,
+        augment,
         ..LoaderConfig::eval(batch_size)
     };
     let loader = Loader::new(split.clone(), cfg)?;

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod objective;
 pub mod plot;
 pub mod progress;
+pub mod recipe;
 pub mod run_dir;
 pub mod signal;
 pub mod tally;

@@ -42,7 +42,7 @@ use crate::data::{Dataset, Loader, LoaderConfig, Split};
 use crate::fsutil::quoted;
 use crate::loss::{self, DeltaSchedule, Variant};
 use crate::nn::{HeadSpec, ModelSpec, Network, Stem};
-use crate::optim::{Sgd, StepSchedule};
+use crate::optim::{LrSchedule, Optimizer};
 use crate::pedcc::{self, Method};
 use crate::rng::Rng;
 use crate::tensor::{DType, Device, Tensor};
@@ -90,8 +90,9 @@ struct Run {
     ps: ParamStore,
     /// What is minimised (the loss of `cfg.loss` and its per-step extras).
     objective: Objective,
-    sgd: Sgd,
-    schedule: StepSchedule,
+    /// The optimiser (SGD, or AdamW for the transformers' recipes; `super::recipe`).
+    sgd: Optimizer,
+    schedule: LrSchedule,
     delta: DeltaSchedule,
     state: TrainState,
     metrics: MetricsLog,
@@ -148,6 +149,9 @@ pub fn stem_for(height: usize) -> Stem {
         _ => Stem::ImageNet,
     }
 }
+
+/// Mixed into the seed of the per-step drop-path/dropout streams.
+const DROP_SALT: u64 = 0xD50F_0A7B << 20;
 
 /// Trains a fresh run described by `cfg` (into a new or empty folder).
 pub fn train(cfg: TrainConfig) -> Result<RunSummary> {
@@ -277,9 +281,7 @@ pub fn build_network(
         );
     }
     let classes = ds.num_classes();
-    let feature_dim = cfg
-        .feature_dim
-        .unwrap_or_else(|| pedcc::recommended_dim(classes));
+    let feature_dim = super::recipe::feature_dim(cfg, classes);
     let spec = ModelSpec {
         arch: cfg.model.clone(),
         width: cfg.width,
@@ -293,6 +295,8 @@ pub fn build_network(
             (HeadKind::Linear, _) => HeadSpec::Linear,
             (HeadKind::Cosine, _) => HeadSpec::Cosine,
         },
+        image_size: cfg.image_size.unwrap_or(h),
+        drop_path: cfg.drop_path,
     };
     let mut rng = Rng::derive(cfg.seed, 0x1A17);
     crate::budget::check_network(
@@ -418,9 +422,7 @@ impl Run {
             run_dir::check_fresh(&dir, opts.overwrite)?;
         }
         let classes = ds.num_classes();
-        let dim = cfg
-            .feature_dim
-            .unwrap_or_else(|| pedcc::recommended_dim(classes));
+        let dim = super::recipe::feature_dim(&cfg, classes);
         let new_pedcc = match cfg.loss.uses_pedcc() {
             true => Some(make_pedcc(&cfg, classes, dim)?),
             false => None,
@@ -433,6 +435,10 @@ impl Run {
             new_pedcc.as_ref().map(|(p, _)| p),
             &mut ps,
         )?;
+        if let Some(path) = &cfg.init {
+            let report = crate::nn::pretrained::load_timm(path, &mut ps)?;
+            println!("initialised from {}:\n{report}", path.display());
+        }
         let (dir, lock) = run_dir::create_fresh(&dir, default_name, opts.overwrite)?;
         cfg.out = Some(dir.clone());
         let centroids = match &new_pedcc {
@@ -446,8 +452,8 @@ impl Run {
         run.save(&dir)?;
         ps.to_device(device);
         cfg.save(&dir.join("config.toml"))?;
-        let sgd = Sgd::new(cfg.momentum, cfg.weight_decay, cfg.nesterov)?;
-        let schedule = StepSchedule::new(cfg.lr, &cfg.milestones, cfg.gamma)?;
+        let sgd = super::recipe::optimizer(&cfg, &ps)?;
+        let schedule = super::recipe::lr_schedule(&cfg)?;
         let delta = DeltaSchedule::resume(cfg.variant, cfg.alpha, 0, cfg.initial_mean_norm);
         let mut state =
             TrainState::new(cfg.model.clone(), cfg.to_json(), Rng::new(cfg.seed).state());
@@ -572,9 +578,9 @@ impl Run {
         let net = build_network(&cfg, &ds, &train, centroids.as_ref(), &mut ps)?;
         ckpt.restore_into(&mut ps, &cfg.model)?;
         ps.to_device(device);
-        let mut sgd = Sgd::new(cfg.momentum, cfg.weight_decay, cfg.nesterov)?;
+        let mut sgd = super::recipe::optimizer(&cfg, &ps)?;
         sgd.load_state(ckpt.optim.clone(), &ps)?;
-        let schedule = StepSchedule::new(cfg.lr, &cfg.milestones, cfg.gamma)?;
+        let schedule = super::recipe::lr_schedule(&cfg)?;
         // Later checkpoints record the settings now in force (e.g. an extended --epochs).
         state.config = cfg.to_json();
         // A failure between writing last and best leaves a best.safetensors that the record does
@@ -681,16 +687,19 @@ impl Run {
             LoaderConfig {
                 limit: cfg.limit_train,
                 prefetch: cfg.prefetch,
+                augment: super::recipe::train_augment(&cfg, &self.train),
                 ..LoaderConfig::train(cfg.batch_size, cfg.seed)
             },
         )?;
         let p = &self.net.spec;
+        let shape = match crate::nn::transformer_config(&cfg.model) {
+            Some(_) => format!("{0}×{0} images", p.image_size),
+            None => format!("width {}, {:?} stem", cfg.width, p.stem),
+        };
         println!(
-            "training {} (width {}, {:?} stem) with {} loss{} on {}: {} classes, feature dim {}, \
+            "training {} ({shape}) with {} loss{} on {}: {} classes, feature dim {}, \
              {} train images, batch {}, {} epochs, {} trainable parameters",
             cfg.model,
-            cfg.width,
-            p.stem,
             cfg.loss,
             match cfg.loss.uses_delta() {
                 true => format!(" ({} variant)", cfg.variant),
@@ -704,6 +713,10 @@ impl Run {
             cfg.epochs,
             self.ps.count(crate::ParamKind::Trainable)
         );
+        println!("{}", cfg.recipe_line());
+        if let Some(note) = super::recipe::image_note(&cfg, &self.train) {
+            println!("{note}");
+        }
         println!("run folder: {}", self.dir.display());
         if cfg.deterministic {
             println!("deterministic mode: results do not depend on the thread count");
@@ -746,7 +759,7 @@ impl Run {
             if let Err(e) = save_epoch_checkpoints(
                 &self.dir,
                 &self.ps,
-                self.sgd.state(),
+                &self.sgd.state(),
                 &mut self.state,
                 test_acc,
             ) {
@@ -839,7 +852,7 @@ impl Run {
         save_checkpoint(
             &self.dir.join("last.safetensors"),
             &self.ps,
-            self.sgd.state(),
+            &self.sgd.state(),
             &self.state,
         )
     }
@@ -918,7 +931,9 @@ impl Run {
         resume: Option<EpochTally>,
     ) -> Result<EpochOutcome> {
         let cfg = self.cfg.clone();
-        let lr = self.schedule.lr_at(epoch);
+        let total_batches = loader.batches_per_epoch();
+        // The lr of the epoch's first step (the record's); warm-up and cosine change it per step.
+        let lr = self.schedule.lr(epoch, 0, total_batches);
         let mut tally = resume.unwrap_or_default();
         if tally.next_batch == 0
             && cfg.variant == Variant::Reference
@@ -929,7 +944,6 @@ impl Run {
         }
         let delta = self.delta.delta();
         let started = Instant::now();
-        let total_batches = loader.batches_per_epoch();
         let mut progress = Progress::new(total_batches, epoch + 1, cfg.epochs);
         // The epoch's sums and the numerics guard live on the device (`ledger`): a step reads
         // nothing back; the host reads the ledger every `cadence` steps, at the end of the epoch and
@@ -967,7 +981,14 @@ impl Run {
             }
             let (images, labels) = batch.into_parts();
             let labels: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
-            let mut tape = Tape::train().with_anomaly_detection(cfg.detect_anomaly);
+            let step_lr = self.schedule.lr(epoch, index, total_batches);
+            // Drop path and dropout draw from a stream of the step: a resumed run draws the same.
+            let mut tape = Tape::train()
+                .with_anomaly_detection(cfg.detect_anomaly)
+                .with_rng(Rng::derive(
+                    cfg.seed ^ DROP_SALT,
+                    self.state.global_step + 1,
+                ));
             let x = tape.constant(images.to_device(self.device));
             let out = self.net.forward(&mut tape, &mut self.ps, &x);
             let labels_t = loss::labels_tensor(&labels, out.features.value());
@@ -994,8 +1015,11 @@ impl Run {
             // Checked before the update, which skips while the guard's flag is set, so the weights
             // in memory stay the last good ones until the host reads the record.
             ledger.guard(step, &self.ps, &loss_t);
+            if let Some(max_norm) = cfg.clip_grad {
+                crate::optim::clip_grad_norm(&mut self.ps, max_norm);
+            }
             self.sgd
-                .step_unless(&mut self.ps, lr, Some(ledger.skip_flag()));
+                .step_unless(&mut self.ps, step_lr, Some(ledger.skip_flag()));
             self.ps.zero_grad();
             self.objective.after_step(
                 &self.net,
@@ -1003,7 +1027,7 @@ impl Run {
                 x.value(),
                 &out,
                 &labels_t,
-                lr,
+                step_lr,
                 Some(ledger.skip_flag()),
             );
             self.state.global_step += 1;
@@ -1055,13 +1079,14 @@ impl Run {
         let train_time = earlier_time + started.elapsed().as_secs_f64();
         let test_acc = match &self.test {
             Some(test) if (epoch + 1).is_multiple_of(cfg.eval_every) || epoch + 1 == cfg.epochs => {
-                let f = eval::extract(
+                let f = eval::extract_with(
                     &self.net,
                     &mut self.ps,
                     test,
                     cfg.batch_size,
                     cfg.limit_test,
                     self.device,
+                    super::recipe::test_augment(&cfg, test),
                 )?;
                 Some(eval::summarize(&f, self.net.spec.classes).accuracy)
             }

@@ -31,6 +31,8 @@ fn network() -> (Network, ParamStore) {
         classes: CLASSES,
         feature_dim: DIM,
         head: HeadSpec::Pedcc(p),
+        image_size: 16,
+        drop_path: None,
     };
     let mut ps = ParamStore::new();
     let net = Network::new(spec, &mut ps, DType::F32, &mut Rng::new(31)).expect("network");
