@@ -473,6 +473,28 @@ fn bad_config_file() {
         &["--config", cfg.to_str().unwrap()],
         &["c.toml", "learning_rate"],
     );
+    // A queue of 10^11 batches would be allocated up front.
+    std::fs::write(&cfg, "prefetch = 100000000000\n").unwrap();
+    assert_fresh_refused(
+        &s,
+        &s.data(),
+        &["--config", cfg.to_str().unwrap()],
+        &["prefetch must be between 1 and 1024 batches"],
+    );
+}
+
+#[test]
+fn dataset_normalisation_that_makes_inputs_non_finite() {
+    let s = Setup::new();
+    let p = s.damaged("tiny-std.bin", |b| {
+        *b = with_meta(b, |m| m.std = vec![1e-45])
+    });
+    assert_fresh_refused(
+        &s,
+        &p,
+        &[],
+        &["normalisation", "is not usable", "would not be finite"],
+    );
 }
 
 // ---- output folder ----
@@ -1679,4 +1701,48 @@ fn resume_with_a_damaged_metrics_line() {
             "podgpu train --resume",
         ],
     );
+}
+
+#[test]
+fn a_fixture_with_a_huge_base_width() {
+    let s = Setup::new();
+    let f = s.path("model.safetensors");
+    let image = vec![0u8; 4 * 3 * 8 * 8];
+    let label = 0f32.to_le_bytes();
+    let meta: std::collections::HashMap<String, String> = [
+        ("format", "podgpu-fixture"),
+        ("kind", "model"),
+        ("model", "resnet18"),
+        ("base_width", "100000000"),
+        ("classes", "2"),
+        ("feature_dim", "2"),
+        ("loss", "softmax"),
+        ("batch", "1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let views = vec![
+        (
+            "input.image",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 3, 8, 8], &image)
+                .unwrap(),
+        ),
+        (
+            "input.labels",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &label).unwrap(),
+        ),
+    ];
+    safetensors::serialize_to_file(views, Some(meta), &f).unwrap();
+    let o = run_within(60, &["fidelity", f.to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert_ne!(o.status.code(), Some(0), "{out}{err}");
+    assert!(
+        (out.clone() + &err).contains("needs at least")
+            && (out.clone() + &err).contains("base_width"),
+        "{out}{err}"
+    );
+    for bad in ["panicked", "memory allocation", "internal error"] {
+        assert!(!err.contains(bad), "{err}");
+    }
 }

@@ -80,6 +80,36 @@ pub fn check_fresh(dir: &Path, overwrite: bool) -> Result<()> {
     )
 }
 
+/// Whether `dir` holds only what a run with the settings `cfg` writes before its first checkpoint
+/// (`config.toml` with these very settings, `run.json`, `pedcc.safetensors`, metrics without an
+/// epoch): the same run killed in its first epoch. Starting it again there loses nothing.
+pub fn holds_unstarted_run(dir: &Path, cfg: &super::config::TrainConfig) -> bool {
+    let Ok(names) = user_visible_entries(dir) else {
+        return false;
+    };
+    let allowed = [
+        "config.toml",
+        super::identity::RUN_FILE,
+        "pedcc.safetensors",
+        "metrics.jsonl",
+        "metrics.csv",
+    ];
+    if names.is_empty() || !names.iter().all(|n| allowed.contains(&n.as_str())) {
+        return false;
+    }
+    let lines = |f: &str| {
+        crate::fsutil::read_regular_to_string(&dir.join(f))
+            .map_or(0, |t| t.lines().filter(|l| !l.trim().is_empty()).count())
+    };
+    if lines("metrics.jsonl") > 0 || lines("metrics.csv") > 1 {
+        return false;
+    }
+    crate::fsutil::read_regular_to_string(&dir.join("config.toml"))
+        .ok()
+        .and_then(|t| super::config::TrainConfig::from_toml_str(&t).ok())
+        .is_some_and(|saved| &saved == cfg)
+}
+
 /// Creates a fresh run's folder and locks it: `dir` as given (its parents created; see
 /// `check_fresh`, checked again under the lock), or, for a default name, `base` or the first of
 /// `base-2`, `base-3`, … that does not exist yet (created atomically, so two runs started in the
@@ -319,6 +349,43 @@ mod tests {
         drop(lock);
         assert!(!out.join("config.toml").exists());
         assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"mine");
+    }
+
+    #[test]
+    fn the_same_run_killed_before_its_first_checkpoint_may_start_again() {
+        use crate::train::config::TrainConfig;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = TrainConfig {
+            out: Some(dir.path().to_path_buf()),
+            ..TrainConfig::default()
+        };
+        cfg.save(&dir.path().join("config.toml")).unwrap();
+        for (f, text) in [
+            ("run.json", "{}"),
+            ("pedcc.safetensors", "x"),
+            ("metrics.jsonl", ""),
+            ("metrics.csv", "epoch,train_loss\n"),
+            (LOCK_FILE, ""),
+        ] {
+            std::fs::write(dir.path().join(f), text).unwrap();
+        }
+        assert!(holds_unstarted_run(dir.path(), &cfg));
+        let other = TrainConfig {
+            lr: 0.5,
+            ..cfg.clone()
+        };
+        assert!(!holds_unstarted_run(dir.path(), &other), "other settings");
+        std::fs::write(dir.path().join("metrics.jsonl"), "{\"epoch\":1}\n").unwrap();
+        assert!(
+            !holds_unstarted_run(dir.path(), &cfg),
+            "an epoch was recorded"
+        );
+        std::fs::write(dir.path().join("metrics.jsonl"), "").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "mine").unwrap();
+        assert!(
+            !holds_unstarted_run(dir.path(), &cfg),
+            "a file of the user's"
+        );
     }
 
     #[test]

@@ -418,8 +418,18 @@ impl Run {
         // Everything that can be wrong with the inputs is found before the run folder is touched, so
         // a refused run leaves nothing behind that looks like a run; a folder that holds anything is
         // never clobbered.
+        // The same run started again after it was killed in its first epoch (before any
+        // checkpoint) replaces what it had written; anything else in the folder is kept.
+        let restart = !default_name && !opts.overwrite && run_dir::holds_unstarted_run(&dir, &cfg);
+        let replace = opts.overwrite || restart;
         if !default_name {
-            run_dir::check_fresh(&dir, opts.overwrite)?;
+            run_dir::check_fresh(&dir, replace)?;
+        }
+        if restart {
+            println!(
+                "note: {} holds this run, stopped before its first checkpoint; starting it again",
+                dir.display()
+            );
         }
         let classes = ds.num_classes();
         let dim = super::recipe::feature_dim(&cfg, classes);
@@ -439,8 +449,11 @@ impl Run {
             let report = crate::nn::pretrained::load_timm(path, &mut ps)?;
             println!("initialised from {}:\n{report}", path.display());
         }
-        let (dir, lock) = run_dir::create_fresh(&dir, default_name, opts.overwrite)?;
+        let (dir, lock) = run_dir::create_fresh(&dir, default_name, replace)?;
         cfg.out = Some(dir.clone());
+        // config.toml first: a run killed before its first checkpoint is recognised by it when the
+        // same command starts it again (`run_dir::holds_unstarted_run`).
+        cfg.save(&dir.join("config.toml"))?;
         let centroids = match &new_pedcc {
             Some((_, p)) => Some(p.save(&dir)?),
             None => None,
