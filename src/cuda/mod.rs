@@ -13,8 +13,8 @@
 //! `dnn` (cuDNN convolution and batch norm), `nn_kernels`, `loss_kernels`, `optim` and `guard` (the
 //! trainer's step ledger): launchers of our other kernels.
 
-pub mod baseline_kernels;
 pub mod adamw;
+pub mod baseline_kernels;
 pub mod blas;
 pub mod dnn;
 pub mod guard;
