@@ -30,7 +30,7 @@ pub struct StageGeometry {
 
 /// The geometry of every stage for square images of side `image`, or why it does not work.
 pub fn stage_geometry(cfg: &SwinConfig, image: usize) -> Result<Vec<StageGeometry>, String> {
-    if image % cfg.patch != 0 || image < cfg.patch {
+    if !image.is_multiple_of(cfg.patch) || image < cfg.patch {
         return Err(format!(
             "images of {image}×{image} do not split into {p}×{p} patches; use a multiple of {p} \
              (--image-size)",
@@ -41,7 +41,7 @@ pub fn stage_geometry(cfg: &SwinConfig, image: usize) -> Result<Vec<StageGeometr
     let mut out = Vec::new();
     for s in 0..cfg.depths.len() {
         if s > 0 {
-            if res % 2 != 0 {
+            if !res.is_multiple_of(2) {
                 return Err(format!(
                     "images of {image}×{image}: stage {s} would merge a {res}×{res} token grid, \
                      which is odd (timm pads it; podgpu does not): use an image size such as {}",
@@ -55,7 +55,7 @@ pub fn stage_geometry(cfg: &SwinConfig, image: usize) -> Result<Vec<StageGeometr
         } else {
             (cfg.window, cfg.window / 2)
         };
-        if res % window != 0 {
+        if !res.is_multiple_of(window) {
             return Err(format!(
                 "images of {image}×{image}: stage {s} has a {res}×{res} token grid that {window}×{window} \
                  windows do not tile (timm pads it; podgpu does not): use an image size such as {}",

@@ -152,7 +152,7 @@ impl TransformerConfig {
     pub fn check_image(&self, image: usize) -> Result<(), String> {
         match self {
             TransformerConfig::Vit(v) => {
-                if image < v.patch || image % v.patch != 0 {
+                if image < v.patch || !image.is_multiple_of(v.patch) {
                     return Err(format!(
                         "images of {image}×{image} do not split into {p}×{p} patches; use an \
                          image size that is a multiple of {p} (--image-size)",
