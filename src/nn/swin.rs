@@ -125,6 +125,8 @@ struct SwinBlock {
     drop_path: f64,
     /// [windows, N, N] host values; moved to the input's device and dtype in the forward.
     mask: Option<(usize, Vec<f64>)>,
+    /// The mask on the device and dtype it was last used on (uploaded once, not every step).
+    mask_cache: std::sync::Mutex<Option<Tensor>>,
 }
 
 struct PatchMerging {
@@ -241,6 +243,7 @@ impl Swin {
                     shift,
                     drop_path: dp,
                     mask,
+                    mask_cache: std::sync::Mutex::new(None),
                 });
             }
             stages.push(Stage { downsample, blocks });
@@ -307,9 +310,18 @@ impl SwinBlock {
         let h = ops::permute(t, &h, &[0, 1, 3, 2, 4, 5]);
         let h = ops::reshape(t, &h, &[b * nw * nw, ws * ws, c]);
         let mask = self.mask.as_ref().map(|(windows, m)| {
-            let n = ws * ws;
             let v = x.value();
-            Tensor::from_f64_as(&[*windows, n, n], m, v.dtype()).to_device(v.device())
+            let mut cache = self.mask_cache.lock().unwrap_or_else(|e| e.into_inner());
+            match cache.as_ref() {
+                Some(t) if t.device() == v.device() && t.dtype() == v.dtype() => t.clone(),
+                _ => {
+                    let n = ws * ws;
+                    let t =
+                        Tensor::from_f64_as(&[*windows, n, n], m, v.dtype()).to_device(v.device());
+                    *cache = Some(t.clone());
+                    t
+                }
+            }
         });
         let h = self.attn.forward(t, ps, &h, mask.as_ref());
         let h = ops::reshape(t, &h, &[b, nw, nw, ws, ws, c]);
