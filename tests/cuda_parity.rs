@@ -21,6 +21,8 @@ mod ops_parity;
 mod resnet;
 #[path = "cuda_parity/trainer.rs"]
 mod trainer;
+#[path = "cuda_parity/transformer.rs"]
+mod transformer;
 
 use podgpu::cuda::dnn::{self, ConvGeom};
 use podgpu::cuda::loss_kernels::{self as lk, Variant};

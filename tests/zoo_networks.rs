@@ -231,6 +231,7 @@ fn flops_match_hand_counts() {
         feature_dim: Some(4),
         width: 8,
         models: None,
+        transformer_size: None,
     };
     let m = describe("smallcnn", &a).unwrap();
     let want = 2 * 9 * 144 + 4 * 2 * 9 * 36 + 8 * 4 * 9 * 9 + 8 * 4 + 4 * 3;

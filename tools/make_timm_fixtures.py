@@ -13,6 +13,8 @@
   with timm is there).
 - tests/fixtures/timm/resample.safetensors: timm's `resample_abs_pos_embed` of a random position
   embedding to other grids (what `--init` does when the image size differs).
+- tests/fixtures/timm/adamw.safetensors: three steps of `torch.optim.AdamW` on a decayed weight and an
+  undecayed bias.
 
 Usage (from the repository root, with torch, timm and safetensors installed, e.g. in .venv):
 
@@ -111,6 +113,32 @@ def resample_file(path, seed):
                                    "what": "timm.layers.resample_abs_pos_embed(input.pos_embed, [g, g], 1)"})
 
 
+def adamw_file(path, seed):
+    """Three steps of torch.optim.AdamW (float64) on a weight (decayed) and a bias (not decayed, as
+    timm's groups), from float32 starting values and gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(5, 4, generator=gen)
+    b0 = torch.randn(5, generator=gen)
+    grads = [(torch.randn(5, 4, generator=gen), torch.randn(5, generator=gen)) for _ in range(3)]
+    w = w0.double().clone().requires_grad_(True)
+    b = b0.double().clone().requires_grad_(True)
+    lr, betas, eps, wd = 1e-2, (0.9, 0.99), 1e-6, 0.05
+    opt = torch.optim.AdamW([{"params": [w], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0}],
+                            lr=lr, betas=betas, eps=eps)
+    out = {"input.w": w0, "input.b": b0}
+    for i, (gw, gb) in enumerate(grads):
+        out[f"input.grad_w.{i}"] = gw
+        out[f"input.grad_b.{i}"] = gb
+        w.grad = gw.double()
+        b.grad = gb.double()
+        opt.step()
+        out[f"expected.w.{i}"] = w.detach().clone()
+        out[f"expected.b.{i}"] = b.detach().clone()
+    save_file(out, path, metadata={"lr": str(lr), "beta1": str(betas[0]), "beta2": str(betas[1]),
+                                   "eps": str(eps), "weight_decay": str(wd),
+                                   "generator": "tools/make_timm_fixtures.py", "torch_version": torch.__version__})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="tests/fixtures", help="output folder")
@@ -123,6 +151,7 @@ def main():
         print("wrote", p)
     test_vit_file(os.path.join(a.out, "timm", "test_vit.safetensors"))
     resample_file(os.path.join(a.out, "timm", "resample.safetensors"), a.seed)
+    adamw_file(os.path.join(a.out, "timm", "adamw.safetensors"), a.seed)
     print("wrote", os.path.join(a.out, "timm"))
 
 

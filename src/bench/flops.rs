@@ -79,6 +79,52 @@ impl StepFlops {
         })
     }
 
+    /// Counts a transformer's step from the multiply-adds a one-image forward reports
+    /// (`nn::flops`: the patch embedding, every linear layer, the attention's two batched products,
+    /// FC1 and the head): its backward is twice its forward but for the patch embedding's
+    /// backward-data (the images need no gradient). The `conv_*` fields then hold every matrix
+    /// product of the backbone.
+    pub fn of_transformer(
+        net: &Network,
+        ps: &mut ParamStore,
+        image: [usize; 3],
+        batch: usize,
+    ) -> anyhow::Result<StepFlops> {
+        use crate::autograd::Tape;
+        let [c, h, w] = image;
+        let x = crate::tensor::Tensor::from_vec(&[1, c, h, w], vec![0.5f32; c * h * w]);
+        let mut tape = Tape::inference();
+        let xv = tape.constant(x);
+        let (out, macs) = crate::nn::flops::count(|| net.forward(&mut tape, ps, &xv));
+        let n = out.features.shape()[1];
+        let classes = net.spec.classes;
+        let head_macs = (n * classes) as f64;
+        let patch = ps
+            .find("patch_embed.proj.weight")
+            .map(|id| {
+                let s = ps.value(id).shape().to_vec();
+                let (ph, pw) = (h / s[2], w / s[3]);
+                (s[0] * s[1] * s[2] * s[3] * ph * pw) as f64
+            })
+            .unwrap_or(0.0);
+        let b = batch as f64;
+        let fwd = 2.0 * (macs as f64 - head_macs) * b;
+        let sc = if n > batch {
+            2.0 * gemm_flops(batch, n, batch)
+        } else {
+            2.0 * gemm_flops(n, batch, n)
+        };
+        Ok(StepFlops {
+            batch,
+            conv_forward: fwd,
+            conv_backward_data: fwd - 2.0 * patch * b,
+            conv_backward_filter: fwd,
+            fc: [0.0; 3],
+            head: 2.0 * head_macs * b,
+            sc,
+        })
+    }
+
     pub fn forward(&self) -> f64 {
         self.conv_forward + self.fc[0] + self.head
     }
@@ -102,7 +148,7 @@ impl StepFlops {
         let fwd = self.forward() / b;
         format!(
             "FLOPs per image (multiply-add = 2 FLOPs; convolutions and matrix products only):\n  \
-             forward  {:.3} GMAC = {:.3} GFLOP (convolutions {:.3} GFLOP, FC1 {:.4}, head {:.5})\n  \
+             forward  {:.3} GMAC = {:.3} GFLOP (convolutions / backbone products {:.3} GFLOP, FC1 {:.4}, head {:.5})\n  \
              backward {:.3} GFLOP (data {:.3} — none for the first convolution — filter {:.3}, FC1 {:.4})\n  \
              SC loss  {:.5} GFLOP\n  \
              training {:.3} GFLOP per image = {:.2}× the forward",

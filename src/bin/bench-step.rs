@@ -1,6 +1,7 @@
 //! Whole training steps: forward, POD loss, backward and SGD (what `podgpu train` does per batch),
-//! for ResNet18/ResNet50 on CIFAR-sized images, per precision: images/s, ms/step, achieved
-//! TFLOP/s and peak memory, as a table and one JSON line.
+//! for ResNet18/ResNet50 on CIFAR-sized images, or the transformers (`--models vit_b16,swin_b
+//! --image 224 --batch 64` on a GPU; forward FLOPs checked against the published figures), per
+//! precision: images/s, ms/step, achieved TFLOP/s and peak memory, as a table and one JSON line.
 //!
 //! Before timing, one step of the same network (same weights, same images) is compared with the CPU
 //! reference in f64: the loss and every parameter gradient.
@@ -8,6 +9,8 @@
 //! ```text
 //! cargo run --release --bin bench-step -- --models resnet50 --batch 128            # GPU
 //! cargo run --release --bin bench-step -- --device cpu --threads 2 --models resnet18 --width 16 --batch 32
+//! cargo run --release --bin bench-step -- --models vit_b16,swin_b --image 224 --batch 64 --check-batch 2
+//! cargo run --release --bin bench-step -- --device cpu --threads 2 --models vit_tiny_patch16_224 --image 64 --batch 16
 //! ```
 //!
 //! Defaults: batch 128 and width 64 on a GPU; batch 32 and width 16 on the CPU (a ResNet50 step at
@@ -86,10 +89,15 @@ struct Setup {
     pedcc: Tensor,
 }
 
+/// n: --feature-dim, else a transformer's own width (no FC1), else the paper's for the class count.
+fn feature_dim(args: &Args, arch: &str) -> usize {
+    args.feature_dim
+        .or_else(|| podgpu::nn::native_feature_dim(arch))
+        .unwrap_or_else(|| pedcc::recommended_dim(args.classes))
+}
+
 fn build(args: &Args, arch: &str, dtype: DType, device: Device) -> Result<Setup> {
-    let dim = args
-        .feature_dim
-        .unwrap_or_else(|| pedcc::recommended_dim(args.classes));
+    let dim = feature_dim(args, arch);
     let method = if args.classes <= dim + 1 {
         Method::Simplex
     } else {
@@ -341,8 +349,37 @@ fn run() -> Result<()> {
     }
     let mut rows = Vec::new();
     for arch in &args.models {
-        let s = build(&args, arch, DType::F32, Device::Cpu)?;
-        let flops = StepFlops::of_network(&s.net, &s.ps, [3, args.image, args.image], args.batch)?;
+        let mut s = build(&args, arch, DType::F32, Device::Cpu)?;
+        let image = [3, args.image, args.image];
+        let flops = match podgpu::nn::transformer_config(arch) {
+            Some(_) => StepFlops::of_transformer(&s.net, &mut s.ps, image, args.batch)?,
+            None => StepFlops::of_network(&s.net, &s.ps, image, args.batch)?,
+        };
+        if let Some(t) = podgpu::nn::transformer_config(arch) {
+            // The published forward cost at 224 (timm / the papers): ViT-B/16 17.6, Swin-B 15.4 GMAC.
+            let published = match arch.as_str() {
+                "vit_b16" | "vit_base_patch16_224" => Some(17.6),
+                "swin_b" | "swin_base_patch4_window7_224" => Some(15.4),
+                _ => None,
+            };
+            let gmac = flops.forward() / args.batch as f64 / 2e9;
+            match published {
+                Some(p) if args.image == t.native_image() => {
+                    let off = (gmac - p).abs() / p;
+                    println!(
+                        "{arch}: {gmac:.2} GMAC forward per image, published {p} ({:.1}% off)",
+                        100.0 * off
+                    );
+                    if off > 0.02 {
+                        bail!("{arch}: the counted forward ({gmac:.2} GMAC) is not the published {p} GMAC");
+                    }
+                }
+                _ => println!(
+                    "{arch}: {gmac:.3} GMAC forward per image at {0}×{0}",
+                    args.image
+                ),
+            }
+        }
         drop(s);
         println!(
             "\n{arch} (width {}, {}×{} images, batch {}, {} classes, feature dim {}):\n{}",
@@ -351,8 +388,7 @@ fn run() -> Result<()> {
             args.image,
             args.batch,
             args.classes,
-            args.feature_dim
-                .unwrap_or_else(|| pedcc::recommended_dim(args.classes)),
+            feature_dim(&args, arch),
             flops.explain()
         );
         let reference = if args.check_batch > 0 {

@@ -65,14 +65,22 @@ pub fn load_network(
     }
     let probe = ds.split(ds.split_names()[0]).map_err(|e| anyhow!("{e}"))?;
     let [c, h, _] = probe.image_shape();
-    let fc = ckpt.tensors.get("fc.weight").ok_or_else(|| {
-        anyhow!(
+    // The transformers without FC1 use their pooled width; their PEDCC is timm's `head.weight`
+    // [K, n] (Swin: `head.fc.weight`) instead of the CNNs' transposed `out.weight`.
+    let native = crate::nn::native_feature_dim(&cfg.model);
+    let feature_dim = match (ckpt.tensors.get("fc.weight"), native) {
+        (Some(fc), _) => fc.dim(0),
+        (None, Some(n)) => n,
+        (None, None) => bail!(
             "{} has no fc.weight: not a podgpu checkpoint",
             checkpoint.display()
-        )
-    })?;
-    let feature_dim = fc.dim(0);
+        ),
+    };
+    let timm_head = ["head.weight", "head.fc.weight"]
+        .iter()
+        .find_map(|k| ckpt.tensors.get(*k).filter(|_| native.is_some()));
     let head = match cfg.loss.head() {
+        HeadKind::Pedcc if timm_head.is_some() => HeadSpec::Pedcc(timm_head.unwrap().clone()),
         HeadKind::Pedcc => {
             let w = ckpt.tensors.get("out.weight").ok_or_else(|| {
                 anyhow!(
@@ -93,8 +101,8 @@ pub fn load_network(
         classes: ds.num_classes(),
         feature_dim,
         head,
-        image_size: h,
-        drop_path: None,
+        image_size: cfg.image_size.unwrap_or(h),
+        drop_path: cfg.drop_path,
     };
     crate::budget::check_network(
         &spec,

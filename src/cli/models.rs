@@ -7,6 +7,15 @@
 
 use crate::autograd::{ParamKind, ParamStore, Tape};
 use crate::nn::{flops, HeadSpec, ModelSpec, Network, Stem, MODEL_NAMES};
+
+/// The transformers `podgpu models` lists by default.
+pub const TRANSFORMER_LISTED: &[&str] = &[
+    "vit_b16",
+    "vit_small_patch16_224",
+    "vit_tiny_patch16_224",
+    "swin_b",
+    "swin_tiny_patch4_window7_224",
+];
 use crate::pedcc::{self, Method};
 use crate::rng::Rng;
 use crate::tensor::{DType, Tensor};
@@ -33,6 +42,10 @@ pub struct Args {
     /// Only these networks, comma-separated (default: all).
     #[arg(long, value_delimiter = ',')]
     pub models: Option<Vec<String>>,
+    /// Input size of the transformers (default: the size each was trained at, 224 for ViT-B/16
+    /// and Swin-B); --image-size applies to the CNNs.
+    #[arg(long)]
+    pub transformer_size: Option<usize>,
 }
 
 impl Default for Args {
@@ -44,6 +57,7 @@ impl Default for Args {
             feature_dim: None,
             width: 64,
             models: None,
+            transformer_size: None,
         }
     }
 }
@@ -59,6 +73,8 @@ pub struct ModelInfo {
     pub pooled_dim: usize,
     /// Forward multiply-accumulates per image.
     pub flops: u64,
+    /// The input side it was measured at.
+    pub image_size: usize,
 }
 
 /// Builds `model` with a PEDCC head and measures it.
@@ -89,9 +105,15 @@ pub fn describe(model: &str, a: &Args) -> Result<ModelInfo> {
         },
         "lower --image-size or --channels",
     )?;
+    let tcfg = crate::nn::transformer_config(model);
     let dim = a
         .feature_dim
+        .or(tcfg.as_ref().map(|t| t.out_dim()))
         .unwrap_or_else(|| pedcc::recommended_dim(a.classes));
+    let size = match &tcfg {
+        Some(t) => a.transformer_size.unwrap_or(t.native_image()),
+        None => a.image_size,
+    };
     if dim < 2 {
         bail!("--feature-dim must be at least 2");
     }
@@ -101,7 +123,7 @@ pub fn describe(model: &str, a: &Args) -> Result<ModelInfo> {
         Method::Repulsion
     };
     let p = pedcc::generate(a.classes, dim, 0, method)?.to_tensor();
-    let stem = stem_for(a.image_size);
+    let stem = stem_for(size);
     let spec = ModelSpec {
         arch: model.to_string(),
         width: a.width,
@@ -110,7 +132,7 @@ pub fn describe(model: &str, a: &Args) -> Result<ModelInfo> {
         classes: a.classes,
         feature_dim: dim,
         head: HeadSpec::Pedcc(p),
-        image_size: a.image_size,
+        image_size: size,
         drop_path: None,
     };
     let mut ps = ParamStore::new();
@@ -126,7 +148,7 @@ pub fn describe(model: &str, a: &Args) -> Result<ModelInfo> {
         },
     )?;
     let net = Network::new(spec, &mut ps, DType::F32, &mut rng).map_err(|e| anyhow!(e))?;
-    let s = a.image_size;
+    let s = size;
     let pixels: Vec<f32> = (0..a.channels * s * s)
         .map(|_| rng.normal() as f32)
         .collect();
@@ -137,6 +159,7 @@ pub fn describe(model: &str, a: &Args) -> Result<ModelInfo> {
     let fc_in = ps
         .find("fc.weight")
         .map(|id| ps.value(id).dim(1))
+        .or(tcfg.as_ref().map(|t| t.out_dim()))
         .unwrap_or(0);
     debug_assert_eq!(out.features.shape(), &[1, dim]);
     Ok(ModelInfo {
@@ -145,17 +168,29 @@ pub fn describe(model: &str, a: &Args) -> Result<ModelInfo> {
         params: ps.count(ParamKind::Trainable),
         pooled_dim: fc_in,
         flops: macs,
+        image_size: size,
     })
 }
 
 pub fn run(a: Args) -> Result<()> {
     let names: Vec<String> = match &a.models {
         Some(m) => m.clone(),
-        None => MODEL_NAMES.iter().map(|s| s.to_string()).collect(),
+        None => MODEL_NAMES
+            .iter()
+            .chain(TRANSFORMER_LISTED)
+            .map(|s| s.to_string())
+            .collect(),
     };
     for n in &names {
-        if !MODEL_NAMES.contains(&n.as_str()) {
-            bail!("unknown model `{n}`; podgpu has {}", MODEL_NAMES.join(", "));
+        if let Some(Err(e)) = crate::nn::TransformerConfig::parse(n) {
+            bail!(e);
+        }
+        if !crate::nn::is_model_name(n) {
+            bail!(
+                "unknown model `{n}`; podgpu has {}, {}, vit(...) and swin(...)",
+                MODEL_NAMES.join(", "),
+                TRANSFORMER_LISTED.join(", ")
+            );
         }
     }
     let dim = a
@@ -166,15 +201,19 @@ pub fn run(a: Args) -> Result<()> {
         a.channels, a.image_size, a.image_size, a.classes, a.width
     );
     println!(
-        "{:<12} {:<13} {:>12} {:>8} {:>14}",
-        "model", "stem", "params", "pooled", "FLOPs/image"
+        "{:<30} {:<13} {:>12} {:>8} {:>14}",
+        "model", "stem / input", "params", "pooled", "FLOPs/image"
     );
     for n in &names {
         let m = describe(n, &a)?;
+        let stem = match crate::nn::transformer_config(n) {
+            Some(_) => format!("{0}×{0}", m.image_size),
+            None => format!("{:?}", m.stem),
+        };
         println!(
-            "{:<12} {:<13} {:>10.2} M {:>8} {:>12.3} G",
+            "{:<30} {:<13} {:>10.2} M {:>8} {:>12.3} G",
             m.name,
-            format!("{:?}", m.stem),
+            stem,
             m.params as f64 / 1e6,
             m.pooled_dim,
             m.flops as f64 / 1e9
@@ -183,7 +222,8 @@ pub fn run(a: Args) -> Result<()> {
     println!(
         "params: trainable (backbone and FC1; the PEDCC head is frozen). FLOPs: forward multiply-accumulates \
          of convolutions and matrix products (1 MAC = 1 FLOP, as in the paper's tables; ×3 for a training \
-         step)."
+         step). The transformers use their pooled width as n (no FC1) unless --feature-dim is given; \
+         published: ViT-B/16 17.6 G, Swin-B 15.4 G at 224."
     );
     Ok(())
 }

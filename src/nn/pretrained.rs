@@ -52,8 +52,11 @@ fn list(v: &[String]) -> String {
     }
 }
 
+/// A state dict read as (shape, f64 values) by name.
+pub type StateDict = BTreeMap<String, (Vec<usize>, Vec<f64>)>;
+
 /// Reads every tensor of a safetensors file as f64 values with its shape.
-pub fn read_state_dict(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f64>)>> {
+pub fn read_state_dict(path: &Path) -> Result<StateDict> {
     let bytes = std::fs::read(path)
         .with_context(|| format!("could not read --init file {}", path.display()))?;
     let st = SafeTensors::deserialize(&bytes)

@@ -30,7 +30,7 @@ pub struct StageGeometry {
 
 /// The geometry of every stage for square images of side `image`, or why it does not work.
 pub fn stage_geometry(cfg: &SwinConfig, image: usize) -> Result<Vec<StageGeometry>, String> {
-    if image % cfg.patch != 0 || image < cfg.patch {
+    if !image.is_multiple_of(cfg.patch) || image < cfg.patch {
         return Err(format!(
             "images of {image}×{image} do not split into {p}×{p} patches; use a multiple of {p} \
              (--image-size)",
@@ -41,7 +41,7 @@ pub fn stage_geometry(cfg: &SwinConfig, image: usize) -> Result<Vec<StageGeometr
     let mut out = Vec::new();
     for s in 0..cfg.depths.len() {
         if s > 0 {
-            if res % 2 != 0 {
+            if !res.is_multiple_of(2) {
                 return Err(format!(
                     "images of {image}×{image}: stage {s} would merge a {res}×{res} token grid, \
                      which is odd (timm pads it; podgpu does not): use an image size such as {}",
@@ -55,7 +55,7 @@ pub fn stage_geometry(cfg: &SwinConfig, image: usize) -> Result<Vec<StageGeometr
         } else {
             (cfg.window, cfg.window / 2)
         };
-        if res % window != 0 {
+        if !res.is_multiple_of(window) {
             return Err(format!(
                 "images of {image}×{image}: stage {s} has a {res}×{res} token grid that {window}×{window} \
                  windows do not tile (timm pads it; podgpu does not): use an image size such as {}",
@@ -125,6 +125,8 @@ struct SwinBlock {
     drop_path: f64,
     /// [windows, N, N] host values; moved to the input's device and dtype in the forward.
     mask: Option<(usize, Vec<f64>)>,
+    /// The mask on the device and dtype it was last used on (uploaded once, not every step).
+    mask_cache: std::sync::Mutex<Option<Tensor>>,
 }
 
 struct PatchMerging {
@@ -241,6 +243,7 @@ impl Swin {
                     shift,
                     drop_path: dp,
                     mask,
+                    mask_cache: std::sync::Mutex::new(None),
                 });
             }
             stages.push(Stage { downsample, blocks });
@@ -307,9 +310,18 @@ impl SwinBlock {
         let h = ops::permute(t, &h, &[0, 1, 3, 2, 4, 5]);
         let h = ops::reshape(t, &h, &[b * nw * nw, ws * ws, c]);
         let mask = self.mask.as_ref().map(|(windows, m)| {
-            let n = ws * ws;
             let v = x.value();
-            Tensor::from_f64_as(&[*windows, n, n], m, v.dtype()).to_device(v.device())
+            let mut cache = self.mask_cache.lock().unwrap_or_else(|e| e.into_inner());
+            match cache.as_ref() {
+                Some(t) if t.device() == v.device() && t.dtype() == v.dtype() => t.clone(),
+                _ => {
+                    let n = ws * ws;
+                    let t =
+                        Tensor::from_f64_as(&[*windows, n, n], m, v.dtype()).to_device(v.device());
+                    *cache = Some(t.clone());
+                    t
+                }
+            }
         });
         let h = self.attn.forward(t, ps, &h, mask.as_ref());
         let h = ops::reshape(t, &h, &[b, nw, nw, ws, ws, c]);

@@ -101,7 +101,14 @@ impl TransformerConfig {
             "vit_b16" | "vit_base_patch16_224" => Some(vit(16, 768, 12, 12, 4.0)),
             "vit_small_patch16_224" => Some(vit(16, 384, 12, 6, 4.0)),
             "vit_tiny_patch16_224" => Some(vit(16, 192, 12, 3, 4.0)),
-            "test_vit" => Some(vit(16, 64, 6, 2, 3.0)),
+            // timm's test model: trained (and its position embeddings sized) at 160 px.
+            "test_vit" => Some(TransformerConfig::Vit(VitConfig {
+                native_image: 160,
+                ..match vit(16, 64, 6, 2, 3.0) {
+                    TransformerConfig::Vit(v) => v,
+                    _ => unreachable!(),
+                }
+            })),
             "swin_b" | "swin_base_patch4_window7_224" => {
                 Some(swin(4, 7, 128, &[2, 2, 18, 2], &[4, 8, 16, 32]))
             }
@@ -145,7 +152,7 @@ impl TransformerConfig {
     pub fn check_image(&self, image: usize) -> Result<(), String> {
         match self {
             TransformerConfig::Vit(v) => {
-                if image < v.patch || image % v.patch != 0 {
+                if image < v.patch || !image.is_multiple_of(v.patch) {
                     return Err(format!(
                         "images of {image}×{image} do not split into {p}×{p} patches; use an \
                          image size that is a multiple of {p} (--image-size)",

@@ -322,7 +322,7 @@ pub fn gather_rows(t: &mut Tape, table: &Var, idx: &Arc<RowIndex>) -> Var {
 /// y[r, :] = x[r, :]·s[r] for x viewed as [R, inner] with R = s.numel() (s a constant).
 pub fn scale_rows_fwd(x: &Tensor, s: &Tensor) -> Tensor {
     assert!(
-        s.numel() > 0 && x.numel() % s.numel() == 0,
+        s.numel() > 0 && x.numel().is_multiple_of(s.numel()),
         "scale_rows: {s:?} does not divide {x:?}"
     );
     assert_same_place("scale_rows", &[x, s]);

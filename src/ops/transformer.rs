@@ -19,7 +19,7 @@ use rayon::prelude::*;
 /// erf. The CUDA kernels use the device's `erff`.
 pub fn erf(x: f64) -> f64 {
     const ERX: f64 = 8.450_629_115_104_675e-1;
-    const EFX8: f64 = 1.027_033_336_764_100_9;
+    const EFX8: f64 = 1.027_033_336_764_101;
     const PP: [f64; 5] = [
         1.283_791_670_955_125_6e-1,
         -3.250_421_072_470_015e-1,
@@ -41,7 +41,7 @@ pub fn erf(x: f64) -> f64 {
         3.183_466_199_011_617_5e-1,
         -1.108_946_942_823_966_8e-1,
         3.547_830_432_561_823_6e-2,
-        -2.166_375_594_868_790_9e-3,
+        -2.166_375_594_868_791e-3,
     ];
     const QA: [f64; 6] = [
         1.064_208_804_008_442_3e-1,
@@ -58,7 +58,7 @@ pub fn erf(x: f64) -> f64 {
         -6.237_533_245_032_601e1,
         -1.623_966_694_625_734_7e2,
         -1.846_050_929_067_110_3e2,
-        -8.128_743_550_630_659e1,
+        -8.128_743_550_630_66e1,
         -9.814_329_344_169_145,
     ];
     const SA: [f64; 8] = [
@@ -72,7 +72,7 @@ pub fn erf(x: f64) -> f64 {
         -6.042_441_521_485_81e-2,
     ];
     const RB: [f64; 7] = [
-        -9.864_942_924_700_099e-3,
+        -9.864_942_924_700_1e-3,
         -7.992_832_376_805_23e-1,
         -1.775_795_491_775_475_2e1,
         -1.606_363_848_558_219_2e2,
@@ -588,7 +588,7 @@ fn check_attn(qkv: &Tensor, bias: Option<&Tensor>, mask: Option<&Tensor>, spec: 
     if let Some(m) = mask {
         assert_eq!(m.shape(), &[spec.windows, n, n], "attention: mask shape");
         assert!(
-            (g / spec.heads) % spec.windows == 0,
+            (g / spec.heads).is_multiple_of(spec.windows),
             "attention: {g} groups for {} windows",
             spec.windows
         );

@@ -202,6 +202,6 @@ pub fn adamw_host<T: Elem>(
         ms[i] = ms[i] * b1 + (T::one() - b1) * g[i];
         vs[i] = vs[i] * b2 + (T::one() - b2) * g[i] * g[i];
         let denom = vs[i].sqrt() / sqrt_bc2 + eps;
-        ws[i] = ws[i] - step * ms[i] / denom;
+        ws[i] -= step * ms[i] / denom;
     }
 }
