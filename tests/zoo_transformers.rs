@@ -285,7 +285,7 @@ fn image_sizes_a_model_cannot_use_are_refused_clearly() {
 #[test]
 fn images_are_resized_on_the_fly() {
     use podgpu::data::{Augment, Loader, LoaderConfig};
-    let ds = podgpu::data::Dataset::open(&repo().join("datasets/cifar10-small.bin")).unwrap();
+    let ds = podgpu::data::Dataset::open(repo().join("datasets/cifar10-small.bin")).unwrap();
     let test = ds.split("test").unwrap();
     for (aug, size) in [
         (Augment::train_at(48), 48),

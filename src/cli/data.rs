@@ -13,6 +13,8 @@ pub struct Args {
 }
 
 #[derive(clap::Subcommand)]
+// Parsed once per process: the size of the convert variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum DataCommand {
     /// Convert CIFAR, MNIST or an image-folder tree into a podgpu dataset file (.bin)
     Convert(ConvertArgs),
