@@ -256,3 +256,65 @@ fn tiny_swin_pod_gradients() {
         8,
     );
 }
+
+/// Drop path and dropout: the identity at inference; in training each sample (element) is either
+/// zeroed or scaled by 1/(1 − p), drawn from the tape's seeded stream (the same seed, the same
+/// draws), and the gradient follows the same mask.
+#[test]
+fn drop_path_and_dropout_follow_the_tapes_stream() {
+    let mut rng = Rng::new(8);
+    let x = randn(&[64, 5], &mut rng);
+    let mut t = Tape::inference();
+    let v = t.constant(x.clone());
+    assert_eq!(
+        ops::drop_path(&mut t, &v, 0.5).value().host::<f64>(),
+        x.host::<f64>()
+    );
+    assert_eq!(
+        ops::dropout(&mut t, &v, 0.5).value().host::<f64>(),
+        x.host::<f64>()
+    );
+    let run = |seed: u64, dropout: bool| {
+        let mut t = Tape::train().with_rng(Rng::new(seed));
+        let v = t.leaf(x.clone());
+        let y = match dropout {
+            true => ops::dropout(&mut t, &v, 0.25),
+            false => ops::drop_path(&mut t, &v, 0.25),
+        };
+        let yv = y.value().clone();
+        let s = ops::scale(&mut t, &y, 1.0);
+        let mut ps = ParamStore::new();
+        t.backward_with(
+            &s,
+            Tensor::full(&[64, 5], 1.0, DType::F64, podgpu::Device::Cpu),
+            &mut ps,
+        );
+        (yv.to_vec_f64(), t.grad_of(&v).unwrap().to_vec_f64())
+    };
+    for dropout in [false, true] {
+        let (y, g) = run(3, dropout);
+        assert_eq!(
+            (y.clone(), g.clone()),
+            run(3, dropout),
+            "same seed, same draws"
+        );
+        assert_ne!(y, run(4, dropout).0, "another seed, other draws");
+        let xs = x.host::<f64>();
+        let mut kept = 0;
+        for (i, (&yi, &gi)) in y.iter().zip(&g).enumerate() {
+            if yi == 0.0 {
+                assert_eq!(gi, 0.0);
+            } else {
+                assert!((yi - xs[i] / 0.75).abs() < 1e-12 && (gi - 1.0 / 0.75).abs() < 1e-12);
+                kept += 1;
+            }
+        }
+        // About 75% kept; drop path keeps or drops whole samples.
+        assert!((150..=330).contains(&kept), "{kept} of 320 kept");
+        if !dropout {
+            for row in y.chunks(5) {
+                assert!(row.iter().all(|&v| v == 0.0) || row.iter().all(|&v| v != 0.0));
+            }
+        }
+    }
+}

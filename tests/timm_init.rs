@@ -50,6 +50,22 @@ fn resampled_position_embeddings_match_timm() {
     }
 }
 
+#[test]
+fn resized_relative_position_tables_match_timm() {
+    let file =
+        pretrained::read_state_dict(&repo().join("tests/fixtures/timm/resample.safetensors"))
+            .unwrap();
+    let (shape, table) = &file["input.rel_table"];
+    for w in [4usize, 12] {
+        let (want_shape, want) = &file[&format!("expected.rel_table_{w}")];
+        let rows = (2 * w - 1) * (2 * w - 1);
+        assert_eq!(want_shape, &vec![rows, shape[1]]);
+        let got = pretrained::resample_rel_table(table, shape[0], rows, shape[1]).unwrap();
+        let e = rel_error(&got, want);
+        assert!(e < 1e-6, "window {w}: relative error {e} against timm");
+    }
+}
+
 /// At the file's own size (timm's test_vit is 160 px) every backbone tensor is the file's, bit for bit; the head is new.
 #[test]
 fn a_timm_file_loads_every_backbone_tensor() {

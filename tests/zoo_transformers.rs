@@ -279,3 +279,77 @@ fn image_sizes_a_model_cannot_use_are_refused_clearly() {
         "{err}"
     );
 }
+
+/// `--image-size` feeds the network images resized on the fly (training: random-resized-crop +
+/// flip; test: resize + centre crop), and the loader delivers that size.
+#[test]
+fn images_are_resized_on_the_fly() {
+    use podgpu::data::{Augment, Loader, LoaderConfig};
+    let ds = podgpu::data::Dataset::open(repo().join("datasets/cifar10-small.bin")).unwrap();
+    let test = ds.split("test").unwrap();
+    for (aug, size) in [
+        (Augment::train_at(48), 48),
+        (
+            Augment::ResizeCenterCrop {
+                resize: 56,
+                size: 48,
+            },
+            48,
+        ),
+        (
+            Augment::ResizeCenterCrop {
+                resize: 40,
+                size: 40,
+            },
+            40,
+        ),
+    ] {
+        let l = Loader::new(
+            test.clone(),
+            LoaderConfig {
+                augment: aug,
+                ..LoaderConfig::eval(4)
+            },
+        )
+        .unwrap();
+        assert_eq!(l.image_shape(), [3, size, size]);
+        let b = l.epoch(0).next().unwrap();
+        assert_eq!(b.shape, [4, 3, size, size]);
+        assert!(b.images.iter().all(|v| v.is_finite()));
+        // Not a constant image: the content survived the resize.
+        let (lo, hi) = b
+            .images
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(a, c), &v| (a.min(v), c.max(v)));
+        assert!(hi - lo > 0.5, "{aug:?}");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let o = run(&[
+        "train",
+        "vit(patch=8,dim=16,depth=1,heads=2)",
+        "--image-size",
+        "48",
+        "--test-resize",
+        "56",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--limit-train",
+        "64",
+        "--limit-test",
+        "32",
+        "--device",
+        "cpu",
+        "--out",
+        tmp.path().join("r").to_str().unwrap(),
+    ]);
+    assert_ok(&o);
+    let said = text(&o).0;
+    assert!(
+        said.contains("images resized on the fly from 32×32 to 48×48"),
+        "{said}"
+    );
+    assert!(said.contains("test: resize 56 + centre crop 48"), "{said}");
+    assert!(said.contains("(48×48 images)"), "{said}");
+}

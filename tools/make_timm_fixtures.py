@@ -12,7 +12,8 @@
   `--init` tests start from (1.5 MB; vit_tiny_patch16_224's 23 MB is made at test time when a Python
   with timm is there).
 - tests/fixtures/timm/resample.safetensors: timm's `resample_abs_pos_embed` of a random position
-  embedding to other grids (what `--init` does when the image size differs).
+  embedding to other grids and `resize_rel_pos_bias_table` of a window-7 table to windows 4 and 12
+  (what `--init` does when the image or window size differs).
 - tests/fixtures/timm/adamw.safetensors: three steps of `torch.optim.AdamW` on a decayed weight and an
   undecayed bias.
 
@@ -109,8 +110,15 @@ def resample_file(path, seed):
     out = {"input.pos_embed": pos}
     for g in (2, 3, 7, 16):
         out[f"expected.pos_embed_{g}"] = resample_abs_pos_embed(pos, [g, g], num_prefix_tokens=1).contiguous()
+    from timm.layers import resize_rel_pos_bias_table
+    table = torch.randn(13 * 13, 3, generator=gen)  # a window-7 table, 3 heads
+    out["input.rel_table"] = table
+    for w in (4, 12):
+        out[f"expected.rel_table_{w}"] = resize_rel_pos_bias_table(
+            table, new_window_size=(w, w), new_bias_shape=((2 * w - 1) ** 2, 3)).contiguous()
     save_file(out, path, metadata={"generator": "tools/make_timm_fixtures.py", "timm_version": timm.__version__,
-                                   "what": "timm.layers.resample_abs_pos_embed(input.pos_embed, [g, g], 1)"})
+                                   "what": "timm.layers.resample_abs_pos_embed(input.pos_embed, [g, g], 1); "
+                                           "timm.layers.resize_rel_pos_bias_table(input.rel_table, (w, w), ...)"})
 
 
 def adamw_file(path, seed):

@@ -13,6 +13,8 @@ pub struct Args {
 }
 
 #[derive(clap::Subcommand)]
+// Parsed once per process: the size of the convert variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum DataCommand {
     /// Convert CIFAR, MNIST or an image-folder tree into a podgpu dataset file (.bin)
     Convert(ConvertArgs),
@@ -79,6 +81,10 @@ struct ConvertArgs {
     /// Seed of the --test-fraction selection
     #[arg(long, default_value_t = 0)]
     split_seed: u64,
+    /// Image folders: keep only the first N classes in sorted folder order (the paper's
+    /// ImageNet(N): ImageNet's first 100, 500 or 1000 classes)
+    #[arg(long)]
+    classes: Option<usize>,
 }
 
 fn parse_size(s: &str) -> Result<(usize, usize), String> {
@@ -142,6 +148,7 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
     opts.folder.fit = a.fit;
     opts.folder.grayscale = a.grayscale;
     opts.folder.test_fraction = a.test_fraction;
+    opts.folder.classes = a.classes;
     opts.folder.split_seed = a.split_seed;
     let (format, spec) = convert::convert(&opts)?;
     if !spec.splits.iter().any(|s| s.name == "test") {

@@ -96,7 +96,7 @@ pub fn load_network(
     let spec = ModelSpec {
         arch: cfg.model.clone(),
         width: cfg.width,
-        stem: stem_for(h),
+        stem: stem_for(cfg.image_size.unwrap_or(h)),
         in_channels: c,
         classes: ds.num_classes(),
         feature_dim,

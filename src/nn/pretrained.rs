@@ -3,9 +3,9 @@
 //!
 //! Every backbone parameter is read by its timm name. The position embeddings (ViT) are resampled
 //! when the patch grid differs (timm's `resample_abs_pos_embed`: bicubic with antialiasing, the class
-//! token kept), and the relative-position-bias tables (Swin) when the window differs (the same
-//! bicubic resample of each head's (2w−1)² table; timm uses a BEiT-style geometric interpolation
-//! there, so those values differ slightly from timm's). The old classifier (`head.*`) is dropped;
+//! token kept), and the relative-position-bias tables (Swin) when the window differs (timm's
+//! `resize_rel_pos_bias_table`: linear interpolation from geometric-progression offsets). Both are
+//! checked against timm (`tests/timm_init.rs`). The old classifier (`head.*`) is dropped;
 //! the head and FC1 are new. A parameter missing from the file or of another shape is an error
 //! naming the key; keys the model does not use are listed.
 
@@ -278,7 +278,9 @@ pub fn resample_pos_embed(
     Ok(out)
 }
 
-/// [(2w0−1)², H] → [(2w1−1)², H].
+/// [(2w0−1)², H] → [(2w1−1)², H], as timm's `resize_rel_pos_bias_table` (without scipy): the source
+/// table sits on geometric-progression offsets (BEiT's scheme, spread to reach the new table's
+/// half-width) and each head's table is linearly interpolated at the new integer offsets.
 pub fn resample_rel_table(
     v: &[f64],
     rows0: usize,
@@ -287,5 +289,65 @@ pub fn resample_rel_table(
 ) -> Result<Vec<f64>, String> {
     let s0 = square_side(rows0, "table rows")?;
     let s1 = square_side(rows1, "table rows")?;
-    Ok(resample_hwc(v, (s0, s0), (s1, s1), heads))
+    if s0 == s1 {
+        return Ok(v.to_vec());
+    }
+    let src = progression_offsets(s0, s1);
+    let half = (s1 / 2) as f64;
+    let dst: Vec<f64> = (0..s1).map(|i| -half + i as f64).collect();
+    let taps: Vec<(usize, usize, f64, f64)> = dst.iter().map(|&x| linear_taps(&src, x)).collect();
+    let mut out = vec![0.0; s1 * s1 * heads];
+    for (y, &(y0, y1, wy0, wy1)) in taps.iter().enumerate() {
+        for (x, &(x0, x1, wx0, wx1)) in taps.iter().enumerate() {
+            for h in 0..heads {
+                let at = |r: usize, c: usize| v[(r * s0 + c) * heads + h];
+                out[(y * s1 + x) * heads + h] = at(y0, x0) * wy0 * wx0
+                    + at(y0, x1) * wy0 * wx1
+                    + at(y1, x0) * wy1 * wx0
+                    + at(y1, x1) * wy1 * wx1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// timm's `_calc(src, dst)`: the offsets of a src-long table spread by the ratio q whose geometric
+/// progression reaches dst/2 (bisection on [1.01, 1.5] to 1e-6; the last midpoint is used).
+fn progression_offsets(src: usize, dst: usize) -> Vec<f64> {
+    let n = (src / 2) as i32;
+    let gp = |q: f64| (1.0 - q.powi(n)) / (1.0 - q);
+    let (mut left, mut right, mut q) = (1.01f64, 1.5f64, 1.01f64);
+    while right - left > 1e-6 {
+        q = (left + right) / 2.0;
+        if gp(q) > (dst / 2) as f64 {
+            right = q;
+        } else {
+            left = q;
+        }
+    }
+    let mut dis = Vec::with_capacity(n as usize);
+    let mut cur = 1.0;
+    for i in 0..n {
+        dis.push(cur);
+        cur += q.powi(i + 1);
+    }
+    let mut out: Vec<f64> = dis.iter().rev().map(|d| -d).collect();
+    out.push(0.0);
+    out.extend(dis);
+    out
+}
+
+/// timm's `RegularGridInterpolator` along one axis: the two neighbours of x in the ascending
+/// positions p and their weights (values beyond the ends are the end values).
+fn linear_taps(p: &[f64], x: f64) -> (usize, usize, f64, f64) {
+    let right = p.iter().position(|&v| v >= x).unwrap_or(p.len() - 1);
+    let left = right.saturating_sub(1);
+    let mut dl = (x - p[left]).max(0.0);
+    let mut dr = (p[right] - x).max(0.0);
+    if dl == 0.0 && dr == 0.0 {
+        dl = 1.0;
+        dr = 1.0;
+    }
+    // value = (v[left]·dr + v[right]·dl) / (dl + dr)
+    (left, right, dr / (dl + dr), dl / (dl + dr))
 }

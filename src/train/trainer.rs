@@ -285,7 +285,7 @@ pub fn build_network(
     let spec = ModelSpec {
         arch: cfg.model.clone(),
         width: cfg.width,
-        stem: stem_for(h),
+        stem: stem_for(cfg.image_size.unwrap_or(h)),
         in_channels: c,
         classes,
         feature_dim,

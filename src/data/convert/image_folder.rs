@@ -40,6 +40,8 @@ pub struct FolderOptions {
     /// Fraction of each class moved to `test` for a single tree (0 = none).
     pub test_fraction: f64,
     pub split_seed: u64,
+    /// Keep only the first N class folders in sorted order (the paper's ImageNet(N)).
+    pub classes: Option<usize>,
 }
 
 const SPLIT_DIRS: [&str; 4] = ["train", "test", "val", "validation"];
@@ -242,6 +244,20 @@ pub fn from_folder(root: &Path, opts: &FolderOptions) -> Result<RawDataset> {
         }
     } else {
         split_items.push(("train".into(), scan_classes(root)?));
+    }
+    if let Some(n) = opts.classes {
+        for (split, class_files) in &mut split_items {
+            if n < 2 || n > class_files.len() {
+                bail!(
+                    "--classes {n}: the '{split}' folder of {} has {} class folders; keep between 2 \
+                     and {}",
+                    root.display(),
+                    class_files.len(),
+                    class_files.len()
+                );
+            }
+            class_files.truncate(n);
+        }
     }
     let classes: Vec<String> = split_items[0].1.iter().map(|(c, _)| c.clone()).collect();
     let mut labelled: Vec<(String, Vec<(PathBuf, u32)>)> = Vec::new();

@@ -121,6 +121,7 @@ impl ConvertOptions {
                 grayscale: false,
                 test_fraction: 0.0,
                 split_seed: 0,
+                classes: None,
             },
         }
     }
