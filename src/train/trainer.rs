@@ -216,7 +216,7 @@ fn open_data(cfg: &TrainConfig) -> Result<(Dataset, Split, Option<Split>)> {
             anyhow!("dataset file {shown}: {msg}; convert it again")
         }
     };
-    let ds = Dataset::open(&path).map_err(in_file)?;
+    let ds = Dataset::open_for_training(&path).map_err(in_file)?;
     // Every section's CRC-32 (a few hundred MB/s at worst, and it pages the data in for training
     // anyway): a damaged file is refused before hours are spent training on it.
     ds.verify_all().map_err(in_file)?;
