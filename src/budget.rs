@@ -92,10 +92,10 @@ pub struct NetworkFlags<'a> {
 /// class count) held with their gradients and momentum when `training`, and the activations of a
 /// `batch` of `image` (C, H, W) inputs. The activations are measured where the process counts its
 /// allocations (`CountingAlloc`, installed by the `podgpu` binary): a forward pass (recorded for a
-/// backward pass when `training`) of the width-8 and width-16 builds on images of at most 64×64,
-/// extrapolated in width and pixel count (and doubled for the gradients when `training`); elsewhere
-/// at least the input and the first convolution's output. An estimate: a request is refused when it
-/// needs more than the machine's memory and swap together.
+/// backward pass when `training`) of the width-8 and width-16 builds at one or two image sizes of at
+/// most 256×256, extrapolated in width and pixel count (and doubled for the gradients when
+/// `training`); elsewhere at least the input and the first convolution's output. An estimate: a
+/// request is refused when it needs more than the machine's memory and swap together.
 /// Architectures whose small builds fail are not estimated.
 pub fn check_network(
     spec: &crate::nn::ModelSpec,
@@ -166,13 +166,23 @@ pub fn check_network(
     let param_bytes = product(&[params, 4, copies]);
     let [c, h, wd] = image.map(|v| v as u128);
     // Activations per image: measured on the width-8 and width-16 builds where allocations are
-    // counted; a + b·width through the two (the input and the first convolution's unfolded input
-    // do not grow with the width, the feature maps do).
-    let (hp, wp) = (image[1].min(64), image[2].min(64));
+    // counted, at the real image size when it is at most 256×256, else at 128×128 and 256×256 (large
+    // enough that the matrix products work in blocks of their final size). What grows with the pixels is fitted as a line through the two sizes (working buffers of a fixed size
+    // are not multiplied up), and each part as a + b·width through the two widths (the input and
+    // the first convolution's unfolded input do not grow with the width, the feature maps do).
+    let small = image[1] <= 256 && image[2] <= 256;
+    let sizes: Vec<(usize, usize)> = if small {
+        vec![(image[1], image[2])]
+    } else {
+        vec![
+            (image[1].min(128), image[2].min(128)),
+            (image[1].min(256), image[2].min(256)),
+        ]
+    };
     // Batch norm in training mode wants two images; one keeps an inference peak free of the
     // second image's working buffers on another thread.
     let probe_batch = if training { 2 } else { 1 };
-    let measure_at = |p: &mut Probe| -> Option<usize> {
+    let measure_at = |p: &mut Probe, (hp, wp): (usize, usize)| -> Option<f64> {
         if hp < 8 || wp < 8 {
             return None;
         }
@@ -197,20 +207,43 @@ pub fn check_network(
             .1
         })
         .flatten()
+        .map(|b| b as f64 / probe_batch as f64)
     };
     let mut p8 = p8;
-    let measured = match (measure_at(&mut p8), measure_at(&mut p16)) {
-        (Some(m8), Some(m16)) => {
-            let b = (m16.saturating_sub(m8)) as f64 / 8.0;
-            let a = (m8 as f64 - 8.0 * b).max(0.0);
-            Some((a + b * wf).max(m16 as f64 * wf.min(16.0) / 16.0))
-        }
+    let mut at = |s: (usize, usize)| -> Option<(f64, f64)> {
+        Some((measure_at(&mut p8, s)?, measure_at(&mut p16, s)?))
+    };
+    // Bytes per image at width 8 and 16, as (fixed, per pixel) at each width.
+    let parts: Option<[(f64, f64); 2]> = match sizes[..] {
+        [s] => at(s).map(|(m8, m16)| [(m8, 0.0), (m16, 0.0)]),
+        [s1, s2] => match (at(s1), at(s2)) {
+            (Some((a8, a16)), Some((b8, b16))) => {
+                let (p1, p2) = ((s1.0 * s1.1) as f64, (s2.0 * s2.1) as f64);
+                let line = |m1: f64, m2: f64| {
+                    let slope = ((m2 - m1) / (p2 - p1)).max(0.0);
+                    ((m2 - slope * p2).max(0.0), slope)
+                };
+                Some([line(a8, b8), line(a16, b16)])
+            }
+            _ => None,
+        },
         _ => None,
     };
-    let per_image = match measured {
-        Some(bytes) => {
-            let scale = (h * wd) as f64 / (hp * wp) as f64;
-            (bytes / probe_batch as f64 * scale) as u128
+    let per_image = match parts {
+        Some([(f8, s8), (f16, s16)]) => {
+            // a + b·w through the widths 8 and 16 (never below the width-16 value when wider).
+            let in_width = |v8: f64, v16: f64| {
+                let b = ((v16 - v8) / 8.0).max(0.0);
+                let a = (v8 - 8.0 * b).max(0.0);
+                let v = a + b * wf;
+                if wf >= 16.0 {
+                    v.max(v16)
+                } else {
+                    v
+                }
+            };
+            let pixels = (h * wd) as f64;
+            (in_width(f8, f16) + in_width(s8, s16) * pixels) as u128
         }
         None => {
             let first = match (p8.first, p16.first) {
