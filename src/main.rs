@@ -2,6 +2,11 @@
 
 use clap::{Parser, Subcommand};
 
+/// Counts allocations while `budget::measure` asks (a network's activations are measured on a
+/// small build before a large one is allocated); otherwise the system allocator.
+#[global_allocator]
+static ALLOC: podgpu::budget::CountingAlloc = podgpu::budget::CountingAlloc;
+
 #[derive(Parser)]
 #[command(
     name = "podgpu",

@@ -315,6 +315,43 @@ fn sighup_stops_like_sigterm_with_a_checkpoint() {
             .output()
             .unwrap(),
     );
+
+    // Under `nohup` (SIGHUP ignored when podgpu starts) a hang-up does not stop the run.
+    let dir = tmp.path().join("nohup");
+    let mut args = fresh_args(&data, &dir);
+    args[epochs + 1] = "1".into();
+    let mut cmd = podgpu();
+    cmd.args(&args)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: signal() in the child before exec, as nohup does.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let drain = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines() {
+            if line.unwrap().starts_with("run folder") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    signal(&child, libc::SIGHUP);
+    let status = child.wait().unwrap();
+    drain.join().unwrap();
+    assert!(
+        status.success(),
+        "{status:?}: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
 }
 
 /// A memory-mapped dataset truncated while a run reads it: the run stops with a message and a

@@ -157,6 +157,13 @@ pub fn run(a: Args) -> Result<()> {
     let oom = |o: crate::cuda::OutOfMemory| anyhow!(o.advice(Some(a.batch_size)));
     let f = crate::cuda::catch_oom(|| extract(&net, &mut ps, &split, a.batch_size, None, device))
         .map_err(oom)??;
+    if ds.data_changed() {
+        bail!(
+            "the dataset file {} changed while it was being scored (it was truncated or rewritten \
+             in place); put the complete file back and run eval again",
+            ds.path().display()
+        );
+    }
     let mut r = summarize(&f, ds.num_classes());
     if a.gda {
         let train = ds.split("train").map_err(|e| anyhow!("{e}"))?;

@@ -1,10 +1,11 @@
 //! Opening a dataset file: memory-map it, validate the header and every size against the file length,
 //! and hand out zero-copy views of its splits.
 //!
-//! A file changed under a running job (issue 14): files up to `in_memory_limit()` are read into memory
-//! when opened, so nothing done to the file later reaches the run; larger ones are memory-mapped under
-//! `mapguard`, which survives the SIGBUS of a truncated file and lets the trainer stop cleanly
-//! (`Split::data_changed`). Only regular files are opened (a FIFO would block, a device never end).
+//! A file changed under a running job (issue 14): every mapping is registered with `mapguard`, which
+//! survives the SIGBUS of a truncated file and lets the reader stop cleanly (`Split::data_changed`);
+//! for training, files up to `in_memory_limit()` are read into memory when opened
+//! (`open_for_training`), so that nothing done to the file later reaches the run. Only regular files
+//! are opened (a FIFO would block, a device never end).
 
 use memmap2::Mmap;
 use std::path::{Path, PathBuf};
@@ -94,7 +95,18 @@ impl Dataset {
     /// version, corrupt metadata, sizes that disagree, labels out of range, empty splits) is a
     /// `DatasetError` with a message that says what to do; pixel checksums are checked by `verify`.
     pub fn open(path: impl AsRef<Path>) -> Result<Dataset, DatasetError> {
-        let path = path.as_ref().to_path_buf();
+        Dataset::open_with(path.as_ref(), 0)
+    }
+
+    /// `open` for a long job: a file up to `in_memory_limit()` bytes is read into memory (a private
+    /// copy nothing done to the file can reach), a larger one mapped as `open` does.
+    pub fn open_for_training(path: impl AsRef<Path>) -> Result<Dataset, DatasetError> {
+        Dataset::open_with(path.as_ref(), in_memory_limit())
+    }
+
+    /// Opens `path`, reading it into memory when it is at most `copy_up_to` bytes, else mapping it.
+    fn open_with(path: &Path, copy_up_to: u64) -> Result<Dataset, DatasetError> {
+        let path = path.to_path_buf();
         let p = path.display().to_string();
         let file = crate::fsutil::open_regular(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => DatasetError::Missing { path: p.clone() },
@@ -121,7 +133,7 @@ impl Dataset {
             path: p.clone(),
             source: e,
         };
-        let bytes = if len <= in_memory_limit() {
+        let bytes = if len <= copy_up_to {
             // A private copy: whatever happens to the file later cannot reach the run.
             let mut map = memmap2::MmapOptions::new()
                 .len(len as usize)

@@ -15,6 +15,7 @@
 //! - hand edits of `config.toml` that change the run: only the settings in `RESUMABLE` may be edited
 //!   (they are honoured, as the same flags are), and `data` may point to the same dataset elsewhere.
 
+use super::checkpoint::{reconcile_best, Checkpoint, TrainState};
 use super::config::TrainConfig;
 use crate::data::Dataset;
 use crate::fsutil::quoted;
@@ -466,6 +467,128 @@ pub fn check_pedcc(run: &RunIdentity, centroids: &Tensor, path: &Path) -> Result
         );
     }
     Ok(())
+}
+
+/// The identity side of `--resume`, in the order the trainer needs it: `begin` (the checkpoint is
+/// this folder's run; the settings, with the `config.toml` edits a resume may make), `dataset_path`
+/// (which file to open), `check` (the opened dataset and the PEDCC are the run's own; runs from
+/// before identities get one), `finish` (`best.safetensors` agrees with the record; `run.json` and
+/// `config.toml` written when they need to be).
+pub struct Resume {
+    dir: PathBuf,
+    last: PathBuf,
+    run: Option<RunIdentity>,
+    write_run_file: bool,
+    data: Option<PathBuf>,
+    source: DataSource,
+}
+
+impl Resume {
+    /// Checks that `ckpt` (the folder's `last.safetensors`) belongs to the run of `dir`, and returns
+    /// the run's settings: the checkpoint's, with the edits of `config.toml` that a resume may make.
+    /// `data_flag` is `--data` given with `--resume`.
+    pub fn begin(
+        dir: &Path,
+        ckpt: &Checkpoint,
+        data_flag: Option<&Path>,
+    ) -> Result<(Resume, TrainConfig)> {
+        let saved = TrainConfig::from_json(&ckpt.state.config)
+            .with_context(|| format!("the configuration saved in {}", ckpt.path.display()))?;
+        let write_run_file = check_checkpoint_belongs(dir, ckpt.state.run.as_ref())?;
+        let (cfg, edited_data) = settings_for_resume(dir, &saved)?;
+        let (data, source) = resume_data_path(
+            data_flag,
+            edited_data.as_deref(),
+            ckpt.state.run.as_ref(),
+            saved.data.as_deref(),
+        );
+        let resume = Resume {
+            dir: dir.to_path_buf(),
+            last: ckpt.path.clone(),
+            run: ckpt.state.run.clone(),
+            write_run_file,
+            data,
+            source,
+        };
+        Ok((resume, cfg))
+    }
+
+    /// The dataset file to open (the trainer's `cfg.data`); a recorded one that is gone is refused
+    /// with the way to give its new place.
+    pub fn dataset_path(&self) -> Result<Option<PathBuf>> {
+        if let Some(d) = &self.data {
+            check_dataset_exists(&self.dir, d, self.source)?;
+        }
+        Ok(self.data.clone())
+    }
+
+    /// Checks the opened dataset and the run folder's PEDCC against the run's record and points
+    /// `cfg.data` at the dataset's absolute path; a run from before identities is given one now.
+    /// Returns the identity later checkpoints record.
+    pub fn check(
+        &mut self,
+        ds: &Dataset,
+        centroids: Option<&Tensor>,
+        cfg: &mut TrainConfig,
+    ) -> Result<Option<RunIdentity>> {
+        let data = self
+            .data
+            .clone()
+            .unwrap_or_else(crate::data::default_dataset_path);
+        match &mut self.run {
+            Some(run) => {
+                if let Some(note) = check_dataset(run, ds, &data, self.source)? {
+                    println!("{note}");
+                }
+                if let Some(c) = centroids {
+                    check_pedcc(run, c, &self.dir.join("pedcc.safetensors"))?;
+                }
+            }
+            None => {
+                println!(
+                    "note: {} predates run identity records; recording its dataset ({}) and \
+                     PEDCC now",
+                    self.dir.display(),
+                    data.display()
+                );
+                self.run = Some(RunIdentity::new(
+                    DatasetIdentity::of(ds, &data),
+                    centroids.map(PedccIdentity::of),
+                ));
+                self.write_run_file = true;
+            }
+        }
+        cfg.data = Some(absolute(&data));
+        Ok(self.run.clone())
+    }
+
+    /// After the run is ready to go on (with `state` and `cfg` in force; `mid_epoch` when the
+    /// checkpoint was written inside an epoch): restores or reports a `best.safetensors` that does
+    /// not agree with the record (a failure between writing last and best), writes `run.json` when
+    /// it is missing or changed (a moved dataset), and `config.toml` only when the settings in
+    /// force differ from what it says (a flag given with --resume), so that the user's own
+    /// formatting and comments stay.
+    pub fn finish(&self, state: &TrainState, cfg: &TrainConfig, mid_epoch: bool) -> Result<()> {
+        let last_bytes = crate::fsutil::read_regular(&self.last)
+            .with_context(|| format!("could not read checkpoint {}", self.last.display()))?;
+        if let Some(note) = reconcile_best(&self.dir, state, &last_bytes, mid_epoch)? {
+            println!("{note}");
+        }
+        drop(last_bytes);
+        if let Some(run) = &state.run {
+            if self.write_run_file || load_run_file(&self.dir)?.as_ref() != Some(run) {
+                run.save(&self.dir)?;
+            }
+        }
+        let config_file = self.dir.join("config.toml");
+        let on_disk = crate::fsutil::read_regular_to_string(&config_file)
+            .ok()
+            .and_then(|t| TrainConfig::from_toml_str(&t).ok());
+        if on_disk.as_ref() != Some(cfg) {
+            cfg.save(&config_file)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

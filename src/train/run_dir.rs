@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 pub const LOCK_FILE: &str = ".lock";
 
 /// The files a run writes into its folder: what `--overwrite` replaces (nothing else is touched).
+/// `config.toml` first: it is written first and removed last.
 pub const RUN_FILES: &[&str] = &[
     "config.toml",
     super::identity::RUN_FILE,
@@ -80,28 +81,44 @@ pub fn check_fresh(dir: &Path, overwrite: bool) -> Result<()> {
     )
 }
 
+/// Decides, before anything is built, whether a fresh run with the settings `cfg` may use `dir`
+/// (`default_name`: a folder `create_fresh` will make new), refusing as `check_fresh` does, and
+/// whether it replaces run files there: with `--overwrite`, or when the folder holds the same run
+/// killed in its first epoch (`holds_unstarted_run`, said with a note). Touches nothing.
+pub fn plan_fresh(
+    dir: &Path,
+    default_name: bool,
+    overwrite: bool,
+    cfg: &super::config::TrainConfig,
+) -> Result<bool> {
+    if default_name {
+        return Ok(overwrite);
+    }
+    let restart = !overwrite && holds_unstarted_run(dir, cfg);
+    check_fresh(dir, overwrite || restart)?;
+    if restart {
+        println!(
+            "note: {} holds this run, stopped before its first checkpoint; starting it again",
+            dir.display()
+        );
+    }
+    Ok(overwrite || restart)
+}
+
 /// Whether `dir` holds only what a run with the settings `cfg` writes before its first checkpoint
-/// (`config.toml` with these very settings, `run.json`, `pedcc.safetensors`, metrics without an
-/// epoch): the same run killed in its first epoch. Starting it again there loses nothing.
+/// (`config.toml` with these very settings and the other run files, but no `last.safetensors` or
+/// `best.safetensors`): the same run killed in its first epoch, which cannot be resumed. Starting it
+/// again there loses nothing.
 pub fn holds_unstarted_run(dir: &Path, cfg: &super::config::TrainConfig) -> bool {
     let Ok(names) = user_visible_entries(dir) else {
         return false;
     };
-    let allowed = [
-        "config.toml",
-        super::identity::RUN_FILE,
-        "pedcc.safetensors",
-        "metrics.jsonl",
-        "metrics.csv",
-    ];
-    if names.is_empty() || !names.iter().all(|n| allowed.contains(&n.as_str())) {
-        return false;
-    }
-    let lines = |f: &str| {
-        crate::fsutil::read_regular_to_string(&dir.join(f))
-            .map_or(0, |t| t.lines().filter(|l| !l.trim().is_empty()).count())
-    };
-    if lines("metrics.jsonl") > 0 || lines("metrics.csv") > 1 {
+    let checkpoint = |n: &str| n == "last.safetensors" || n == "best.safetensors";
+    if names.is_empty()
+        || !names
+            .iter()
+            .all(|n| RUN_FILES.contains(&n.as_str()) && !checkpoint(n))
+    {
         return false;
     }
     crate::fsutil::read_regular_to_string(&dir.join("config.toml"))
@@ -131,7 +148,8 @@ pub fn create_fresh(dir: &Path, default_name: bool, overwrite: bool) -> Result<(
     let lock = lock(&dir)?;
     check_fresh(&dir, overwrite)?;
     if overwrite {
-        for f in RUN_FILES {
+        // config.toml last: a run killed in here is still recognised by it (`holds_unstarted_run`).
+        for f in RUN_FILES.iter().rev() {
             let p = dir.join(f);
             if p.is_file() {
                 std::fs::remove_file(&p)
@@ -375,12 +393,16 @@ mod tests {
             ..cfg.clone()
         };
         assert!(!holds_unstarted_run(dir.path(), &other), "other settings");
+        // Killed after its first epoch's metrics, before the checkpoint: still not resumable.
         std::fs::write(dir.path().join("metrics.jsonl"), "{\"epoch\":1}\n").unwrap();
+        std::fs::write(dir.path().join("loss.png"), "png").unwrap();
+        assert!(holds_unstarted_run(dir.path(), &cfg));
+        std::fs::write(dir.path().join("best.safetensors"), "a checkpoint").unwrap();
         assert!(
             !holds_unstarted_run(dir.path(), &cfg),
-            "an epoch was recorded"
+            "a checkpoint was written"
         );
-        std::fs::write(dir.path().join("metrics.jsonl"), "").unwrap();
+        std::fs::remove_file(dir.path().join("best.safetensors")).unwrap();
         std::fs::write(dir.path().join("notes.txt"), "mine").unwrap();
         assert!(
             !holds_unstarted_run(dir.path(), &cfg),

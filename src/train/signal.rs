@@ -30,13 +30,22 @@ extern "C" fn on_signal(sig: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-/// Installs the SIGINT/SIGTERM/SIGHUP handler (idempotent). Errors only if the OS refuses.
+/// Installs the SIGINT/SIGTERM/SIGHUP handler (idempotent); a signal ignored when the process started
+/// (`nohup`) stays ignored. Errors only if the OS refuses.
 #[cfg(unix)]
 pub fn install() -> std::io::Result<()> {
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; the handler only
         // touches an atomic; SA_RESETHAND makes a second signal take the default action (exit).
         unsafe {
+            // A signal the process was started with ignored stays ignored (`nohup` ignores
+            // SIGHUP so that a closed terminal does not stop the run).
+            let mut current: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut current) == 0
+                && current.sa_sigaction == libc::SIG_IGN
+            {
+                continue;
+            }
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
             action.sa_flags = libc::SA_RESETHAND | libc::SA_RESTART;

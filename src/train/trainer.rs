@@ -23,9 +23,7 @@
 //! A non-finite step is recorded on the device and every later update skipped, so the error, read up
 //! to a few steps later, names the step where it happened and the weights are those before it.
 
-use super::checkpoint::{
-    load_checkpoint, reconcile_best, save_checkpoint, save_epoch_checkpoints, TrainState,
-};
+use super::checkpoint::{load_checkpoint, save_checkpoint, save_epoch_checkpoints, TrainState};
 use super::config::{HeadKind, LossKind, TrainConfig};
 use super::eval;
 use super::identity::{self, DatasetIdentity, PedccIdentity, RunIdentity};
@@ -222,7 +220,7 @@ fn open_data(cfg: &TrainConfig) -> Result<(Dataset, Split, Option<Split>)> {
             anyhow!("dataset file {shown}: {msg}; convert it again")
         }
     };
-    let ds = Dataset::open(&path).map_err(in_file)?;
+    let ds = Dataset::open_for_training(&path).map_err(in_file)?;
     // Every section's CRC-32 (a few hundred MB/s at worst, and it pages the data in for training
     // anyway): a damaged file is refused before hours are spent training on it.
     ds.verify_all().map_err(in_file)?;
@@ -417,20 +415,8 @@ impl Run {
         let dir = cfg.out.clone().unwrap_or_else(|| default_run_dir(&cfg));
         // Everything that can be wrong with the inputs is found before the run folder is touched, so
         // a refused run leaves nothing behind that looks like a run; a folder that holds anything is
-        // never clobbered.
-        // The same run started again after it was killed in its first epoch (before any
-        // checkpoint) replaces what it had written; anything else in the folder is kept.
-        let restart = !default_name && !opts.overwrite && run_dir::holds_unstarted_run(&dir, &cfg);
-        let replace = opts.overwrite || restart;
-        if !default_name {
-            run_dir::check_fresh(&dir, replace)?;
-        }
-        if restart {
-            println!(
-                "note: {} holds this run, stopped before its first checkpoint; starting it again",
-                dir.display()
-            );
-        }
+        // never clobbered (issue 14).
+        let replace = run_dir::plan_fresh(&dir, default_name, opts.overwrite, &cfg)?;
         let classes = ds.num_classes();
         let dim = super::recipe::feature_dim(&cfg, classes);
         let new_pedcc = match cfg.loss.uses_pedcc() {
@@ -524,12 +510,9 @@ impl Run {
             );
         }
         let ckpt = load_checkpoint(&ckpt_path)?;
-        let saved_cfg = TrainConfig::from_json(&ckpt.state.config)
-            .with_context(|| format!("the configuration saved in {}", ckpt_path.display()))?;
-        // The checkpoint must be this folder's run, and `config.toml` may only have been edited in
-        // what a resume may change (issue 14).
-        let write_run_file = identity::check_checkpoint_belongs(dir, ckpt.state.run.as_ref())?;
-        let (mut cfg, edited_data) = identity::settings_for_resume(dir, &saved_cfg)?;
+        // The checkpoint must be this folder's run; its settings, with the edits of config.toml
+        // that a resume may make (issue 14).
+        let (mut resume, mut cfg) = identity::Resume::begin(dir, &ckpt, opts.data.as_deref())?;
         if let Some(e) = opts.epochs {
             cfg.epochs = e;
         }
@@ -541,52 +524,19 @@ impl Run {
         }
         cfg.detect_anomaly |= opts.detect_anomaly;
         cfg.out = Some(dir.to_path_buf());
-        let (data, source) = identity::resume_data_path(
-            opts.data.as_deref(),
-            edited_data.as_deref(),
-            ckpt.state.run.as_ref(),
-            saved_cfg.data.as_deref(),
-        );
-        if let Some(d) = &data {
-            identity::check_dataset_exists(dir, d, source)?;
-        }
-        cfg.data = data.clone();
+        cfg.data = resume.dataset_path()?;
         let pending = EpochTally::from_extra(&ckpt.state.extra)
             .with_context(|| format!("checkpoint {}", ckpt_path.display()))?;
         let (device, ds, train, test) = prepare(&cfg)?;
-        let data = data.unwrap_or_else(crate::data::default_dataset_path);
-        let mut state = ckpt.state.clone();
-        if let Some(run) = &mut state.run {
-            if let Some(note) = identity::check_dataset(run, &ds, &data, source)? {
-                println!("{note}");
-            }
-        }
-        cfg.data = Some(identity::absolute(&data));
-        let pedcc_path = dir.join("pedcc.safetensors");
         let centroids = match cfg.loss.uses_pedcc() {
-            true => Some(pedcc::load(&pedcc_path).context(
+            true => Some(pedcc::load(&dir.join("pedcc.safetensors")).context(
                 "the run folder's PEDCC cannot be used; restore pedcc.safetensors from a backup \
                  (it must be the run's own centroids) or start a new run",
             )?),
             false => None,
         };
-        match (&state.run, &centroids) {
-            (Some(run), Some(c)) => identity::check_pedcc(run, c, &pedcc_path)?,
-            (None, _) => {
-                // A run from before identities: record what it trains on from now on.
-                println!(
-                    "note: {} predates run identity records; recording its dataset ({}) and \
-                     PEDCC now",
-                    dir.display(),
-                    data.display()
-                );
-                state.run = Some(RunIdentity::new(
-                    DatasetIdentity::of(&ds, &data),
-                    centroids.as_ref().map(PedccIdentity::of),
-                ));
-            }
-            _ => {}
-        }
+        // The dataset and the PEDCC must be the run's own.
+        let run = resume.check(&ds, centroids.as_ref(), &mut cfg)?;
         let mut ps = ParamStore::new();
         let net = build_network(&cfg, &ds, &train, centroids.as_ref(), &mut ps)?;
         ckpt.restore_into(&mut ps, &cfg.model)?;
@@ -594,32 +544,14 @@ impl Run {
         let mut sgd = super::recipe::optimizer(&cfg, &ps)?;
         sgd.load_state(ckpt.optim.clone(), &ps)?;
         let schedule = super::recipe::lr_schedule(&cfg)?;
+        let mut state = ckpt.state.clone();
+        state.run = run;
         // Later checkpoints record the settings now in force (e.g. an extended --epochs).
         state.config = cfg.to_json();
-        // A failure between writing last and best leaves a best.safetensors that the record does
-        // not describe: restored from last when it can be, else reported.
-        let last_bytes = crate::fsutil::read_regular(&ckpt_path)
-            .with_context(|| format!("could not read checkpoint {}", ckpt_path.display()))?;
-        if let Some(note) = reconcile_best(dir, &state, &last_bytes, pending.is_some())? {
-            println!("{note}");
-        }
-        drop(last_bytes);
         let delta = DeltaSchedule::resume(cfg.variant, cfg.alpha, state.epoch, state.mean_norm);
         let metrics = MetricsLog::resume(dir, state.epoch + 1)?;
-        if let Some(run) = &state.run {
-            if write_run_file || identity::load_run_file(dir)?.as_ref() != Some(run) {
-                run.save(dir)?;
-            }
-        }
-        // config.toml is rewritten only when the settings in force differ from what it says (a
-        // flag given with --resume), so that the user's own formatting and comments stay.
-        let config_file = dir.join("config.toml");
-        let on_disk = std::fs::read_to_string(&config_file)
-            .ok()
-            .and_then(|t| TrainConfig::from_toml_str(&t).ok());
-        if on_disk.as_ref() != Some(&cfg) {
-            cfg.save(&config_file)?;
-        }
+        // best.safetensors made to agree with the record, run.json and config.toml written.
+        resume.finish(&state, &cfg, pending.is_some())?;
         let saved = match &pending {
             Some(t) => format!("epoch {}, after batch {}", state.epoch + 1, t.next_batch),
             None => format!("end of epoch {}", state.epoch),

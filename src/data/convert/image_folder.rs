@@ -158,13 +158,18 @@ const MAX_DECODED: u64 = 512 << 20;
 /// (at `--size` when given), within the machine's memory.
 fn check_sizes(name: &str, items: &[(PathBuf, u32)], opts: &FolderOptions) -> Result<()> {
     let channels: u128 = if opts.grayscale { 1 } else { 3 };
+    let dims: Vec<(u32, u32)> = items
+        .par_iter()
+        .map(|(p, _)| {
+            image::ImageReader::open(p)
+                .and_then(|r| r.with_guessed_format())
+                .map_err(image::ImageError::IoError)
+                .and_then(|r| r.into_dimensions())
+                .map_err(|e| anyhow::anyhow!("cannot decode image {}: {e}", p.display()))
+        })
+        .collect::<Result<_>>()?;
     let mut total: u128 = 0;
-    for (p, _) in items {
-        let (w, h) = image::ImageReader::open(p)
-            .and_then(|r| r.with_guessed_format())
-            .map_err(image::ImageError::IoError)
-            .and_then(|r| r.into_dimensions())
-            .map_err(|e| anyhow::anyhow!("cannot decode image {}: {e}", p.display()))?;
+    for ((p, _), &(w, h)) in items.iter().zip(&dims) {
         let decoded = w as u64 * h as u64 * 4;
         if decoded > MAX_DECODED {
             bail!(
