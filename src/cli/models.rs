@@ -196,6 +196,12 @@ pub fn run(a: Args) -> Result<()> {
     let dim = a
         .feature_dim
         .unwrap_or_else(|| pedcc::recommended_dim(a.classes));
+    // Every model is described (and its sizes checked) before the table starts, so that a refused
+    // size prints its error alone rather than under a table header.
+    let infos = names
+        .iter()
+        .map(|n| describe(n, &a))
+        .collect::<Result<Vec<_>>>()?;
     println!(
         "{}×{}×{} input, {} classes, feature dim {dim}, width {}",
         a.channels, a.image_size, a.image_size, a.classes, a.width
@@ -204,8 +210,7 @@ pub fn run(a: Args) -> Result<()> {
         "{:<30} {:<13} {:>12} {:>8} {:>14}",
         "model", "stem / input", "params", "pooled", "FLOPs/image"
     );
-    for n in &names {
-        let m = describe(n, &a)?;
+    for (n, m) in names.iter().zip(infos) {
         let stem = match crate::nn::transformer_config(n) {
             Some(_) => format!("{0}×{0}", m.image_size),
             None => format!("{:?}", m.stem),
