@@ -9,6 +9,7 @@
 //!   per epoch across ranks, whatever the number of ranks.
 //! - `grads`: the gradients of every rank combined into the gradient of the whole global batch
 //!   (each rank's mean gradient weighted by its batch size), in reverse-parameter-order buckets.
+//! - `sync_bn`: batch-norm statistics summed across ranks (`--sync-bn`).
 //! - `vote`: what the ranks agree on at every step (the global batch, a non-finite value on some
 //!   rank, a stop request on some rank), so that they all stop at the same step with one message.
 //!
@@ -20,6 +21,7 @@ pub mod local;
 #[cfg(feature = "distributed")]
 pub mod mpi;
 pub mod shard;
+pub mod sync_bn;
 pub mod vote;
 
 /// Another rank failed: what every collective of the other ranks returns once it has (the failing

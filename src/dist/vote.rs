@@ -21,6 +21,8 @@ pub struct Ballot {
 pub struct Verdict {
     /// Images in the global batch.
     pub total: usize,
+    /// The fewest images a rank has.
+    pub smallest: usize,
     /// The ranks whose loss or gradients were not finite, in rank order.
     pub non_finite: Vec<usize>,
     /// The ranks where a stop was requested.
@@ -43,6 +45,7 @@ pub fn vote(c: &dyn Collective, b: Ballot) -> Result<Verdict, RankFailed> {
     };
     Ok(Verdict {
         total: (0..n).map(|r| slots[3 * r] as usize).sum(),
+        smallest: (0..n).map(|r| slots[3 * r] as usize).min().unwrap_or(0),
         non_finite: ranks(1),
         stop: ranks(2),
     })
@@ -95,6 +98,7 @@ mod tests {
         });
         let want = Verdict {
             total: 33,
+            smallest: 10,
             non_finite: vec![2],
             stop: vec![0, 2],
         };

@@ -202,9 +202,6 @@ fn supported(cfg: &TrainConfig) -> Result<()> {
             cfg.loss
         );
     }
-    if cfg.sync_bn {
-        bail!("--sync-bn is not built yet (docs/DISTRIBUTED.md); leave it out for per-rank batch norm");
-    }
     Ok(())
 }
 
@@ -391,7 +388,32 @@ impl Run {
             let step_lr = self.schedule.lr(epoch, tally.next_batch, total_batches);
             // Batch norm and SC need two images: a slice of one sits this step out (it still
             // votes and takes the update).
-            let mine = if indices.len() >= 2 { indices.len() } else { 0 };
+            let mut mine = if indices.len() >= 2 { indices.len() } else { 0 };
+            // Synchronised batch norm sums statistics inside the forward and backward passes, so
+            // every rank must run them: the ranks first learn the global batch (for each rank's
+            // share of it), and all skip a tail where some rank has fewer than 2 images.
+            let sync_bn = match cfg.sync_bn {
+                true => {
+                    let sizes = vote::vote(
+                        &*comm,
+                        vote::Ballot {
+                            batch: indices.len(),
+                            ..Default::default()
+                        },
+                    )
+                    .map_err(|e| together(e, &advice))?;
+                    if sizes.smallest < 2 {
+                        mine = 0;
+                        None
+                    } else {
+                        Some(dist::sync_bn::activate(
+                            comm.clone(),
+                            indices.len() as f64 / sizes.total as f64,
+                        ))
+                    }
+                }
+                false => None,
+            };
             let mut stats = None;
             let mut non_finite = false;
             if mine > 0 {
@@ -419,6 +441,10 @@ impl Run {
                     bail!("--detect-anomaly on rank {rank} at {at}: {a}. {advice}");
                 }
                 drop(tape);
+                if let Some(e) = dist::sync_bn::take_failure() {
+                    return Err(together(e, &advice));
+                }
+                drop(sync_bn);
                 if poison == Some(step) {
                     poison_gradient(&mut self.ps, None)?;
                 }
