@@ -1,15 +1,32 @@
 //! Data-parallel training's arithmetic across real MPI processes (cargo feature `distributed`):
 //! `mpirun -np N dist-check` with 2 and 3 CPU ranks — every image of an epoch seen once across
 //! ranks, the combined gradient equal to one process's over the global batch, the same bits on every
-//! rank. `.ci/run` installs OpenMPI and runs this file.
+//! rank; and `mpirun -np N podgpu train` itself: 2 ranks × 32 train like one process × 64, a NaN on
+//! one rank stops both with one message and the last checkpoint intact, and the run resumes with 3
+//! ranks. `.ci/run` installs OpenMPI and runs this file.
 #![cfg(feature = "distributed")]
 
+use podgpu::train::{load_checkpoint, read_jsonl};
+use std::path::Path;
 use std::process::Command;
 
 fn mpirun(ranks: usize) -> (bool, String) {
-    let out = Command::new("mpirun")
-        .args(["-np", &ranks.to_string(), "--oversubscribe"])
-        .arg(env!("CARGO_BIN_EXE_dist-check"))
+    launch(ranks, env!("CARGO_BIN_EXE_dist-check"), &[], &[])
+}
+
+/// `mpirun -np RANKS PROGRAM ARGS` with `env` passed to every rank; success and the output.
+fn launch(ranks: usize, program: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let mut c = Command::new("mpirun");
+    c.args(["-np", &ranks.to_string(), "--oversubscribe"]);
+    // Waiting ranks yield the CPU (the tests oversubscribe small machines).
+    c.args(["--mca", "mpi_yield_when_idle", "1"]);
+    for (k, v) in env {
+        c.env(k, v).args(["-x", k]);
+    }
+    let out = c
+        .arg(program)
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
         // CI runs as root; Open MPI refuses that unless told.
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
@@ -34,4 +51,115 @@ fn two_and_three_cpu_ranks_train_on_every_image_once_with_the_global_batch_gradi
             assert!(text.contains(&format!("rank {r} of {ranks}:")), "{text}");
         }
     }
+}
+
+/// A small run on the shipped MNIST subset: a one-block ViT (no batch norm) with the NaC loss.
+fn train_args<'a>(out: &'a str, batch: &'a str, epochs: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "vit(patch=7,dim=16,depth=1,heads=2)",
+        "--data",
+        "datasets/mnist-small.bin",
+        "--loss",
+        "nac",
+        "--device",
+        "cpu",
+        "--limit-train",
+        "256",
+        "--limit-test",
+        "64",
+        "--batch-size",
+        batch,
+        "--epochs",
+        epochs,
+        "--threads",
+        "1",
+        "--lr",
+        "0.05",
+        "--seed",
+        "5",
+        "--deterministic",
+        "--out",
+        out,
+    ]
+}
+
+fn weights(path: &Path) -> Vec<(String, Vec<f64>)> {
+    load_checkpoint(path)
+        .unwrap()
+        .tensors
+        .into_iter()
+        .map(|(k, t)| (k, t.to_vec_f64()))
+        .collect()
+}
+
+#[test]
+fn mpirun_two_ranks_of_32_train_like_one_process_of_64() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    let podgpu = env!("CARGO_BIN_EXE_podgpu");
+    let out = Command::new(podgpu)
+        .args(train_args(one.to_str().unwrap(), "64", "2"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (ok, text) = launch(
+        2,
+        podgpu,
+        &train_args(two.to_str().unwrap(), "32", "2"),
+        &[],
+    );
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("data parallel: 2 ranks × batch 32 = global batch 64"),
+        "{text}"
+    );
+    // Rank 0 alone reports: one header, one line per epoch.
+    assert_eq!(text.matches("run folder:").count(), 1, "{text}");
+    assert_eq!(text.matches("epoch   2/2").count(), 1, "{text}");
+    // As in tests/dist_train.rs: steps × images × ε bounds the rounding differences.
+    let tol = 8.0 * 64.0 * f64::from(f32::EPSILON);
+    for ((name, x), (_, y)) in weights(&one.join("last.safetensors"))
+        .iter()
+        .zip(&weights(&two.join("last.safetensors")))
+    {
+        let e = podgpu::tensor::rel_error(y, x);
+        assert!(
+            e < tol,
+            "{name}: relative difference {e:.2e} over {tol:.2e}"
+        );
+    }
+}
+
+#[test]
+fn mpirun_a_nan_on_one_rank_stops_both_and_the_run_resumes_with_three_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let dir = run.to_str().unwrap();
+    let podgpu = env!("CARGO_BIN_EXE_podgpu");
+    // 8 steps an epoch with 2 ranks × 16: step 11 is in epoch 2.
+    let (ok, text) = launch(
+        2,
+        podgpu,
+        &train_args(dir, "16", "3"),
+        &[("PODGPU_TEST_NAN_GRADIENT_AT", "11@1")],
+    );
+    assert!(!ok, "{text}");
+    let msg =
+        "non-finite loss or gradient on rank 1 of 2 at epoch 2, global batch 3 of 8 (step 11)";
+    assert_eq!(text.matches(msg).count(), 1, "one message:\n{text}");
+    let st = load_checkpoint(&run.join("last.safetensors"))
+        .unwrap()
+        .state;
+    assert_eq!((st.epoch, st.global_step), (1, 8));
+    // Resumed with 3 ranks: global batches of 48, 6 steps an epoch.
+    let (ok, text) = launch(3, podgpu, &["train", "--resume", dir], &[]);
+    assert!(ok, "{text}");
+    let st = load_checkpoint(&run.join("last.safetensors"))
+        .unwrap()
+        .state;
+    assert_eq!((st.epoch, st.global_step), (3, 8 + 12));
+    let m = read_jsonl(&run.join("metrics.jsonl")).unwrap();
+    assert_eq!(m.iter().map(|r| r.epoch).collect::<Vec<_>>(), vec![1, 2, 3]);
 }

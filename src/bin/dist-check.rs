@@ -53,7 +53,9 @@ fn check() -> i32 {
             seen[i] += 1.0;
         }
     }
-    world.all_reduce_sum(&mut seen);
+    world
+        .all_reduce_sum(&mut seen)
+        .expect("MPI stops the job rather than failing a call");
     if seen.iter().any(|&c| c != 1.0) {
         eprintln!("rank {rank}: an image was not seen exactly once: {seen:?}");
         ok = false;
@@ -68,7 +70,8 @@ fn check() -> i32 {
         ParamKind::Trainable,
     );
     ps.get_mut(id).grad = Some(Tensor::from_vec(&[dim], grad_over(&w, &xs, &ys, idx)));
-    let total = grads::combine_gradients(&world, &mut ps, mine);
+    let total = grads::combine_gradients(&world, &mut ps, mine)
+        .expect("MPI stops the job rather than failing a call");
     let got = ps.get(id).grad.as_ref().unwrap().to_vec_f64();
     let want: Vec<f64> = grad_over(&w, &xs, &ys, 0..n.min(ranks * batch))
         .iter()
@@ -81,7 +84,9 @@ fn check() -> i32 {
     }
     // Every rank must hold the same bits.
     let mut spread = got.clone();
-    world.all_reduce_sum(&mut spread);
+    world
+        .all_reduce_sum(&mut spread)
+        .expect("MPI stops the job rather than failing a call");
     if spread
         .iter()
         .zip(&got)
@@ -91,7 +96,9 @@ fn check() -> i32 {
         ok = false;
     }
     let mut fails = [if ok { 0.0 } else { 1.0 }];
-    world.all_reduce_sum(&mut fails);
+    world
+        .all_reduce_sum(&mut fails)
+        .expect("MPI stops the job rather than failing a call");
     if rank == 0 {
         println!(
             "dist-check with {ranks} ranks: {}",

@@ -142,6 +142,22 @@ pub struct Args {
     pub detect_anomaly: bool,
     #[command(flatten)]
     pub transformer: TransformerArgs,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
+}
+
+/// Data-parallel training (issue 16, docs/DISTRIBUTED.md): `mpirun -np N podgpu train …` with a
+/// podgpu built with `--features distributed`.
+#[derive(clap::Args, Debug, Default)]
+pub struct ParallelArgs {
+    /// How the lr follows the N ranks of `mpirun -np N` (global batch N × --batch-size): none
+    /// (default) or linear (lr × N; with --warmup-epochs E --warmup-lr LR, Goyal et al.'s gradual
+    /// warm-up from LR to N × lr).
+    #[arg(long, value_enum)]
+    pub lr_scaling: Option<crate::train::config::LrScaling>,
+    /// Batch-norm statistics over the global batch (summed across ranks) instead of per rank.
+    #[arg(long)]
+    pub sync_bn: bool,
 }
 
 /// The transformers' settings (issue 13): recipes, input size, timm weights, optimiser, schedule.
@@ -340,6 +356,10 @@ pub fn resolve(a: &Args) -> Result<TrainConfig> {
         c.precision = p;
     }
     a.transformer.apply(&mut c);
+    if let Some(r) = a.parallel.lr_scaling {
+        c.lr_scaling = r;
+    }
+    c.sync_bn |= a.parallel.sync_bn;
     if let Some(Err(e)) = crate::nn::TransformerConfig::parse(&c.model) {
         bail!(e);
     }
@@ -357,6 +377,41 @@ pub fn resolve(a: &Args) -> Result<TrainConfig> {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if crate::dist::launched_by_mpi() {
+        return run_ranked(a);
+    }
+    run_with(a, trainer::Ranks::single())
+}
+
+/// One rank of `mpirun -np N podgpu train …`: rank 0 reports; the others end quietly on an error
+/// that rank 0 reports too (after finalising MPI, which the launcher expects).
+#[cfg(feature = "distributed")]
+fn run_ranked(a: Args) -> Result<()> {
+    let world = crate::dist::mpi::MpiWorld::init().map_err(|e| anyhow::anyhow!("MPI: {e}"))?;
+    let world: std::rc::Rc<dyn crate::dist::Collective> = std::rc::Rc::new(world);
+    let rank = world.rank();
+    let result = run_with(a, trainer::Ranks::new(world.clone()));
+    drop(world);
+    match result {
+        Err(e) if rank != 0 && trainer::known_to_all_ranks(&e) => {
+            let code = match e.is::<crate::train::Interrupted>() {
+                true => crate::train::signal::INTERRUPTED_EXIT_CODE,
+                false => 1,
+            };
+            std::process::exit(code)
+        }
+        r => r,
+    }
+}
+
+#[cfg(not(feature = "distributed"))]
+fn run_ranked(_a: Args) -> Result<()> {
+    bail!(
+        "this podgpu was started by an MPI launcher (mpirun, srun) but built without MPI; build it          with `cargo build --release --features distributed` (docs/DISTRIBUTED.md), or run it          without the launcher"
+    )
+}
+
+fn run_with(a: Args, ranks: trainer::Ranks) -> Result<()> {
     let summary = match &a.resume {
         Some(dir) => {
             let changes_math = a.model.is_some()
@@ -383,6 +438,8 @@ pub fn run(a: Args) -> Result<()> {
                 || a.deterministic
                 || a.precision.is_some()
                 || a.transformer.any_given()
+                || a.parallel.lr_scaling.is_some()
+                || a.parallel.sync_bn
                 || a.loss_settings_given();
             if changes_math {
                 bail!(
@@ -392,7 +449,7 @@ pub fn run(a: Args) -> Result<()> {
                     dir.join("config.toml").display()
                 );
             }
-            trainer::resume_with(
+            trainer::resume_ranked(
                 dir,
                 trainer::ResumeOptions {
                     epochs: a.epochs,
@@ -401,13 +458,15 @@ pub fn run(a: Args) -> Result<()> {
                     detect_anomaly: a.detect_anomaly,
                     data: a.data.clone(),
                 },
+                ranks,
             )?
         }
-        None => trainer::train_with(
+        None => trainer::train_ranked(
             resolve(&a)?,
             trainer::FreshOptions {
                 overwrite: a.overwrite,
             },
+            ranks,
         )?,
     };
     if let Some(acc) = summary.final_test_acc {

@@ -7,9 +7,13 @@
 //! order backward produces them, so that a later version can overlap the sums with the backward pass),
 //! and writes g back in its gradient's precision.
 //!
+//! Every trainable parameter takes part, a missing gradient (a rank with no images this step, or a
+//! parameter its forward did not reach) counting as zeros, so that every rank sends the same
+//! buckets; afterwards every trainable parameter has the combined gradient.
+//!
 //! Host tensors only here; gradients on a GPU go through the host until the NCCL path exists.
 
-use super::Collective;
+use super::{Collective, RankFailed};
 use crate::autograd::{ParamKind, ParamStore};
 use crate::tensor::Tensor;
 
@@ -19,7 +23,11 @@ pub const BUCKET_VALUES: usize = 6_500_000;
 /// Replaces every trainable gradient in `store` with the gradient of the global batch, given that
 /// this rank's gradients are those of its mean loss over `batch` images. Returns the global batch
 /// size. A rank with no images this step (`batch` 0) passes zero gradients and still takes part.
-pub fn combine_gradients(c: &dyn Collective, store: &mut ParamStore, batch: usize) -> usize {
+pub fn combine_gradients(
+    c: &dyn Collective,
+    store: &mut ParamStore,
+    batch: usize,
+) -> Result<usize, RankFailed> {
     combine_in_buckets(c, store, batch, BUCKET_VALUES)
 }
 
@@ -30,18 +38,18 @@ pub fn combine_in_buckets(
     store: &mut ParamStore,
     batch: usize,
     bucket: usize,
-) -> usize {
+) -> Result<usize, RankFailed> {
     // The global batch size first: every rank needs it to scale the sums.
     let mut total = [batch as f64];
-    c.all_reduce_sum(&mut total);
+    c.all_reduce_sum(&mut total)?;
     let total = total[0];
     if total == 0.0 {
-        return 0;
+        return Ok(0);
     }
     let mut ids: Vec<usize> = store
         .iter()
         .enumerate()
-        .filter(|(_, p)| p.kind == ParamKind::Trainable && p.grad.is_some())
+        .filter(|(_, p)| p.kind == ParamKind::Trainable)
         .map(|(i, _)| i)
         .collect();
     ids.reverse();
@@ -63,26 +71,28 @@ pub fn combine_in_buckets(
         }
         let mut flat = Vec::with_capacity(values);
         for &i in &ids[start..end] {
-            let g = params[i]
-                .as_ref()
-                .and_then(|p| p.grad.as_ref())
-                .expect("gradient");
-            flat.extend(g.to_vec_f64().into_iter().map(|v| v * batch as f64));
+            let p = params[i].as_ref().expect("param");
+            match &p.grad {
+                Some(g) if batch > 0 => {
+                    flat.extend(g.to_vec_f64().into_iter().map(|v| v * batch as f64))
+                }
+                _ => flat.resize(flat.len() + p.value.numel(), 0.0),
+            }
         }
-        c.all_reduce_sum(&mut flat);
+        c.all_reduce_sum(&mut flat)?;
         let mut at = 0;
         for &i in &ids[start..end] {
             let p = params[i].take().expect("each parameter once");
-            let g = p.grad.as_ref().expect("gradient");
-            let n = g.numel();
+            let v = &p.value;
+            let n = v.numel();
             let vals: Vec<f64> = flat[at..at + n].iter().map(|v| v / total).collect();
             at += n;
-            let combined = Tensor::from_f64_as(g.shape(), &vals, g.dtype()).to_device(g.device());
+            let combined = Tensor::from_f64_as(v.shape(), &vals, v.dtype()).to_device(v.device());
             p.grad = Some(combined);
         }
         start = end;
     }
-    total as usize
+    Ok(total as usize)
 }
 
 #[cfg(test)]
@@ -142,7 +152,7 @@ mod tests {
                         let idx = rank_slice(n, ranks, batch, 0, r.rank());
                         let mine = idx.len();
                         let mut ps = store_with(&grad_over(w, xs, ys, idx), &[5.0, 6.0]);
-                        let total = combine_in_buckets(&r, &mut ps, mine, bucket);
+                        let total = combine_in_buckets(&r, &mut ps, mine, bucket).unwrap();
                         assert_eq!(total, n.min(ranks * batch));
                         let frozen = ps.iter().find(|p| p.name == "frozen").unwrap();
                         assert_eq!(frozen.grad.as_ref().unwrap().to_vec_f32(), vec![5.0, 6.0]);

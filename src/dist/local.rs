@@ -1,17 +1,29 @@
 //! Ranks as threads of one process: the same `Collective` contract as MPI, for tests and for checking
-//! the data-parallel arithmetic without launching processes.
+//! the data-parallel arithmetic (and the trainer) without launching processes. A rank that fails
+//! calls `abort`: every collective of the others, waiting or later, returns `RankFailed`.
 
-use super::Collective;
-use std::sync::{Arc, Barrier, Mutex, PoisonError};
+use super::{Collective, RankFailed};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+struct State {
+    /// Each rank's contribution to the sum in progress.
+    slots: Vec<Option<Vec<f64>>>,
+    /// Rank 0's bytes of the broadcast in progress.
+    bytes: Vec<u8>,
+    /// Ranks arrived at the current meeting point.
+    arrived: usize,
+    /// Counts meeting points passed, so that a waiting rank knows when its own one is complete.
+    generation: u64,
+    failed: Option<RankFailed>,
+}
 
 struct Shared {
     size: usize,
-    barrier: Barrier,
-    /// Each rank's contribution to the collective in progress.
-    slots: Mutex<Vec<Option<Vec<f64>>>>,
+    state: Mutex<State>,
+    changed: Condvar,
 }
 
-/// One rank of a `LocalGroup`; move it into its thread.
+/// One rank of a `group`; move it into its thread.
 pub struct LocalRank {
     rank: usize,
     shared: Arc<Shared>,
@@ -22,8 +34,14 @@ pub fn group(n: usize) -> Vec<LocalRank> {
     assert!(n >= 1, "a group needs a rank");
     let shared = Arc::new(Shared {
         size: n,
-        barrier: Barrier::new(n),
-        slots: Mutex::new(vec![None; n]),
+        state: Mutex::new(State {
+            slots: vec![None; n],
+            bytes: Vec::new(),
+            arrived: 0,
+            generation: 0,
+            failed: None,
+        }),
+        changed: Condvar::new(),
     });
     (0..n)
         .map(|rank| LocalRank {
@@ -31,6 +49,44 @@ pub fn group(n: usize) -> Vec<LocalRank> {
             shared: shared.clone(),
         })
         .collect()
+}
+
+impl LocalRank {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until every rank has reached this meeting point (or one failed).
+    fn meet<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+    ) -> Result<MutexGuard<'a, State>, RankFailed> {
+        if let Some(f) = &st.failed {
+            return Err(f.clone());
+        }
+        let generation = st.generation;
+        st.arrived += 1;
+        if st.arrived == self.shared.size {
+            st.arrived = 0;
+            st.generation += 1;
+            self.shared.changed.notify_all();
+        } else {
+            while st.generation == generation && st.failed.is_none() {
+                st = self
+                    .shared
+                    .changed
+                    .wait(st)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+        }
+        match &st.failed {
+            Some(f) => Err(f.clone()),
+            None => Ok(st),
+        }
+    }
 }
 
 impl Collective for LocalRank {
@@ -42,43 +98,57 @@ impl Collective for LocalRank {
         self.shared.size
     }
 
-    fn all_reduce_sum(&self, v: &mut [f64]) {
-        let slots = || {
-            self.shared
-                .slots
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-        };
-        slots()[self.rank] = Some(v.to_vec());
-        self.shared.barrier.wait();
-        {
-            let all = slots();
-            // Every rank adds in rank order: bit-identical results everywhere.
-            v.fill(0.0);
-            for (r, s) in all.iter().enumerate() {
-                let s = s.as_ref().expect("every rank deposited");
-                assert_eq!(
-                    s.len(),
-                    v.len(),
-                    "rank {r} reduced {} values, rank {} {}",
-                    s.len(),
-                    self.rank,
-                    v.len()
-                );
-                for (a, b) in v.iter_mut().zip(s) {
-                    *a += b;
-                }
+    fn all_reduce_sum(&self, v: &mut [f64]) -> Result<(), RankFailed> {
+        let mut st = self.lock();
+        st.slots[self.rank] = Some(v.to_vec());
+        let st = self.meet(st)?;
+        // Every rank adds in rank order: bit-identical results everywhere.
+        v.fill(0.0);
+        for (r, s) in st.slots.iter().enumerate() {
+            let s = s.as_ref().expect("every rank deposited");
+            assert_eq!(
+                s.len(),
+                v.len(),
+                "rank {r} reduced {} values, rank {} {}",
+                s.len(),
+                self.rank,
+                v.len()
+            );
+            for (a, b) in v.iter_mut().zip(s) {
+                *a += b;
             }
         }
-        self.shared.barrier.wait();
-        if self.rank == 0 {
-            slots().iter_mut().for_each(|s| *s = None);
-        }
-        self.shared.barrier.wait();
+        // Nobody deposits the next sum's values before every rank has read these.
+        self.meet(st).map(drop)
     }
 
-    fn barrier(&self) {
-        self.shared.barrier.wait();
+    fn broadcast_bytes(&self, bytes: &mut Vec<u8>) -> Result<(), RankFailed> {
+        let mut st = self.lock();
+        if self.rank == 0 {
+            st.bytes = bytes.clone();
+        }
+        let st = self.meet(st)?;
+        if self.rank != 0 {
+            *bytes = st.bytes.clone();
+        }
+        self.meet(st).map(drop)
+    }
+
+    fn barrier(&self) -> Result<(), RankFailed> {
+        let st = self.lock();
+        self.meet(st).map(drop)
+    }
+
+    fn abort(&self, message: &str) {
+        let mut st = self.lock();
+        if st.failed.is_none() {
+            st.failed = Some(RankFailed {
+                rank: self.rank,
+                size: self.shared.size,
+                message: message.to_string(),
+            });
+        }
+        self.shared.changed.notify_all();
     }
 }
 
@@ -94,10 +164,10 @@ mod tests {
                 .map(|r| {
                     s.spawn(move || {
                         let mut v = vec![r.rank() as f64, 1.0, 0.1 * (r.rank() + 1) as f64];
-                        r.all_reduce_sum(&mut v);
+                        r.all_reduce_sum(&mut v).unwrap();
                         // A second collective right after reuses the slots safely.
                         let mut w = vec![1.0];
-                        r.all_reduce_sum(&mut w);
+                        r.all_reduce_sum(&mut w).unwrap();
                         assert_eq!(w, vec![3.0]);
                         v
                     })
@@ -110,5 +180,54 @@ mod tests {
             results.iter().all(|r| r == &results[0]),
             "bit-identical on every rank"
         );
+    }
+
+    #[test]
+    fn broadcast_gives_every_rank_rank_0_s_bytes() {
+        let got: Vec<Vec<u8>> = std::thread::scope(|s| {
+            let hs: Vec<_> = group(3)
+                .into_iter()
+                .map(|r| {
+                    s.spawn(move || {
+                        let mut b = vec![r.rank() as u8; r.rank() + 1];
+                        r.broadcast_bytes(&mut b).unwrap();
+                        b
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(got, vec![vec![0u8]; 3]);
+    }
+
+    #[test]
+    fn a_failed_rank_wakes_the_others_with_its_message() {
+        let got: Vec<Result<(), RankFailed>> = std::thread::scope(|s| {
+            let hs: Vec<_> = group(3)
+                .into_iter()
+                .map(|r| {
+                    s.spawn(move || {
+                        let mut v = [1.0];
+                        r.all_reduce_sum(&mut v)?;
+                        if r.rank() == 2 {
+                            r.abort("out of disk");
+                            return Ok(());
+                        }
+                        // Ranks 0 and 1 wait here for rank 2, which never comes.
+                        r.all_reduce_sum(&mut v)?;
+                        r.barrier()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let want = RankFailed {
+            rank: 2,
+            size: 3,
+            message: "out of disk".into(),
+        };
+        assert_eq!(got[0], Err(want.clone()));
+        assert_eq!(got[1], Err(want));
+        assert_eq!(got[2], Ok(()));
     }
 }

@@ -3,7 +3,7 @@
 //! ranks). Sums are made from an all-gather in rank order on every rank, so every rank holds the same
 //! bits and a run repeats bit for bit for a given number of ranks, whatever MPI's own reduction order.
 
-use super::Collective;
+use super::{Collective, RankFailed};
 use mpi::traits::*;
 
 /// The MPI world of this process.
@@ -15,18 +15,7 @@ pub struct MpiWorld {
     size: usize,
 }
 
-/// Whether this process was started by an MPI launcher (Open MPI's mpirun, a PMI launcher such as
-/// Slurm's srun). Without one, podgpu runs as a single process and never initialises MPI.
-pub fn launched_by_mpi() -> bool {
-    [
-        "OMPI_COMM_WORLD_SIZE",
-        "PMI_SIZE",
-        "PMIX_RANK",
-        "MPI_LOCALNRANKS",
-    ]
-    .iter()
-    .any(|v| std::env::var_os(v).is_some())
-}
+pub use super::launched_by_mpi;
 
 impl MpiWorld {
     /// Initialises MPI. `Err` says why (MPI already initialised, or the library failed).
@@ -52,7 +41,7 @@ impl Collective for MpiWorld {
         self.size
     }
 
-    fn all_reduce_sum(&self, v: &mut [f64]) {
+    fn all_reduce_sum(&self, v: &mut [f64]) -> Result<(), RankFailed> {
         let mut all = vec![0f64; v.len() * self.size];
         self.world.all_gather_into(&v[..], &mut all[..]);
         v.fill(0.0);
@@ -61,9 +50,31 @@ impl Collective for MpiWorld {
                 *a += b;
             }
         }
+        Ok(())
     }
 
-    fn barrier(&self) {
+    fn broadcast_bytes(&self, bytes: &mut Vec<u8>) -> Result<(), RankFailed> {
+        let root = self.world.process_at_rank(0);
+        let mut len = bytes.len() as u64;
+        root.broadcast_into(&mut len);
+        bytes.resize(len as usize, 0);
+        // In pieces of at most 1 GiB: MPI counts are 32-bit.
+        for piece in bytes.chunks_mut(1 << 30) {
+            root.broadcast_into(piece);
+        }
+        Ok(())
+    }
+
+    fn barrier(&self) -> Result<(), RankFailed> {
         self.world.barrier();
+        Ok(())
+    }
+
+    fn abort(&self, message: &str) {
+        // A blocked MPI call cannot be woken: the message, then MPI_Abort, which makes the launcher
+        // stop every rank. Checkpoints are written atomically, so the last good one stays intact.
+        eprintln!("error: rank {} of {}: {message}", self.rank, self.size);
+        eprintln!("stopping all {} ranks", self.size);
+        self.world.abort(1)
     }
 }

@@ -257,6 +257,10 @@ pub fn batch_norm2d_in_mode(
     bn: &BatchNormIds,
     training: bool,
 ) -> Var {
+    // `--sync-bn` on several ranks: statistics over the global batch (dist::sync_bn).
+    if training && crate::dist::sync_bn::is_active() {
+        return crate::dist::sync_bn::batch_norm2d(t, store, x, bn);
+    }
     let gamma = t.param(store, bn.weight);
     let beta = t.param(store, bn.bias);
     let rm = store.value(bn.running_mean).clone();

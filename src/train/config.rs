@@ -255,6 +255,34 @@ pub struct TrainConfig {
     pub clip_grad: Option<f64>,
     /// Stochastic depth rate of the transformers (None → timm's default: ViT 0, Swin 0.1).
     pub drop_path: Option<f64>,
+    /// Data-parallel runs (`mpirun -np N`): how the lr follows the global batch of N × batch_size.
+    pub lr_scaling: LrScaling,
+    /// Data-parallel runs: batch-norm statistics over the global batch (summed across ranks)
+    /// instead of each rank's own (the default, as DDP).
+    pub sync_bn: bool,
+}
+
+/// How the learning rate follows the number of ranks of a data-parallel run (`--lr-scaling`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LrScaling {
+    /// The same lr whatever the number of ranks.
+    #[default]
+    None,
+    /// lr (and the cosine's final lr) × N, the global batch being N × batch_size; a warm-up
+    /// (`--warmup-epochs`) still starts from `--warmup-lr`, so that `--warmup-lr` = `--lr` gives
+    /// Goyal et al.'s gradual warm-up from the one-rank lr to N × lr.
+    Linear,
+}
+
+impl LrScaling {
+    /// The factor on the lr with `ranks` ranks.
+    pub fn factor(self, ranks: usize) -> f64 {
+        match self {
+            LrScaling::None => 1.0,
+            LrScaling::Linear => ranks as f64,
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -321,6 +349,8 @@ impl Default for TrainConfig {
             min_lr: 0.0,
             clip_grad: None,
             drop_path: None,
+            lr_scaling: LrScaling::None,
+            sync_bn: false,
         }
     }
 }

@@ -170,6 +170,16 @@ impl MetricsLog {
         MetricsLog::from_records(run_dir, Vec::new())
     }
 
+    /// A log that writes nothing (the ranks other than 0 of a data-parallel run).
+    pub fn unwritten(run_dir: &Path) -> MetricsLog {
+        MetricsLog {
+            jsonl: run_dir.join(JSONL_FILE),
+            csv: run_dir.join(CSV_FILE),
+            records: Vec::new(),
+            csv_columns: Vec::new(),
+        }
+    }
+
     /// Reopens the metrics of a resumed run whose next epoch is `next_epoch`: keeps the records with
     /// `epoch < next_epoch` and rewrites both files from them. Reads `metrics.jsonl`, or
     /// `metrics.csv` when only that exists; neither is an empty log.

@@ -74,6 +74,11 @@ impl Objective {
         })
     }
 
+    /// The PEDCC of PEDCC-head losses.
+    pub fn centroids(&self) -> Option<&Tensor> {
+        self.centroids.as_ref()
+    }
+
     fn pedcc(&self) -> &Tensor {
         self.centroids.as_ref().expect("checked in Objective::new")
     }

@@ -50,6 +50,16 @@ pub fn lr_schedule(cfg: &TrainConfig) -> Result<LrSchedule> {
     )
 }
 
+/// The learning rate of every step of a run with `ranks` ranks (`TrainConfig::lr_scaling`).
+pub fn lr_schedule_for_ranks(cfg: &TrainConfig, ranks: usize) -> Result<LrSchedule> {
+    let f = cfg.lr_scaling.factor(ranks);
+    lr_schedule(&TrainConfig {
+        lr: cfg.lr * f,
+        min_lr: cfg.min_lr * f,
+        ..cfg.clone()
+    })
+}
+
 /// The network's input side: `--image-size`, else the stored one.
 pub fn image_size(cfg: &TrainConfig, split: &Split) -> usize {
     cfg.image_size.unwrap_or(split.height())

@@ -102,7 +102,10 @@ struct Run {
     cadence: Cadence,
     /// Host reads and waits of the step loops so far.
     loop_counts: LoopCounts,
-    _lock: RunLock,
+    /// The ranks of a data-parallel run (`ranked`); one process by default.
+    ranks: ranked::Ranks,
+    /// Held by the rank that writes the run folder (rank 0, or the only process).
+    _lock: Option<RunLock>,
 }
 
 /// How an epoch ended.
@@ -147,6 +150,12 @@ pub fn stem_for(height: usize) -> Stem {
         _ => Stem::ImageNet,
     }
 }
+
+#[path = "ranked.rs"]
+mod ranked;
+pub use ranked::{
+    known_to_all_ranks, resume_ranked, train_ranked, RankHooks, Ranks, StoppedTogether,
+};
 
 /// Mixed into the seed of the per-step drop-path/dropout streams.
 const DROP_SALT: u64 = 0xD50F_0A7B << 20;
@@ -480,7 +489,8 @@ impl Run {
             saved: None,
             cadence,
             loop_counts: LoopCounts::default(),
-            _lock: lock,
+            ranks: ranked::Ranks::single(),
+            _lock: Some(lock),
         })
     }
 
@@ -582,7 +592,8 @@ impl Run {
             saved: Some(saved),
             cadence,
             loop_counts: LoopCounts::default(),
-            _lock: lock,
+            ranks: ranked::Ranks::single(),
+            _lock: Some(lock),
         })
     }
 
@@ -636,35 +647,41 @@ impl Run {
                 ..LoaderConfig::train(cfg.batch_size, cfg.seed)
             },
         )?;
-        let p = &self.net.spec;
-        let shape = match crate::nn::transformer_config(&cfg.model) {
-            Some(_) => format!("{0}×{0} images", p.image_size),
-            None => format!("width {}, {:?} stem", cfg.width, p.stem),
-        };
-        println!(
-            "training {} ({shape}) with {} loss{} on {}: {} classes, feature dim {}, \
-             {} train images, batch {}, {} epochs, {} trainable parameters",
-            cfg.model,
-            cfg.loss,
-            match cfg.loss.uses_delta() {
-                true => format!(" ({} variant)", cfg.variant),
-                false => String::new(),
-            },
-            self.device,
-            p.classes,
-            p.feature_dim,
-            train_loader.images_per_epoch(),
-            cfg.batch_size,
-            cfg.epochs,
-            self.ps.count(crate::ParamKind::Trainable)
-        );
-        println!("{}", cfg.recipe_line());
-        if let Some(note) = super::recipe::image_note(&cfg, &self.train) {
-            println!("{note}");
-        }
-        println!("run folder: {}", self.dir.display());
-        if cfg.deterministic {
-            println!("deterministic mode: results do not depend on the thread count");
+        // Rank 0 alone speaks for a data-parallel run.
+        if self.ranks.is_writer() {
+            let p = &self.net.spec;
+            let shape = match crate::nn::transformer_config(&cfg.model) {
+                Some(_) => format!("{0}×{0} images", p.image_size),
+                None => format!("width {}, {:?} stem", cfg.width, p.stem),
+            };
+            println!(
+                "training {} ({shape}) with {} loss{} on {}: {} classes, feature dim {}, \
+                 {} train images, batch {}, {} epochs, {} trainable parameters",
+                cfg.model,
+                cfg.loss,
+                match cfg.loss.uses_delta() {
+                    true => format!(" ({} variant)", cfg.variant),
+                    false => String::new(),
+                },
+                self.device,
+                p.classes,
+                p.feature_dim,
+                train_loader.images_per_epoch(),
+                cfg.batch_size,
+                cfg.epochs,
+                self.ps.count(crate::ParamKind::Trainable)
+            );
+            println!("{}", cfg.recipe_line());
+            if let Some(note) = super::recipe::image_note(&cfg, &self.train) {
+                println!("{note}");
+            }
+            println!("run folder: {}", self.dir.display());
+            if cfg.deterministic {
+                println!("deterministic mode: results do not depend on the thread count");
+            }
+            if self.ranks.distributed() {
+                println!("{}", ranked::ranks_line(&cfg, self.ranks.comm.size()));
+            }
         }
         let mut last_loss = f64::NAN;
         let mut last_acc = None;
@@ -673,9 +690,11 @@ impl Run {
             let pending = self.pending.take();
             // Out of GPU memory (a typed panic from the allocator, which the ops cannot return)
             // becomes an error with the batch size to try; the checkpoint on disk is untouched.
-            let outcome =
-                crate::cuda::catch_oom(|| self.train_epoch(&train_loader, epoch, pending))
-                    .map_err(|oom| anyhow::anyhow!(self.out_of_memory_advice(&oom, epoch)))?;
+            let outcome = crate::cuda::catch_oom(|| match self.ranks.distributed() {
+                true => self.train_epoch_ranked(&train_loader, epoch, pending),
+                false => self.train_epoch(&train_loader, epoch, pending),
+            })
+            .map_err(|oom| anyhow::anyhow!(self.out_of_memory_advice(&oom, epoch)))?;
             let (rec, test_acc) = match outcome? {
                 EpochOutcome::Done(rec, test_acc) => (rec, test_acc),
                 EpochOutcome::Stopped(tally) => {
@@ -687,36 +706,40 @@ impl Run {
             };
             last_loss = rec.train_loss;
             last_acc = test_acc;
-            self.metrics.append(rec.clone())?;
-            // The plots are a view of metrics.csv: failing to draw them (a full disk) must not
-            // lose the epoch.
-            if let Err(e) = plot_metrics(&self.dir, self.metrics.records()) {
-                eprintln!(
-                    "warning: {}; training goes on (the numbers are in metrics.csv, and the plots \
-                     are drawn again after the next epoch)",
-                    crate::cli::error_text(&e)
-                );
+            if self.ranks.is_writer() {
+                self.metrics.append(rec.clone())?;
+                // The plots are a view of metrics.csv: failing to draw them (a full disk) must not
+                // lose the epoch.
+                if let Err(e) = plot_metrics(&self.dir, self.metrics.records()) {
+                    eprintln!(
+                        "warning: {}; training goes on (the numbers are in metrics.csv, and the plots \
+                         are drawn again after the next epoch)",
+                        crate::cli::error_text(&e)
+                    );
+                }
             }
             self.state.epoch = epoch + 1;
             self.state.delta = self.delta.delta();
             self.state.mean_norm = self.delta.mean_norm();
             self.state.extra.remove(tally::EXTRA_KEY);
-            if let Err(e) = save_epoch_checkpoints(
-                &self.dir,
-                &self.ps,
-                &self.sgd.state(),
-                &mut self.state,
-                test_acc,
-            ) {
-                bail!(
-                    "at the end of epoch {}: {}. {}",
-                    epoch + 1,
-                    crate::cli::error_text(&e),
-                    self.recovery_advice()
-                );
+            if self.ranks.is_writer() {
+                if let Err(e) = save_epoch_checkpoints(
+                    &self.dir,
+                    &self.ps,
+                    &self.sgd.state(),
+                    &mut self.state,
+                    test_acc,
+                ) {
+                    bail!(
+                        "at the end of epoch {}: {}. {}",
+                        epoch + 1,
+                        crate::cli::error_text(&e),
+                        self.recovery_advice()
+                    );
+                }
             }
             self.saved = Some(format!("end of epoch {}", epoch + 1));
-            if signal::stop_requested() && epoch + 1 < cfg.epochs {
+            if self.ranks.stop_after_epoch()? && epoch + 1 < cfg.epochs {
                 // The signal came during evaluation or saving: the epoch is complete and saved.
                 return Err(Interrupted {
                     run_dir: self.dir.clone(),
@@ -728,13 +751,16 @@ impl Run {
                 .into());
             }
         }
-        println!(
-            "done: metrics in {}, plots {} and {}, checkpoint {}",
-            self.dir.join("metrics.csv").display(),
-            self.dir.join("loss.png").display(),
-            self.dir.join("accuracy.png").display(),
-            self.dir.join("last.safetensors").display()
-        );
+        self.ranks.finish()?;
+        if self.ranks.is_writer() {
+            println!(
+                "done: metrics in {}, plots {} and {}, checkpoint {}",
+                self.dir.join("metrics.csv").display(),
+                self.dir.join("loss.png").display(),
+                self.dir.join("accuracy.png").display(),
+                self.dir.join("last.safetensors").display()
+            );
+        }
         Ok(RunSummary {
             run_dir: self.dir,
             epochs: cfg.epochs,
@@ -856,7 +882,9 @@ impl Run {
         batches_per_epoch: usize,
     ) -> Result<anyhow::Error> {
         let batches_done = tally.next_batch;
-        self.save_mid_epoch(&tally)?;
+        if self.ranks.is_writer() {
+            self.save_mid_epoch(&tally)?;
+        }
         Ok(Interrupted {
             run_dir: self.dir.clone(),
             epoch: self.state.epoch,
