@@ -55,6 +55,9 @@ pub fn keep_freed_buffers() -> bool {
 /// Every element must be written before it is read, and the vector must not be dropped while a
 /// reader could still see unwritten elements. `T` is a plain float (`Elem`: f32 or f64), with no
 /// drop glue and no invalid bit patterns once written.
+// The lint guards against reading the uninitialised elements; the contract above forbids exactly that
+// (no element is read before a kernel writes it, so no uninitialised float is ever produced).
+#[allow(clippy::uninit_vec)]
 pub unsafe fn vec_for_overwrite<T: crate::tensor::Elem>(len: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(len);
     // SAFETY: capacity is `len`; the caller writes every element before reading it.
@@ -67,6 +70,7 @@ pub unsafe fn vec_for_overwrite<T: crate::tensor::Elem>(len: usize) -> Vec<T> {
 ///
 /// # Safety
 /// As `vec_for_overwrite`: every element up to `len` must be written before it is read.
+#[allow(clippy::uninit_vec)]
 pub unsafe fn resize_for_overwrite<T: crate::tensor::Elem>(v: &mut Vec<T>, len: usize) {
     if len > v.len() {
         v.reserve(len - v.len());
