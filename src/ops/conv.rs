@@ -10,7 +10,7 @@
 
 use super::assert_same_place;
 use crate::autograd::{Tape, Var};
-use crate::cpu;
+use crate::cpu::{self, kernels};
 use crate::cuda;
 use crate::tensor::{Elem, Tensor};
 use rayon::prelude::*;
@@ -348,7 +348,8 @@ impl Plan {
 }
 
 /// Row-major C[m×n] = op(A)·op(B) + beta·C (op = transpose when the flag says so), like `cpu::gemm`;
-/// on the calling thread unless `par`.
+/// on the calling thread with the process's kernels (`cpu::kernels`) unless `par` (then split over
+/// rayon with matrixmultiply, for batches smaller than the thread count).
 #[allow(clippy::too_many_arguments)]
 fn gemm<T: Elem>(
     par: bool,
@@ -362,34 +363,93 @@ fn gemm<T: Elem>(
     beta: T,
     c: &mut [T],
 ) {
-    if par {
+    if par && rayon::current_num_threads() > 1 {
         cpu::gemm(m, k, n, T::one(), a, ta, b, tb, beta, c);
         return;
     }
     debug_assert!(a.len() == m * k && b.len() == k * n && c.len() == m * n);
-    let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
-    let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
-    T::gemm(
-        m,
-        k,
-        n,
-        T::one(),
-        a,
-        rsa,
-        csa,
-        b,
-        rsb,
-        csb,
-        beta,
-        c,
-        n as isize,
-        1,
-    );
+    kernels::gemm_on_thread(kernels::current(), m, k, n, a, ta, b, tb, beta, c);
+}
+
+/// The weight gradient's product dW += dy · colsᵀ reads its right operand transposed. On few output
+/// channels matrixmultiply packs that operand faster than the gemm crate (measured: 44 against 20
+/// GFLOP/s at 16 channels, 90 against 52 at 64 with 1024 positions); from 128 channels on the gemm
+/// crate is as fast or faster (110–130 against 63–114).
+const WEIGHT_GRAD_FAST_MIN_COUT: usize = 128;
+
+/// Column matrix [cin_g·KH·KW, nb·OHW] of group `grp` of a chunk of `nb` images x [nb, Cin, HW], the
+/// images side by side (`ld` = nb·OHW columns).
+fn fill_cols<T: Elem>(x: &[T], g: &ConvGeom, grp: usize, nb: usize, cols: &mut [T], ld: usize) {
+    let (hw, ohw) = (g.hw(), g.ohw());
+    for j in 0..nb {
+        let xg = &x[(j * g.cin + grp * g.cin_g) * hw..][..g.cin_g * hw];
+        if g.is_pointwise() {
+            for (r, src) in xg.chunks(hw).enumerate() {
+                cols[r * ld + j * ohw..r * ld + (j + 1) * ohw].copy_from_slice(src);
+            }
+        } else {
+            im2col(xg, g, cols, ld, j * ohw);
+        }
+    }
+}
+
+/// Stride 1 and an output as large as the input ("same" padding, e.g. 3×3 with padding 1): one row
+/// of the column matrix is the input plane shifted by a constant offset, so `im2col_same` copies it
+/// with one `memcpy` per tap instead of one per output row.
+fn is_same_stride1(g: &ConvGeom) -> bool {
+    g.sh == 1 && g.sw == 1 && g.oh == g.h && g.ow == g.w
+}
+
+/// `im2col` for `is_same_stride1` geometries: for tap (kh, kw) the row is x shifted by
+/// (kh − ph)·W + (kw − pw); the span of valid output rows is copied at once, then the entries that
+/// wrapped around a row edge (the columns the tap reads from the padding) and the padded rows are
+/// zeroed.
+fn im2col_same<T: Elem>(x: &[T], g: &ConvGeom, cols: &mut [T], ld: usize, col0: usize) {
+    let (hw, w) = (g.hw(), g.w);
+    for ci in 0..g.cin_g {
+        let plane = &x[ci * hw..(ci + 1) * hw];
+        for kh in 0..g.kh {
+            let (oh_lo, oh_hi) = valid_range(kh, g.ph, 1, g.h, g.oh);
+            for kw in 0..g.kw {
+                let (ow_lo, ow_hi) = valid_range(kw, g.pw, 1, g.w, g.ow);
+                let r = (ci * g.kh + kh) * g.kw + kw;
+                let row = &mut cols[r * ld + col0..r * ld + col0 + hw];
+                if oh_lo == oh_hi || ow_lo == ow_hi {
+                    row.fill(T::zero());
+                    continue;
+                }
+                row[..oh_lo * w].fill(T::zero());
+                row[oh_hi * w..].fill(T::zero());
+                // Output position p reads input p + shift; copy the positions whose input exists.
+                let shift =
+                    (kh as isize - g.ph as isize) * w as isize + kw as isize - g.pw as isize;
+                let a = ((oh_lo * w) as isize).max(-shift) as usize;
+                let b = ((oh_hi * w) as isize).min(hw as isize - shift) as usize;
+                if a < b {
+                    let src0 = (a as isize + shift) as usize;
+                    row[a..b].copy_from_slice(&plane[src0..src0 + (b - a)]);
+                }
+                // Positions of [oh_lo·W, oh_hi·W) outside [a, b), and those that wrapped from the
+                // neighbouring row, are exactly the columns outside [ow_lo, ow_hi).
+                if ow_lo > 0 || ow_hi < g.ow {
+                    for oh in oh_lo..oh_hi {
+                        let out = &mut row[oh * w..(oh + 1) * w];
+                        out[..ow_lo].fill(T::zero());
+                        out[ow_hi..].fill(T::zero());
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Unfolds one group of one image, x [cin_g, H, W], into the columns `col0..col0 + OH·OW` of a column
 /// matrix with `ld` columns and cin_g·KH·KW rows.
 fn im2col<T: Elem>(x: &[T], g: &ConvGeom, cols: &mut [T], ld: usize, col0: usize) {
+    if is_same_stride1(g) {
+        im2col_same(x, g, cols, ld, col0);
+        return;
+    }
     let (hw, ohw) = (g.hw(), g.ohw());
     for ci in 0..g.cin_g {
         let plane = &x[ci * hw..(ci + 1) * hw];
@@ -458,21 +518,6 @@ fn col2im<T: Elem>(cols: &[T], ld: usize, col0: usize, g: &ConvGeom, dx: &mut [T
     }
 }
 
-/// dst [cols, rows] = srcᵀ for src [rows, cols], in cache-sized tiles.
-fn transpose<T: Copy>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
-    const TILE: usize = 32;
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                let src_row = &src[r * cols..(r + 1) * cols];
-                for c in c0..(c0 + TILE).min(cols) {
-                    dst[c * rows + r] = src_row[c];
-                }
-            }
-        }
-    }
-}
-
 /// Gathers group `grp` of dy for a chunk of images, [nb, Cout, OHW], into one matrix [Cout_g, nb·OHW].
 fn gather_dy<T: Elem>(dy: &[T], g: &ConvGeom, grp: usize, nb: usize, out: &mut [T]) {
     let (ohw, ld) = (g.ohw(), nb * g.ohw());
@@ -504,23 +549,16 @@ fn conv_chunk<T: Elem>(
         k * ld
     };
     let tmp_len = if single { 0 } else { g.cout_g * ld };
-    scratch.resize(cols_len + tmp_len, T::zero());
+    // SAFETY: im2col / the row copies write every column entry (zeros included) and the GEMM
+    // (beta = 0) every entry of tmp before either is read.
+    unsafe { cpu::arena::resize_for_overwrite(scratch, cols_len + tmp_len) };
     let (cols, tmp) = scratch.split_at_mut(cols_len);
     for grp in 0..g.groups {
         let wg = &w[grp * g.cout_g * k..(grp + 1) * g.cout_g * k];
         let colm: &[T] = if cols_len == 0 {
             &x[grp * g.cin_g * hw..(grp + 1) * g.cin_g * hw]
         } else {
-            for j in 0..nb {
-                let xg = &x[(j * g.cin + grp * g.cin_g) * hw..][..g.cin_g * hw];
-                if g.is_pointwise() {
-                    for (r, src) in xg.chunks(hw).enumerate() {
-                        cols[r * ld + j * ohw..r * ld + (j + 1) * ohw].copy_from_slice(src);
-                    }
-                } else {
-                    im2col(xg, g, cols, ld, j * ohw);
-                }
-            }
+            fill_cols(x, g, grp, nb, cols, ld);
             cols
         };
         if single {
@@ -540,10 +578,16 @@ fn conv_chunk<T: Elem>(
 }
 
 fn conv2d_host<T: Elem>(x: &Tensor, w: &Tensor, b: Option<&Tensor>, spec: Conv2dSpec) -> Tensor {
+    cpu::arena::keep_freed_buffers();
     let g = ConvGeom::new(x.shape(), w.shape(), spec);
     let (xs, ws) = (x.host::<T>(), w.host::<T>());
     let (x_img, y_img) = (g.cin * g.hw(), g.cout * g.ohw());
-    let mut y = vec![T::zero(); g.n * y_img];
+    let mut y = if g.is_depthwise() {
+        vec![T::zero(); g.n * y_img] // depthwise_fwd accumulates into y
+    } else {
+        // SAFETY: every chunk's GEMMs (beta = 0) or copies write all of its outputs before any read.
+        unsafe { cpu::arena::vec_for_overwrite(g.n * y_img) }
+    };
     let plan = Plan::new(&g);
     let chunk = |c: usize, par: bool, s: &mut Vec<T>, yc: &mut [T]| {
         let (i0, nb) = (c * plan.nb, yc.len() / y_img);
@@ -591,7 +635,8 @@ fn conv_bwd_data_chunk<T: Elem>(
     } else {
         k * ld
     };
-    scratch.resize(dym_len + dcols_len, T::zero());
+    // SAFETY: gather_dy writes all of dym and the GEMM (beta = 0) all of dcols before they are read.
+    unsafe { cpu::arena::resize_for_overwrite(scratch, dym_len + dcols_len) };
     let (dym, dcols) = scratch.split_at_mut(dym_len);
     for grp in 0..g.groups {
         let wg = &w[grp * g.cout_g * k..(grp + 1) * g.cout_g * k];
@@ -628,6 +673,10 @@ fn conv2d_bwd_data_host<T: Elem>(
     spec: Conv2dSpec,
 ) -> Tensor {
     let g = ConvGeom::new(x_shape, w.shape(), spec);
+    cpu::arena::keep_freed_buffers();
+    if is_same_stride1(&g) && !g.is_pointwise() && !g.is_depthwise() {
+        return bwd_data_as_forward::<T>(dy, w, &g);
+    }
     let (dys, ws) = (dy.host::<T>(), w.host::<T>());
     let (x_img, y_img) = (g.cin * g.hw(), g.cout * g.ohw());
     let mut dx = vec![T::zero(); g.n * x_img];
@@ -651,10 +700,39 @@ fn conv2d_bwd_data_host<T: Elem>(
     Tensor::from_vec(&g.x_shape(), dx)
 }
 
-/// Accumulates a chunk of images' contribution into dw [Cout, K]: dW_g += dy_g · colsᵀ. The column
-/// matrix is stored transposed ([nb·OHW, K]): matrixmultiply runs this product about twice as fast
-/// with both operands in natural layout than with a strided right operand, which pays for the
-/// transpose many times over.
+/// dx of a stride-1 "same" convolution as a forward convolution of dy: dx[ci] = Σ_co dy[co] ⋆ W[co, ci]
+/// flipped in both axes, with padding K − 1 − p (= p here). Uses the forward's im2col (one copy per
+/// tap) and GEMM instead of a GEMM into a column matrix and a col2im that adds it back tap by tap
+/// (the slowest piece of the backward pass in perf), and writes dx once instead of zeroing it first.
+fn bwd_data_as_forward<T: Elem>(dy: &Tensor, w: &Tensor, g: &ConvGeom) -> Tensor {
+    let ws = w.host::<T>();
+    let (kh, kw, kk) = (g.kh, g.kw, g.kh * g.kw);
+    // W' [Cin, Cout_g, KH, KW]: group grp's input channel ci reads output channel co of the same group.
+    let mut wt = vec![T::zero(); g.cin * g.cout_g * kk];
+    for grp in 0..g.groups {
+        for co in 0..g.cout_g {
+            for ci in 0..g.cin_g {
+                let src = &ws[((grp * g.cout_g + co) * g.cin_g + ci) * kk..][..kk];
+                let dst = &mut wt[((grp * g.cin_g + ci) * g.cout_g + co) * kk..][..kk];
+                for (t, d) in dst.iter_mut().enumerate() {
+                    let (i, j) = (t / kw, t % kw);
+                    *d = src[(kh - 1 - i) * kw + (kw - 1 - j)];
+                }
+            }
+        }
+    }
+    let wt = Tensor::from_vec(&[g.cin, g.cout_g, kh, kw], wt);
+    let spec = Conv2dSpec {
+        stride: (1, 1),
+        padding: (kh - 1 - g.ph, kw - 1 - g.pw),
+        groups: g.groups,
+    };
+    conv2d_host::<T>(dy, &wt, None, spec)
+}
+
+/// Accumulates a chunk of images' contribution into dw [Cout, K]: dW_g += dy_g · colsᵀ, with the column
+/// matrix [K, nb·OHW] read transposed by the GEMM's packing (no transpose pass; a pointwise
+/// convolution of one image reads x itself).
 fn conv_bwd_weight_chunk<T: Elem>(
     x: &[T],
     dy: &[T],
@@ -667,22 +745,28 @@ fn conv_bwd_weight_chunk<T: Elem>(
     let nb = x.len() / (g.cin * hw);
     let ld = nb * ohw;
     let single = nb == 1;
-    let cols_len = if g.is_pointwise() { 0 } else { k * ohw };
+    let cols_len = if single && g.is_pointwise() {
+        0
+    } else {
+        k * ld
+    };
     let dym_len = if single { 0 } else { g.cout_g * ld };
-    scratch.resize(cols_len + k * ld + dym_len, T::zero());
-    let (cols, rest) = scratch.split_at_mut(cols_len);
-    let (cols_t, dym) = rest.split_at_mut(k * ld);
-    for grp in 0..g.groups {
-        for j in 0..nb {
-            let xg = &x[(j * g.cin + grp * g.cin_g) * hw..][..g.cin_g * hw];
-            let src: &[T] = if g.is_pointwise() {
-                xg
-            } else {
-                im2col(xg, g, cols, ohw, 0);
-                cols
-            };
-            transpose(src, k, ohw, &mut cols_t[j * ohw * k..(j + 1) * ohw * k]);
+    // SAFETY: fill_cols writes every column entry and gather_dy all of dym before they are read.
+    unsafe { cpu::arena::resize_for_overwrite(scratch, cols_len + dym_len) };
+    let (cols, dym) = scratch.split_at_mut(cols_len);
+    let kernel = match kernels::current() {
+        kernels::GemmKernel::Fast if g.cout_g >= WEIGHT_GRAD_FAST_MIN_COUT => {
+            kernels::GemmKernel::Fast
         }
+        _ => kernels::GemmKernel::Portable,
+    };
+    for grp in 0..g.groups {
+        let colm: &[T] = if cols_len == 0 {
+            &x[grp * g.cin_g * hw..(grp + 1) * g.cin_g * hw]
+        } else {
+            fill_cols(x, g, grp, nb, cols, ld);
+            cols
+        };
         let dyg: &[T] = if single {
             &dy[grp * g.cout_g * ohw..(grp + 1) * g.cout_g * ohw]
         } else {
@@ -691,18 +775,33 @@ fn conv_bwd_weight_chunk<T: Elem>(
         };
         let dwg = &mut dw[grp * g.cout_g * k..(grp + 1) * g.cout_g * k];
         // dW_g [Cout_g, K] += dy_g [Cout_g, nb·OHW] · colsᵀ [nb·OHW, K]
-        gemm(
-            par,
-            g.cout_g,
-            ld,
-            k,
-            dyg,
-            false,
-            cols_t,
-            false,
-            T::one(),
-            dwg,
-        );
+        if par && rayon::current_num_threads() > 1 {
+            cpu::gemm(
+                g.cout_g,
+                ld,
+                k,
+                T::one(),
+                dyg,
+                false,
+                colm,
+                true,
+                T::one(),
+                dwg,
+            );
+        } else {
+            kernels::gemm_on_thread(
+                kernel,
+                g.cout_g,
+                ld,
+                k,
+                dyg,
+                false,
+                colm,
+                true,
+                T::one(),
+                dwg,
+            );
+        }
     }
 }
 
@@ -713,6 +812,7 @@ fn conv2d_bwd_weight_host<T: Elem>(
     spec: Conv2dSpec,
 ) -> Tensor {
     let g = ConvGeom::new(x.shape(), w_shape, spec);
+    cpu::arena::keep_freed_buffers();
     let (xs, dys) = (x.host::<T>(), dy.host::<T>());
     let (x_img, y_img) = (g.cin * g.hw(), g.cout * g.ohw());
     let w_len = g.cout * g.k_cols();

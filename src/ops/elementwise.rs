@@ -11,7 +11,8 @@ const CHUNK: usize = 1 << 14;
 /// Applies `f` elementwise over one host tensor, in parallel chunks.
 fn map1<T: Elem>(x: &Tensor, f: impl Fn(T) -> T + Send + Sync) -> Tensor {
     let xs = x.host::<T>();
-    let mut out = vec![T::zero(); xs.len()];
+    // SAFETY: the chunks cover `out` and each writes all of its elements.
+    let mut out = unsafe { crate::cpu::arena::vec_for_overwrite(xs.len()) };
     par_chunks(&mut out, CHUNK, CHUNK, |i, o| {
         let xi = &xs[i * CHUNK..i * CHUNK + o.len()];
         for (o, &v) in o.iter_mut().zip(xi) {
@@ -24,7 +25,8 @@ fn map1<T: Elem>(x: &Tensor, f: impl Fn(T) -> T + Send + Sync) -> Tensor {
 /// Applies `f` elementwise over two host tensors of the same shape.
 fn map2<T: Elem>(a: &Tensor, b: &Tensor, f: impl Fn(T, T) -> T + Send + Sync) -> Tensor {
     let (xa, xb) = (a.host::<T>(), b.host::<T>());
-    let mut out = vec![T::zero(); xa.len()];
+    // SAFETY: the chunks cover `out` and each writes all of its elements (xa and xb have its length).
+    let mut out = unsafe { crate::cpu::arena::vec_for_overwrite(xa.len()) };
     par_chunks(&mut out, CHUNK, CHUNK, |i, o| {
         let s = i * CHUNK;
         for ((o, &u), &v) in o.iter_mut().zip(&xa[s..]).zip(&xb[s..]) {
