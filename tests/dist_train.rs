@@ -356,3 +356,23 @@ fn with_sync_bn_two_ranks_of_32_train_a_resnet_like_one_process_of_64() {
     // Per-rank statistics (32 images each) are another computation: the check tells them apart.
     assert!(per_rank_diff > 10.0 * tol, "per-rank: {per_rank_diff:.2e}");
 }
+
+/// A build without the `distributed` feature started by an MPI launcher of several ranks says so,
+/// instead of training N copies of the run into one folder.
+#[cfg(not(feature = "distributed"))]
+#[test]
+fn a_build_without_mpi_under_mpirun_says_how_to_build_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = podgpu()
+        .args(["train", "smallcnn", "--epochs", "1", "--out"])
+        .arg(&out)
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("built without MPI"), "{err}");
+    assert!(err.contains("--features distributed"), "{err}");
+    assert!(!out.exists(), "nothing written");
+}

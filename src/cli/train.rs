@@ -405,7 +405,11 @@ fn run_ranked(a: Args) -> Result<()> {
 }
 
 #[cfg(not(feature = "distributed"))]
-fn run_ranked(_a: Args) -> Result<()> {
+fn run_ranked(a: Args) -> Result<()> {
+    // A launcher of one process (`srun` of a single task) is a plain run.
+    if crate::dist::launched_size().is_some_and(|n| n <= 1) {
+        return run_with(a, trainer::Ranks::single());
+    }
     bail!(
         "this podgpu was started by an MPI launcher (mpirun, srun) but built without MPI; build it          with `cargo build --release --features distributed` (docs/DISTRIBUTED.md), or run it          without the launcher"
     )

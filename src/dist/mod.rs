@@ -106,3 +106,10 @@ pub fn launched_by_mpi() -> bool {
     .iter()
     .any(|v| std::env::var_os(v).is_some())
 }
+
+/// The number of ranks the launcher started, where it says (Open MPI, PMI); None otherwise.
+pub fn launched_size() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+}
