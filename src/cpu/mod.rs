@@ -1,5 +1,7 @@
 //! Shared pieces of the CPU backend: parallel GEMM and the thresholds that decide when rayon is worth it.
 
+pub mod bf16;
+
 use crate::tensor::Elem;
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
