@@ -94,6 +94,7 @@ const LAUNCHERS: &[(&str, &str)] = &[
         "baseline_kernels.rs",
         include_str!("../src/cuda/baseline_kernels.rs"),
     ),
+    ("bf16.rs", include_str!("../src/cuda/bf16.rs")),
     ("blas.rs", include_str!("../src/cuda/blas.rs")),
     (
         "dnn/algo_cache.rs",

@@ -13,6 +13,8 @@
 
 #[path = "cuda_parity/baselines.rs"]
 mod baselines;
+#[path = "cuda_parity/bf16.rs"]
+mod bf16;
 #[path = "cuda_parity/failures.rs"]
 mod failures;
 #[path = "cuda_parity/ops.rs"]
@@ -25,10 +27,11 @@ mod trainer;
 mod transformer;
 
 use podgpu::cuda::dnn::{self, ConvGeom};
-use podgpu::cuda::loss_kernels::{self as lk, Variant};
+use podgpu::cuda::loss_kernels as lk;
 use podgpu::cuda::nn_kernels::{self as nk, PoolGeom};
 use podgpu::cuda::optim::{sgd_step, SgdParam};
 use podgpu::cuda::{self, Gpu, MathMode};
+use podgpu::loss::Variant;
 use podgpu::rng::Rng;
 use podgpu::tensor::rel_error;
 use podgpu::{ops, Device, Tensor};
@@ -596,7 +599,7 @@ fn loss_kernels_match_host_references() {
         let (x64, p64) = (f64s(&x), f64s(&p));
         for v in [Variant::Paper, Variant::Reference] {
             let delta = 0.37;
-            let out = lk::nac_fwd_bwd(&xd, &pd, &ld, delta, v);
+            let out = lk::nac_fwd_bwd(&xd, &pd, &ld, delta, v.nac_form());
             let (loss, dx) = nac_host(&x64, &p64, &y, n, delta, v);
             close(&format!("nac loss {v:?} n={n}"), &out.loss, &[loss], 1e-5);
             close(&format!("nac dx {v:?} n={n}"), &out.dx, &dx, 1e-4);
@@ -611,7 +614,7 @@ fn loss_kernels_match_host_references() {
                 .collect();
             close("nac norms", &out.norms, &norms, 1e-6);
             if n <= 64 {
-                let sc = lk::sc_fwd_bwd(&xd, &pd, &ld, v);
+                let sc = lk::sc_fwd_bwd(&xd, &pd, &ld, podgpu::loss::sc_coefficient(b, n, v));
                 close(
                     &format!("sc loss {v:?}"),
                     &sc.loss,

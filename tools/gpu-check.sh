@@ -612,8 +612,9 @@ bench_main() {
     if [ ! -x "$BIN/bench-step" ]; then
         not_run "bench: podgpu vs PyTorch (resnet50)" FAIL 1 "no $BIN/bench-step packed"
     elif [ -x "$TORCH_PY" ] || [ "$NO_DEVICE" = 1 ]; then
-        # ResNet50-CIFAR at batch 128: podgpu fp32/tf32 vs PyTorch eager fp32, eager tf32, AMP bf16 +
-        # channels_last, torch.compile; compare.py starts no run after --deadline s, and prints the
+        # ResNet50-CIFAR at batch 128: podgpu fp32/tf32/bf16 vs PyTorch eager fp32, eager tf32, AMP
+        # bf16 + channels_last, torch.compile (bf16 rows paired like with like; bench-step says when
+        # it skips bf16 on the GPU); compare.py starts no run after --deadline s, and prints the
         # ratio table it has.
         step "bench: podgpu vs PyTorch (resnet50)" 160 1 env PYTHONUNBUFFERED=1 "$TORCH_PY" \
             tools/bench/compare.py --bench-step "$BIN/bench-step" --python "$TORCH_PY" --device cuda \
@@ -622,7 +623,7 @@ bench_main() {
     else
         not_run "bench: PyTorch side" SKIPPED 1 "no PyTorch at $TORCH_PY (set PODGPU_TORCH_PYTHON)"
         step "bench: podgpu steps (resnet50)" 90 1 "$BIN/bench-step" --device cuda --models resnet50 \
-            --batch 128 --steps 20 --warmup 3 --check-batch 2
+            --batch 128 --steps 20 --warmup 3 --check-batch 2 --precision fp32,tf32,bf16
     fi
     # Microbenchmarks: the shortest sampling that still gives a median of several samples.
     step "bench: convolutions (resnet50)" 35 1 "$BIN/bench-conv" --device cuda --samples 5 \

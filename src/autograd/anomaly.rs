@@ -77,7 +77,7 @@ pub fn count_non_finite(t: &Tensor) -> (usize, usize) {
     match t.storage() {
         Storage::F32(v) => count(v.iter().map(|&x| x as f64)),
         Storage::F64(v) => count(v.iter().copied()),
-        Storage::Cuda(_) => count(t.to_vec_f32().into_iter().map(|x| x as f64)),
+        Storage::Bf16(_) | Storage::Cuda(_) => count(t.to_vec_f32().into_iter().map(|x| x as f64)),
     }
 }
 

@@ -28,6 +28,10 @@ pub struct Args {
     pub device: String,
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
+    /// Precision of the forward pass: fp32, tf32 (GPU tensor cores) or bf16 (mixed precision;
+    /// CPU emulation so far). The checkpoint is f32 and loads the same whatever this is.
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub precision: crate::train::Precision,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -150,6 +154,11 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(note) = note {
         eprintln!("{note}");
     }
+    crate::cuda::set_math_mode(match a.precision {
+        crate::train::Precision::Tf32 => crate::cuda::MathMode::Tf32,
+        _ => crate::cuda::MathMode::Fp32,
+    });
+    crate::train::trainer::set_precision_on(a.precision, device)?;
     let (net, mut ps, cfg, ds) = load_network(&a.checkpoint, a.data.clone())?;
     ps.to_device(device);
     let split = ds.split(&a.split).map_err(|e| anyhow!("{e}"))?;

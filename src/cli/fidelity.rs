@@ -32,6 +32,33 @@ pub struct Args {
     /// Precision podgpu computes in: f32 (training precision) or f64 (CPU only; a check of the math).
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     pub dtype: DType,
+    /// Training precision to check: fp32 or tf32 (as --math), or bf16 (mixed precision, the CPU's
+    /// emulation of the GPU numerics, judged at the fixture's bf16 tolerance: 2¹⁶× its recorded
+    /// float32 error, at least 0.16; see `bf16_tolerance`).
+    #[arg(long, value_enum)]
+    pub precision: Option<crate::train::Precision>,
+}
+
+/// The default tolerance of a bf16 run (`--precision bf16`): to first order a relative error is
+/// linear in the unit roundoff, so a fixture whose float32 error is e₃₂ (2⁻²⁴ rounding) has a bf16
+/// error of about e₃₂·2¹⁶ (2⁻⁸ rounding); ×4 for the spread between rounding patterns, and at least
+/// 4·2⁻⁸·√100 = 0.16 (about 100 stored tensors rounded independently). Above 1 the figure says the
+/// fixture is too ill-conditioned for bf16 to mean anything, and the run is refused.
+pub fn bf16_tolerance(fx: &Fixture) -> Result<f64> {
+    let e32: f64 = if fx.meta.contains_key("torch_f32_rel_error") {
+        fx.meta_parse("torch_f32_rel_error")?
+    } else {
+        0.0
+    };
+    let t = (4.0 * e32 * 65536.0).max(0.16);
+    if t >= 1.0 {
+        bail!(
+            "{}: its float32 error {e32:.1e} scaled to bf16 is {t:.1}: the fixture is too \
+             ill-conditioned for a bf16 check (give --tolerance to run it anyway)",
+            fx.path.display()
+        );
+    }
+    Ok(t)
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
@@ -418,22 +445,34 @@ pub fn run(args: Args) -> Result<()> {
             bail!("--tolerance must be a positive number, got {t}");
         }
     }
-    crate::cuda::set_math_mode(args.math);
+    let bf16 = args.precision == Some(crate::train::Precision::Bf16);
+    if bf16 && args.dtype != DType::F32 {
+        bail!("--precision bf16 computes in f32 with bf16 storage; drop --dtype f64");
+    }
+    crate::cuda::set_math_mode(match args.precision {
+        Some(crate::train::Precision::Tf32) => crate::cuda::MathMode::Tf32,
+        Some(crate::train::Precision::Fp32) => crate::cuda::MathMode::Fp32,
+        _ => args.math,
+    });
+    crate::train::trainer::set_precision_on(
+        args.precision.unwrap_or(crate::train::Precision::Fp32),
+        device,
+    )?;
     let place = Place {
         device,
         dtype: args.dtype,
     };
-    let dt = match args.dtype {
-        DType::F32 => "f32",
-        DType::F64 => "f64",
-    };
+    let dt = if bf16 { "bf16" } else { args.dtype.name() };
     let fixtures = expand_folders(&args.fixtures)?;
     let mut failures: Vec<String> = Vec::new();
     for path in &fixtures {
         println!("{}", path.display());
         let mut tolerance = args.tolerance.unwrap_or(DEFAULT_TOLERANCE);
         let result = Fixture::read(path).and_then(|fx| {
-            tolerance = fixture_tolerance(&fx, args.tolerance, args.dtype)?;
+            tolerance = match (args.tolerance, bf16) {
+                (None, true) => bf16_tolerance(&fx)?,
+                _ => fixture_tolerance(&fx, args.tolerance, args.dtype)?,
+            };
             let math = match (device, args.math) {
                 (Device::Cpu, _) => String::new(),
                 (_, m) => format!(

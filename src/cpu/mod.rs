@@ -1,6 +1,7 @@
 //! Shared pieces of the CPU backend: parallel GEMM and the thresholds that decide when rayon is worth it.
 
 pub mod arena;
+pub mod bf16;
 pub mod kernels;
 
 use crate::tensor::Elem;

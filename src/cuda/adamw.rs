@@ -10,7 +10,7 @@ use crate::tensor::Tensor;
 use cudarc::driver::PushKernelArg;
 
 /// One AdamW step of `w` with gradient `g` and moments `m`, `v` (all updated in place; the buffers
-/// are made unique first, as `Tensor::cuda_buf_mut` does).
+/// are made unique first, as `cuda::buf_mut` does).
 pub fn adamw_update(
     w: &mut Tensor,
     g: &Tensor,
@@ -31,9 +31,9 @@ pub fn adamw_update(
     let (b1, b2, eps) = (h.beta1 as f32, h.beta2 as f32, h.eps as f32);
     let (step, sqrt_bc2) = ((h.lr / h.bc1) as f32, h.bc2.sqrt() as f32);
     let (wp, mp, vp) = (
-        w.cuda_buf_mut().device_ptr(),
-        m.cuda_buf_mut().device_ptr(),
-        v.cuda_buf_mut().device_ptr(),
+        super::buf_mut(w).device_ptr(),
+        super::buf_mut(m).device_ptr(),
+        super::buf_mut(v).device_ptr(),
     );
     let gp = buf(g).device_ptr();
     let mut l = gpu.stream.launch_builder(&f);

@@ -32,14 +32,15 @@
 //!   `fill(shape, v, &gpu)`
 //!
 //! `cuda::loss_kernels` (labels are i32 GPU tensors, see `labels_to_gpu`):
-//! - `nac_fwd_bwd(x, p, labels, delta, variant) -> Nac { loss: [1], dx, norms }`
-//! - `sc_fwd_bwd(x, p, labels, variant) -> Sc { loss: [1], dx }`, built from the SC pieces
+//! - `nac_fwd_bwd(x, p, labels, delta, nac_form) -> Nac { loss: [1], dx, norms }`
+//! - `sc_fwd_bwd(x, p, labels, norm) -> Sc { loss: [1], dx }`, built from the SC pieces
 //!   `sc_diff`, `col_sumsq`, `sc_loss`, `sc_grad` around cuBLAS Gram products
 //! - `softmax_ce_fwd_bwd(logits, labels) -> (loss [1], dlogits)`
 //! - `argmax_rows(logits, labels, correct)`, `pedcc_predict(x, p, labels, correct)` -> predictions
 //! - `row_norms(x)`, `sum(x) -> [1]`, `accumulator(&gpu)`, `sum_into(acc, x, accumulate)`
 //!   (device-side running sums), `labels_to_gpu(&gpu, &[i32])`, `ints_to_host(t)`
-//! - `Variant` is `crate::loss::Variant` (NaC denominator and SC normalisation, DESIGN §1.6)
+//! - `nac_form` (`NAC_PAPER`/`NAC_REFERENCE`) and the SC `norm` come from `crate::loss::Variant`
+//!   (DESIGN §1.6); the launchers import nothing from `crate::loss`
 //!
 //! `cuda::optim`: `sgd_step(&[SgdParam], lr, momentum)` (one launch for all tensors; what
 //! `optim::Sgd::step` uses when every parameter is on the GPU) and `sgd_update` (one tensor, any

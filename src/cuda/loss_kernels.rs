@@ -15,9 +15,10 @@ use std::sync::Arc;
 /// The eps of x̃ = x / max(‖x‖, eps) in SC (PyTorch's F.normalize default).
 pub const SC_NORMALIZE_EPS: f64 = 1e-12;
 
-/// Which form of the POD loss terms (DESIGN.md §1.6): the loss module's own enum, so that the ops
-/// pass it straight through.
-pub use crate::loss::Variant;
+/// The NaC denominator the kernel computes (DESIGN.md §1.6): the paper's ‖x‖ + δ …
+pub const NAC_PAPER: i32 = 0;
+/// … or the reference code's √(‖x‖² + δ²). `loss::Variant::nac_form` picks one.
+pub const NAC_REFERENCE: i32 = 1;
 
 /// i32 values (labels) into a GPU tensor of shape [len].
 pub fn labels_to_gpu(gpu: &Arc<Gpu>, labels: &[i32]) -> Tensor {
@@ -79,7 +80,7 @@ pub struct Nac {
 }
 
 /// NaC forward and backward: x [B, n], p [K, n] (PEDCC, unit rows), labels i32 [B], δ ≥ 0.
-pub fn nac_fwd_bwd(x: &Tensor, p: &Tensor, labels: &Tensor, delta: f64, variant: Variant) -> Nac {
+pub fn nac_fwd_bwd(x: &Tensor, p: &Tensor, labels: &Tensor, delta: f64, nac_form: i32) -> Nac {
     let gpu = gpu_of(x);
     let (b, n) = (x.dim(0), x.dim(1));
     assert_eq!(p.dim(1), n, "nac: PEDCC width {} vs features {n}", p.dim(1));
@@ -95,10 +96,11 @@ pub fn nac_fwd_bwd(x: &Tensor, p: &Tensor, labels: &Tensor, delta: f64, variant:
     if b > 0 {
         let f = func(&gpu, "loss", "nac_fwd_bwd_f32");
         let (b32, n32, d32) = (b as i32, n as i32, delta as f32);
-        let v32 = match variant {
-            Variant::Paper => 0i32,
-            Variant::Reference => 1,
-        };
+        assert!(
+            nac_form == NAC_PAPER || nac_form == NAC_REFERENCE,
+            "nac: unknown form {nac_form}"
+        );
+        let v32 = nac_form;
         let mut l = gpu.stream.launch_builder(&f);
         l.arg(row_loss.raw_mut())
             .arg(dx.raw_mut())
@@ -232,24 +234,15 @@ pub fn sc_grad(md: &Tensor, d: &Tensor, s: &Tensor, norm: f64) -> Tensor {
     tensor(&[b, n], dd)
 }
 
-/// The SC normalisation: 1/(B−1)² (paper) or 1/((B−1)²(n−1)) (reference).
-fn sc_norm(b: usize, n: usize, variant: Variant) -> f64 {
-    let bm1 = (b - 1) as f64;
-    match variant {
-        Variant::Paper => 1.0 / (bm1 * bm1),
-        Variant::Reference => 1.0 / (bm1 * bm1 * (n as f64 - 1.0).max(1.0)),
-    }
-}
-
 /// SC forward and backward (DESIGN.md §1.4) through the B×B Gram matrix:
 /// x̃ = x/max(‖x‖, 1e-12); D = x̃ − P_Y; s = column sums of D²; G = D Dᵀ (cuBLAS);
 /// L = (‖G‖²_F − Σ s²)·norm; ∂L/∂D = 4·norm·(G D − D∘s) (G D by cuBLAS); ∂L/∂x through the
-/// normalisation. norm = 1/(B−1)² (paper) or 1/((B−1)²(n−1)) (reference). Needs B ≥ 2.
-pub fn sc_fwd_bwd(x: &Tensor, p: &Tensor, labels: &Tensor, variant: Variant) -> Sc {
+/// normalisation. norm = 1/(B−1)² (paper) or 1/((B−1)²(n−1)) (reference): the caller's
+/// `loss::sc::sc_coefficient`. Needs B ≥ 2.
+pub fn sc_fwd_bwd(x: &Tensor, p: &Tensor, labels: &Tensor, norm: f64) -> Sc {
     let gpu = gpu_of(x);
     let (b, n) = (x.dim(0), x.dim(1));
     assert!(b >= 2, "SC needs a batch of at least 2 rows, got {b}");
-    let norm = sc_norm(b, n, variant);
     let (xt, norms) = l2norm_rows_fwd(x, SC_NORMALIZE_EPS);
     let d = sc_diff(&xt, p, labels);
     let s = col_sumsq(&d);

@@ -11,10 +11,11 @@
 //! Files: `libs` (finding libraries), `pool` (allocator), `nvrtc` (kernel compilation and cache),
 //! `launch` (launch helpers), `kernels` (the launchers the op dispatch calls), `blas` (cuBLAS),
 //! `dnn` (cuDNN convolution and batch norm), `nn_kernels`, `loss_kernels`, `optim` and `guard` (the
-//! trainer's step ledger): launchers of our other kernels.
+//! trainer's step ledger): launchers of our other kernels; `bf16` (bf16 storage and conversions).
 
 pub mod adamw;
 pub mod baseline_kernels;
+pub mod bf16;
 pub mod blas;
 pub mod dnn;
 pub mod guard;
@@ -28,6 +29,7 @@ pub mod optim;
 pub mod pool;
 pub mod transformer;
 
+use crate::tensor::{DType, Device, DeviceBackend, DeviceBuffer, Storage, Tensor};
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView,
 };
@@ -301,6 +303,8 @@ impl Gpu {
             dnn: Mutex::new(None),
         });
         gpus[ordinal] = Some(gpu.clone());
+        // From now on the tensor can make buffers on this backend's devices.
+        crate::tensor::backend::register_cuda(open_backend);
         Ok(gpu)
     }
 
@@ -568,18 +572,77 @@ impl std::str::FromStr for MathMode {
     }
 }
 
+// ---- the tensor's backend boundary (src/tensor/backend.rs) ----
+
+impl DeviceBuffer for CudaBuf {
+    fn device(&self) -> Device {
+        Device::Cuda(self.gpu.ordinal)
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn dtype(&self) -> DType {
+        DType::F32
+    }
+    fn to_host_f32(&self) -> Vec<f32> {
+        self.to_host()
+    }
+    fn duplicate(&self) -> Box<dyn DeviceBuffer> {
+        Box::new(CudaBuf::duplicate(self))
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+/// An opened GPU as the tensor sees it. A newtype because the methods need the `Arc` (buffers
+/// keep their GPU alive).
+struct GpuBackend(Arc<Gpu>);
+
+impl DeviceBackend for GpuBackend {
+    fn full_f32(&self, n: usize, value: f32) -> Box<dyn DeviceBuffer> {
+        Box::new(if value == 0.0 {
+            self.0.alloc_zeros(n)
+        } else {
+            nn_kernels::fill_buf(n, value, &self.0)
+        })
+    }
+    fn upload_f32(&self, values: Vec<f32>) -> Box<dyn DeviceBuffer> {
+        Box::new(self.0.upload_owned(values))
+    }
+}
+
+/// `backend::OpenCuda`: what the tensor calls to reach GPU `ordinal`.
+fn open_backend(ordinal: usize) -> Result<Arc<dyn DeviceBackend>, String> {
+    Ok(Arc::new(GpuBackend(Gpu::get(ordinal)?)))
+}
+
 /// The device buffer of a GPU tensor (panics for host tensors: callers dispatch on device first).
-pub fn buf(t: &crate::tensor::Tensor) -> &CudaBuf {
+pub fn buf(t: &Tensor) -> &CudaBuf {
     match t.storage() {
-        crate::tensor::Storage::Cuda(b) => b,
+        Storage::Cuda(b) => b
+            .as_any()
+            .downcast_ref::<CudaBuf>()
+            .unwrap_or_else(|| panic!("expected a CUDA buffer, got {t:?}")),
         _ => panic!("expected a GPU tensor, got {t:?}"),
     }
 }
 
+/// The device buffer of a GPU tensor for an in-place update, copied first (on the device) when
+/// another tensor shares it (`Tensor::device_buf_mut`), so clones never see the update.
+pub fn buf_mut(t: &mut Tensor) -> &mut CudaBuf {
+    t.device_buf_mut()
+        .as_any_mut()
+        .downcast_mut::<CudaBuf>()
+        .expect("a GPU tensor's buffer is a CudaBuf")
+}
+
 /// A GPU tensor around a buffer.
-pub fn tensor(shape: &[usize], b: CudaBuf) -> crate::tensor::Tensor {
-    debug_assert_eq!(crate::tensor::numel(shape), b.len());
-    crate::tensor::Tensor::from_storage(shape, crate::tensor::Storage::Cuda(b))
+pub fn tensor(shape: &[usize], b: CudaBuf) -> Tensor {
+    Tensor::from_device_buffer(shape, Box::new(b))
 }
 
 #[cfg(test)]

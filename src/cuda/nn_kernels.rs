@@ -365,7 +365,11 @@ pub fn scale_by(x: &Tensor, s: &Tensor) -> Tensor {
 
 /// A tensor filled with one value.
 pub fn fill(shape: &[usize], v: f32, gpu: &std::sync::Arc<super::Gpu>) -> Tensor {
-    let n = crate::tensor::numel(shape);
+    tensor(shape, fill_buf(crate::tensor::numel(shape), v, gpu))
+}
+
+/// `n` elements set to `v` (the tensor's `DeviceBackend::full_f32`).
+pub fn fill_buf(n: usize, v: f32, gpu: &std::sync::Arc<super::Gpu>) -> super::CudaBuf {
     let mut out = gpu.alloc(n);
     if n > 0 {
         let f = func(gpu, "elementwise", "fill_f32");
@@ -375,5 +379,5 @@ pub fn fill(shape: &[usize], v: f32, gpu: &std::sync::Arc<super::Gpu>) -> Tensor
         // SAFETY: matches fill_f32(float*, float, i64).
         check(unsafe { l.launch(grid_1d(gpu, n)) }, "fill_f32");
     }
-    tensor(shape, out)
+    out
 }

@@ -43,6 +43,7 @@ pub const SOURCES: &[KernelSource] = &[
     cu!("guard"),
     cu!("transformer"),
     cu!("adamw"),
+    cu!("bf16"),
 ];
 
 pub fn source(name: &str) -> Option<&'static KernelSource> {

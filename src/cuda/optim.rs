@@ -111,7 +111,7 @@ pub fn sgd_step_guarded(params: &[SgdParam], lr: f32, m: Momentum, skip: Option<
 
 /// y += a·x in place on y's own buffer (copied first if another tensor shares it).
 fn axpy_owned(y: &mut Tensor, a: f64, x: &Tensor) {
-    y.cuda_buf_mut();
+    y.device_buf_mut();
     super::nn_kernels::axpy_(y, a, x);
 }
 

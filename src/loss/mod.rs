@@ -54,6 +54,14 @@ pub enum Variant {
 }
 
 impl Variant {
+    /// The NaC form flag the CUDA kernel reads.
+    pub fn nac_form(self) -> i32 {
+        match self {
+            Variant::Paper => cuda::loss_kernels::NAC_PAPER,
+            Variant::Reference => cuda::loss_kernels::NAC_REFERENCE,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Variant::Paper => "paper",
@@ -126,7 +134,9 @@ fn host_label_values(labels: &Tensor) -> Vec<f64> {
     match labels.storage() {
         Storage::F32(v) => v.iter().map(|&x| x as f64).collect(),
         Storage::F64(v) => v.clone(),
-        Storage::Cuda(_) => unreachable!("host_label_values of a GPU tensor"),
+        Storage::Bf16(_) | Storage::Cuda(_) => {
+            unreachable!("host_label_values of a {labels:?} (labels are f32/f64 on the host)")
+        }
     }
 }
 
@@ -284,7 +294,9 @@ pub fn host_norm_sum(norms: &Tensor) -> f64 {
     match norms.storage() {
         Storage::F32(v) => v.iter().map(|&x| x as f64).sum(),
         Storage::F64(v) => v.iter().sum(),
-        Storage::Cuda(_) => panic!("host_norm_sum of a GPU tensor"),
+        Storage::Bf16(_) | Storage::Cuda(_) => {
+            panic!("host_norm_sum of a {norms:?} (norms are f32/f64 on the host)")
+        }
     }
 }
 

@@ -67,7 +67,8 @@ fn nac_cuda(
         x.dim(0),
         labels.shape()
     );
-    let out = cuda::loss_kernels::nac_fwd_bwd(x, p, &cuda_labels(labels, x), delta, variant);
+    let out =
+        cuda::loss_kernels::nac_fwd_bwd(x, p, &cuda_labels(labels, x), delta, variant.nac_form());
     (out.loss, with_grad.then_some(out.dx))
 }
 

@@ -8,11 +8,11 @@
 //! The tensor-level entry points mirror cuDNN's (`BatchNormalizationForwardTraining` returns the saved
 //! mean and inverse standard deviation and the new running statistics; the backward takes them back).
 
-use super::assert_same_place;
+use super::{assert_same_place, expect_layout};
 use crate::autograd::{ParamId, ParamKind, ParamStore, Tape, Var};
 use crate::cpu;
 use crate::cuda;
-use crate::tensor::{DType, Device, Elem, Tensor};
+use crate::tensor::{DType, Device, Elem, Layout, Tensor};
 use rayon::prelude::*;
 
 /// PyTorch's defaults for `BatchNorm2d`.
@@ -100,6 +100,7 @@ pub struct BatchNormGrads {
 
 fn check_shapes(op: &str, x: &Tensor, per_channel: &[&Tensor]) {
     assert_eq!(x.rank(), 4, "{op}: input must be NCHW, got {:?}", x.shape());
+    expect_layout(op, Layout::RowMajor, &[x]);
     for p in per_channel {
         assert_eq!(
             p.shape(),
@@ -267,6 +268,8 @@ pub fn batch_norm2d_in_mode(
     let rv = store.value(bn.running_var).clone();
     let sx = x.value().clone();
     let sg = gamma.value().clone();
+    // Under the CPU's bf16 emulation the output and dx are stored in bf16; statistics stay f32.
+    let bf16 = cpu::bf16::emulating();
     if training {
         let out = batch_norm2d_train_fwd(
             x.value(),
@@ -282,11 +285,12 @@ pub fn batch_norm2d_in_mode(
         let count = increment_fwd(store.value(bn.num_batches_tracked));
         store.set_value(bn.num_batches_tracked, count);
         let (mean, invstd) = (out.mean, out.invstd);
-        t.op(out.y, &[x, &gamma, &beta], move || {
+        let y = cpu::bf16::round_if(bf16, &out.y);
+        t.op(y, &[x, &gamma, &beta], move || {
             Box::new(move |g, needs| {
                 let d = batch_norm2d_train_bwd(&sx, g, &sg, &mean, &invstd);
                 vec![
-                    needs[0].then_some(d.dx),
+                    needs[0].then(|| cpu::bf16::round_if(bf16, &d.dx)),
                     needs[1].then_some(d.dweight),
                     needs[2].then_some(d.dbias),
                 ]
@@ -294,11 +298,12 @@ pub fn batch_norm2d_in_mode(
         })
     } else {
         let y = batch_norm2d_eval_fwd(x.value(), gamma.value(), beta.value(), &rm, &rv, BN_EPS);
+        let y = cpu::bf16::round_if(bf16, &y);
         t.op(y, &[x, &gamma, &beta], move || {
             Box::new(move |g, needs| {
                 let d = batch_norm2d_eval_bwd(&sx, g, &sg, &rm, &rv, BN_EPS);
                 vec![
-                    needs[0].then_some(d.dx),
+                    needs[0].then(|| cpu::bf16::round_if(bf16, &d.dx)),
                     needs[1].then_some(d.dweight),
                     needs[2].then_some(d.dbias),
                 ]

@@ -8,11 +8,11 @@
 //! convolutions (one input and one output channel per group) use a direct loop: their im2col would be
 //! KH·KW times the input for a GEMM with a single output row.
 
-use super::assert_same_place;
+use super::{assert_same_place, expect_layout};
 use crate::autograd::{Tape, Var};
 use crate::cpu::{self, kernels};
 use crate::cuda;
-use crate::tensor::{Elem, Tensor};
+use crate::tensor::{Elem, Layout, Tensor};
 use rayon::prelude::*;
 
 /// Stride, symmetric zero padding (each per axis: (height, width)) and groups of a convolution.
@@ -183,6 +183,7 @@ fn valid_range(
 pub fn conv2d_fwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, spec: Conv2dSpec) -> Tensor {
     let g = ConvGeom::new(x.shape(), w.shape(), spec);
     assert_same_place("conv2d", &[x, w]);
+    expect_layout("conv2d", Layout::RowMajor, &[x]);
     if let Some(b) = b {
         assert_eq!(
             b.shape(),
@@ -201,6 +202,7 @@ pub fn conv2d_bwd_data(dy: &Tensor, w: &Tensor, x_shape: &[usize], spec: Conv2dS
     let g = ConvGeom::new(x_shape, w.shape(), spec);
     assert_eq!(dy.shape(), &g.y_shape(), "conv2d_bwd_data: dy shape");
     assert_same_place("conv2d_bwd_data", &[dy, w]);
+    expect_layout("conv2d_bwd_data", Layout::RowMajor, &[dy]);
     dispatch!(
         dy,
         conv2d_bwd_data_host,
@@ -217,6 +219,7 @@ pub fn conv2d_bwd_weight(x: &Tensor, dy: &Tensor, w_shape: &[usize], spec: Conv2
     let g = ConvGeom::new(x.shape(), w_shape, spec);
     assert_eq!(dy.shape(), &g.y_shape(), "conv2d_bwd_weight: dy shape");
     assert_same_place("conv2d_bwd_weight", &[x, dy]);
+    expect_layout("conv2d_bwd_weight", Layout::RowMajor, &[x]);
     dispatch!(
         x,
         conv2d_bwd_weight_host,
@@ -270,14 +273,22 @@ fn conv2d_bwd_weight_cuda(x: &Tensor, dy: &Tensor, w_shape: &[usize], spec: Conv
 // ---- tape-level op ----
 
 /// A 2-D convolution on the tape; gradients for x (skipped when x needs none, e.g. the image), w and b.
+/// Under the CPU's bf16 emulation, x, w, y, dy and dx are rounded to bf16 (`cpu::bf16`).
 pub fn conv2d(t: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, spec: Conv2dSpec) -> Var {
-    let y = conv2d_fwd(x.value(), w.value(), b.map(|b| b.value()), spec);
+    let bf16 = cpu::bf16::emulating();
+    let (sx, sw) = (
+        cpu::bf16::round_if(bf16, x.value()),
+        cpu::bf16::round_if(bf16, w.value()),
+    );
+    let y = conv2d_fwd(&sx, &sw, b.map(|b| b.value()), spec);
+    let y = cpu::bf16::round_if(bf16, &y);
     let mut inputs = vec![x, w];
     inputs.extend(b);
-    let (sx, sw) = (x.value().clone(), w.value().clone());
     t.op(y, &inputs, move || {
         Box::new(move |g, needs| {
-            let dx = needs[0].then(|| conv2d_bwd_data(g, &sw, sx.shape(), spec));
+            let g = &cpu::bf16::round_if(bf16, g);
+            let dx = needs[0]
+                .then(|| cpu::bf16::round_if(bf16, &conv2d_bwd_data(g, &sw, sx.shape(), spec)));
             let dw = needs[1].then(|| conv2d_bwd_weight(&sx, g, sw.shape(), spec));
             let mut grads = vec![dx, dw];
             if needs.len() == 3 {

@@ -95,35 +95,61 @@ fn sum_rows_host<T: Elem>(x: &Tensor) -> Tensor {
     Tensor::from_vec(&[cols], out)
 }
 
-/// op(A)·op(B) on the tape.
-pub fn matmul(t: &mut Tape, a: &Var, ta: bool, b: &Var, tb: bool) -> Var {
-    let y = matmul_fwd(a.value(), ta, b.value(), tb);
-    let (sa, sb) = (a.value().clone(), b.value().clone());
-    t.op(y, &[a, b], move || {
-        Box::new(move |g, needs| {
-            // C = op(A) op(B):  d op(A) = G op(B)ᵀ,  d op(B) = op(A)ᵀ G; transposing back where stored so.
-            let da = needs[0].then(|| {
-                if ta {
-                    matmul_fwd(&sb, tb, g, true)
-                } else {
-                    matmul_fwd(g, false, &sb, !tb)
-                }
-            });
-            let db = needs[1].then(|| {
-                if tb {
-                    matmul_fwd(g, true, &sa, ta)
-                } else {
-                    matmul_fwd(&sa, !ta, g, false)
-                }
-            });
-            vec![da, db]
+/// The body of the tape-level product, stamped into `matmul` and `bf16_matmul` so that each
+/// records under its own name (the anomaly detection names an op by the function recording it).
+/// With `$bf16` (the CPU's emulation, `cpu::bf16`) A, B and, in the backward, G are rounded; dA (an
+/// activation gradient) is stored in bf16, dB (a weight gradient) and the product stay f32.
+macro_rules! matmul_on_tape {
+    ($t:expr, $a:expr, $ta:expr, $b:expr, $tb:expr, $bf16:expr) => {{
+        let (ta, tb, bf16) = ($ta, $tb, $bf16);
+        let (sa, sb) = (
+            cpu::bf16::round_if(bf16, $a.value()),
+            cpu::bf16::round_if(bf16, $b.value()),
+        );
+        let y = matmul_fwd(&sa, ta, &sb, tb);
+        $t.op(y, &[$a, $b], move || {
+            Box::new(move |g, needs| {
+                let g = &cpu::bf16::round_if(bf16, g);
+                // C = op(A) op(B):  d op(A) = G op(B)ᵀ,  d op(B) = op(A)ᵀ G; transposing back where stored so.
+                let da = needs[0].then(|| {
+                    let da = if ta {
+                        matmul_fwd(&sb, tb, g, true)
+                    } else {
+                        matmul_fwd(g, false, &sb, !tb)
+                    };
+                    cpu::bf16::round_if(bf16, &da)
+                });
+                let db = needs[1].then(|| {
+                    if tb {
+                        matmul_fwd(g, true, &sa, ta)
+                    } else {
+                        matmul_fwd(&sa, !ta, g, false)
+                    }
+                });
+                vec![da, db]
+            })
         })
-    })
+    }};
 }
 
-/// y = x Wᵀ + b with x [B, in], W [out, in] (PyTorch's layout), b [out].
+/// op(A)·op(B) on the tape, in f32 whatever the bf16 emulation (the loss's products use it).
+pub fn matmul(t: &mut Tape, a: &Var, ta: bool, b: &Var, tb: bool) -> Var {
+    matmul_on_tape!(t, a, ta, b, tb, false)
+}
+
+/// op(A)·op(B) with bf16 GEMM inputs (the CPU's bf16 emulation of a linear layer).
+fn bf16_matmul(t: &mut Tape, a: &Var, ta: bool, b: &Var, tb: bool) -> Var {
+    matmul_on_tape!(t, a, ta, b, tb, true)
+}
+
+/// y = x Wᵀ + b with x [B, in], W [out, in] (PyTorch's layout), b [out]. Under the CPU's bf16
+/// emulation x and W are bf16 GEMM inputs; y stays f32 (FC1's output is f32 on the GPU path too).
 pub fn linear(t: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Var {
-    let xw = matmul(t, x, false, w, true);
+    let xw = if cpu::bf16::emulating() {
+        bf16_matmul(t, x, false, w, true)
+    } else {
+        matmul(t, x, false, w, true)
+    };
     match b {
         Some(b) => bias_add(t, &xw, b),
         None => xw,

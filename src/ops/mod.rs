@@ -13,6 +13,12 @@ macro_rules! dispatch {
         match ($lead.device(), $lead.dtype()) {
             ($crate::tensor::Device::Cpu, $crate::tensor::DType::F32) => $host::<f32>($($arg),*),
             ($crate::tensor::Device::Cpu, $crate::tensor::DType::F64) => $host::<f64>($($arg),*),
+            ($crate::tensor::Device::Cpu, $crate::tensor::DType::Bf16) => panic!(
+                "{}: a bf16 host tensor {:?} is storage only; the CPU computes in f32 (convert with \
+                 to_dtype(DType::F32); the bf16 emulation rounds f32 values, see cpu::bf16)",
+                stringify!($host),
+                $lead
+            ),
             ($crate::tensor::Device::Cuda(_), _) => $cuda($($arg),*),
         }
     };
@@ -40,17 +46,40 @@ pub use pool::*;
 pub use tokens::*;
 pub use transformer::*;
 
-use crate::tensor::Tensor;
+use crate::tensor::{Layout, Tensor};
 
-/// Panics unless all tensors share device and dtype (mixing them is a bug in the caller).
+/// Panics unless all tensors share device, dtype and layout (mixing them is a bug in the caller).
 pub fn assert_same_place(op: &str, ts: &[&Tensor]) {
-    let (d, t) = (ts[0].device(), ts[0].dtype());
+    let (d, t, l) = (ts[0].device(), ts[0].dtype(), ts[0].layout());
     for x in ts {
         assert!(
             x.device() == d && x.dtype() == t,
             "{op}: tensors on different devices or dtypes ({:?} vs {:?})",
             ts[0],
             x
+        );
+        assert!(
+            x.layout() == l,
+            "{op}: tensors in different layouts ({:?} in {} vs {:?} in {})",
+            ts[0],
+            l.name(),
+            x,
+            x.layout().name()
+        );
+    }
+}
+
+/// Panics unless every tensor is in `layout`: the ops that index images by (n, c, h, w) say
+/// which memory order they were written for instead of assuming it.
+pub fn expect_layout(op: &str, layout: Layout, ts: &[&Tensor]) {
+    for x in ts {
+        assert!(
+            x.layout() == layout,
+            "{op}: expects {} tensors, got {:?} in {}; convert with to_layout(Layout::{:?})",
+            layout.name(),
+            x,
+            x.layout().name(),
+            layout
         );
     }
 }

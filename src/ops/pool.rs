@@ -7,11 +7,11 @@
 //! reruns the forward kernel for the argmax (same rule, deterministic) and routes dy through it, so
 //! both devices share one tensor-level API and the tape saves only x and y.
 
-use super::assert_same_place;
+use super::{assert_same_place, expect_layout};
 use crate::autograd::{Tape, Var};
 use crate::cpu;
 use crate::cuda;
-use crate::tensor::{Elem, Tensor};
+use crate::tensor::{Elem, Layout, Tensor};
 
 /// Kernel, stride and symmetric padding of a pooling window, each per axis: (height, width).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +74,7 @@ fn window(o: usize, k: usize, s: usize, p: usize, len: usize) -> (usize, usize) 
 
 pub fn max_pool2d_fwd(x: &Tensor, spec: Pool2dSpec) -> Tensor {
     spec.out_shape(x.shape(), "max_pool2d");
+    expect_layout("max_pool2d", Layout::RowMajor, &[x]);
     dispatch!(x, max_pool_host, max_pool_cuda, x, spec)
 }
 
@@ -83,17 +84,20 @@ pub fn max_pool2d_bwd(x: &Tensor, y: &Tensor, dy: &Tensor, spec: Pool2dSpec) -> 
     assert_eq!(dy.shape(), &ys, "max_pool2d_bwd: dy shape");
     assert_eq!(y.shape(), &ys, "max_pool2d_bwd: y shape");
     assert_same_place("max_pool2d_bwd", &[x, y, dy]);
+    expect_layout("max_pool2d_bwd", Layout::RowMajor, &[x]);
     dispatch!(x, max_pool_bwd_host, max_pool_bwd_cuda, x, y, dy, spec)
 }
 
 pub fn avg_pool2d_fwd(x: &Tensor, spec: Pool2dSpec) -> Tensor {
     spec.out_shape(x.shape(), "avg_pool2d");
+    expect_layout("avg_pool2d", Layout::RowMajor, &[x]);
     dispatch!(x, avg_pool_host, avg_pool_cuda, x, spec)
 }
 
 pub fn avg_pool2d_bwd(dy: &Tensor, x_shape: &[usize], spec: Pool2dSpec) -> Tensor {
     let ys = spec.out_shape(x_shape, "avg_pool2d_bwd");
     assert_eq!(dy.shape(), &ys, "avg_pool2d_bwd: dy shape");
+    expect_layout("avg_pool2d_bwd", Layout::RowMajor, &[dy]);
     dispatch!(dy, avg_pool_bwd_host, avg_pool_bwd_cuda, dy, x_shape, spec)
 }
 
@@ -105,6 +109,7 @@ pub fn global_avg_pool_fwd(x: &Tensor) -> Tensor {
         "global_avg_pool: input must be NCHW, got {:?}",
         x.shape()
     );
+    expect_layout("global_avg_pool", Layout::RowMajor, &[x]);
     dispatch!(x, gap_host, cuda::nn_kernels::global_avg_pool_fwd, x)
 }
 

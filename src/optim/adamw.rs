@@ -111,6 +111,11 @@ impl AdamW {
                 (Device::Cpu, DType::F64) => {
                     adamw_host::<f64>(&mut p.value, grad, &mut m, &mut v, &h)
                 }
+                (Device::Cpu, DType::Bf16) => panic!(
+                    "adamw: parameter {} is bf16, but master weights are f32 (bf16 is a storage \
+                     precision of activations only)",
+                    p.name
+                ),
             }
             self.exp_avg.insert(p.name.clone(), m);
             self.exp_avg_sq.insert(p.name.clone(), v);

@@ -34,6 +34,10 @@ pub fn clip_grad_norm(store: &mut ParamStore, max_norm: f64) -> Option<f64> {
             sumsq += match g.dtype() {
                 DType::F32 => sq::<f32>(g),
                 DType::F64 => sq::<f64>(g),
+                DType::Bf16 => panic!(
+                    "clip: gradient of {} is bf16, but gradients are reduced into f32",
+                    p.name
+                ),
             };
         }
     }

@@ -148,7 +148,7 @@ impl Sgd {
         let with_momentum = self.momentum != 0.0;
         let mut bufs = Vec::new();
         for p in store.iter_mut().filter(|p| updated(p)) {
-            p.value.cuda_buf_mut();
+            p.value.device_buf_mut();
             if !with_momentum {
                 continue;
             }
@@ -157,7 +157,7 @@ impl Sgd {
                 Some(b) => b.to_device(device),
                 None => Tensor::zeros(p.value.shape(), DType::F32, device),
             };
-            b.cuda_buf_mut();
+            b.device_buf_mut();
             bufs.push((p.name.clone(), b));
         }
         let table: Vec<crate::cuda::optim::SgdParam> = store
@@ -302,6 +302,10 @@ pub fn sgd_update(
         (Device::Cpu, DType::F64) => {
             sgd_update_host::<f64>(w, grad, buf, lr, momentum, weight_decay, nesterov)
         }
+        (Device::Cpu, DType::Bf16) => panic!(
+            "sgd_update of a bf16 parameter {w:?}: master weights are f32 (bf16 is a storage \
+             precision of activations only)"
+        ),
     }
 }
 

@@ -1,11 +1,19 @@
-//! Tensors: a shape and a buffer that lives on exactly one device.
+//! Tensors: a shape, a layout and a buffer that lives on exactly one device.
 //!
-//! Host buffers come in two element types: f32 for training and f64 for gradient checks. GPU buffers are
-//! f32 master data in device memory (see `crate::cuda`). A `Tensor` is cheap to clone (the buffer is
-//! reference counted), which is what lets the tape save activations without copying them.
+//! Element type (`DType`) and memory layout (`Layout`) are properties of the tensor that ops check
+//! (`ops::expect_layout`, the `dispatch!` macro), not conventions each op assumes. Host buffers
+//! come in three element types: f32 for training, f64 for gradient checks and bf16 (stored bits,
+//! for conversions and reading GPU bf16 data; the host kernels do not compute in it: the CPU's bf16
+//! emulation rounds f32 values instead, see `crate::cpu::bf16`). Device buffers are trait objects
+//! of a backend (`backend.rs` is the whole boundary: this module imports nothing from `crate::cuda`).
+//! A `Tensor` is cheap to clone (the buffer is reference counted), which is what lets the tape save
+//! activations without copying them.
 
+pub mod backend;
+pub mod bf16;
 mod elem;
 
+pub use backend::{DeviceBackend, DeviceBuffer};
 pub use elem::Elem;
 
 use std::fmt;
@@ -33,6 +41,38 @@ fn count_host_read() {
 pub enum DType {
     F32,
     F64,
+    /// bfloat16 (see `bf16.rs`): storage only on the host.
+    Bf16,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F64 => "f64",
+            DType::Bf16 => "bf16",
+        }
+    }
+}
+
+/// Memory order of a tensor's elements. The shape is always the logical one ([N, C, H, W] for
+/// images); the layout says how those elements lie in the buffer.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, Default)]
+pub enum Layout {
+    /// Row-major in shape order (NCHW for 4-d images): every tensor starts so.
+    #[default]
+    RowMajor,
+    /// A 4-d [N, C, H, W] tensor stored N, H, W, C ("channels last", cuDNN's NHWC).
+    Nhwc,
+}
+
+impl Layout {
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::RowMajor => "row-major (NCHW)",
+            Layout::Nhwc => "NHWC",
+        }
+    }
 }
 
 /// Where a tensor's buffer lives.
@@ -55,13 +95,17 @@ impl fmt::Display for Device {
 pub enum Storage {
     F32(Vec<f32>),
     F64(Vec<f64>),
-    Cuda(crate::cuda::CudaBuf),
+    /// bf16 bit patterns (`bf16::f32_to_bf16_bits`).
+    Bf16(Vec<u16>),
+    /// Memory of the registered CUDA backend (`backend.rs`).
+    Cuda(Box<dyn DeviceBuffer>),
 }
 
-/// An n-dimensional array, row-major (NCHW for images).
+/// An n-dimensional array with its element type, device and memory layout.
 #[derive(Clone)]
 pub struct Tensor {
     shape: Vec<usize>,
+    layout: Layout,
     storage: Arc<Storage>,
 }
 
@@ -69,10 +113,15 @@ impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "Tensor({:?}, {:?}, {})",
+            "Tensor({:?}, {:?}, {}{})",
             self.shape,
             self.dtype(),
-            self.device()
+            self.device(),
+            if self.layout == Layout::Nhwc {
+                ", NHWC"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -92,15 +141,32 @@ impl Tensor {
         );
         Tensor {
             shape: shape.to_vec(),
+            layout: Layout::RowMajor,
             storage: Arc::new(T::wrap(data)),
         }
     }
 
     pub fn from_storage(shape: &[usize], storage: Storage) -> Tensor {
+        if let Storage::Cuda(b) = &storage {
+            debug_assert_eq!(numel(shape), b.len());
+        }
         Tensor {
             shape: shape.to_vec(),
+            layout: Layout::RowMajor,
             storage: Arc::new(storage),
         }
+    }
+
+    /// A device tensor around a backend's buffer (row-major).
+    pub fn from_device_buffer(shape: &[usize], buf: Box<dyn DeviceBuffer>) -> Tensor {
+        Tensor::from_storage(shape, Storage::Cuda(buf))
+    }
+
+    /// The backend of a device, panicking with the backend's reason when it is not usable (the
+    /// CLI selects and checks the device before any tensor is made there).
+    fn backend(device: Device) -> Arc<dyn DeviceBackend> {
+        backend::backend_of(device)
+            .unwrap_or_else(|e| panic!("{device} requested but not usable: {e}"))
     }
 
     pub fn zeros(shape: &[usize], dtype: DType, device: Device) -> Tensor {
@@ -110,20 +176,19 @@ impl Tensor {
     /// A tensor filled with `value`. On a GPU it is filled there (no host buffer, no copy): the
     /// tape's backward seed and fresh momentum buffers are made this way on every step.
     pub fn full(shape: &[usize], value: f64, dtype: DType, device: Device) -> Tensor {
-        if let Device::Cuda(i) = device {
-            let gpu = crate::cuda::Gpu::get(i)
-                .unwrap_or_else(|e| panic!("cuda:{i} requested but not usable: {e}"));
-            if value == 0.0 {
-                return crate::cuda::tensor(shape, gpu.alloc_zeros(numel(shape)));
-            }
-            return crate::cuda::nn_kernels::fill(shape, value as f32, &gpu);
+        if let Device::Cuda(_) = device {
+            let buf = Tensor::backend(device).full_f32(numel(shape), value as f32);
+            return Tensor::from_device_buffer(shape, buf);
         }
         let n = numel(shape);
-        let host = match dtype {
+        match dtype {
             DType::F32 => Tensor::from_vec(shape, vec![value as f32; n]),
             DType::F64 => Tensor::from_vec(shape, vec![value; n]),
-        };
-        host.to_device(device)
+            DType::Bf16 => Tensor::from_storage(
+                shape,
+                Storage::Bf16(vec![bf16::f32_to_bf16_bits(value as f32); n]),
+            ),
+        }
     }
 
     /// A host tensor of the given dtype from f64 values (converted).
@@ -131,6 +196,14 @@ impl Tensor {
         match dtype {
             DType::F32 => Tensor::from_vec(shape, data.iter().map(|&v| v as f32).collect()),
             DType::F64 => Tensor::from_vec(shape, data.to_vec()),
+            DType::Bf16 => Tensor::from_storage(
+                shape,
+                Storage::Bf16(
+                    data.iter()
+                        .map(|&v| bf16::f32_to_bf16_bits(v as f32))
+                        .collect(),
+                ),
+            ),
         }
     }
 
@@ -156,20 +229,83 @@ impl Tensor {
 
     pub fn dtype(&self) -> DType {
         match &*self.storage {
-            Storage::F32(_) | Storage::Cuda(_) => DType::F32,
+            Storage::F32(_) => DType::F32,
             Storage::F64(_) => DType::F64,
+            Storage::Bf16(_) => DType::Bf16,
+            Storage::Cuda(b) => b.dtype(),
         }
     }
 
     pub fn device(&self) -> Device {
         match &*self.storage {
-            Storage::Cuda(b) => Device::Cuda(b.ordinal()),
+            Storage::Cuda(b) => b.device(),
             _ => Device::Cpu,
         }
     }
 
+    /// How the elements lie in memory (see `Layout`).
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The same buffer declared to be in `layout`, for a backend that wrote its output in that
+    /// order. Only 4-d tensors have an NHWC layout.
+    pub fn with_layout(mut self, layout: Layout) -> Tensor {
+        assert!(
+            layout == Layout::RowMajor || self.rank() == 4,
+            "an NHWC layout needs a 4-d [N, C, H, W] tensor, got shape {:?}",
+            self.shape
+        );
+        self.layout = layout;
+        self
+    }
+
+    /// A host tensor's values reordered into `layout` (a copy; same tensor when already there).
+    /// Device tensors are reordered by their backend's kernels, not here.
+    pub fn to_layout(&self, layout: Layout) -> Tensor {
+        if self.layout == layout {
+            return self.clone();
+        }
+        assert!(
+            !self.is_cuda(),
+            "to_layout of a device tensor {self:?}: use the backend's layout kernels"
+        );
+        let [n, c, h, w] = <[usize; 4]>::try_from(self.shape.as_slice()).unwrap_or_else(|_| {
+            panic!(
+                "an NHWC layout needs a 4-d tensor, got shape {:?}",
+                self.shape
+            )
+        });
+        let src = self.values_f64();
+        let mut dst = vec![0.0; src.len()];
+        for ni in 0..n {
+            for ci in 0..c {
+                for hi in 0..h {
+                    for wi in 0..w {
+                        let nchw = ((ni * c + ci) * h + hi) * w + wi;
+                        let nhwc = ((ni * h + hi) * w + wi) * c + ci;
+                        match layout {
+                            Layout::Nhwc => dst[nhwc] = src[nchw],
+                            Layout::RowMajor => dst[nchw] = src[nhwc],
+                        }
+                    }
+                }
+            }
+        }
+        Tensor::from_f64_as(&self.shape, &dst, self.dtype()).with_layout(layout)
+    }
+
     pub fn is_cuda(&self) -> bool {
         matches!(&*self.storage, Storage::Cuda(_))
+    }
+
+    /// The device buffer of a device tensor (panics for host tensors: callers dispatch on
+    /// `device()` first). The backend downcasts it to its own type.
+    pub fn device_buf(&self) -> &dyn DeviceBuffer {
+        match &*self.storage {
+            Storage::Cuda(b) => b.as_ref(),
+            _ => panic!("device_buf of a host tensor {self:?}"),
+        }
     }
 
     /// The host slice of element type `T`. Panics if the tensor is on the GPU or of another dtype:
@@ -192,21 +328,22 @@ impl Tensor {
     /// Mutable access to a GPU tensor's device buffer, for in-place updates (the optimizer step,
     /// a bias added onto a fresh output). Like `host_mut`, it first copies the buffer (on the device)
     /// when another tensor shares it, so clones never see the update. Panics for host tensors.
-    pub fn cuda_buf_mut(&mut self) -> &mut crate::cuda::CudaBuf {
+    pub fn device_buf_mut(&mut self) -> &mut dyn DeviceBuffer {
         if Arc::get_mut(&mut self.storage).is_none() {
             let copy = match &*self.storage {
                 Storage::Cuda(b) => b.duplicate(),
-                _ => panic!("cuda_buf_mut of a host tensor {self:?}"),
+                _ => panic!("device_buf_mut of a host tensor {self:?}"),
             };
             self.storage = Arc::new(Storage::Cuda(copy));
         }
         match Arc::get_mut(&mut self.storage).expect("unique after copy") {
-            Storage::Cuda(b) => b,
-            _ => panic!("cuda_buf_mut of a host tensor"),
+            Storage::Cuda(b) => b.as_mut(),
+            _ => panic!("device_buf_mut of a host tensor"),
         }
     }
 
-    /// Same buffer, new shape (the element count must match).
+    /// Same buffer, new shape (the element count must match). Row-major tensors only: the
+    /// elements of an NHWC tensor are not in shape order, so reshaping it would mix channels.
     pub fn reshape(&self, shape: &[usize]) -> Tensor {
         assert_eq!(
             numel(shape),
@@ -214,8 +351,14 @@ impl Tensor {
             "cannot reshape {:?} to {shape:?}",
             self.shape
         );
+        assert!(
+            self.layout == Layout::RowMajor || shape == self.shape.as_slice(),
+            "cannot reshape the NHWC tensor {self:?} to {shape:?}: convert it to row-major first \
+             (to_layout(Layout::RowMajor))"
+        );
         Tensor {
             shape: shape.to_vec(),
+            layout: self.layout,
             storage: self.storage.clone(),
         }
     }
@@ -231,7 +374,11 @@ impl Tensor {
         match &*self.storage {
             Storage::F32(v) => v.iter().map(|&x| x as f64).collect(),
             Storage::F64(v) => v.clone(),
-            Storage::Cuda(b) => b.to_host().iter().map(|&x| x as f64).collect(),
+            Storage::Bf16(v) => v
+                .iter()
+                .map(|&b| bf16::bf16_bits_to_f32(b) as f64)
+                .collect(),
+            Storage::Cuda(b) => b.to_host_f32().iter().map(|&x| x as f64).collect(),
         }
     }
 
@@ -246,7 +393,8 @@ impl Tensor {
         match &*self.storage {
             Storage::F32(v) => v.clone(),
             Storage::F64(v) => v.iter().map(|&x| x as f32).collect(),
-            Storage::Cuda(b) => b.to_host(),
+            Storage::Bf16(v) => v.iter().map(|&b| bf16::bf16_bits_to_f32(b)).collect(),
+            Storage::Cuda(b) => b.to_host_f32(),
         }
     }
 
@@ -267,10 +415,11 @@ impl Tensor {
         if self.dtype() == dtype && !self.is_cuda() {
             return self.clone();
         }
-        Tensor::from_f64_as(&self.shape, &self.to_vec_f64(), dtype)
+        Tensor::from_f64_as(&self.shape, &self.to_vec_f64(), dtype).with_layout(self.layout)
     }
 
-    /// Moves the tensor to a device. GPU tensors are f32; f64 host data is converted.
+    /// Moves the tensor to a device, keeping its layout. GPU tensors are f32 here; f64 and bf16
+    /// host data are converted.
     ///
     /// GPU → host is a host read (it waits for the device). Host → GPU does not wait: the values are
     /// copied into a buffer the GPU keeps until its stream has read them (`Gpu::upload_owned`), so a
@@ -279,22 +428,22 @@ impl Tensor {
         match (device, &*self.storage) {
             (Device::Cpu, Storage::Cuda(b)) => {
                 count_host_read();
-                Tensor::from_vec(&self.shape, b.to_host())
+                Tensor::from_vec(&self.shape, b.to_host_f32()).with_layout(self.layout)
             }
             (Device::Cpu, _) => self.clone(),
-            (Device::Cuda(i), Storage::Cuda(b)) if b.ordinal() == i => self.clone(),
-            (Device::Cuda(i), _) => {
-                let gpu = crate::cuda::Gpu::get(i)
-                    .unwrap_or_else(|e| panic!("cuda:{i} requested but not usable: {e}"));
+            (Device::Cuda(_), Storage::Cuda(b)) if b.device() == device => self.clone(),
+            (Device::Cuda(_), _) => {
+                let backend = Tensor::backend(device);
                 let values = match &*self.storage {
                     Storage::Cuda(b) => {
                         // Another GPU's tensor passes through the host (a read of that GPU).
                         count_host_read();
-                        b.to_host()
+                        b.to_host_f32()
                     }
                     _ => self.values_f32(),
                 };
-                Tensor::from_storage(&self.shape, Storage::Cuda(gpu.upload_owned(values)))
+                Tensor::from_device_buffer(&self.shape, backend.upload_f32(values))
+                    .with_layout(self.layout)
             }
         }
     }

@@ -81,6 +81,8 @@ fn may_be_non_finite(t: &Tensor) -> bool {
         // finite; it vectorises and never overflows.
         Storage::F32(v) => v.iter().map(|&x| x * 0.0).sum::<f32>().is_nan(),
         Storage::F64(v) => v.iter().map(|&x| x * 0.0).sum::<f64>().is_nan(),
+        // bf16 is NaN/inf exactly when its exponent bits are all ones.
+        Storage::Bf16(v) => v.iter().any(|&b| b & 0x7f80 == 0x7f80),
         Storage::Cuda(_) => {
             let rows = t.shape().first().copied().unwrap_or(1).max(1);
             let cols = t.numel() / rows;

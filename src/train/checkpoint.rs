@@ -285,7 +285,8 @@ impl Entry {
                 let counts = count_non_finite(v.iter().copied());
                 (Dtype::F32, le_bytes(v, f32::to_le_bytes), counts)
             }
-            (Device::Cuda(_), _) => {
+            // Checkpoints stay f32 whatever the precision the values were computed in.
+            (Device::Cuda(_), _) | (Device::Cpu, DType::Bf16) => {
                 let v = t.to_vec_f32();
                 let counts = count_non_finite(v.iter().copied());
                 (Dtype::F32, le_bytes(&v, f32::to_le_bytes), counts)

@@ -132,8 +132,10 @@ impl std::str::FromStr for LossKind {
 pub use crate::loss::Variant;
 
 /// GPU math mode (DESIGN.md §2): fp32 (true fp32: cuBLAS default math, FMA-only cuDNN kernels) or
-/// tf32 (tensor cores for convolutions and matrix products); bf16 is planned. The CPU always computes
-/// in f32.
+/// tf32 (tensor cores for convolutions and matrix products); the CPU computes both in f32. bf16:
+/// mixed precision (bf16 convolution/GEMM inputs and activations, f32 master weights, gradients,
+/// optimizer state, statistics and loss), emulated on the CPU (`cpu::bf16`); see docs/GPU.md
+/// "fast path" for the GPU side.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -509,10 +511,6 @@ impl TrainConfig {
             "model must be named (e.g. resnet50)".into(),
         );
         need(
-            self.precision != Precision::Bf16,
-            "precision must be fp32 or tf32: the bf16 path is not built yet".into(),
-        );
-        need(
             crate::device::parse(&self.device).is_ok(),
             format!(
                 "device must be auto, cpu, cuda or cuda:N, got `{}`",
@@ -744,13 +742,13 @@ mod tests {
     }
 
     #[test]
-    fn bf16_is_refused_until_it_exists() {
+    fn bf16_is_a_valid_precision() {
+        // Whether the chosen device runs it is decided when the device is (trainer::prepare).
         let c = TrainConfig {
             precision: Precision::Bf16,
             ..TrainConfig::default()
         };
-        let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("precision must be fp32 or tf32"), "{e}");
+        c.validate().unwrap();
     }
 
     #[test]

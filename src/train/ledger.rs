@@ -251,7 +251,7 @@ fn host_scalar(t: &Tensor) -> f64 {
     match t.storage() {
         Storage::F32(v) => v[0] as f64,
         Storage::F64(v) => v[0],
-        Storage::Cuda(_) => panic!("host_scalar of a GPU tensor"),
+        Storage::Bf16(_) | Storage::Cuda(_) => panic!("host_scalar of a {t:?} (the loss is f32)"),
     }
 }
 
@@ -312,7 +312,9 @@ pub fn guard_count_host(table: &[Option<&Tensor>], counts: &mut [u32]) {
             Storage::F64(v) => v.iter().fold((0, 0), |(n, i), x| {
                 (n + x.is_nan() as u32, i + x.is_infinite() as u32)
             }),
-            Storage::Cuda(_) => panic!("guard_count_host of a GPU tensor"),
+            Storage::Bf16(_) | Storage::Cuda(_) => {
+                panic!("guard_count_host of a {x:?} (guarded host tensors are f32/f64)")
+            }
         };
         counts[2 * t] += nan;
         counts[2 * t + 1] += inf;

@@ -210,8 +210,25 @@ fn prepare(cfg: &TrainConfig) -> Result<(Device, Dataset, Split, Option<Split>)>
         super::config::Precision::Tf32 => crate::cuda::MathMode::Tf32,
         _ => crate::cuda::MathMode::Fp32,
     });
+    set_precision_on(cfg.precision, device)?;
     let (ds, train, test) = open_data(cfg)?;
     Ok((device, ds, train, test))
+}
+
+/// Applies `--precision bf16`: on the CPU, the bf16 emulation for this process (`cpu::bf16`); on
+/// a GPU, an error until the device path exists (docs/GPU.md, "fast path"). Other precisions turn
+/// the emulation off.
+pub fn set_precision_on(precision: super::config::Precision, device: Device) -> Result<()> {
+    let bf16 = precision == super::config::Precision::Bf16;
+    if bf16 && device != Device::Cpu {
+        anyhow::bail!(
+            "--precision bf16 runs on the CPU only so far (an emulation of the GPU's bf16 \
+             numerics); the bf16 kernels for {device} are not built yet (docs/GPU.md, \"fast \
+             path\"): use --precision tf32 on the GPU, or --device cpu"
+        );
+    }
+    crate::cpu::bf16::set_emulation(bf16);
+    Ok(())
 }
 
 fn open_data(cfg: &TrainConfig) -> Result<(Dataset, Split, Option<Split>)> {

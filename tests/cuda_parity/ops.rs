@@ -650,14 +650,14 @@ fn tensors_move_fill_and_copy_on_write_on_the_gpu() {
     let scalar = Tensor::full(&[], 1.0, DType::F32, GPU);
     assert_eq!(scalar.item(), 1.0);
 
-    // cuda_buf_mut copies a shared buffer first: the clone keeps its values.
+    // device_buf_mut copies a shared buffer first: the clone keeps its values.
     let mut a = dev(&[300], &v);
     let keep = a.clone();
-    a.cuda_buf_mut();
+    a.device_buf_mut();
     cuda::nn_kernels::axpy_(&a, 1.0, &keep);
     assert_eq!(keep.to_vec_f32(), v, "the clone changed");
     let doubled: Vec<f64> = v.iter().map(|&x| 2.0 * x as f64).collect();
-    close("axpy after cuda_buf_mut", &a, &doubled, 0.0);
+    close("axpy after device_buf_mut", &a, &doubled, 0.0);
 
     let mut store = ParamStore::new();
     let id = store.add("w", h.clone(), ParamKind::Trainable);

@@ -7,7 +7,7 @@ variant, lambda 1, delta = alpha * M0 = 5e-4, written as in tools/make_fixtures.
 Modes (--mode):
     eager-fp32         eager, true fp32 (cuDNN/cuBLAS TF32 switched off)   ~ podgpu fp32
     eager-tf32         eager, TF32 convolutions and matmuls                  ~ podgpu tf32
-    amp-bf16-cl        eager, autocast bf16 + channels_last (CUDA)
+    amp-bf16-cl        eager, autocast bf16 + channels_last, FC1 output f32 (CUDA) ~ podgpu bf16
     compile-bf16-cl    torch.compile of amp-bf16-cl (CUDA; compile time reported apart)
     compile-fp32       torch.compile, true fp32
 On the CPU only eager-fp32 (and compile-fp32, which needs a C++ compiler) make sense.
@@ -72,6 +72,24 @@ def recommended_dim(classes):
     return 256 if classes <= 30 else 512 if classes <= 200 else 1 << (2 * classes - 1).bit_length()
 
 
+class F32OutLinear(torch.nn.Module):
+    """FC1 as podgpu's bf16 path computes it (issue 12): bf16 inputs, f32 accumulation, f32 output.
+
+    Under autocast nn.Linear returns bf16; podgpu keeps FC1's output (the latent features the POD loss
+    reads) in f32, so the amp rows wrap FC1 in this to compare like with like.
+    """
+
+    def __init__(self, fc):
+        super().__init__()
+        self.fc = fc
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            bf = torch.bfloat16
+            bias = self.fc.bias
+            return F.linear(x.to(bf).float(), self.fc.weight.to(bf).float(), bias)
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -119,6 +137,8 @@ def main():
     model = ResNet(args.model, args.classes, n, width=args.width, centroids=pedcc).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if amp:
+        model.fc = F32OutLinear(model.fc)
     pedcc_dev = pedcc.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     images = torch.randn(args.batch, 3, args.image, args.image)

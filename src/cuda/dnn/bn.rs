@@ -233,12 +233,12 @@ pub fn add_channel_bias(y: Tensor, b: &Tensor) -> Tensor {
         y.shape()
     );
     let mut y = y;
-    let yp = y.cuda_buf_mut().device_ptr();
+    let yp = crate::cuda::buf_mut(&mut y).device_ptr();
     with_dnn(&gpu, |dnn| {
         let handle = dnn.handle;
         // The BN per-channel descriptor is exactly the [1, C, 1, 1] bias descriptor.
         let (yd, bd) = dnn.bn_descs(d)?;
-        // SAFETY: y matches yd and is owned by `y` alone (cuda_buf_mut); b holds C floats.
+        // SAFETY: y matches yd and is owned by `y` alone (cuda::buf_mut); b holds C floats.
         ok(
             unsafe { sys::cudnnAddTensor(handle, one(), bd, ptr(b), one(), yd, yp as *mut c_void) },
             "cudnnAddTensor",

@@ -1,0 +1,152 @@
+//! bf16 storage on the GPU (cuda/bf16.cu): a bf16 buffer type the tensor sees as `DType::Bf16`,
+//! and the f32 ↔ bf16 conversions, bit for bit those of the CPU (`tensor::bf16`), so that the
+//! GPU's bf16 path and the CPU's emulation (`cpu::bf16`) store the same values.
+//!
+//! A `Bf16Buf` of `len` elements lives in ⌈len/2⌉ 32-bit words of the caching pool (the pool
+//! hands out f32 blocks; two bf16 values share a word). cuDNN and cuBLAS read it through its
+//! device pointer with `CUDNN_DATA_BFLOAT16` / `CUDA_R_16BF` descriptors.
+
+use super::launch::{check, func, grid_1d};
+use super::{buf, tensor, CudaBuf, Gpu};
+use crate::tensor::bf16::bf16_bits_to_f32;
+use crate::tensor::{DType, Device, DeviceBuffer, Tensor};
+use cudarc::driver::PushKernelArg;
+use std::sync::Arc;
+
+/// `len` bf16 values in device memory.
+pub struct Bf16Buf {
+    words: CudaBuf,
+    len: usize,
+}
+
+impl Bf16Buf {
+    /// Uninitialised storage for `len` bf16 values.
+    pub fn alloc(gpu: &Arc<Gpu>, len: usize) -> Bf16Buf {
+        Bf16Buf {
+            words: gpu.alloc(len.div_ceil(2)),
+            len,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.words.gpu
+    }
+
+    /// The device address of the first value (for cuDNN/cuBLAS descriptors).
+    pub fn device_ptr(&self) -> u64 {
+        self.words.device_ptr()
+    }
+
+    /// The stored bit patterns (waits for the device).
+    pub fn to_host_bits(&self) -> Vec<u16> {
+        let words = self.words.to_host();
+        let mut out = Vec::with_capacity(self.len);
+        for w in words {
+            let b = w.to_bits();
+            // Little-endian: element 2i is the low half of word i.
+            out.push(b as u16);
+            out.push((b >> 16) as u16);
+        }
+        out.truncate(self.len);
+        out
+    }
+}
+
+impl DeviceBuffer for Bf16Buf {
+    fn device(&self) -> Device {
+        Device::Cuda(self.words.gpu.ordinal)
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn dtype(&self) -> DType {
+        DType::Bf16
+    }
+    fn to_host_f32(&self) -> Vec<f32> {
+        self.to_host_bits()
+            .into_iter()
+            .map(bf16_bits_to_f32)
+            .collect()
+    }
+    fn duplicate(&self) -> Box<dyn DeviceBuffer> {
+        Box::new(Bf16Buf {
+            words: self.words.duplicate(),
+            len: self.len,
+        })
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+/// The bf16 storage of a `DType::Bf16` GPU tensor (panics for others: callers check the dtype).
+pub fn bf16_buf(t: &Tensor) -> &Bf16Buf {
+    t.device_buf()
+        .as_any()
+        .downcast_ref::<Bf16Buf>()
+        .unwrap_or_else(|| panic!("expected a bf16 GPU tensor, got {t:?}"))
+}
+
+/// An f32 GPU tensor converted to a bf16 one (round to nearest even).
+pub fn to_bf16(x: &Tensor) -> Tensor {
+    let src = buf(x);
+    let gpu = src.gpu.clone();
+    let n = x.numel();
+    let mut out = Bf16Buf::alloc(&gpu, n);
+    if n > 0 {
+        let f = func(&gpu, "bf16", "pack_bf16_f32");
+        let n64 = n as i64;
+        let mut l = gpu.stream.launch_builder(&f);
+        l.arg(out.words.raw_mut()).arg(src.raw()).arg(&n64);
+        // SAFETY: matches pack_bf16_f32(unsigned short*, const float*, i64); out holds ⌈n/2⌉
+        // words = n bf16 values, src n floats.
+        check(unsafe { l.launch(grid_1d(&gpu, n)) }, "pack_bf16_f32");
+    }
+    Tensor::from_device_buffer(x.shape(), Box::new(out)).with_layout(x.layout())
+}
+
+/// A bf16 GPU tensor converted to f32 (exact).
+pub fn to_f32(x: &Tensor) -> Tensor {
+    let src = bf16_buf(x);
+    let gpu = src.gpu().clone();
+    let n = x.numel();
+    let mut out = gpu.alloc(n);
+    if n > 0 {
+        let f = func(&gpu, "bf16", "unpack_bf16_f32");
+        let n64 = n as i64;
+        let mut l = gpu.stream.launch_builder(&f);
+        l.arg(out.raw_mut()).arg(src.words.raw()).arg(&n64);
+        // SAFETY: matches unpack_bf16_f32(float*, const unsigned short*, i64).
+        check(unsafe { l.launch(grid_1d(&gpu, n)) }, "unpack_bf16_f32");
+    }
+    tensor(x.shape(), out).with_layout(x.layout())
+}
+
+/// An f32 GPU tensor with its values rounded to bf16, still in f32 words (the GPU twin of
+/// `cpu::bf16::round_if`).
+pub fn round_to_bf16(x: &Tensor) -> Tensor {
+    let mut y = x.clone();
+    let n = y.numel();
+    if n > 0 {
+        let b = super::buf_mut(&mut y);
+        let gpu = b.gpu.clone();
+        let f = func(&gpu, "bf16", "round_bf16_f32");
+        let n64 = n as i64;
+        let mut l = gpu.stream.launch_builder(&f);
+        l.arg(b.raw_mut()).arg(&n64);
+        // SAFETY: matches round_bf16_f32(float*, i64); the buffer is this tensor's alone.
+        check(unsafe { l.launch(grid_1d(&gpu, n)) }, "round_bf16_f32");
+    }
+    y
+}
