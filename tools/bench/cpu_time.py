@@ -7,9 +7,11 @@ process gets a slice of them, and PyTorch's OpenMP threads collapse when one of 
 (BENCHMARKS.md shows steps 3–10× slower under load). The CPU time a process is charged is what its
 own instructions cost, whatever else runs, as long as it has one thread (with several, time spent
 spinning at a barrier is charged too, so this script is for `--threads 1`; more threads are
-allowed but then say so). Each engine runs twice, with `--steps A` and `--steps B`, and the
-difference of the two processes' CPU time (user + system, from wait4) divided by B − A is the cost
-of one step: start-up, the network build, warm-up and the first step cancel out.
+allowed but then say so). podgpu runs twice, with `--steps A` and `--steps B`, and the difference of
+the two processes' CPU time (user + system, from wait4) divided by B − A is the cost of one step:
+start-up, the network build, warm-up and the first step cancel out. PyTorch runs once with
+`--steps B` and reports the median of its per-step process CPU time itself (torch_step.py's
+`cpu_s_per_step`): its start-up varies too much between runs for the difference.
 
     python3 tools/bench/cpu_time.py --python .venv/bin/python --model resnet18 --width 16 --batch 32 \\
         --bench-step target/release/bench-step --bench-step /tmp/bench-step-base --rounds 3
@@ -85,14 +87,24 @@ def main():
     if args.python:
         engines.append(("pytorch eager-fp32", torch_cmd, None))
 
+    def torch_in_process(steps):
+        # torch_step.py reports the median of its own per-step process CPU time: Python's start-up
+        # and torch's import vary by hundreds of ms between runs, too much for the difference method.
+        _, _, out = child_cpu_seconds(torch_cmd(steps))
+        line = [ln for ln in out.splitlines() if ln.startswith("{")][-1]
+        return json.loads(line)["cpu_s_per_step"]
+
     per_step = {name: [] for name, _, _ in engines}
     loads = []
     for r in range(args.rounds):
         for name, make, e in engines:
             l0 = load()
-            ca, _, _ = child_cpu_seconds(make(a), e)
-            cb, _, _ = child_cpu_seconds(make(b), e)
-            s = (cb - ca) / (b - a)
+            if name.startswith("pytorch"):
+                s = torch_in_process(b)
+            else:
+                ca, _, _ = child_cpu_seconds(make(a), e)
+                cb, _, _ = child_cpu_seconds(make(b), e)
+                s = (cb - ca) / (b - a)
             per_step[name].append(s)
             loads.append((l0, load()))
             print(f"round {r + 1} {name}: {s * 1000:.1f} CPU-ms/step (load {l0:.2f} -> {load():.2f})",
@@ -100,9 +112,10 @@ def main():
 
     lo = min(min(x) for x in loads)
     hi = max(max(x) for x in loads)
-    print(f"\n{args.model} width {args.width}, batch {args.batch}, {args.threads} thread(s); CPU seconds per "
-          f"step = (CPU of a {b}-step run - CPU of a {a}-step run) / {b - a}; median of {args.rounds} "
-          f"round(s); load average {lo:.1f}-{hi:.1f}")
+    print(f"\n{args.model} width {args.width}, batch {args.batch}, {args.threads} thread(s); podgpu CPU "
+          f"seconds per step = (CPU of a {b}-step run - CPU of a {a}-step run) / {b - a}, PyTorch's the "
+          f"median of its {b} steps' process CPU time; median of {args.rounds} round(s); load average "
+          f"{lo:.1f}-{hi:.1f}")
     ref = per_step.get("pytorch eager-fp32")
     ref_med = statistics.median(ref) if ref else None
     print("| engine | CPU-ms/step (median) | rounds | images per CPU-s | vs PyTorch |")

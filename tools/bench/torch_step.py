@@ -166,6 +166,7 @@ def main():
     first_s = time.perf_counter() - t0
     for _ in range(max(args.warmup - 1, 0)):
         step()
+    cpu_times = []
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
@@ -179,9 +180,12 @@ def main():
     else:
         times = []
         for _ in range(args.steps):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             loss = step()
             times.append(time.perf_counter() - t)
+            # CPU seconds of the whole process (all threads) for this step: what the step costs
+            # whatever else runs on a shared machine (tools/bench/cpu_time.py).
+            cpu_times.append(time.process_time() - c)
     med = statistics.median(times)
     result = {
         "bench": "torch-step",
@@ -207,6 +211,9 @@ def main():
         "time": {"median_s": med, "min_s": min(times), "max_s": max(times), "samples": len(times)},
         "step_times_s": times,
     }
+    if cpu_times:
+        result["cpu_s_per_step"] = statistics.median(cpu_times)
+        result["step_cpu_s"] = cpu_times
     print(
         f"torch {args.mode} {args.model} batch {args.batch} on {device}: {med * 1e3:.2f} ms/step, "
         f"{args.batch / med:.1f} images/s (first step {first_s:.1f} s)"
