@@ -366,6 +366,7 @@ impl Run {
         let order = loader.order(epoch as u64);
         let poison = nan_gradient_step(rank)?.or(self.ranks.hooks.nan_gradient_at);
         let advice = self.recovery_advice();
+        self.cadence.restart();
         for k in 0..steps {
             let step = self.state.global_step + 1;
             let at = format!(
@@ -479,6 +480,14 @@ impl Run {
                 tally.seen += mine;
             }
             progress.advance(steps_before + k, verdict.total);
+            // The progress line shows rank 0's mean loss so far, read as often as one process
+            // reads its ledger (the epoch's line has the mean over every rank).
+            if comm.is_writer() && self.cadence.step_done() && tally.seen > 0 {
+                self.loop_counts.ledger_reads += u64::from(ledger.has_news());
+                let r = ledger.read();
+                self.cadence.read_done();
+                progress.show_loss(r.loss_sum / tally.seen as f64);
+            }
             if !verdict.stop.is_empty() && tally.next_batch < total_batches {
                 self.read_ledger_ranked(&mut ledger, &mut tally)?;
                 tally.train_time_s += started.elapsed().as_secs_f64();
