@@ -28,6 +28,14 @@ impl Bf16Buf {
         }
     }
 
+    /// `alloc` that returns out-of-memory as an error.
+    pub fn try_alloc(gpu: &Arc<Gpu>, len: usize) -> Result<Bf16Buf, super::OutOfMemory> {
+        Ok(Bf16Buf {
+            words: gpu.try_alloc(len.div_ceil(2))?,
+            len,
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -149,4 +157,35 @@ pub fn round_to_bf16(x: &Tensor) -> Tensor {
         check(unsafe { l.launch(grid_1d(&gpu, n)) }, "round_bf16_f32");
     }
     y
+}
+
+/// op(A)·op(B) of two f32 GPU tensors (2-d) with bf16 GEMM inputs and an f32 output: both are
+/// converted to bf16 (`to_bf16`), multiplied by `blas::gemm_bf16`. The GPU form of the CPU
+/// emulation's linear-layer product (`ops::linear` under `cpu::bf16`).
+pub fn matmul_bf16_inputs(a: &Tensor, ta: bool, b: &Tensor, tb: bool) -> Tensor {
+    assert!(a.rank() == 2 && b.rank() == 2, "matmul of {a:?} and {b:?}");
+    let (m, k) = if ta {
+        (a.dim(1), a.dim(0))
+    } else {
+        (a.dim(0), a.dim(1))
+    };
+    let (k2, n) = if tb {
+        (b.dim(1), b.dim(0))
+    } else {
+        (b.dim(0), b.dim(1))
+    };
+    assert_eq!(k, k2, "matmul_bf16_inputs: inner dimensions differ");
+    let (ab, bb) = (to_bf16(a), to_bf16(b));
+    let gpu = buf(a).gpu.clone();
+    let mut c = gpu.alloc(m * n);
+    super::blas::gemm_bf16(&gpu, m, k, n, bf16_buf(&ab), ta, bf16_buf(&bb), tb, &mut c);
+    tensor(&[m, n], c)
+}
+
+/// conv2d of two f32 GPU tensors through bf16 storage: x and w converted to bf16, the bf16
+/// convolution (`dnn::conv2d_fwd_bf16`, f32 compute), y back to f32 (exact). The GPU form of the
+/// CPU emulation's convolution forward (`ops::conv2d` under `cpu::bf16`): y = bf16(conv(bf16(x),
+/// bf16(w))).
+pub fn conv2d_bf16_inputs(x: &Tensor, w: &Tensor, geom: &super::dnn::ConvGeom) -> Tensor {
+    to_f32(&super::dnn::conv2d_fwd_bf16(&to_bf16(x), &to_bf16(w), geom))
 }

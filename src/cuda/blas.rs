@@ -1,4 +1,5 @@
-//! cuBLAS: row-major matrix products for linear layers, the PEDCC projection and the SC Gram terms.
+//! cuBLAS: row-major matrix products for linear layers, the PEDCC projection and the SC Gram terms,
+//! in f32/TF32 (`gemm`) and with bf16 inputs (`gemm_bf16`, the bf16 path).
 //!
 //! cuBLAS is column-major. A row-major [r, c] matrix is the same memory as a column-major [c, r]
 //! matrix, its transpose, so the row-major product C = op(A)·op(B) is computed as the column-major
@@ -147,4 +148,75 @@ pub fn gemm(
         )
     };
     r.unwrap_or_else(|e| panic!("cuBLAS sgemm (m={m} k={k} n={n} ta={ta} tb={tb}) failed: {e:?}"));
+}
+
+/// Row-major `c = op(a) · op(b)` (f32 output) with `a` and `b` in bf16 and f32 accumulation:
+/// `cublasGemmEx` with `CUDA_R_16BF` inputs, a `CUDA_R_32F` output and `CUBLAS_COMPUTE_32F` (not
+/// the TF32 compute types: the products of bf16 values are exact in f32). This is the GEMM of the
+/// bf16 path and the arithmetic the CPU's emulation computes (bf16 inputs, f32 sums, f32 output;
+/// `cpu::bf16`). Shapes and transposes as `gemm`. Panics on a cuBLAS error.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bf16(
+    gpu: &Gpu,
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &super::bf16::Bf16Buf,
+    ta: bool,
+    b: &super::bf16::Bf16Buf,
+    tb: bool,
+    c: &mut CudaBuf,
+) {
+    use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
+    assert!(
+        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+        "gemm_bf16: buffers too small"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let blas = handle(gpu).unwrap_or_else(|e| panic!("cuda:{}: {e}", gpu.ordinal));
+    gpu.ctx
+        .bind_to_thread()
+        .unwrap_or_else(|e| panic!("cuda:{}: {e}", gpu.ordinal));
+    let op = |t: bool| {
+        if t {
+            cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    // Column-major: C' (n x m) = op(B)' (n x k) · op(A)' (k x m), as in `gemm`.
+    let (op_b, ld_b) = (op(tb), if tb { k } else { n });
+    let (op_a, ld_a) = (op(ta), if ta { m } else { k });
+    let (pa, pb, pc) = (a.device_ptr(), b.device_ptr(), c.device_ptr());
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    // SAFETY: a and b hold at least m·k and k·n bf16 values, c m·n floats (asserted); alpha and
+    // beta are f32 as CUBLAS_COMPUTE_32F requires; the handle is bound to the buffers' stream.
+    let r = unsafe {
+        cudarc::cublas::result::gemm_ex(
+            blas.raw(),
+            op_b,
+            op_a,
+            n as i32,
+            m as i32,
+            k as i32,
+            (&alpha) as *const f32 as *const std::ffi::c_void,
+            pb as *const std::ffi::c_void,
+            cudaDataType::CUDA_R_16BF,
+            ld_b.max(1) as i32,
+            pa as *const std::ffi::c_void,
+            cudaDataType::CUDA_R_16BF,
+            ld_a.max(1) as i32,
+            (&beta) as *const f32 as *const std::ffi::c_void,
+            pc as *mut std::ffi::c_void,
+            cudaDataType::CUDA_R_32F,
+            n as i32,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+        )
+    };
+    r.unwrap_or_else(|e| {
+        panic!("cuBLAS GemmEx bf16 (m={m} k={k} n={n} ta={ta} tb={tb}) failed: {e:?}")
+    });
 }

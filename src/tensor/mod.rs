@@ -475,3 +475,76 @@ pub fn rel_error(a: &[f64], b: &[f64]) -> f64 {
     }
     (num / den).sqrt()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn panic_text(f: impl FnOnce() + std::panic::UnwindSafe) -> String {
+        let e = std::panic::catch_unwind(f).expect_err("should panic");
+        e.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn nhwc_round_trips_and_orders_channels_last() {
+        // [N=1, C=2, H=1, W=3]: NCHW 0 1 2 | 3 4 5 → NHWC 0 3 1 4 2 5.
+        let t = Tensor::from_vec(&[1, 2, 1, 3], vec![0f32, 1., 2., 3., 4., 5.]);
+        let n = t.to_layout(Layout::Nhwc);
+        assert_eq!(n.layout(), Layout::Nhwc);
+        assert_eq!(n.shape(), t.shape(), "the shape stays the logical one");
+        assert_eq!(n.host::<f32>(), &[0., 3., 1., 4., 2., 5.]);
+        let back = n.to_layout(Layout::RowMajor);
+        assert_eq!(back.layout(), Layout::RowMajor);
+        assert_eq!(back.host::<f32>(), t.host::<f32>());
+    }
+
+    #[test]
+    fn layouts_are_checked_not_assumed() {
+        let t = Tensor::from_vec(&[1, 2, 2, 2], vec![1f32; 8]).to_layout(Layout::Nhwc);
+        let e = panic_text(|| drop(t.reshape(&[2, 4])));
+        assert!(e.contains("cannot reshape the NHWC tensor"), "{e}");
+        let w = Tensor::from_vec(&[1, 2, 1, 1], vec![1f32; 2]);
+        let spec = crate::ops::Conv2dSpec::new(1, 0);
+        let e = panic_text(|| drop(crate::ops::conv2d_fwd(&t, &w, None, spec)));
+        assert!(e.contains("tensors in different layouts"), "{e}");
+        let wn = w.to_layout(Layout::Nhwc);
+        let e = panic_text(|| drop(crate::ops::conv2d_fwd(&t, &wn, None, spec)));
+        assert!(e.contains("expects row-major (NCHW) tensors"), "{e}");
+        let e =
+            panic_text(|| drop(Tensor::from_vec(&[2, 3], vec![0f32; 6]).with_layout(Layout::Nhwc)));
+        assert!(e.contains("needs a 4-d"), "{e}");
+    }
+
+    #[test]
+    fn bf16_host_tensors_are_storage_that_ops_refuse() {
+        let t = Tensor::from_f64_as(&[3], &[1.0, 1.0 + 1.0 / 512.0, -2.5], DType::Bf16);
+        assert_eq!(t.dtype(), DType::Bf16);
+        // 1 + 2⁻⁹ is below half a bf16 ulp at 1: it rounds to 1.
+        assert_eq!(t.to_vec_f32(), vec![1.0, 1.0, -2.5]);
+        assert_eq!(t.to_dtype(DType::F32).dtype(), DType::F32);
+        assert_eq!(
+            Tensor::full(&[2], 3.0, DType::Bf16, Device::Cpu).to_vec_f32(),
+            vec![3.0; 2]
+        );
+        let e = panic_text(|| drop(crate::ops::relu_fwd(&t)));
+        assert!(
+            e.contains("bf16 host tensor") && e.contains("to_dtype"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn no_device_backend_until_a_gpu_is_opened() {
+        // Opening a GPU registers the backend: where one is usable this cannot be checked.
+        if crate::device::usable_gpu(0).is_ok() {
+            println!("SKIPPED: a GPU is usable here, so the CUDA backend is registered");
+            return;
+        }
+        let e = backend::backend_of(Device::Cuda(0)).err().unwrap();
+        assert!(e.contains("no CUDA device has been opened"), "{e}");
+        assert!(backend::backend_of(Device::Cpu).is_err());
+    }
+}

@@ -65,3 +65,87 @@ fn gpu_bf16_conversions_match_the_cpu_bit_for_bit() {
     // A bf16 GPU tensor reads back through the tensor API as its f32 values.
     assert_eq!(b.to_vec_f32()[1], round_bf16(v[1]));
 }
+
+/// cuBLAS GemmEx with bf16 inputs and f32 compute against the CPU emulation's product (the f32
+/// GEMM of the bf16-rounded inputs). Only the order of the f32 sums differs, so the results agree
+/// to f32 accumulation error: γ_K·Σ|a·b| ≤ K·2⁻²⁴ relative, far below 1e-5 for K ≤ 300.
+#[test]
+#[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
+fn gpu_bf16_gemm_matches_the_cpu_emulation() {
+    use podgpu::ops;
+    use podgpu::Tensor;
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = gpu();
+    let mut rng = Rng::new(6);
+    for (m, k, n, ta, tb) in [
+        (32, 64, 16, false, true),
+        (7, 300, 5, false, false),
+        (9, 33, 17, true, false),
+    ] {
+        let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
+        let (sa, sb) = (
+            if ta { [k, m] } else { [m, k] },
+            if tb { [n, k] } else { [k, n] },
+        );
+        let got = gb::matmul_bf16_inputs(&dev(&sa, &a), ta, &dev(&sb, &b), tb);
+        let round = |v: &[f32], s: &[usize]| {
+            Tensor::from_vec(s, v.iter().map(|&x| round_bf16(x)).collect::<Vec<f32>>())
+        };
+        let want = ops::matmul_fwd(&round(&a, &sa), ta, &round(&b, &sb), tb);
+        super::close(
+            &format!("gemm_bf16 m={m} k={k} n={n} ta={ta} tb={tb}"),
+            &got,
+            &want.to_vec_f64(),
+            1e-5,
+        );
+    }
+}
+
+/// cuDNN's bf16 convolution (bf16 x, w, y; f32 compute) against the CPU emulation's
+/// y = bf16(conv_f32(bf16(x), bf16(w))). The f32 sums differ only in order, so a y value can land on
+/// the other side of a bf16 rounding boundary: at most one bf16 ulp (relative 2⁻⁷) apart per
+/// element, and rarely; the relative error over the tensor stays below 2⁻⁸.
+#[test]
+#[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
+fn gpu_bf16_conv_matches_the_cpu_emulation() {
+    use podgpu::cpu::bf16 as emu;
+    use podgpu::ops::{self, Conv2dSpec};
+    use podgpu::Tensor;
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = gpu();
+    let mut rng = Rng::new(7);
+    for (x_shape, w_shape, stride, pad) in [
+        ([2, 16, 8, 8], [32, 16, 3, 3], 1, 1),
+        ([2, 32, 8, 8], [64, 32, 1, 1], 2, 0),
+    ] {
+        let xv: Vec<f32> = (0..x_shape.iter().product())
+            .map(|_| rng.normal() as f32)
+            .collect();
+        let wv: Vec<f32> = (0..w_shape.iter().product())
+            .map(|_| rng.normal() as f32)
+            .collect();
+        let geom = podgpu::cuda::dnn::ConvGeom {
+            stride: [stride, stride],
+            pad: [pad, pad],
+            dilation: [1, 1],
+            groups: 1,
+        };
+        let got = gb::conv2d_bf16_inputs(&dev(&x_shape, &xv), &dev(&w_shape, &wv), &geom);
+        let want = {
+            let _on = emu::scope(true);
+            let mut tape = podgpu::Tape::train();
+            let xh = tape.leaf(Tensor::from_vec(&x_shape, xv.clone()));
+            let wh = tape.leaf(Tensor::from_vec(&w_shape, wv.clone()));
+            ops::conv2d(&mut tape, &xh, &wh, None, Conv2dSpec::new(stride, pad))
+                .value()
+                .clone()
+        };
+        super::close(
+            &format!("conv bf16 x {x_shape:?} w {w_shape:?}"),
+            &got,
+            &want.to_vec_f64(),
+            1.0 / 256.0,
+        );
+    }
+}

@@ -3,7 +3,7 @@
 //!
 //! `mod.rs` holds what every cuDNN call shares: the per-device handle behind its mutex (`with_dnn`),
 //! descriptors, error handling. `conv` chooses and runs convolution algorithms, `bn` the batch norm
-//! and per-channel helpers.
+//! and per-channel helpers, `conv_bf16` the bf16 forward convolution (the bf16 path's first piece).
 //!
 //! We call cuDNN's C API through `cudarc::cudnn::sys` rather than cudarc's safe wrapper because that
 //! wrapper is not `Send` and does not expose group counts and math types on all paths; the handle
@@ -17,12 +17,14 @@
 mod algo_cache;
 mod bn;
 mod conv;
+mod conv_bf16;
 
 pub use bn::{
     add_channel_bias, batch_norm_bwd, batch_norm_eval_bwd, batch_norm_fwd_infer,
     batch_norm_fwd_train, channel_sums, mul, BnTrain,
 };
 pub use conv::{chosen_algorithms, conv2d_bwd_data, conv2d_bwd_filter, conv2d_fwd, ConvGeom, Pass};
+pub use conv_bf16::conv2d_fwd_bf16;
 
 use super::libs::{self, Lib};
 use super::{buf, lock, CudaBuf, Gpu, OutOfMemory};
