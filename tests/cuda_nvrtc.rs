@@ -102,10 +102,6 @@ const LAUNCHERS: &[(&str, &str)] = &[
     ),
     ("dnn/bn.rs", include_str!("../src/cuda/dnn/bn.rs")),
     ("dnn/conv.rs", include_str!("../src/cuda/dnn/conv.rs")),
-    (
-        "dnn/conv_bf16.rs",
-        include_str!("../src/cuda/dnn/conv_bf16.rs"),
-    ),
     ("dnn/mod.rs", include_str!("../src/cuda/dnn/mod.rs")),
     ("guard.rs", include_str!("../src/cuda/guard.rs")),
     ("kernels.rs", include_str!("../src/cuda/kernels.rs")),
