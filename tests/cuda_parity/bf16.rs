@@ -356,3 +356,53 @@ fn gpu_bf16_batch_norm_matches_the_cpu_emulation() {
         1.0 / 256.0,
     );
 }
+
+/// cuBLASLt's product with the bias in its epilogue (FC1 and the head) against the CPU: f32 inputs
+/// in fp32 mode against the f32 product plus bias, and bf16 inputs against the CPU emulation's
+/// linear layer (the f32 product of the bf16-rounded x and w, plus the f32 bias, f32 output). Only
+/// the order of f32 sums differs: within 1e-5. A bias added twice or not at all, or a transposed
+/// weight, would miss by far more (the bias is as large as the products here).
+#[test]
+#[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
+fn gpu_linear_with_the_bias_epilogue_matches_the_cpu() {
+    use podgpu::cuda::{self, blaslt, MathMode};
+    use podgpu::ops;
+    use podgpu::Tensor;
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = gpu();
+    let _mode = cuda::math_mode_scope(MathMode::Fp32);
+    let mut rng = Rng::new(10);
+    // FC1-like and head-like shapes: m = batch, k = features in, n = features out.
+    for (m, k, n) in [(16usize, 64usize, 32usize), (7, 33, 10), (128, 512, 100)] {
+        let xv: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+        let wv: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
+        let bv: Vec<f32> = (0..n).map(|_| 4.0 * rng.normal() as f32).collect();
+        let add_bias = |y: &Tensor| -> Vec<f64> {
+            let y = y.to_vec_f32();
+            (0..m * n).map(|i| (y[i] + bv[i % n]) as f64).collect()
+        };
+        let (xd, wd, bd) = (dev(&[m, k], &xv), dev(&[n, k], &wv), dev(&[n], &bv));
+        let want = add_bias(&ops::matmul_fwd(
+            &Tensor::from_vec(&[m, k], xv.clone()),
+            false,
+            &Tensor::from_vec(&[n, k], wv.clone()),
+            true,
+        ));
+        let got = blaslt::linear_bias(&xd, &wd, &bd);
+        assert_eq!(got.shape(), &[m, n]);
+        super::close(&format!("lt f32 m={m} k={k} n={n}"), &got, &want, 1e-5);
+
+        let round = |v: &[f32], s: &[usize]| {
+            Tensor::from_vec(s, v.iter().map(|&x| round_bf16(x)).collect::<Vec<f32>>())
+        };
+        let want = add_bias(&ops::matmul_fwd(
+            &round(&xv, &[m, k]),
+            false,
+            &round(&wv, &[n, k]),
+            true,
+        ));
+        let got = blaslt::linear_bias(&gb::to_bf16(&xd), &gb::to_bf16(&wd), &bd);
+        assert_eq!(got.dtype(), DType::F32, "FC1's output stays f32");
+        super::close(&format!("lt bf16 m={m} k={k} n={n}"), &got, &want, 1e-5);
+    }
+}
