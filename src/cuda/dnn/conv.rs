@@ -905,6 +905,21 @@ mod tests {
     }
 
     #[test]
+    fn bf16_takes_tensor_op_kernels_even_in_fp32_mode() {
+        // The default math mode is fp32 (FMA only); bf16 data must still get tensor-op kernels
+        // and never the fp16 down-conversion.
+        let r = Rules::tensor_op();
+        assert_eq!(r.mode, MathMode::Tf32);
+        let list = [
+            cand(1, math::TENSOR_OP_ALLOW_CONVERSION, true, 0),
+            cand(0, math::FMA, true, 0),
+            cand(2, math::TENSOR_OP, true, 0),
+        ];
+        assert_eq!(pick(&list, r, "bf16 fwd").unwrap().algo, 2);
+        assert!(pick(&list[..1], r, "bf16 fwd").is_err());
+    }
+
+    #[test]
     fn failed_oversized_and_nondeterministic_candidates_are_skipped() {
         let mut failed = cand(0, math::FMA, true, 0);
         failed.status = 3000;
