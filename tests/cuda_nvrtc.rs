@@ -96,16 +96,13 @@ const LAUNCHERS: &[(&str, &str)] = &[
     ),
     ("bf16.rs", include_str!("../src/cuda/bf16.rs")),
     ("blas.rs", include_str!("../src/cuda/blas.rs")),
+    ("blaslt.rs", include_str!("../src/cuda/blaslt.rs")),
     (
         "dnn/algo_cache.rs",
         include_str!("../src/cuda/dnn/algo_cache.rs"),
     ),
     ("dnn/bn.rs", include_str!("../src/cuda/dnn/bn.rs")),
     ("dnn/conv.rs", include_str!("../src/cuda/dnn/conv.rs")),
-    (
-        "dnn/conv_bf16.rs",
-        include_str!("../src/cuda/dnn/conv_bf16.rs"),
-    ),
     ("dnn/mod.rs", include_str!("../src/cuda/dnn/mod.rs")),
     ("guard.rs", include_str!("../src/cuda/guard.rs")),
     ("kernels.rs", include_str!("../src/cuda/kernels.rs")),

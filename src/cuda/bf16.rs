@@ -189,3 +189,28 @@ pub fn matmul_bf16_inputs(a: &Tensor, ta: bool, b: &Tensor, tb: bool) -> Tensor 
 pub fn conv2d_bf16_inputs(x: &Tensor, w: &Tensor, geom: &super::dnn::ConvGeom) -> Tensor {
     to_f32(&super::dnn::conv2d_fwd_bf16(&to_bf16(x), &to_bf16(w), geom))
 }
+
+/// dx of a convolution of f32 GPU tensors through bf16 storage: dy and w converted to bf16, the
+/// bf16 backward-data convolution (`dnn::conv2d_bwd_data_bf16`), dx back to f32 (exact). The GPU
+/// form of the emulation's dx = bf16(conv_bwd_data(bf16(dy), bf16(w))).
+pub fn conv2d_bwd_data_bf16_inputs(
+    dy: &Tensor,
+    w: &Tensor,
+    x_shape: &[usize],
+    geom: &super::dnn::ConvGeom,
+) -> Tensor {
+    let dx = super::dnn::conv2d_bwd_data_bf16(&to_bf16(dy), &to_bf16(w), x_shape, geom);
+    to_f32(&dx)
+}
+
+/// dw of a convolution of f32 GPU tensors through bf16 storage: x and dy converted to bf16, the
+/// bf16 backward-filter convolution (`dnn::conv2d_bwd_filter_bf16`), whose dw is f32 already. The
+/// GPU form of the emulation's dw = conv_bwd_weight(bf16(x), bf16(dy)), kept f32.
+pub fn conv2d_bwd_filter_bf16_inputs(
+    x: &Tensor,
+    dy: &Tensor,
+    w_shape: &[usize],
+    geom: &super::dnn::ConvGeom,
+) -> Tensor {
+    super::dnn::conv2d_bwd_filter_bf16(&to_bf16(x), &to_bf16(dy), w_shape, geom)
+}

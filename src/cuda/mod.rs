@@ -17,6 +17,7 @@ pub mod adamw;
 pub mod baseline_kernels;
 pub mod bf16;
 pub mod blas;
+pub mod blaslt;
 pub mod dnn;
 pub mod guard;
 pub mod kernels;

@@ -149,3 +149,260 @@ fn gpu_bf16_conv_matches_the_cpu_emulation() {
         );
     }
 }
+
+/// cuDNN's bf16 convolution backward passes against the CPU emulation's rounding points
+/// (`ops::conv2d` under `cpu::bf16`): dx = bf16(conv_bwd_data(bf16(dy), bf16(w))), one bf16 rounding
+/// as in the forward test (relative error ≤ 2⁻⁸); dw = conv_bwd_weight(bf16(x), bf16(dy)) kept f32,
+/// where only the order of exact products' f32 sums differs, so dw agrees to f32 accumulation error
+/// (γ_K·Σ|a·b| with K = N·OH·OW ≤ 128 here: far below 1e-5). A dw rounded to bf16 anywhere (the
+/// rounding the f32 master weights' gradient must not have) would miss 1e-5 by two orders.
+#[test]
+#[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
+fn gpu_bf16_conv_backward_matches_the_cpu_emulation() {
+    use podgpu::ops::{self, Conv2dSpec};
+    use podgpu::Tensor;
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = gpu();
+    let mut rng = Rng::new(8);
+    let mut normal = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.normal() as f32).collect() };
+    let rounded = |v: &[f32], s: &[usize]| {
+        Tensor::from_vec(s, v.iter().map(|&x| round_bf16(x)).collect::<Vec<f32>>())
+    };
+    for (x_shape, w_shape, stride, pad) in [
+        ([2usize, 16, 8, 8], [32usize, 16, 3, 3], 1, 1),
+        ([2, 32, 8, 8], [64, 32, 1, 1], 2, 0),
+    ] {
+        let spec = Conv2dSpec::new(stride, pad);
+        let (oh, ow) = (
+            (x_shape[2] + 2 * pad - w_shape[2]) / stride + 1,
+            (x_shape[3] + 2 * pad - w_shape[3]) / stride + 1,
+        );
+        let y_shape = [x_shape[0], w_shape[0], oh, ow];
+        let xv = normal(x_shape.iter().product());
+        let wv = normal(w_shape.iter().product());
+        let dyv = normal(y_shape.iter().product());
+        let geom = podgpu::cuda::dnn::ConvGeom {
+            stride: [stride, stride],
+            pad: [pad, pad],
+            dilation: [1, 1],
+            groups: 1,
+        };
+        let (xr, wr, dyr) = (
+            rounded(&xv, &x_shape),
+            rounded(&wv, &w_shape),
+            rounded(&dyv, &y_shape),
+        );
+        let dx_want: Vec<f64> = ops::conv2d_bwd_data(&dyr, &wr, &x_shape, spec)
+            .to_vec_f32()
+            .iter()
+            .map(|&v| round_bf16(v) as f64)
+            .collect();
+        let dw_want = ops::conv2d_bwd_weight(&xr, &dyr, &w_shape, spec).to_vec_f64();
+        let dx = gb::conv2d_bwd_data_bf16_inputs(
+            &dev(&y_shape, &dyv),
+            &dev(&w_shape, &wv),
+            &x_shape,
+            &geom,
+        );
+        assert_eq!(dx.dtype(), DType::F32);
+        super::close(
+            &format!("conv bf16 dx x {x_shape:?} w {w_shape:?}"),
+            &dx,
+            &dx_want,
+            1.0 / 256.0,
+        );
+        // dx is stored in bf16: every value is a bf16 value.
+        for v in dx.to_vec_f32() {
+            assert_eq!(
+                v.to_bits(),
+                round_bf16(v).to_bits(),
+                "dx holds {v}, not a bf16"
+            );
+        }
+        let dw = gb::conv2d_bwd_filter_bf16_inputs(
+            &dev(&x_shape, &xv),
+            &dev(&y_shape, &dyv),
+            &w_shape,
+            &geom,
+        );
+        assert_eq!(dw.dtype(), DType::F32, "the weight gradient stays f32");
+        super::close(
+            &format!("conv bf16 dw x {x_shape:?} w {w_shape:?}"),
+            &dw,
+            &dw_want,
+            1e-5,
+        );
+    }
+}
+
+/// cuDNN's batch norm with bf16 x, y, dy, dx and f32 gamma, beta and statistics against the CPU
+/// emulation (`ops::batch_norm2d` under `cpu::bf16`: the f32 batch norm of the bf16 values, y and
+/// dx rounded to bf16, statistics and dgamma/dbeta kept f32). The f32 quantities differ only in
+/// summation order (the f32 parity test's tolerances: 1e-5); y and dx may land one bf16 ulp apart
+/// (relative error ≤ 2⁻⁸ over the tensor).
+#[test]
+#[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
+fn gpu_bf16_batch_norm_matches_the_cpu_emulation() {
+    use podgpu::cuda::dnn;
+    use podgpu::ops;
+    use podgpu::Tensor;
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = gpu();
+    let mut rng = Rng::new(9);
+    let shape = [4usize, 8, 6, 5];
+    let c = shape[1];
+    let n: usize = shape.iter().product();
+    let mut normal = |n: usize, scale: f32, shift: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| rng.normal() as f32 * scale + shift)
+            .collect()
+    };
+    // Inputs as the bf16 path holds them: x and dy bf16 values, parameters f32.
+    let xv: Vec<f32> = normal(n, 2.0, 0.7).into_iter().map(round_bf16).collect();
+    let dyv: Vec<f32> = normal(n, 1.0, 0.0).into_iter().map(round_bf16).collect();
+    let (gv, bv, rmv) = (
+        normal(c, 1.0, 0.0),
+        normal(c, 1.0, 0.0),
+        normal(c, 0.5, 0.0),
+    );
+    let rvv: Vec<f32> = normal(c, 1.0, 0.0).iter().map(|v| v.abs() + 0.5).collect();
+    let (momentum, eps) = (0.1, 1e-5);
+    let h = |s: &[usize], v: &[f32]| Tensor::from_vec(s, v.to_vec());
+    let round_all = |t: &Tensor| -> Vec<f64> {
+        t.to_vec_f32()
+            .iter()
+            .map(|&v| round_bf16(v) as f64)
+            .collect()
+    };
+    let want = ops::batch_norm2d_train_fwd(
+        &h(&shape, &xv),
+        &h(&[c], &gv),
+        &h(&[c], &bv),
+        &h(&[c], &rmv),
+        &h(&[c], &rvv),
+        momentum,
+        eps,
+    );
+    let want_d = ops::batch_norm2d_train_bwd(
+        &h(&shape, &xv),
+        &h(&shape, &dyv),
+        &h(&[c], &gv),
+        &want.mean,
+        &want.invstd,
+    );
+    let (xb, dyb) = (
+        gb::to_bf16(&dev(&shape, &xv)),
+        gb::to_bf16(&dev(&shape, &dyv)),
+    );
+    let (gd, bd) = (dev(&[c], &gv), dev(&[c], &bv));
+    let got = dnn::batch_norm_fwd_train_bf16(
+        &xb,
+        &gd,
+        &bd,
+        &dev(&[c], &rmv),
+        &dev(&[c], &rvv),
+        momentum,
+        eps,
+    );
+    assert_eq!(got.y.dtype(), DType::Bf16, "y is stored in bf16");
+    assert_eq!(got.save_mean.dtype(), DType::F32, "statistics stay f32");
+    super::close("bn bf16 y", &got.y, &round_all(&want.y), 1.0 / 256.0);
+    super::close(
+        "bn bf16 mean",
+        &got.save_mean,
+        &want.mean.to_vec_f64(),
+        1e-5,
+    );
+    super::close(
+        "bn bf16 invstd",
+        &got.save_invstd,
+        &want.invstd.to_vec_f64(),
+        1e-5,
+    );
+    super::close(
+        "bn bf16 running_mean",
+        &got.running_mean,
+        &want.running_mean.to_vec_f64(),
+        1e-5,
+    );
+    super::close(
+        "bn bf16 running_var",
+        &got.running_var,
+        &want.running_var.to_vec_f64(),
+        1e-5,
+    );
+    let (dx, dg, db) =
+        dnn::batch_norm_bwd_bf16(&xb, &dyb, &gd, &got.save_mean, &got.save_invstd, eps);
+    assert_eq!(dx.dtype(), DType::Bf16, "dx is stored in bf16");
+    assert_eq!(dg.dtype(), DType::F32, "dgamma stays f32");
+    super::close("bn bf16 dx", &dx, &round_all(&want_d.dx), 1.0 / 256.0);
+    super::close("bn bf16 dgamma", &dg, &want_d.dweight.to_vec_f64(), 1e-5);
+    super::close("bn bf16 dbeta", &db, &want_d.dbias.to_vec_f64(), 1e-5);
+    let y_eval =
+        dnn::batch_norm_fwd_infer_bf16(&xb, &gd, &bd, &dev(&[c], &rmv), &dev(&[c], &rvv), eps);
+    let want_eval = ops::batch_norm2d_eval_fwd(
+        &h(&shape, &xv),
+        &h(&[c], &gv),
+        &h(&[c], &bv),
+        &h(&[c], &rmv),
+        &h(&[c], &rvv),
+        eps,
+    );
+    assert_eq!(y_eval.dtype(), DType::Bf16);
+    super::close(
+        "bn bf16 eval y",
+        &y_eval,
+        &round_all(&want_eval),
+        1.0 / 256.0,
+    );
+}
+
+/// cuBLASLt's product with the bias in its epilogue (FC1 and the head) against the CPU: f32 inputs
+/// in fp32 mode against the f32 product plus bias, and bf16 inputs against the CPU emulation's
+/// linear layer (the f32 product of the bf16-rounded x and w, plus the f32 bias, f32 output). Only
+/// the order of f32 sums differs: within 1e-5. A bias added twice or not at all, or a transposed
+/// weight, would miss by far more (the bias is as large as the products here).
+#[test]
+#[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
+fn gpu_linear_with_the_bias_epilogue_matches_the_cpu() {
+    use podgpu::cuda::{self, blaslt, MathMode};
+    use podgpu::ops;
+    use podgpu::Tensor;
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = gpu();
+    let _mode = cuda::math_mode_scope(MathMode::Fp32);
+    let mut rng = Rng::new(10);
+    // FC1-like and head-like shapes: m = batch, k = features in, n = features out.
+    for (m, k, n) in [(16usize, 64usize, 32usize), (7, 33, 10), (128, 512, 100)] {
+        let xv: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+        let wv: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
+        let bv: Vec<f32> = (0..n).map(|_| 4.0 * rng.normal() as f32).collect();
+        let add_bias = |y: &Tensor| -> Vec<f64> {
+            let y = y.to_vec_f32();
+            (0..m * n).map(|i| (y[i] + bv[i % n]) as f64).collect()
+        };
+        let (xd, wd, bd) = (dev(&[m, k], &xv), dev(&[n, k], &wv), dev(&[n], &bv));
+        let want = add_bias(&ops::matmul_fwd(
+            &Tensor::from_vec(&[m, k], xv.clone()),
+            false,
+            &Tensor::from_vec(&[n, k], wv.clone()),
+            true,
+        ));
+        let got = blaslt::linear_bias(&xd, &wd, &bd);
+        assert_eq!(got.shape(), &[m, n]);
+        super::close(&format!("lt f32 m={m} k={k} n={n}"), &got, &want, 1e-5);
+
+        let round = |v: &[f32], s: &[usize]| {
+            Tensor::from_vec(s, v.iter().map(|&x| round_bf16(x)).collect::<Vec<f32>>())
+        };
+        let want = add_bias(&ops::matmul_fwd(
+            &round(&xv, &[m, k]),
+            false,
+            &round(&wv, &[n, k]),
+            true,
+        ));
+        let got = blaslt::linear_bias(&gb::to_bf16(&xd), &gb::to_bf16(&wd), &bd);
+        assert_eq!(got.dtype(), DType::F32, "FC1's output stays f32");
+        super::close(&format!("lt bf16 m={m} k={k} n={n}"), &got, &want, 1e-5);
+    }
+}

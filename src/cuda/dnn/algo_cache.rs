@@ -8,6 +8,7 @@
 //! ignored (the shapes are measured again) and rewritten; writes are atomic.
 
 use super::conv::{ConvGeom, Pass};
+use super::Storage;
 use crate::cuda::MathMode;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -41,10 +42,22 @@ pub struct AlgoCache {
     entries: BTreeMap<String, Choice>,
 }
 
-/// The key of one pass of one convolution shape in one math mode.
-pub fn key(pass: Pass, x: [usize; 4], w: [usize; 4], g: &ConvGeom, mode: MathMode) -> String {
+/// The key of one pass of one convolution shape in one math mode and storage type. f32 keys are
+/// those of the files written before bf16 existed (no storage suffix), so those files stay valid.
+pub fn key(
+    pass: Pass,
+    x: [usize; 4],
+    w: [usize; 4],
+    g: &ConvGeom,
+    mode: MathMode,
+    storage: Storage,
+) -> String {
+    let suffix = match storage {
+        Storage::F32 => "",
+        Storage::Bf16 => " bf16",
+    };
     format!(
-        "{pass:?} x{x:?} w{w:?} stride{:?} pad{:?} dilation{:?} groups{} {mode:?}",
+        "{pass:?} x{x:?} w{w:?} stride{:?} pad{:?} dilation{:?} groups{} {mode:?}{suffix}",
         g.stride, g.pad, g.dilation, g.groups
     )
 }
@@ -148,19 +161,44 @@ mod tests {
     fn keys_tell_passes_shapes_and_modes_apart() {
         let x = [128, 64, 32, 32];
         let w = [64, 64, 3, 3];
-        let k = key(Pass::Forward, x, w, &G, MathMode::Tf32);
-        assert_ne!(k, key(Pass::BackwardData, x, w, &G, MathMode::Tf32));
-        assert_ne!(k, key(Pass::Forward, x, w, &G, MathMode::Fp32));
+        let k = key(Pass::Forward, x, w, &G, MathMode::Tf32, Storage::F32);
         assert_ne!(
             k,
-            key(Pass::Forward, [64, 64, 32, 32], w, &G, MathMode::Tf32)
+            key(Pass::BackwardData, x, w, &G, MathMode::Tf32, Storage::F32)
+        );
+        assert_ne!(
+            k,
+            key(Pass::Forward, x, w, &G, MathMode::Fp32, Storage::F32)
+        );
+        assert_ne!(
+            k,
+            key(
+                Pass::Forward,
+                [64, 64, 32, 32],
+                w,
+                &G,
+                MathMode::Tf32,
+                Storage::F32
+            )
         );
         let strided = ConvGeom {
             stride: [2, 2],
             ..G
         };
-        assert_ne!(k, key(Pass::Forward, x, w, &strided, MathMode::Tf32));
-        assert_eq!(k, key(Pass::Forward, x, w, &G, MathMode::Tf32));
+        assert_ne!(
+            k,
+            key(Pass::Forward, x, w, &strided, MathMode::Tf32, Storage::F32)
+        );
+        assert_eq!(
+            k,
+            key(Pass::Forward, x, w, &G, MathMode::Tf32, Storage::F32)
+        );
+        // bf16 data is measured apart from f32 data; an f32 key is the pre-bf16 one.
+        assert_ne!(
+            k,
+            key(Pass::Forward, x, w, &G, MathMode::Tf32, Storage::Bf16)
+        );
+        assert!(k.ends_with("Tf32"), "{k}");
     }
 
     #[test]

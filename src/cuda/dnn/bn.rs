@@ -1,8 +1,13 @@
 //! cuDNN batch normalisation (training forward, inference forward, backward; PyTorch semantics)
 //! and the per-channel helpers built on the same descriptors: a convolution's bias and its
 //! gradient, elementwise products, evaluation-mode batch-norm backward.
+//!
+//! The batch norm also runs on bf16 data (issue 12's bf16 path): x, y, dy and dx stored in bf16,
+//! while gamma, beta, the running and saved statistics and dgamma, dbeta stay f32 (cuDNN derives an
+//! f32 per-channel descriptor from a bf16 x and computes in f32). That is the CPU emulation's
+//! arithmetic (`ops::batch_norm2d` under `cpu::bf16`: f32 statistics, y and dx rounded to bf16).
 
-use super::{alloc, ok, one, ptr, with_dnn, zero, Dnn, TensorDesc};
+use super::{alloc, input, ok, one, ptr, with_dnn, zero, Dnn, OutBuf, Storage, TensorDesc};
 use crate::cuda::launch::gpu_of;
 use crate::cuda::{buf, tensor};
 use crate::tensor::Tensor;
@@ -34,13 +39,23 @@ fn bn_dims(x: &Tensor) -> [usize; 4] {
 const BN_MODE: sys::cudnnBatchNormMode_t = sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL;
 
 impl Dnn {
-    /// (x descriptor, derived per-channel descriptor) for this shape.
+    /// (x descriptor, derived per-channel descriptor) for this shape and f32 data.
     fn bn_descs(
         &mut self,
         d: [usize; 4],
     ) -> Result<(sys::cudnnTensorDescriptor_t, sys::cudnnTensorDescriptor_t), String> {
-        if let Entry::Vacant(slot) = self.bn.entry(d) {
-            let xd = TensorDesc::nchw(d)?;
+        self.bn_descs_of(d, Storage::F32)
+    }
+
+    /// (x descriptor, derived per-channel descriptor) for this shape and data type; the derived
+    /// descriptor is f32 for bf16 data too.
+    fn bn_descs_of(
+        &mut self,
+        d: [usize; 4],
+        storage: Storage,
+    ) -> Result<(sys::cudnnTensorDescriptor_t, sys::cudnnTensorDescriptor_t), String> {
+        if let Entry::Vacant(slot) = self.bn.entry((d, storage)) {
+            let xd = TensorDesc::nchw_of(d, storage.cudnn())?;
             let bd = TensorDesc(
                 cudarc::cudnn::result::create_tensor_descriptor().map_err(|e| format!("{e:?}"))?,
             );
@@ -51,7 +66,7 @@ impl Dnn {
             )?;
             slot.insert((xd, bd));
         }
-        let (xd, bd) = &self.bn[&d];
+        let (xd, bd) = &self.bn[&(d, storage)];
         Ok((xd.0, bd.0))
     }
 }
@@ -72,13 +87,42 @@ pub fn batch_norm_fwd_train(
     momentum: f64,
     eps: f64,
 ) -> BnTrain {
-    let gpu = gpu_of(x);
+    let (rm, rv) = (running_mean, running_var);
+    bn_fwd_train(x, gamma, beta, rm, rv, momentum, eps, Storage::F32)
+}
+
+/// `batch_norm_fwd_train` of a bf16 x: y is bf16; gamma, beta and every statistic are f32.
+pub fn batch_norm_fwd_train_bf16(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    momentum: f64,
+    eps: f64,
+) -> BnTrain {
+    let (rm, rv) = (running_mean, running_var);
+    bn_fwd_train(x, gamma, beta, rm, rv, momentum, eps, Storage::Bf16)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bn_fwd_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    momentum: f64,
+    eps: f64,
+    storage: Storage,
+) -> BnTrain {
+    let (gpu, xp) = input(x, storage, "batch norm x");
     let d = bn_dims(x);
     let c = d[1];
     with_dnn(&gpu, |dnn| {
         let handle = dnn.handle;
-        let (xd, bd) = dnn.bn_descs(d)?;
-        let y = alloc(&gpu, x.numel())?;
+        let (xd, bd) = dnn.bn_descs_of(d, storage)?;
+        let y = OutBuf::alloc(&gpu, storage, x.numel())?;
         let rm = copy_of(running_mean);
         let rv = copy_of(running_var);
         let sm = alloc(&gpu, c)?;
@@ -92,7 +136,7 @@ pub fn batch_norm_fwd_train(
                     one(),
                     zero(),
                     xd,
-                    ptr(x),
+                    xp,
                     xd,
                     y.device_ptr() as *mut c_void,
                     bd,
@@ -109,7 +153,7 @@ pub fn batch_norm_fwd_train(
             "cudnnBatchNormalizationForwardTraining",
         )?;
         Ok(BnTrain {
-            y: tensor(x.shape(), y),
+            y: y.into_tensor(x.shape()),
             save_mean: tensor(&[c], sm),
             save_invstd: tensor(&[c], si),
             running_mean: tensor(&[c], rm),
@@ -127,12 +171,36 @@ pub fn batch_norm_fwd_infer(
     var: &Tensor,
     eps: f64,
 ) -> Tensor {
-    let gpu = gpu_of(x);
+    bn_fwd_infer(x, gamma, beta, mean, var, eps, Storage::F32)
+}
+
+/// `batch_norm_fwd_infer` of a bf16 x: y is bf16; gamma, beta and the statistics are f32.
+pub fn batch_norm_fwd_infer_bf16(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+) -> Tensor {
+    bn_fwd_infer(x, gamma, beta, mean, var, eps, Storage::Bf16)
+}
+
+fn bn_fwd_infer(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f64,
+    storage: Storage,
+) -> Tensor {
+    let (gpu, xp) = input(x, storage, "batch norm x");
     let d = bn_dims(x);
     with_dnn(&gpu, |dnn| {
         let handle = dnn.handle;
-        let (xd, bd) = dnn.bn_descs(d)?;
-        let y = alloc(&gpu, x.numel())?;
+        let (xd, bd) = dnn.bn_descs_of(d, storage)?;
+        let y = OutBuf::alloc(&gpu, storage, x.numel())?;
         // SAFETY: as in batch_norm_fwd_train.
         ok(
             unsafe {
@@ -142,7 +210,7 @@ pub fn batch_norm_fwd_infer(
                     one(),
                     zero(),
                     xd,
-                    ptr(x),
+                    xp,
                     xd,
                     y.device_ptr() as *mut c_void,
                     bd,
@@ -155,7 +223,7 @@ pub fn batch_norm_fwd_infer(
             },
             "cudnnBatchNormalizationForwardInference",
         )?;
-        Ok(tensor(x.shape(), y))
+        Ok(y.into_tensor(x.shape()))
     })
 }
 
@@ -169,13 +237,44 @@ pub fn batch_norm_bwd(
     save_invstd: &Tensor,
     eps: f64,
 ) -> (Tensor, Tensor, Tensor) {
-    let gpu = gpu_of(x);
+    bn_bwd(x, dy, gamma, save_mean, save_invstd, eps, Storage::F32)
+}
+
+/// `batch_norm_bwd` of bf16 x and dy: dx is bf16; dgamma and dbeta are f32 (the gradients of f32
+/// parameters), as are gamma and the saved statistics.
+pub fn batch_norm_bwd_bf16(
+    x: &Tensor,
+    dy: &Tensor,
+    gamma: &Tensor,
+    save_mean: &Tensor,
+    save_invstd: &Tensor,
+    eps: f64,
+) -> (Tensor, Tensor, Tensor) {
+    bn_bwd(x, dy, gamma, save_mean, save_invstd, eps, Storage::Bf16)
+}
+
+fn bn_bwd(
+    x: &Tensor,
+    dy: &Tensor,
+    gamma: &Tensor,
+    save_mean: &Tensor,
+    save_invstd: &Tensor,
+    eps: f64,
+    storage: Storage,
+) -> (Tensor, Tensor, Tensor) {
+    let (gpu, xp) = input(x, storage, "batch norm backward x");
+    let (_, dyp) = input(dy, storage, "batch norm backward dy");
+    assert_eq!(
+        dy.shape(),
+        x.shape(),
+        "batch norm backward: dy and x shapes"
+    );
     let d = bn_dims(x);
     let c = d[1];
     with_dnn(&gpu, |dnn| {
         let handle = dnn.handle;
-        let (xd, bd) = dnn.bn_descs(d)?;
-        let dx = alloc(&gpu, x.numel())?;
+        let (xd, bd) = dnn.bn_descs_of(d, storage)?;
+        let dx = OutBuf::alloc(&gpu, storage, x.numel())?;
         let dg = alloc(&gpu, c)?;
         let db = alloc(&gpu, c)?;
         // SAFETY: as in batch_norm_fwd_train.
@@ -189,9 +288,9 @@ pub fn batch_norm_bwd(
                     one(),
                     zero(),
                     xd,
-                    ptr(x),
+                    xp,
                     xd,
-                    ptr(dy),
+                    dyp,
                     xd,
                     dx.device_ptr() as *mut c_void,
                     bd,
@@ -205,7 +304,11 @@ pub fn batch_norm_bwd(
             },
             "cudnnBatchNormalizationBackward",
         )?;
-        Ok((tensor(x.shape(), dx), tensor(&[c], dg), tensor(&[c], db)))
+        Ok((
+            dx.into_tensor(x.shape()),
+            tensor(&[c], dg),
+            tensor(&[c], db),
+        ))
     })
 }
 

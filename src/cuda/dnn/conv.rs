@@ -11,11 +11,23 @@
 //! takes the ones that down-convert to fp16, deterministic mode (`cpu::deterministic()`, set by
 //! `--deterministic`) only deterministic algorithms, and every workspace fits `WORKSPACE_LIMIT`.
 //! Workspaces come from the pool, so a steady training step allocates nothing.
+//!
+//! The bf16 path (issue 12) uses the same plans, rules and disk cache, keyed by the storage type
+//! too: x, w, y, dx and dy stored in bf16 (`CUDNN_DATA_BFLOAT16`), f32 compute (the convolution
+//! descriptor's type), picked with tf32's preference (tensor-op kernels first, never the fp16
+//! down-conversion, which would lose bf16's range). Its weight gradient stays f32, as the CPU
+//! emulation keeps it (`cpu::bf16`): cuDNN's legacy API wants dw in the type of x and dy, and a bf16
+//! dw would add a rounding that the f32 master weights' gradient must not have, so
+//! `conv2d_bwd_filter_bf16` widens x and dy to f32 (exact) and runs the f32 plan with TF32 tensor
+//! ops. That is exact arithmetic for bf16 values (an 8-bit significand fits TF32's 11 bits, and the
+//! product of two fits f32), so the dw is the emulation's f32 sum up to summation order; the cost is
+//! the widening copies and TF32's rate (half of bf16's) for this one pass.
 
 use super::algo_cache::{self, AlgoCache};
-use super::{alloc, dims4, ok, one, ptr, with_dnn, zero, ConvDesc, Fail, FilterDesc, TensorDesc};
-use crate::cuda::launch::gpu_of;
-use crate::cuda::{math_mode, tensor, Gpu, MathMode};
+use super::{alloc, dims4, input, ok, one, with_dnn, zero, ConvDesc, Fail, FilterDesc, OutBuf};
+use super::{Storage, TensorDesc};
+use crate::cuda::bf16::to_f32;
+use crate::cuda::{math_mode, Gpu, MathMode};
 use crate::tensor::{numel, Tensor};
 use cudarc::cudnn::sys;
 use std::collections::hash_map::Entry;
@@ -121,6 +133,15 @@ impl Rules {
         Rules {
             mode: math_mode(),
             deterministic: crate::cpu::deterministic(),
+        }
+    }
+
+    /// The rules of the bf16 path whatever the math mode: tensor-op kernels first (bf16 inputs are
+    /// exact in TF32 and on the tensor cores), never the fp16 down-conversion.
+    fn tensor_op() -> Rules {
+        Rules {
+            mode: MathMode::Tf32,
+            ..Rules::current()
         }
     }
 
@@ -260,6 +281,7 @@ pub(crate) struct ConvKey {
     w: [usize; 4],
     geom: ConvGeom,
     rules: Rules,
+    storage: Storage,
 }
 
 /// Descriptors and chosen algorithms of one convolution shape. One convolution descriptor per pass,
@@ -301,8 +323,9 @@ fn build_plan(key: &ConvKey) -> Result<ConvPlan, String> {
     let (x, w, g) = (key.x, key.w, &key.geom);
     let (oh, ow) = g.out_hw(x[2], x[3], w[2], w[3]);
     let y_shape = [x[0], w[0], oh, ow];
-    let xd = TensorDesc::nchw(x)?;
-    let yd = TensorDesc::nchw(y_shape)?;
+    let ty = key.storage.cudnn();
+    let xd = TensorDesc::nchw_of(x, ty)?;
+    let yd = TensorDesc::nchw_of(y_shape, ty)?;
     let wd = FilterDesc(
         cudarc::cudnn::result::create_filter_descriptor().map_err(|e| format!("{e:?}"))?,
     );
@@ -311,7 +334,7 @@ fn build_plan(key: &ConvKey) -> Result<ConvPlan, String> {
         unsafe {
             sys::cudnnSetFilter4dDescriptor(
                 wd.0,
-                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                ty,
                 sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
                 w[0] as i32,
                 w[1] as i32,
@@ -528,7 +551,12 @@ fn algorithm(
         return Ok(a);
     }
     let what = format!(
-        "{} (x {:?}, w {:?}, stride {:?}, pad {:?}, dilation {:?}, groups {})",
+        "{}{} (x {:?}, w {:?}, stride {:?}, pad {:?}, dilation {:?}, groups {})",
+        if key.storage == Storage::Bf16 {
+            "bf16 "
+        } else {
+            ""
+        },
         pass.what(),
         key.x,
         key.w,
@@ -538,7 +566,7 @@ fn algorithm(
         key.geom.groups
     );
     let c = if measure_by_default() && !key.rules.deterministic {
-        let ck = algo_cache::key(pass, key.x, key.w, &key.geom, key.rules.mode);
+        let ck = algo_cache::key(pass, key.x, key.w, &key.geom, key.rules.mode, key.storage);
         // A remembered choice still has to pass today's rules and name a known algorithm.
         let remembered = algos.get(&ck).map(|c| Candidate {
             algo: c.algo,
@@ -586,7 +614,9 @@ fn algorithm(
 }
 
 /// One pass of a convolution: `a` and `b` are its two inputs in cuDNN's argument order (forward:
-/// x, w; backward data: w, dy; backward filter: x, dy); returns its output (y, dx or dw).
+/// x, w; backward data: w, dy; backward filter: x, dy), stored as `storage` says; returns its
+/// output (y, dx or dw) in the same storage, chosen under `rules`.
+#[allow(clippy::too_many_arguments)]
 fn convolve(
     pass: Pass,
     a: &Tensor,
@@ -594,13 +624,17 @@ fn convolve(
     x: [usize; 4],
     w: [usize; 4],
     geom: &ConvGeom,
+    storage: Storage,
+    rules: Rules,
 ) -> Tensor {
-    let gpu = gpu_of(a);
+    let (gpu, ap) = input(a, storage, pass.what());
+    let (_, bp) = input(b, storage, pass.what());
     let key = ConvKey {
         x,
         w,
         geom: *geom,
-        rules: Rules::current(),
+        rules,
+        storage,
     };
     with_dnn(&gpu, |d| {
         let handle = d.handle;
@@ -624,10 +658,10 @@ fn convolve(
                 )));
             }
         }
-        let out = alloc(&gpu, numel(&out_shape))?;
+        let out = OutBuf::alloc(&gpu, storage, numel(&out_shape))?;
         let io = Io {
-            a: ptr(a),
-            b: ptr(b),
+            a: ap,
+            b: bp,
             out: out.device_ptr() as *mut c_void,
         };
         let (algo, ws_bytes) = algorithm(handle, &gpu, p, &key, pass, io, &mut d.algos)?;
@@ -645,9 +679,9 @@ fn convolve(
                     handle,
                     one(),
                     p.x.0,
-                    ptr(a),
+                    ap,
                     p.w.0,
-                    ptr(b),
+                    bp,
                     cd,
                     al,
                     wsp,
@@ -660,9 +694,9 @@ fn convolve(
                     handle,
                     one(),
                     p.w.0,
-                    ptr(a),
+                    ap,
                     p.y.0,
-                    ptr(b),
+                    bp,
                     cd,
                     al,
                     wsp,
@@ -675,9 +709,9 @@ fn convolve(
                     handle,
                     one(),
                     p.x.0,
-                    ptr(a),
+                    ap,
                     p.y.0,
-                    ptr(b),
+                    bp,
                     cd,
                     al,
                     wsp,
@@ -689,14 +723,15 @@ fn convolve(
             }
         };
         ok(status, &format!("{} with {}", pass.what(), algo.name()))?;
-        Ok(tensor(&out_shape, out))
+        Ok(out.into_tensor(&out_shape))
     })
 }
 
 /// y = conv2d(x, w): x [N, C, H, W], w [K, C/groups, R, S] → y [N, K, OH, OW].
 pub fn conv2d_fwd(x: &Tensor, w: &Tensor, geom: &ConvGeom) -> Tensor {
     let (xs, ws) = (dims4(x, "conv2d x"), dims4(w, "conv2d w"));
-    convolve(Pass::Forward, x, w, xs, ws, geom)
+    let rules = Rules::current();
+    convolve(Pass::Forward, x, w, xs, ws, geom, Storage::F32, rules)
 }
 
 /// dx of a convolution: dy [N, K, OH, OW], w [K, C/groups, R, S] → dx of shape `x_shape`.
@@ -704,7 +739,17 @@ pub fn conv2d_bwd_data(dy: &Tensor, w: &Tensor, x_shape: &[usize], geom: &ConvGe
     let xs: [usize; 4] = x_shape
         .try_into()
         .expect("conv2d_bwd_data: x_shape must be NCHW");
-    convolve(Pass::BackwardData, w, dy, xs, dims4(w, "conv2d w"), geom)
+    let ws = dims4(w, "conv2d w");
+    convolve(
+        Pass::BackwardData,
+        w,
+        dy,
+        xs,
+        ws,
+        geom,
+        Storage::F32,
+        Rules::current(),
+    )
 }
 
 /// dw of a convolution: x [N, C, H, W], dy [N, K, OH, OW] → dw of shape `w_shape`.
@@ -712,7 +757,79 @@ pub fn conv2d_bwd_filter(x: &Tensor, dy: &Tensor, w_shape: &[usize], geom: &Conv
     let ws: [usize; 4] = w_shape
         .try_into()
         .expect("conv2d_bwd_filter: w_shape must be 4-D");
-    convolve(Pass::BackwardFilter, x, dy, dims4(x, "conv2d x"), ws, geom)
+    let xs = dims4(x, "conv2d x");
+    convolve(
+        Pass::BackwardFilter,
+        x,
+        dy,
+        xs,
+        ws,
+        geom,
+        Storage::F32,
+        Rules::current(),
+    )
+}
+
+/// y = conv2d(x, w) with bf16 x [N, C, H, W] and w [K, C/groups, R, S] → bf16 y [N, K, OH, OW]
+/// (f32 compute; y rounded once to bf16, as the CPU emulation rounds it).
+pub fn conv2d_fwd_bf16(x: &Tensor, w: &Tensor, geom: &ConvGeom) -> Tensor {
+    let (xs, ws) = (dims4(x, "conv2d_fwd_bf16 x"), dims4(w, "conv2d_fwd_bf16 w"));
+    convolve(
+        Pass::Forward,
+        x,
+        w,
+        xs,
+        ws,
+        geom,
+        Storage::Bf16,
+        Rules::tensor_op(),
+    )
+}
+
+/// dx of a bf16 convolution: bf16 dy [N, K, OH, OW] and w → bf16 dx of shape `x_shape` (f32
+/// compute, dx rounded once to bf16, as the CPU emulation rounds it).
+pub fn conv2d_bwd_data_bf16(dy: &Tensor, w: &Tensor, x_shape: &[usize], geom: &ConvGeom) -> Tensor {
+    let xs: [usize; 4] = x_shape
+        .try_into()
+        .expect("conv2d_bwd_data_bf16: x_shape must be NCHW");
+    let ws = dims4(w, "conv2d_bwd_data_bf16 w");
+    convolve(
+        Pass::BackwardData,
+        w,
+        dy,
+        xs,
+        ws,
+        geom,
+        Storage::Bf16,
+        Rules::tensor_op(),
+    )
+}
+
+/// dw of a bf16 convolution: bf16 x and dy → an **f32** dw of shape `w_shape`, the gradient of the
+/// f32 master weights. x and dy are widened to f32 (exact) and the f32 plan runs with TF32 tensor
+/// ops, exact for bf16 values (see the module header for why not a bf16 dw).
+pub fn conv2d_bwd_filter_bf16(
+    x: &Tensor,
+    dy: &Tensor,
+    w_shape: &[usize],
+    geom: &ConvGeom,
+) -> Tensor {
+    let ws: [usize; 4] = w_shape
+        .try_into()
+        .expect("conv2d_bwd_filter_bf16: w_shape must be 4-D");
+    let xs = dims4(x, "conv2d_bwd_filter_bf16 x");
+    let (x32, dy32) = (to_f32(x), to_f32(dy));
+    let rules = Rules::tensor_op();
+    convolve(
+        Pass::BackwardFilter,
+        &x32,
+        &dy32,
+        xs,
+        ws,
+        geom,
+        Storage::F32,
+        rules,
+    )
 }
 
 /// The algorithm and workspace bytes chosen for one convolution shape under the current math mode
@@ -730,6 +847,7 @@ pub fn chosen_algorithms(
         w,
         geom: *geom,
         rules: Rules::current(),
+        storage: Storage::F32,
     };
     match slot.as_ref().and_then(|d| d.as_ref().ok()?.plans.get(&key)) {
         Some(p) => Pass::ALL.map(|pass| p.algo[pass.index()].map(|(a, ws)| (a.name(), ws))),
@@ -784,6 +902,21 @@ mod tests {
         assert_eq!(pick(&list, TF32, "fwd").unwrap().algo, 2);
         assert_eq!(pick(&list[..2], TF32, "fwd").unwrap().algo, 0);
         assert!(pick(&list[..1], TF32, "fwd").is_err());
+    }
+
+    #[test]
+    fn bf16_takes_tensor_op_kernels_even_in_fp32_mode() {
+        // The default math mode is fp32 (FMA only); bf16 data must still get tensor-op kernels
+        // and never the fp16 down-conversion.
+        let r = Rules::tensor_op();
+        assert_eq!(r.mode, MathMode::Tf32);
+        let list = [
+            cand(1, math::TENSOR_OP_ALLOW_CONVERSION, true, 0),
+            cand(0, math::FMA, true, 0),
+            cand(2, math::TENSOR_OP, true, 0),
+        ];
+        assert_eq!(pick(&list, r, "bf16 fwd").unwrap().algo, 2);
+        assert!(pick(&list[..1], r, "bf16 fwd").is_err());
     }
 
     #[test]

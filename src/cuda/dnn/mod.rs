@@ -3,7 +3,7 @@
 //!
 //! `mod.rs` holds what every cuDNN call shares: the per-device handle behind its mutex (`with_dnn`),
 //! descriptors, error handling. `conv` chooses and runs convolution algorithms, `bn` the batch norm
-//! and per-channel helpers, `conv_bf16` the bf16 forward convolution (the bf16 path's first piece).
+//! and per-channel helpers (both also with bf16 data and f32 compute, the bf16 path's pieces).
 //!
 //! We call cuDNN's C API through `cudarc::cudnn::sys` rather than cudarc's safe wrapper because that
 //! wrapper is not `Send` and does not expose group counts and math types on all paths; the handle
@@ -17,18 +17,21 @@
 mod algo_cache;
 mod bn;
 mod conv;
-mod conv_bf16;
 
 pub use bn::{
-    add_channel_bias, batch_norm_bwd, batch_norm_eval_bwd, batch_norm_fwd_infer,
-    batch_norm_fwd_train, channel_sums, mul, BnTrain,
+    add_channel_bias, batch_norm_bwd, batch_norm_bwd_bf16, batch_norm_eval_bwd,
+    batch_norm_fwd_infer, batch_norm_fwd_infer_bf16, batch_norm_fwd_train,
+    batch_norm_fwd_train_bf16, channel_sums, mul, BnTrain,
 };
-pub use conv::{chosen_algorithms, conv2d_bwd_data, conv2d_bwd_filter, conv2d_fwd, ConvGeom, Pass};
-pub use conv_bf16::conv2d_fwd_bf16;
+pub use conv::{
+    chosen_algorithms, conv2d_bwd_data, conv2d_bwd_data_bf16, conv2d_bwd_filter,
+    conv2d_bwd_filter_bf16, conv2d_fwd, conv2d_fwd_bf16, ConvGeom, Pass,
+};
 
+use super::bf16::{bf16_buf, Bf16Buf};
 use super::libs::{self, Lib};
-use super::{buf, lock, CudaBuf, Gpu, OutOfMemory};
-use crate::tensor::Tensor;
+use super::{buf, lock, tensor, CudaBuf, Gpu, OutOfMemory};
+use crate::tensor::{DType, Layout, Tensor};
 use cudarc::cudnn::sys;
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -54,6 +57,80 @@ impl From<OutOfMemory> for Fail {
     }
 }
 
+/// The element type of a cuDNN op's data tensors (compute and per-channel parameters are f32 for
+/// both).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Storage {
+    F32,
+    /// bf16 data (x, w, y, dx, dy) with f32 accumulation.
+    Bf16,
+}
+
+impl Storage {
+    fn cudnn(self) -> sys::cudnnDataType_t {
+        match self {
+            Storage::F32 => sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            Storage::Bf16 => sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16,
+        }
+    }
+
+    fn dtype(self) -> DType {
+        match self {
+            Storage::F32 => DType::F32,
+            Storage::Bf16 => DType::Bf16,
+        }
+    }
+}
+
+/// The output buffer of a cuDNN call, in its storage type.
+enum OutBuf {
+    F32(CudaBuf),
+    Bf16(Bf16Buf),
+}
+
+impl OutBuf {
+    fn alloc(gpu: &Arc<Gpu>, storage: Storage, n: usize) -> Result<OutBuf, Fail> {
+        Ok(match storage {
+            Storage::F32 => OutBuf::F32(alloc(gpu, n)?),
+            Storage::Bf16 => OutBuf::Bf16(Bf16Buf::try_alloc(gpu, n)?),
+        })
+    }
+
+    fn device_ptr(&self) -> u64 {
+        match self {
+            OutBuf::F32(b) => b.device_ptr(),
+            OutBuf::Bf16(b) => b.device_ptr(),
+        }
+    }
+
+    fn into_tensor(self, shape: &[usize]) -> Tensor {
+        match self {
+            OutBuf::F32(b) => tensor(shape, b),
+            OutBuf::Bf16(b) => Tensor::from_device_buffer(shape, Box::new(b)),
+        }
+    }
+}
+
+/// The device and data address of a GPU input of `storage`'s type (f32 or bf16, NCHW); a tensor of
+/// another type or layout is a caller's bug, named in the panic.
+fn input(t: &Tensor, storage: Storage, what: &str) -> (Arc<Gpu>, *const c_void) {
+    assert!(
+        t.dtype() == storage.dtype() && t.layout() == Layout::RowMajor,
+        "{what}: expected an NCHW {:?} GPU tensor, got {t:?}",
+        storage.dtype()
+    );
+    match storage {
+        Storage::F32 => {
+            let b = crate::cuda::buf(t);
+            (b.gpu.clone(), b.device_ptr() as *const c_void)
+        }
+        Storage::Bf16 => {
+            let b = bf16_buf(t);
+            (b.gpu().clone(), b.device_ptr() as *const c_void)
+        }
+    }
+}
+
 fn ok(s: sys::cudnnStatus_t, what: &str) -> Result<(), String> {
     s.result().map_err(|e| format!("cuDNN {what}: {e:?}"))
 }
@@ -68,7 +145,8 @@ pub(crate) struct FilterDesc(sys::cudnnFilterDescriptor_t);
 pub(crate) struct ConvDesc(sys::cudnnConvolutionDescriptor_t);
 
 impl TensorDesc {
-    fn nchw(d: [usize; 4]) -> Result<TensorDesc, String> {
+    /// An NCHW descriptor of element type `ty` (f32, or bf16 for the bf16 path).
+    fn nchw_of(d: [usize; 4], ty: sys::cudnnDataType_t) -> Result<TensorDesc, String> {
         let t = TensorDesc(
             cudarc::cudnn::result::create_tensor_descriptor().map_err(|e| format!("{e:?}"))?,
         );
@@ -78,7 +156,7 @@ impl TensorDesc {
                 sys::cudnnSetTensor4dDescriptor(
                     t.0,
                     sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
-                    sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+                    ty,
                     d[0] as i32,
                     d[1] as i32,
                     d[2] as i32,
@@ -116,7 +194,7 @@ impl Drop for ConvDesc {
 pub struct Dnn {
     handle: sys::cudnnHandle_t,
     plans: HashMap<conv::ConvKey, conv::ConvPlan>,
-    bn: HashMap<[usize; 4], (TensorDesc, TensorDesc)>,
+    bn: HashMap<([usize; 4], Storage), (TensorDesc, TensorDesc)>,
     /// Measured convolution algorithms, in memory and on disk (`algo_cache`).
     algos: algo_cache::AlgoCache,
 }
