@@ -312,6 +312,168 @@ pub fn batch_norm2d_in_mode(
     }
 }
 
+/// Training-mode batch norm, then an optional residual add, then ReLU: `relu(bn(x) [+ residual])`,
+/// the tail of every ResNet conv. On the CPU in f32/f64 this is one pass over the activations
+/// forward (instead of three: affine, add, ReLU) and the ReLU mask is folded into the batch-norm
+/// backward (no separate masked gradient when there is no residual). The arithmetic is the unfused
+/// ops' own, in the same order, so the results are bit-identical to them (tests/fused_bn.rs). On a
+/// GPU, in evaluation mode, under `--sync-bn` or the bf16 emulation it is the unfused ops.
+pub fn batch_norm2d_relu(
+    t: &mut Tape,
+    store: &mut ParamStore,
+    x: &Var,
+    bn: &BatchNormIds,
+    residual: Option<&Var>,
+) -> Var {
+    let host = x.value().device() == crate::tensor::Device::Cpu
+        && matches!(x.value().dtype(), DType::F32 | DType::F64);
+    let fused = host && t.is_training() && !unfused_requested();
+    if !fused || crate::dist::sync_bn::is_active() || cpu::bf16::emulating() {
+        let y = batch_norm2d(t, store, x, bn);
+        let y = match residual {
+            Some(r) => super::add(t, &y, r),
+            None => y,
+        };
+        return super::relu(t, &y);
+    }
+    let gamma = t.param(store, bn.weight);
+    let beta = t.param(store, bn.bias);
+    let rm = store.value(bn.running_mean).clone();
+    let rv = store.value(bn.running_var).clone();
+    if let Some(r) = residual {
+        assert_eq!(
+            r.value().shape(),
+            x.value().shape(),
+            "batch_norm2d_relu: residual shape"
+        );
+        assert_same_place("batch_norm2d_relu", &[x.value(), r.value()]);
+    }
+    let out = batch_norm2d_relu_train_fwd(
+        x.value(),
+        gamma.value(),
+        beta.value(),
+        &rm,
+        &rv,
+        residual.map(|r| r.value()),
+        BN_MOMENTUM,
+        BN_EPS,
+    );
+    store.set_value(bn.running_mean, out.running_mean);
+    store.set_value(bn.running_var, out.running_var);
+    let count = increment_fwd(store.value(bn.num_batches_tracked));
+    store.set_value(bn.num_batches_tracked, count);
+    let (mean, invstd) = (out.mean, out.invstd);
+    let (sx, sg, sy) = (x.value().clone(), gamma.value().clone(), out.y.clone());
+    let mut inputs = vec![x, &gamma, &beta];
+    inputs.extend(residual);
+    let with_residual = residual.is_some();
+    t.op(out.y, &inputs, move || {
+        Box::new(move |g, needs| {
+            if with_residual {
+                // The residual's gradient is the masked gradient itself: materialise it once.
+                let dz = super::relu_bwd(&sy, g);
+                let d = batch_norm2d_train_bwd(&sx, &dz, &sg, &mean, &invstd);
+                vec![
+                    needs[0].then_some(d.dx),
+                    needs[1].then_some(d.dweight),
+                    needs[2].then_some(d.dbias),
+                    needs[3].then_some(dz),
+                ]
+            } else {
+                let d = batch_norm2d_relu_train_bwd(&sx, g, &sy, &sg, &mean, &invstd);
+                vec![
+                    needs[0].then_some(d.dx),
+                    needs[1].then_some(d.dweight),
+                    needs[2].then_some(d.dbias),
+                ]
+            }
+        })
+    })
+}
+
+/// `PODGPU_CPU_UNFUSED_BN=1` runs the unfused ops instead (to measure what the fusion gains with
+/// one binary).
+fn unfused_requested() -> bool {
+    static UNFUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *UNFUSED.get_or_init(|| std::env::var("PODGPU_CPU_UNFUSED_BN").is_ok_and(|v| v == "1"))
+}
+
+/// Host training-mode forward of `relu(bn(x) [+ residual])` (see `batch_norm2d_relu`).
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm2d_relu_train_fwd(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    residual: Option<&Tensor>,
+    momentum: f64,
+    eps: f64,
+) -> BatchNormTrainOut {
+    check_shapes(
+        "batch_norm2d_relu",
+        x,
+        &[weight, bias, running_mean, running_var],
+    );
+    assert_eq!(
+        x.device(),
+        crate::tensor::Device::Cpu,
+        "batch_norm2d_relu_train_fwd: host kernel only (the GPU runs the unfused ops)"
+    );
+    let ep = Epilogue {
+        residual,
+        relu: true,
+    };
+    match x.dtype() {
+        DType::F32 => bn_train_fwd_host_with::<f32>(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            ep,
+        ),
+        DType::F64 => bn_train_fwd_host_with::<f64>(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            ep,
+        ),
+        d => panic!("batch_norm2d_relu_train_fwd: {d:?} host tensors are storage only"),
+    }
+}
+
+/// Host training-mode backward of `relu(bn(x))` given the fused output `y`: the batch-norm backward
+/// of `dy` masked where `y > 0`, without materialising the masked gradient.
+pub fn batch_norm2d_relu_train_bwd(
+    x: &Tensor,
+    dy: &Tensor,
+    y: &Tensor,
+    weight: &Tensor,
+    mean: &Tensor,
+    invstd: &Tensor,
+) -> BatchNormGrads {
+    check_shapes("batch_norm2d_relu_train_bwd", x, &[weight, mean, invstd]);
+    assert_eq!(
+        x.shape(),
+        dy.shape(),
+        "batch_norm2d_relu_train_bwd: dy shape"
+    );
+    assert_eq!(x.shape(), y.shape(), "batch_norm2d_relu_train_bwd: y shape");
+    assert_same_place("batch_norm2d_relu_train_bwd", &[x, dy, y]);
+    match x.dtype() {
+        DType::F32 => bn_train_bwd_host_with::<f32>(x, dy, Some(y), weight, mean, invstd),
+        DType::F64 => bn_train_bwd_host_with::<f64>(x, dy, Some(y), weight, mean, invstd),
+        d => panic!("batch_norm2d_relu_train_bwd: {d:?} host tensors are storage only"),
+    }
+}
+
 // ---- CUDA arms (cuDNN) ----
 
 /// cuDNN's training-mode batch norm has the same contract as the host kernel: new running
@@ -445,6 +607,37 @@ fn affine<T: Elem>(
     out
 }
 
+/// out = max(0, x·scale[c] + shift[c] [+ r]): the affine map, the residual add and the ReLU of the
+/// unfused ops in one pass, each step rounded to T as they round it.
+fn affine_add_relu<T: Elem>(
+    xs: &[T],
+    scale: &[f64],
+    shift: &[f64],
+    residual: Option<&[T]>,
+    (_, c, hw): (usize, usize, usize),
+) -> Vec<T> {
+    // SAFETY: the planes cover `out` and each writes all of its elements.
+    let mut out = unsafe { cpu::arena::vec_for_overwrite(xs.len()) };
+    let relu = |v: T| if v > T::zero() { v } else { T::zero() };
+    cpu::par_chunks(&mut out, hw, hw, |p, o| {
+        let (a, b) = (T::of(scale[p % c]), T::of(shift[p % c]));
+        let r = p * hw..(p + 1) * hw;
+        match residual {
+            Some(res) => {
+                for ((o, &v), &rv) in o.iter_mut().zip(&xs[r.clone()]).zip(&res[r]) {
+                    *o = relu(v * a + b + rv);
+                }
+            }
+            None => {
+                for (o, &v) in o.iter_mut().zip(&xs[r]) {
+                    *o = relu(v * a + b);
+                }
+            }
+        }
+    });
+    out
+}
+
 fn f64s<T: Elem>(t: &Tensor) -> Vec<f64> {
     t.host::<T>().iter().map(|v| v.f64()).collect()
 }
@@ -462,6 +655,40 @@ fn bn_train_fwd_host<T: Elem>(
     momentum: f64,
     eps: f64,
 ) -> BatchNormTrainOut {
+    let plain = Epilogue {
+        residual: None,
+        relu: false,
+    };
+    bn_train_fwd_host_with::<T>(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        momentum,
+        eps,
+        plain,
+    )
+}
+
+/// What follows the affine map in the same pass: an optional residual add, then an optional ReLU.
+#[derive(Clone, Copy)]
+struct Epilogue<'a> {
+    residual: Option<&'a Tensor>,
+    relu: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bn_train_fwd_host_with<T: Elem>(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    momentum: f64,
+    eps: f64,
+    ep: Epilogue,
+) -> BatchNormTrainOut {
     let d @ (n, c, hw) = dims(x);
     let m = (n * hw) as f64;
     let xs = x.host::<T>();
@@ -478,7 +705,11 @@ fn bn_train_fwd_host<T: Elem>(
     let (g, b) = (f64s::<T>(weight), f64s::<T>(bias));
     let scale: Vec<f64> = (0..c).map(|ch| g[ch] * invstd[ch]).collect();
     let shift: Vec<f64> = (0..c).map(|ch| b[ch] - mean[ch] * scale[ch]).collect();
-    let y = affine(xs, &scale, &shift, d);
+    let y = if ep.residual.is_none() && !ep.relu {
+        affine(xs, &scale, &shift, d)
+    } else {
+        affine_add_relu(xs, &scale, &shift, ep.residual.map(|r| r.host::<T>()), d)
+    };
 
     let (rm, rv) = (f64s::<T>(running_mean), f64s::<T>(running_var));
     let unbias = m / (m - 1.0);
@@ -506,14 +737,33 @@ fn bn_train_bwd_host<T: Elem>(
     mean: &Tensor,
     invstd: &Tensor,
 ) -> BatchNormGrads {
+    bn_train_bwd_host_with::<T>(x, dy, None, weight, mean, invstd)
+}
+
+/// The training backward; with `relu_y` (the output of a fused ReLU) dy counts only where y > 0,
+/// exactly the values the unfused ReLU backward would have passed on.
+fn bn_train_bwd_host_with<T: Elem>(
+    x: &Tensor,
+    dy: &Tensor,
+    relu_y: Option<&Tensor>,
+    weight: &Tensor,
+    mean: &Tensor,
+    invstd: &Tensor,
+) -> BatchNormGrads {
     let d @ (n, c, hw) = dims(x);
     let m = (n * hw) as f64;
     let (xs, dys) = (x.host::<T>(), dy.host::<T>());
     let (g, mu, is) = (f64s::<T>(weight), f64s::<T>(mean), f64s::<T>(invstd));
-    let dbeta = channel_sums(xs, Some(dys), d, |_, _, dv| dv.f64());
-    let dgamma = channel_sums(xs, Some(dys), d, |ch, v, dv| {
-        dv.f64() * (v.f64() - mu[ch]) * is[ch]
-    });
+    let (dbeta, dgamma) = match relu_y {
+        None => (
+            channel_sums(xs, Some(dys), d, |_, _, dv| dv.f64()),
+            channel_sums(xs, Some(dys), d, |ch, v, dv| {
+                dv.f64() * (v.f64() - mu[ch]) * is[ch]
+            }),
+        ),
+        Some(y) => masked_dbeta_dgamma(xs, dys, y.host::<T>(), &mu, &is, d),
+    };
+    let ys = relu_y.map(|y| y.host::<T>());
     // SAFETY: the planes cover `dx` and each writes all of its elements.
     let mut dx = unsafe { cpu::arena::vec_for_overwrite(xs.len()) };
     cpu::par_chunks(&mut dx, hw, hw, |p, o| {
@@ -521,9 +771,21 @@ fn bn_train_bwd_host<T: Elem>(
         let k = g[ch] * is[ch];
         let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
         let r = p * hw..(p + 1) * hw;
-        for ((o, &v), &dv) in o.iter_mut().zip(&xs[r.clone()]).zip(&dys[r]) {
-            let xhat = (v.f64() - mu[ch]) * is[ch];
-            *o = T::of(k * (dv.f64() - mb - xhat * mg));
+        match ys {
+            None => {
+                for ((o, &v), &dv) in o.iter_mut().zip(&xs[r.clone()]).zip(&dys[r]) {
+                    let xhat = (v.f64() - mu[ch]) * is[ch];
+                    *o = T::of(k * (dv.f64() - mb - xhat * mg));
+                }
+            }
+            Some(ys) => {
+                let xyd = xs[r.clone()].iter().zip(&ys[r.clone()]).zip(&dys[r]);
+                for (o, ((&v, &yv), &dv)) in o.iter_mut().zip(xyd) {
+                    let dv = if yv > T::zero() { dv } else { T::zero() };
+                    let xhat = (v.f64() - mu[ch]) * is[ch];
+                    *o = T::of(k * (dv.f64() - mb - xhat * mg));
+                }
+            }
         }
     });
     BatchNormGrads {
@@ -531,6 +793,59 @@ fn bn_train_bwd_host<T: Elem>(
         dweight: tensor_of::<T>(&[c], &dgamma),
         dbias: tensor_of::<T>(&[c], &dbeta),
     }
+}
+
+/// (dβ, dγ) of `bn_train_bwd_host` for dy masked where the fused ReLU's output y > 0, both in one
+/// pass and each summed in `channel_sums`' order (LANES partial sums, then the tail), so the results
+/// equal the unfused sums over the masked gradient bit for bit.
+fn masked_dbeta_dgamma<T: Elem>(
+    xs: &[T],
+    dys: &[T],
+    ys: &[T],
+    mu: &[f64],
+    is: &[f64],
+    (n, c, hw): (usize, usize, usize),
+) -> (Vec<f64>, Vec<f64>) {
+    const LANES: usize = 8;
+    let sums: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .with_min_len((cpu::PAR_MIN_WORK / (n * hw).max(1)).max(1))
+        .map(|ch| {
+            let (mut ab, mut ag) = ([0.0f64; LANES], [0.0f64; LANES]);
+            let (mut tb, mut tg) = (0.0, 0.0);
+            let term = |v: T, yv: T, dv: T| {
+                let dv = if yv > T::zero() { dv } else { T::zero() };
+                (dv.f64(), dv.f64() * (v.f64() - mu[ch]) * is[ch])
+            };
+            for i in 0..n {
+                let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+                let (xc, yc, dc) = (
+                    xs[r.clone()].chunks_exact(LANES),
+                    ys[r.clone()].chunks_exact(LANES),
+                    dys[r].chunks_exact(LANES),
+                );
+                let rem = xc
+                    .remainder()
+                    .iter()
+                    .zip(yc.remainder())
+                    .zip(dc.remainder());
+                for ((&v, &yv), &dv) in rem {
+                    let (b, g) = term(v, yv, dv);
+                    tb += b;
+                    tg += g;
+                }
+                for ((xb, yb), db) in xc.zip(yc).zip(dc) {
+                    for l in 0..LANES {
+                        let (b, g) = term(xb[l], yb[l], db[l]);
+                        ab[l] += b;
+                        ag[l] += g;
+                    }
+                }
+            }
+            (ab.iter().sum::<f64>() + tb, ag.iter().sum::<f64>() + tg)
+        })
+        .collect();
+    sums.into_iter().unzip()
 }
 
 fn bn_eval_fwd_host<T: Elem>(
