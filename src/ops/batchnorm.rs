@@ -314,10 +314,9 @@ pub fn batch_norm2d_in_mode(
 
 /// Training-mode batch norm, then an optional residual add, then ReLU: `relu(bn(x) [+ residual])`,
 /// the tail of every ResNet conv. On the CPU in f32/f64 this is one pass over the activations
-/// forward (instead of three: affine, add, ReLU) and the ReLU mask is folded into the batch-norm
-/// backward (no separate masked gradient when there is no residual). The arithmetic is the unfused
-/// ops' own, in the same order, so the results are bit-identical to them (tests/fused_bn.rs). On a
-/// GPU, in evaluation mode, under `--sync-bn` or the bf16 emulation it is the unfused ops.
+/// forward (instead of three: affine, add, ReLU) and the backward is the ReLU mask then the
+/// plain batch-norm backward. The arithmetic is the unfused ops' own, in the same order, so the
+/// results are bit-identical to them (tests/fd_cnn_ops.rs). On a GPU, in evaluation mode, under `--sync-bn` or the bf16 emulation it is the unfused ops.
 pub fn batch_norm2d_relu(
     t: &mut Tape,
     store: &mut ParamStore,
@@ -369,24 +368,20 @@ pub fn batch_norm2d_relu(
     let with_residual = residual.is_some();
     t.op(out.y, &inputs, move || {
         Box::new(move |g, needs| {
+            // The masked gradient is materialised (one vectorised pass) and fed to the plain
+            // backward: folding the mask into the channel sums measured ≈ 5% slower per step
+            // (BENCHMARKS.md), and the masked gradient is the residual's gradient too.
+            let dz = super::relu_bwd(&sy, g);
+            let d = batch_norm2d_train_bwd(&sx, &dz, &sg, &mean, &invstd);
+            let mut grads = vec![
+                needs[0].then_some(d.dx),
+                needs[1].then_some(d.dweight),
+                needs[2].then_some(d.dbias),
+            ];
             if with_residual {
-                // The residual's gradient is the masked gradient itself: materialise it once.
-                let dz = super::relu_bwd(&sy, g);
-                let d = batch_norm2d_train_bwd(&sx, &dz, &sg, &mean, &invstd);
-                vec![
-                    needs[0].then_some(d.dx),
-                    needs[1].then_some(d.dweight),
-                    needs[2].then_some(d.dbias),
-                    needs[3].then_some(dz),
-                ]
-            } else {
-                let d = batch_norm2d_relu_train_bwd(&sx, g, &sy, &sg, &mean, &invstd);
-                vec![
-                    needs[0].then_some(d.dx),
-                    needs[1].then_some(d.dweight),
-                    needs[2].then_some(d.dbias),
-                ]
+                grads.push(needs[3].then_some(dz));
             }
+            grads
         })
     })
 }
@@ -446,31 +441,6 @@ pub fn batch_norm2d_relu_train_fwd(
             ep,
         ),
         d => panic!("batch_norm2d_relu_train_fwd: {d:?} host tensors are storage only"),
-    }
-}
-
-/// Host training-mode backward of `relu(bn(x))` given the fused output `y`: the batch-norm backward
-/// of `dy` masked where `y > 0`, without materialising the masked gradient.
-pub fn batch_norm2d_relu_train_bwd(
-    x: &Tensor,
-    dy: &Tensor,
-    y: &Tensor,
-    weight: &Tensor,
-    mean: &Tensor,
-    invstd: &Tensor,
-) -> BatchNormGrads {
-    check_shapes("batch_norm2d_relu_train_bwd", x, &[weight, mean, invstd]);
-    assert_eq!(
-        x.shape(),
-        dy.shape(),
-        "batch_norm2d_relu_train_bwd: dy shape"
-    );
-    assert_eq!(x.shape(), y.shape(), "batch_norm2d_relu_train_bwd: y shape");
-    assert_same_place("batch_norm2d_relu_train_bwd", &[x, dy, y]);
-    match x.dtype() {
-        DType::F32 => bn_train_bwd_host_with::<f32>(x, dy, Some(y), weight, mean, invstd),
-        DType::F64 => bn_train_bwd_host_with::<f64>(x, dy, Some(y), weight, mean, invstd),
-        d => panic!("batch_norm2d_relu_train_bwd: {d:?} host tensors are storage only"),
     }
 }
 
@@ -737,33 +707,14 @@ fn bn_train_bwd_host<T: Elem>(
     mean: &Tensor,
     invstd: &Tensor,
 ) -> BatchNormGrads {
-    bn_train_bwd_host_with::<T>(x, dy, None, weight, mean, invstd)
-}
-
-/// The training backward; with `relu_y` (the output of a fused ReLU) dy counts only where y > 0,
-/// exactly the values the unfused ReLU backward would have passed on.
-fn bn_train_bwd_host_with<T: Elem>(
-    x: &Tensor,
-    dy: &Tensor,
-    relu_y: Option<&Tensor>,
-    weight: &Tensor,
-    mean: &Tensor,
-    invstd: &Tensor,
-) -> BatchNormGrads {
     let d @ (n, c, hw) = dims(x);
     let m = (n * hw) as f64;
     let (xs, dys) = (x.host::<T>(), dy.host::<T>());
     let (g, mu, is) = (f64s::<T>(weight), f64s::<T>(mean), f64s::<T>(invstd));
-    let (dbeta, dgamma) = match relu_y {
-        None => (
-            channel_sums(xs, Some(dys), d, |_, _, dv| dv.f64()),
-            channel_sums(xs, Some(dys), d, |ch, v, dv| {
-                dv.f64() * (v.f64() - mu[ch]) * is[ch]
-            }),
-        ),
-        Some(y) => masked_dbeta_dgamma(xs, dys, y.host::<T>(), &mu, &is, d),
-    };
-    let ys = relu_y.map(|y| y.host::<T>());
+    let dbeta = channel_sums(xs, Some(dys), d, |_, _, dv| dv.f64());
+    let dgamma = channel_sums(xs, Some(dys), d, |ch, v, dv| {
+        dv.f64() * (v.f64() - mu[ch]) * is[ch]
+    });
     // SAFETY: the planes cover `dx` and each writes all of its elements.
     let mut dx = unsafe { cpu::arena::vec_for_overwrite(xs.len()) };
     cpu::par_chunks(&mut dx, hw, hw, |p, o| {
@@ -771,21 +722,9 @@ fn bn_train_bwd_host_with<T: Elem>(
         let k = g[ch] * is[ch];
         let (mb, mg) = (dbeta[ch] / m, dgamma[ch] / m);
         let r = p * hw..(p + 1) * hw;
-        match ys {
-            None => {
-                for ((o, &v), &dv) in o.iter_mut().zip(&xs[r.clone()]).zip(&dys[r]) {
-                    let xhat = (v.f64() - mu[ch]) * is[ch];
-                    *o = T::of(k * (dv.f64() - mb - xhat * mg));
-                }
-            }
-            Some(ys) => {
-                let xyd = xs[r.clone()].iter().zip(&ys[r.clone()]).zip(&dys[r]);
-                for (o, ((&v, &yv), &dv)) in o.iter_mut().zip(xyd) {
-                    let dv = if yv > T::zero() { dv } else { T::zero() };
-                    let xhat = (v.f64() - mu[ch]) * is[ch];
-                    *o = T::of(k * (dv.f64() - mb - xhat * mg));
-                }
-            }
+        for ((o, &v), &dv) in o.iter_mut().zip(&xs[r.clone()]).zip(&dys[r]) {
+            let xhat = (v.f64() - mu[ch]) * is[ch];
+            *o = T::of(k * (dv.f64() - mb - xhat * mg));
         }
     });
     BatchNormGrads {
@@ -793,59 +732,6 @@ fn bn_train_bwd_host_with<T: Elem>(
         dweight: tensor_of::<T>(&[c], &dgamma),
         dbias: tensor_of::<T>(&[c], &dbeta),
     }
-}
-
-/// (dβ, dγ) of `bn_train_bwd_host` for dy masked where the fused ReLU's output y > 0, both in one
-/// pass and each summed in `channel_sums`' order (LANES partial sums, then the tail), so the results
-/// equal the unfused sums over the masked gradient bit for bit.
-fn masked_dbeta_dgamma<T: Elem>(
-    xs: &[T],
-    dys: &[T],
-    ys: &[T],
-    mu: &[f64],
-    is: &[f64],
-    (n, c, hw): (usize, usize, usize),
-) -> (Vec<f64>, Vec<f64>) {
-    const LANES: usize = 8;
-    let sums: Vec<(f64, f64)> = (0..c)
-        .into_par_iter()
-        .with_min_len((cpu::PAR_MIN_WORK / (n * hw).max(1)).max(1))
-        .map(|ch| {
-            let (mut ab, mut ag) = ([0.0f64; LANES], [0.0f64; LANES]);
-            let (mut tb, mut tg) = (0.0, 0.0);
-            let term = |v: T, yv: T, dv: T| {
-                let dv = if yv > T::zero() { dv } else { T::zero() };
-                (dv.f64(), dv.f64() * (v.f64() - mu[ch]) * is[ch])
-            };
-            for i in 0..n {
-                let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-                let (xc, yc, dc) = (
-                    xs[r.clone()].chunks_exact(LANES),
-                    ys[r.clone()].chunks_exact(LANES),
-                    dys[r].chunks_exact(LANES),
-                );
-                let rem = xc
-                    .remainder()
-                    .iter()
-                    .zip(yc.remainder())
-                    .zip(dc.remainder());
-                for ((&v, &yv), &dv) in rem {
-                    let (b, g) = term(v, yv, dv);
-                    tb += b;
-                    tg += g;
-                }
-                for ((xb, yb), db) in xc.zip(yc).zip(dc) {
-                    for l in 0..LANES {
-                        let (b, g) = term(xb[l], yb[l], db[l]);
-                        ab[l] += b;
-                        ag[l] += g;
-                    }
-                }
-            }
-            (ab.iter().sum::<f64>() + tb, ag.iter().sum::<f64>() + tg)
-        })
-        .collect();
-    sums.into_iter().unzip()
 }
 
 fn bn_eval_fwd_host<T: Elem>(
