@@ -677,3 +677,94 @@ fn small_cnn_with_every_op() {
     );
     assert_close(&r, 1e-6);
 }
+
+// ---- fused batch norm + residual add + ReLU (the ResNet blocks' tail) ----
+
+#[test]
+fn fused_batch_norm_relu_gradients() {
+    let mut rng = Rng::new(24);
+    let (mut store, bn) = bn_store(3, &mut rng);
+    let x = bn_input(&[4, 3, 3, 2], &mut rng);
+    let r = check(
+        &[("x", x)],
+        &mut store,
+        |t, s, v| ops::batch_norm2d_relu(t, s, &v[0], &bn, None),
+        &opts(),
+    );
+    assert_eq!(r.len(), 3, "x, weight and bias are checked");
+    assert_close(&r, 1e-6);
+}
+
+#[test]
+fn fused_batch_norm_add_relu_gradients() {
+    let mut rng = Rng::new(25);
+    let (mut store, bn) = bn_store(3, &mut rng);
+    let x = bn_input(&[4, 3, 3, 2], &mut rng);
+    let res = randn(&[4, 3, 3, 2], &mut rng);
+    let r = check(
+        &[("x", x), ("residual", res)],
+        &mut store,
+        |t, s, v| ops::batch_norm2d_relu(t, s, &v[0], &bn, Some(&v[1])),
+        &opts(),
+    );
+    assert_eq!(r.len(), 4, "x, residual, weight and bias are checked");
+    assert_close(&r, 1e-6);
+}
+
+/// The fused op does the unfused ops' arithmetic in their order: in f32 every output, gradient and
+/// running statistic must be bit-identical to batch_norm2d → add → relu.
+#[test]
+fn fused_batch_norm_relu_equals_unfused_ops_exactly_in_f32() {
+    for with_residual in [false, true] {
+        let mut rng = Rng::new(26);
+        let (c, shape) = (5, [3, 5, 7, 9]); // 63 values per plane: the 8-lane sums and their tails
+        let (store64, bn) = bn_store(c, &mut rng);
+        let x = bn_input(&shape, &mut rng).to_dtype(DType::F32);
+        let res = randn(&shape, &mut rng).to_dtype(DType::F32);
+        let dy = randn(&shape, &mut rng).to_dtype(DType::F32);
+        let run = |fused: bool| {
+            let mut store = ParamStore::new();
+            let ids = BatchNormIds::register_as(&mut store, "bn", c, DType::F32);
+            for (to, from) in [
+                (ids.weight, bn.weight),
+                (ids.bias, bn.bias),
+                (ids.running_mean, bn.running_mean),
+                (ids.running_var, bn.running_var),
+            ] {
+                store.set_value(to, store64.value(from).to_dtype(DType::F32));
+            }
+            let mut t = Tape::train();
+            let xv = t.leaf(x.clone());
+            let rv = t.leaf(res.clone());
+            let r = with_residual.then_some(&rv);
+            let y = if fused {
+                ops::batch_norm2d_relu(&mut t, &mut store, &xv, &ids, r)
+            } else {
+                let y = ops::batch_norm2d(&mut t, &mut store, &xv, &ids);
+                let y = match r {
+                    Some(r) => ops::add(&mut t, &y, r),
+                    None => y,
+                };
+                ops::relu(&mut t, &y)
+            };
+            t.backward_with(&y, dy.clone(), &mut store);
+            let mut out = vec![y.value().to_vec_f64(), t.grad_of(&xv).unwrap().to_vec_f64()];
+            if with_residual {
+                out.push(t.grad_of(&rv).unwrap().to_vec_f64());
+            }
+            for id in [ids.weight, ids.bias] {
+                out.push(store.get(id).grad.as_ref().unwrap().to_vec_f64());
+            }
+            for id in [ids.running_mean, ids.running_var] {
+                out.push(store.value(id).to_vec_f64());
+            }
+            out
+        };
+        let (fused, unfused) = (run(true), run(false));
+        assert!(
+            fused[0].contains(&0.0) && fused[0].iter().any(|&v| v > 0.0),
+            "the ReLU must clip some values and pass others"
+        );
+        assert_eq!(fused, unfused, "residual: {with_residual}");
+    }
+}

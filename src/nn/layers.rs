@@ -73,6 +73,17 @@ impl BatchNorm {
     pub fn forward(&self, t: &mut Tape, ps: &mut ParamStore, x: &Var) -> Var {
         ops::batch_norm2d(t, ps, x, &self.ids)
     }
+
+    /// relu(bn(x) [+ residual]) as one fused op (`ops::batch_norm2d_relu`).
+    pub fn forward_relu(
+        &self,
+        t: &mut Tape,
+        ps: &mut ParamStore,
+        x: &Var,
+        residual: Option<&Var>,
+    ) -> Var {
+        ops::batch_norm2d_relu(t, ps, x, &self.ids, residual)
+    }
 }
 
 /// Fully connected layer `{prefix}.weight` [out, in] and `{prefix}.bias` [out].

@@ -42,15 +42,6 @@ struct Block {
 
 impl Block {
     fn forward(&self, t: &mut Tape, ps: &mut ParamStore, x: &Var) -> Var {
-        let mut y = x.clone();
-        let last = self.convs.len() - 1;
-        for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            y = conv.forward(t, ps, &y);
-            y = bn.forward(t, ps, &y);
-            if i != last {
-                y = ops::relu(t, &y);
-            }
-        }
         let residual = match &self.shortcut {
             Some((conv, bn)) => {
                 let s = conv.forward(t, ps, x);
@@ -58,8 +49,15 @@ impl Block {
             }
             None => x.clone(),
         };
-        let sum = ops::add(t, &y, &residual);
-        ops::relu(t, &sum)
+        // conv → BN → ReLU, the last BN with the residual added before its ReLU (fused ops).
+        let mut y = x.clone();
+        let last = self.convs.len() - 1;
+        for (i, (conv, bn)) in self.convs.iter().enumerate() {
+            y = conv.forward(t, ps, &y);
+            let r = (i == last).then_some(&residual);
+            y = bn.forward_relu(t, ps, &y, r);
+        }
+        y
     }
 }
 
@@ -259,8 +257,7 @@ impl ResNet {
 
     pub fn forward(&self, t: &mut Tape, ps: &mut ParamStore, x: &Var) -> Var {
         let y = self.stem_conv.forward(t, ps, x);
-        let y = self.stem_bn.forward(t, ps, &y);
-        let mut y = ops::relu(t, &y);
+        let mut y = self.stem_bn.forward_relu(t, ps, &y, None);
         if self.stem != Stem::Cifar {
             y = ops::max_pool2d(t, &y, STEM_POOL);
         }

@@ -312,6 +312,138 @@ pub fn batch_norm2d_in_mode(
     }
 }
 
+/// Training-mode batch norm, then an optional residual add, then ReLU: `relu(bn(x) [+ residual])`,
+/// the tail of every ResNet conv. On the CPU in f32/f64 this is one pass over the activations
+/// forward (instead of three: affine, add, ReLU) and the backward is the ReLU mask then the
+/// plain batch-norm backward. The arithmetic is the unfused ops' own, in the same order, so the
+/// results are bit-identical to them (tests/fd_cnn_ops.rs). On a GPU, in evaluation mode, under `--sync-bn` or the bf16 emulation it is the unfused ops.
+pub fn batch_norm2d_relu(
+    t: &mut Tape,
+    store: &mut ParamStore,
+    x: &Var,
+    bn: &BatchNormIds,
+    residual: Option<&Var>,
+) -> Var {
+    let host = x.value().device() == crate::tensor::Device::Cpu
+        && matches!(x.value().dtype(), DType::F32 | DType::F64);
+    let fused = host && t.is_training() && !unfused_requested();
+    if !fused || crate::dist::sync_bn::is_active() || cpu::bf16::emulating() {
+        let y = batch_norm2d(t, store, x, bn);
+        let y = match residual {
+            Some(r) => super::add(t, &y, r),
+            None => y,
+        };
+        return super::relu(t, &y);
+    }
+    let gamma = t.param(store, bn.weight);
+    let beta = t.param(store, bn.bias);
+    let rm = store.value(bn.running_mean).clone();
+    let rv = store.value(bn.running_var).clone();
+    if let Some(r) = residual {
+        assert_eq!(
+            r.value().shape(),
+            x.value().shape(),
+            "batch_norm2d_relu: residual shape"
+        );
+        assert_same_place("batch_norm2d_relu", &[x.value(), r.value()]);
+    }
+    let out = batch_norm2d_relu_train_fwd(
+        x.value(),
+        gamma.value(),
+        beta.value(),
+        &rm,
+        &rv,
+        residual.map(|r| r.value()),
+        BN_MOMENTUM,
+        BN_EPS,
+    );
+    store.set_value(bn.running_mean, out.running_mean);
+    store.set_value(bn.running_var, out.running_var);
+    let count = increment_fwd(store.value(bn.num_batches_tracked));
+    store.set_value(bn.num_batches_tracked, count);
+    let (mean, invstd) = (out.mean, out.invstd);
+    let (sx, sg, sy) = (x.value().clone(), gamma.value().clone(), out.y.clone());
+    let mut inputs = vec![x, &gamma, &beta];
+    inputs.extend(residual);
+    let with_residual = residual.is_some();
+    t.op(out.y, &inputs, move || {
+        Box::new(move |g, needs| {
+            // The masked gradient is materialised (one vectorised pass) and fed to the plain
+            // backward: folding the mask into the channel sums measured ≈ 5% slower per step
+            // (BENCHMARKS.md), and the masked gradient is the residual's gradient too.
+            let dz = super::relu_bwd(&sy, g);
+            let d = batch_norm2d_train_bwd(&sx, &dz, &sg, &mean, &invstd);
+            let mut grads = vec![
+                needs[0].then_some(d.dx),
+                needs[1].then_some(d.dweight),
+                needs[2].then_some(d.dbias),
+            ];
+            if with_residual {
+                grads.push(needs[3].then_some(dz));
+            }
+            grads
+        })
+    })
+}
+
+/// `PODGPU_CPU_UNFUSED_BN=1` runs the unfused ops instead (to measure what the fusion gains with
+/// one binary).
+fn unfused_requested() -> bool {
+    static UNFUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *UNFUSED.get_or_init(|| std::env::var("PODGPU_CPU_UNFUSED_BN").is_ok_and(|v| v == "1"))
+}
+
+/// Host training-mode forward of `relu(bn(x) [+ residual])` (see `batch_norm2d_relu`).
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm2d_relu_train_fwd(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    residual: Option<&Tensor>,
+    momentum: f64,
+    eps: f64,
+) -> BatchNormTrainOut {
+    check_shapes(
+        "batch_norm2d_relu",
+        x,
+        &[weight, bias, running_mean, running_var],
+    );
+    assert_eq!(
+        x.device(),
+        crate::tensor::Device::Cpu,
+        "batch_norm2d_relu_train_fwd: host kernel only (the GPU runs the unfused ops)"
+    );
+    let ep = Epilogue {
+        residual,
+        relu: true,
+    };
+    match x.dtype() {
+        DType::F32 => bn_train_fwd_host_with::<f32>(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            ep,
+        ),
+        DType::F64 => bn_train_fwd_host_with::<f64>(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+            ep,
+        ),
+        d => panic!("batch_norm2d_relu_train_fwd: {d:?} host tensors are storage only"),
+    }
+}
+
 // ---- CUDA arms (cuDNN) ----
 
 /// cuDNN's training-mode batch norm has the same contract as the host kernel: new running
@@ -445,6 +577,37 @@ fn affine<T: Elem>(
     out
 }
 
+/// out = max(0, x·scale[c] + shift[c] [+ r]): the affine map, the residual add and the ReLU of the
+/// unfused ops in one pass, each step rounded to T as they round it.
+fn affine_add_relu<T: Elem>(
+    xs: &[T],
+    scale: &[f64],
+    shift: &[f64],
+    residual: Option<&[T]>,
+    (_, c, hw): (usize, usize, usize),
+) -> Vec<T> {
+    // SAFETY: the planes cover `out` and each writes all of its elements.
+    let mut out = unsafe { cpu::arena::vec_for_overwrite(xs.len()) };
+    let relu = |v: T| if v > T::zero() { v } else { T::zero() };
+    cpu::par_chunks(&mut out, hw, hw, |p, o| {
+        let (a, b) = (T::of(scale[p % c]), T::of(shift[p % c]));
+        let r = p * hw..(p + 1) * hw;
+        match residual {
+            Some(res) => {
+                for ((o, &v), &rv) in o.iter_mut().zip(&xs[r.clone()]).zip(&res[r]) {
+                    *o = relu(v * a + b + rv);
+                }
+            }
+            None => {
+                for (o, &v) in o.iter_mut().zip(&xs[r]) {
+                    *o = relu(v * a + b);
+                }
+            }
+        }
+    });
+    out
+}
+
 fn f64s<T: Elem>(t: &Tensor) -> Vec<f64> {
     t.host::<T>().iter().map(|v| v.f64()).collect()
 }
@@ -462,6 +625,40 @@ fn bn_train_fwd_host<T: Elem>(
     momentum: f64,
     eps: f64,
 ) -> BatchNormTrainOut {
+    let plain = Epilogue {
+        residual: None,
+        relu: false,
+    };
+    bn_train_fwd_host_with::<T>(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        momentum,
+        eps,
+        plain,
+    )
+}
+
+/// What follows the affine map in the same pass: an optional residual add, then an optional ReLU.
+#[derive(Clone, Copy)]
+struct Epilogue<'a> {
+    residual: Option<&'a Tensor>,
+    relu: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bn_train_fwd_host_with<T: Elem>(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    momentum: f64,
+    eps: f64,
+    ep: Epilogue,
+) -> BatchNormTrainOut {
     let d @ (n, c, hw) = dims(x);
     let m = (n * hw) as f64;
     let xs = x.host::<T>();
@@ -478,7 +675,11 @@ fn bn_train_fwd_host<T: Elem>(
     let (g, b) = (f64s::<T>(weight), f64s::<T>(bias));
     let scale: Vec<f64> = (0..c).map(|ch| g[ch] * invstd[ch]).collect();
     let shift: Vec<f64> = (0..c).map(|ch| b[ch] - mean[ch] * scale[ch]).collect();
-    let y = affine(xs, &scale, &shift, d);
+    let y = if ep.residual.is_none() && !ep.relu {
+        affine(xs, &scale, &shift, d)
+    } else {
+        affine_add_relu(xs, &scale, &shift, ep.residual.map(|r| r.host::<T>()), d)
+    };
 
     let (rm, rv) = (f64s::<T>(running_mean), f64s::<T>(running_var));
     let unbias = m / (m - 1.0);
