@@ -34,7 +34,10 @@ EXIT_NO_DEVICE=3
 CHECKS_BUDGET=240
 BENCH_BUDGET=300
 CIFAR_BUDGET=240
-TEST_BINS=(cuda_device cuda_nvrtc cuda_parity)
+TEST_BINS=(cuda_device cuda_nvrtc cuda_parity cuda_nccl)
+# Everything is packed with NCCL (issue 16; loaded at run time, no MPI needed): `podgpu device --env`
+# then also exports its libnccl.so link, and cuda_nccl exists only with the feature.
+PACK_FEATURES=nccl
 BENCH_BINS=(bench-step bench-conv bench-kernels bench-gemm)
 TORCH_PY="${PODGPU_TORCH_PYTHON:-/opt/torch/.venv/bin/python}"
 
@@ -74,10 +77,10 @@ pack() {
     set -e
     local jobs="${CARGO_BUILD_JOBS:-1}" json b f
     echo "== building release binaries and the CUDA test executables (cargo -j $jobs)"
-    cargo build --release -j "$jobs" --bins
+    cargo build --release -j "$jobs" --features "$PACK_FEATURES" --bins
     # --no-run builds the test executables; their paths come from cargo's JSON messages.
-    json="$(cargo test --release -j "$jobs" --no-run --message-format=json \
-        --test cuda_parity --test cuda_device --test cuda_nvrtc)"
+    json="$(cargo test --release -j "$jobs" --features "$PACK_FEATURES" --no-run --message-format=json \
+        --test cuda_parity --test cuda_device --test cuda_nvrtc --test cuda_nccl)"
     rm -rf "$GPU_DIR"
     mkdir -p "$BIN"
     cp target/release/podgpu "$BIN/"
@@ -504,7 +507,7 @@ detect_device() {
     # With a GPU here, GPU tests must fail rather than skip.
     [ "$NO_DEVICE" = 0 ] && export PODGPU_REQUIRE_GPU=1
     [ "$status" = NO-DEVICE ] && note="no GPU: $NO_DEVICE_REASON${note:+; $note}"
-    record device "$status" $(($(now_ms) - t0)) 30 1 "${note:-$DEVICE_LINE}"
+    record device "$status" $(($(now_ms) - t0)) 20 1 "${note:-$DEVICE_LINE}"
 }
 
 libs_fallback() {
@@ -576,7 +579,7 @@ checks_main() {
     begin checks "$CHECKS_BUDGET"
     prepare
     detect_device
-    # Per-step limits (s): device 30 + 15 + 15 + 95 + 20 + 45 + 20 = 240; reruns use what is left.
+    # Per-step limits (s): device 20 + 15 + 15 + 95 + 10 + 20 + 45 + 20 = 240; reruns use what is left.
     test_step "cuda_device (device, libraries)" 15 0 cuda_device -- --nocapture --test-threads=1
     if [ -z "$LIB_REPORT" ]; then
         LIB_REPORT="(from the cuda_device test)"$'\n'"$(sed 's/^test [^ ]* \.\.\. //' "$STEP_OUT" \
@@ -585,6 +588,8 @@ checks_main() {
     fi
     test_step "kernels compile (NVRTC)" 15 0 cuda_nvrtc CI=true -- --nocapture --test-threads=1
     test_step "parity CPU vs GPU" 95 1 cuda_parity -- --include-ignored --nocapture --test-threads=1
+    # Issue 16: one rank through NCCL's own single-process init (no MPI), on the device.
+    test_step "NCCL one rank (smoke)" 10 1 cuda_nccl -- --include-ignored --nocapture --test-threads=1
     step "fixtures on GPU" 20 1 "$BIN/podgpu" fidelity --device cuda tests/fixtures
     local run="$GPU_DIR/run-train" data=datasets/cifar10-small.bin
     rm -rf "$run"
@@ -608,7 +613,7 @@ bench_main() {
     begin bench "$BENCH_BUDGET"
     prepare
     detect_device
-    # Per-step limits (s): device 30 + 160 + 35 + 30 + 15 + 30 = 300.
+    # Per-step limits (s): device 20 + 160 + 35 + 30 + 15 + 30 = 290 (10 to spare).
     if [ ! -x "$BIN/bench-step" ]; then
         not_run "bench: podgpu vs PyTorch (resnet50)" FAIL 1 "no $BIN/bench-step packed"
     elif [ -x "$TORCH_PY" ] || [ "$NO_DEVICE" = 1 ]; then

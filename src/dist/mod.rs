@@ -20,6 +20,8 @@ pub mod grads;
 pub mod local;
 #[cfg(feature = "distributed")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod shard;
 pub mod sync_bn;
 pub mod vote;

@@ -26,6 +26,10 @@ use std::rc::Rc;
 pub struct Ranks {
     pub comm: Rc<dyn Collective>,
     pub hooks: RankHooks,
+    /// GPU ranks' NCCL communicator (set at the start of a run on GPUs): gradients are summed on
+    /// the devices; without it they go through the host (`dist::grads`).
+    #[cfg(feature = "nccl")]
+    pub(super) nccl: Option<Rc<dist::nccl::DeviceGroup>>,
 }
 
 /// Ways to make one rank fail or stop at a known step (tests; not for users).
@@ -51,6 +55,8 @@ impl Ranks {
         Ranks {
             comm,
             hooks: RankHooks::default(),
+            #[cfg(feature = "nccl")]
+            nccl: None,
         }
     }
 
@@ -163,6 +169,11 @@ fn start(ranks: Ranks, build: impl FnOnce() -> Result<Run>) -> Result<RunSummary
     let mut run = run;
     run.schedule = crate::train::recipe::lr_schedule_for_ranks(&run.cfg, comm.size())?;
     run.ranks = ranks;
+    #[cfg(feature = "nccl")]
+    if let Err(e) = run.join_nccl() {
+        comm.abort(&crate::cli::error_text(&e));
+        return Err(e);
+    }
     let result = run.go();
     if let Err(e) = &result {
         if !known_to_all_ranks(e) {
@@ -206,6 +217,45 @@ fn supported(cfg: &TrainConfig) -> Result<()> {
 }
 
 impl Run {
+    /// GPU ranks open their NCCL communicators (every rank, at the start): gradients are then
+    /// summed on the devices. When rank 0 cannot use NCCL every rank combines through the host and
+    /// rank 0 says why; `Err` is this rank's own NCCL failure (the caller stops every rank).
+    #[cfg(feature = "nccl")]
+    fn join_nccl(&mut self) -> Result<()> {
+        if !matches!(self.device, Device::Cuda(_)) {
+            return Ok(());
+        }
+        let comm = self.ranks.comm.clone();
+        match dist::nccl::DeviceGroup::join(&*comm, self.device).map_err(|e| anyhow!(e))? {
+            dist::nccl::Joined::Group(g) => self.ranks.nccl = Some(Rc::new(g)),
+            dist::nccl::Joined::Unavailable(why) => {
+                if comm.is_writer() {
+                    eprintln!(
+                        "warning: GPU ranks without NCCL ({why}): gradients are summed through \
+                         the host"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces this rank's gradients (of its mean loss over `mine` images) with the global
+    /// batch's (`total` images): on the GPUs by NCCL when the ranks have it, else through the
+    /// host in f64 (`dist::grads`).
+    fn combine_gradients(&mut self, mine: usize, total: usize, advice: &str) -> Result<()> {
+        #[cfg(feature = "nccl")]
+        if let Some(g) = self.ranks.nccl.clone() {
+            return g
+                .combine_gradients(&mut self.ps, mine, total)
+                .map_err(|e| anyhow!("{e}. {advice}"));
+        }
+        let _ = total;
+        grads::combine_gradients(&*self.ranks.comm, &mut self.ps, mine)
+            .map_err(|e| together(e, advice))?;
+        Ok(())
+    }
+
     /// Rank 0's settings, PEDCC and state (as checkpoint bytes, the tally of a stopped epoch
     /// included), for the other ranks.
     fn start_message(&self) -> Result<Vec<u8>> {
@@ -465,8 +515,7 @@ impl Run {
             }
             tally.next_batch = (first_batch + (k + 1) * ranks).min(total_batches);
             if verdict.total > 0 {
-                grads::combine_gradients(&*comm, &mut self.ps, mine)
-                    .map_err(|e| together(e, &advice))?;
+                self.combine_gradients(mine, verdict.total, &advice)?;
                 if let Some(max_norm) = cfg.clip_grad {
                     crate::optim::clip_grad_norm(&mut self.ps, max_norm);
                 }

@@ -325,28 +325,34 @@ pub fn reexec_with_chosen_libraries() {
         return;
     }
     let plan = search::plan(&dirs, &Loader::current());
-    if plan.shadows.is_empty() {
+    let nccl = nccl_links_needed();
+    if plan.shadows.is_empty() && nccl.is_none() {
         return;
     }
-    let links = match search::link_folder(&plan, &cache_root()) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!(
+    let mut first: Vec<PathBuf> = Vec::new();
+    if !plan.shadows.is_empty() {
+        match search::link_folder(&plan, &cache_root()) {
+            Ok(l) => first.push(l),
+            Err(e) => eprintln!(
                 "warning: cannot create the folder of CUDA library links under {} ({e}; set \
                  PODGPU_CACHE_DIR to a writable folder); the GPU will be refused while another \
                  copy of a library would be loaded",
                 cache_root().display()
-            );
-            return;
+            ),
         }
-    };
-    let Ok(exe) = std::env::current_exe() else {
+    }
+    first.extend(nccl);
+    let (Some(links), Ok(exe)) = (first.first().cloned(), std::env::current_exe()) else {
         return;
     };
+    let mut path = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+    for dir in first.iter().rev() {
+        path = path_with_first_of(dir, &path);
+    }
     use std::os::unix::process::CommandExt as _;
     let err = std::process::Command::new(exe)
         .args(std::env::args_os().skip(1))
-        .env("LD_LIBRARY_PATH", path_with_first(&links))
+        .env("LD_LIBRARY_PATH", path)
         .env(REEXEC_VAR, &links)
         .exec();
     eprintln!(
@@ -355,9 +361,73 @@ pub fn reexec_with_chosen_libraries() {
     );
 }
 
-/// `LD_LIBRARY_PATH` with `first` in front (once).
-fn path_with_first(first: &Path) -> String {
-    let old = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+/// NCCL's folder of links, when this build uses NCCL (cargo feature `nccl`), NCCL is installed,
+/// and none of the names cudarc asks for (`libnccl.so`, …; never NCCL's SONAME `libnccl.so.2`)
+/// reaches it: the restart puts it on `LD_LIBRARY_PATH`.
+fn nccl_links_needed() -> Option<PathBuf> {
+    #[cfg(feature = "nccl")]
+    {
+        use crate::dist::nccl;
+        if nccl::library_present() {
+            return None;
+        }
+        let file = nccl::find_library()?;
+        match nccl_link_folder(&file) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!(
+                    "warning: cannot create the link libnccl.so → {} under {} ({e}); GPU ranks \
+                     will be refused NCCL",
+                    file.display(),
+                    cache_root().display()
+                );
+                None
+            }
+        }
+    }
+    #[cfg(not(feature = "nccl"))]
+    None
+}
+
+/// A folder under the cache root holding `libnccl.so`, a link to `file` (NCCL's own file, named by
+/// its SONAME `libnccl.so.2`), which cudarc's bare-name `dlopen` finds once the folder is on
+/// `LD_LIBRARY_PATH`. Named by a hash of the target; built aside and renamed into place.
+pub fn nccl_link_folder(file: &Path) -> std::io::Result<PathBuf> {
+    nccl_link_folder_in(&cache_root(), file)
+}
+
+/// `nccl_link_folder` under `root`.
+pub fn nccl_link_folder_in(root: &Path, file: &Path) -> std::io::Result<PathBuf> {
+    let target = search::canonical(file);
+    let key = crate::cuda::nvrtc::fnv1a(&[target.as_os_str().as_encoded_bytes()]);
+    let dir = root.join(format!("nccl-links-{key:016x}"));
+    if dir.join("libnccl.so").exists() {
+        return Ok(dir);
+    }
+    let tmp = root.join(format!(".nccl-links-{key:016x}.tmp{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    std::os::unix::fs::symlink(&target, tmp.join("libnccl.so"))?;
+    // Marked as podgpu's links, so that the library search never takes the folder for a source.
+    std::fs::write(
+        tmp.join(search::LINKS_MARKER),
+        "a link to NCCL for cudarc\n",
+    )?;
+    match std::fs::rename(&tmp, &dir) {
+        Ok(()) => Ok(dir),
+        Err(_) if dir.join("libnccl.so").exists() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(dir)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// `old` (a `:`-separated path) with `first` in front (once).
+fn path_with_first_of(first: &Path, old: &str) -> String {
     let first = first.display().to_string();
     let rest: Vec<&str> = old
         .split(':')
@@ -393,9 +463,17 @@ pub fn env_exports() -> Result<String, String> {
             }
         }
     }
+    // NCCL (feature `nccl`): its `libnccl.so` link after the others, whether or not this process
+    // (perhaps restarted with it) can already open it.
+    let path = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+    #[cfg(feature = "nccl")]
+    let path = match crate::dist::nccl::find_library().and_then(|f| nccl_link_folder(&f).ok()) {
+        Some(n) => path_with_first_of(&n, &path),
+        None => path,
+    };
     Ok(format!(
         "export LD_LIBRARY_PATH={}\nexport PODGPU_CUDA_LIBS={}\n",
-        shell_quote(&path_with_first(&links)),
+        shell_quote(&path_with_first_of(&links, &path)),
         shell_quote(&dirs.join(":"))
     ))
 }
@@ -489,6 +567,35 @@ mod tests {
         assert_eq!(Lib::Cublas.soname(), "libcublas.so.13");
         assert_eq!(Lib::Cudnn.soname(), "libcudnn.so.9");
         assert_eq!(Lib::Driver.soname(), "libcuda.so.1");
+    }
+
+    #[test]
+    fn nccl_s_soname_file_gets_the_bare_name_cudarc_asks_for() {
+        let root = std::env::temp_dir().join(format!("podgpu-nccl-links-{}", std::process::id()));
+        let lib = root.join("site/nvidia/nccl/lib");
+        std::fs::create_dir_all(&lib).unwrap();
+        std::fs::write(lib.join("libnccl.so.2"), b"not really a library").unwrap();
+        let cache = root.join("cache");
+        let dir = nccl_link_folder_in(&cache, &lib.join("libnccl.so.2")).unwrap();
+        let link = dir.join("libnccl.so");
+        assert!(cudarc::get_lib_name_candidates("nccl").contains(&"libnccl.so".to_string()));
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            search::canonical(&lib.join("libnccl.so.2"))
+        );
+        // Marked as podgpu's links (never searched as a source of libraries); reused as is.
+        assert!(dir.join(search::LINKS_MARKER).is_file());
+        assert_eq!(
+            nccl_link_folder_in(&cache, &lib.join("libnccl.so.2")).unwrap(),
+            dir
+        );
+        // Another NCCL file, another folder.
+        std::fs::write(lib.join("libnccl.so"), b"another").unwrap();
+        assert_ne!(
+            nccl_link_folder_in(&cache, &lib.join("libnccl.so")).unwrap(),
+            dir
+        );
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
