@@ -1026,6 +1026,7 @@ impl Run {
             ledger.add_step(&loss_t, out.logits.value(), &labels_t, &labels, &norms, b);
             tally.seen += b;
             unread_steps.push((step, index));
+            hold_for_a_signal_in_tests(self.state.global_step);
             let stopping = signal::stop_requested() && tally.next_batch < total_batches;
             if self.cadence.step_done() || stopping {
                 self.read_ledger(&mut ledger, &mut tally, &unread_steps, epoch, total_batches)?;
@@ -1138,6 +1139,28 @@ fn host_waits(device: Device) -> u64 {
         Device::Cuda(i) => crate::cuda::Gpu::get(i)
             .map(|g| g.host_waits())
             .unwrap_or(0),
+    }
+}
+
+/// A test hook: `PODGPU_TEST_HOLD_AT_STEP=N` makes the run wait after its N-th step (counted from
+/// 1 over the whole run) until a stop signal arrives, for at most 60 s. The signal tests use it so
+/// that a run on a fast (or a slow, loaded) machine cannot finish, or pass the step they mean to
+/// interrupt, before their signal lands.
+pub const TEST_HOLD_AT_STEP_ENV: &str = "PODGPU_TEST_HOLD_AT_STEP";
+
+fn hold_for_a_signal_in_tests(steps_done: u64) {
+    static HOLD_AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let hold_at = HOLD_AT.get_or_init(|| {
+        std::env::var(TEST_HOLD_AT_STEP_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if *hold_at != Some(steps_done) {
+        return;
+    }
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !signal::stop_requested() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 
