@@ -190,34 +190,10 @@ fn sigint_mid_epoch_checkpoints_the_exact_step() {
     args[epochs + 1] = "1".into();
     let log = tmp.path().join("stderr.txt");
     // The run waits after its third step until the signal lands, so that a fast (or a loaded)
-    // machine cannot let it finish the epoch before the signal is sent.
-    let mut child = podgpu()
-        .args(&args)
-        .env(podgpu::train::trainer::TEST_HOLD_AT_STEP_ENV, "3")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    // Signal as soon as training has started (the header line; the handler is installed before it).
-    // The output is drained to the end so that podgpu never writes into a closed pipe.
-    let (started_tx, started_rx) = std::sync::mpsc::channel();
-    let out = child.stdout.take().unwrap();
-    let drain = std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut text = String::new();
-        for line in std::io::BufReader::new(out).lines() {
-            let line = line.unwrap();
-            if line.starts_with("run folder") {
-                let _ = started_tx.send(());
-            }
-            text.push_str(&line);
-            text.push('\n');
-        }
-        text
-    });
-    started_rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("podgpu did not start training");
+    // machine cannot let it finish the epoch before the signal is sent. Signalled as soon as
+    // training has started; the output is drained to the end (`start_training`).
+    let hold = [(podgpu::train::trainer::TEST_HOLD_AT_STEP_ENV, "3")];
+    let (mut child, drain) = start_training(&args, &log, &hold);
     signal(&child, libc::SIGINT);
     let status = child.wait().unwrap();
     let out = drain.join().unwrap();

@@ -572,51 +572,31 @@ impl Run {
         self.delta.end_epoch(mean_norm)?;
         let train_time = earlier_time + started.elapsed().as_secs_f64();
         // Rank 0 alone scores the test split (the others wait at the epoch's end).
-        let test_acc = match &self.test {
-            Some(test)
-                if comm.is_writer()
-                    && ((epoch + 1).is_multiple_of(cfg.eval_every) || epoch + 1 == cfg.epochs) =>
-            {
-                let f = eval::extract_with(
-                    &self.net,
-                    &mut self.ps,
-                    test,
-                    cfg.batch_size,
-                    cfg.limit_test,
-                    self.device,
-                    crate::train::recipe::test_augment(&cfg, test),
-                )?;
-                Some(eval::summarize(&f, self.net.spec.classes).accuracy)
-            }
-            _ => None,
+        let test_acc = match comm.is_writer() {
+            true => self.score_test_if_due(&cfg, epoch)?,
+            false => None,
         };
-        let mut rec = EpochRecord::new(epoch + 1);
-        rec.train_loss = loss_sum / seen as f64;
-        rec.train_acc = correct as f64 / seen as f64;
-        rec.test_acc = test_acc;
-        rec.lr = lr;
-        rec.delta = if cfg.loss.uses_delta() {
-            delta
-        } else {
-            f64::NAN
-        };
-        rec.mean_norm = mean_norm;
-        rec.images_per_s = seen as f64 / train_time;
-        rec.epoch_time_s = earlier_time + started.elapsed().as_secs_f64();
-        rec.peak_mem_bytes = peak_memory(self.device);
-        progress.finish(&format!(
-            "epoch {:>3}/{}  loss {:.4}  train acc {:.2}%  test acc {}  lr {:.3e}  δ {:.4}  M {:.3}  \
-             {:.0} img/s  {:.1}s  ({ranks} ranks)",
-            epoch + 1,
-            cfg.epochs,
-            rec.train_loss,
-            100.0 * rec.train_acc,
-            test_acc.map_or("-".to_string(), |a| format!("{:.2}%", 100.0 * a)),
+        let rec = EpochRecord {
+            train_loss: loss_sum / seen as f64,
+            train_acc: correct as f64 / seen as f64,
+            test_acc,
             lr,
-            delta,
+            delta: if cfg.loss.uses_delta() {
+                delta
+            } else {
+                f64::NAN
+            },
             mean_norm,
-            rec.images_per_s,
-            rec.epoch_time_s
+            images_per_s: seen as f64 / train_time,
+            epoch_time_s: earlier_time + started.elapsed().as_secs_f64(),
+            peak_mem_bytes: peak_memory(self.device),
+            ..EpochRecord::new(epoch + 1)
+        };
+        progress.finish(&epoch_line(
+            &cfg,
+            &rec,
+            delta,
+            &format!("  ({ranks} ranks)"),
         ));
         Ok(EpochOutcome::Done(rec, test_acc))
     }

@@ -1068,21 +1068,7 @@ impl Run {
         // same whether a run went straight through or was resumed.
         self.delta.end_epoch(mean_norm)?;
         let train_time = earlier_time + started.elapsed().as_secs_f64();
-        let test_acc = match &self.test {
-            Some(test) if (epoch + 1).is_multiple_of(cfg.eval_every) || epoch + 1 == cfg.epochs => {
-                let f = eval::extract_with(
-                    &self.net,
-                    &mut self.ps,
-                    test,
-                    cfg.batch_size,
-                    cfg.limit_test,
-                    self.device,
-                    super::recipe::test_augment(&cfg, test),
-                )?;
-                Some(eval::summarize(&f, self.net.spec.classes).accuracy)
-            }
-            _ => None,
-        };
+        let test_acc = self.score_test_if_due(&cfg, epoch)?;
         if self.train.data_changed() {
             // The test score may have been computed from changed data: not recorded; a resume
             // scores the epoch again.
@@ -1091,36 +1077,69 @@ impl Run {
             t.train_time_s += started.elapsed().as_secs_f64();
             return Ok(EpochOutcome::DataChanged(t));
         }
-        let mut rec = EpochRecord::new(epoch + 1);
-        rec.train_loss = loss_sum / seen as f64;
-        rec.train_acc = correct as f64 / seen as f64;
-        rec.test_acc = test_acc;
-        rec.lr = lr;
-        rec.delta = if cfg.loss.uses_delta() {
-            delta
-        } else {
-            f64::NAN
-        };
-        rec.mean_norm = mean_norm;
-        rec.images_per_s = seen as f64 / train_time;
-        rec.epoch_time_s = earlier_time + started.elapsed().as_secs_f64();
-        rec.peak_mem_bytes = peak_memory(self.device);
-        progress.finish(&format!(
-            "epoch {:>3}/{}  loss {:.4}  train acc {:.2}%  test acc {}  lr {:.3e}  δ {:.4}  M {:.3}  \
-             {:.0} img/s  {:.1}s",
-            epoch + 1,
-            cfg.epochs,
-            rec.train_loss,
-            100.0 * rec.train_acc,
-            test_acc.map_or("-".to_string(), |a| format!("{:.2}%", 100.0 * a)),
+        let rec = EpochRecord {
+            train_loss: loss_sum / seen as f64,
+            train_acc: correct as f64 / seen as f64,
+            test_acc,
             lr,
-            delta,
+            delta: if cfg.loss.uses_delta() {
+                delta
+            } else {
+                f64::NAN
+            },
             mean_norm,
-            rec.images_per_s,
-            rec.epoch_time_s
-        ));
+            images_per_s: seen as f64 / train_time,
+            epoch_time_s: earlier_time + started.elapsed().as_secs_f64(),
+            peak_mem_bytes: peak_memory(self.device),
+            ..EpochRecord::new(epoch + 1)
+        };
+        progress.finish(&epoch_line(&cfg, &rec, delta, ""));
         Ok(EpochOutcome::Done(rec, test_acc))
     }
+
+    /// The test split's accuracy when this epoch is one to score (every `eval_every` epochs, and
+    /// the last); `None` otherwise or without a test split.
+    pub(super) fn score_test_if_due(
+        &mut self,
+        cfg: &TrainConfig,
+        epoch: usize,
+    ) -> Result<Option<f64>> {
+        match &self.test {
+            Some(test) if (epoch + 1).is_multiple_of(cfg.eval_every) || epoch + 1 == cfg.epochs => {
+                let f = eval::extract_with(
+                    &self.net,
+                    &mut self.ps,
+                    test,
+                    cfg.batch_size,
+                    cfg.limit_test,
+                    self.device,
+                    super::recipe::test_augment(cfg, test),
+                )?;
+                Ok(Some(eval::summarize(&f, self.net.spec.classes).accuracy))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// The progress display's line for a finished epoch; `suffix` (e.g. " (2 ranks)") ends it. `delta`
+/// is the schedule's δ, shown also for losses whose record leaves it out.
+pub(super) fn epoch_line(cfg: &TrainConfig, rec: &EpochRecord, delta: f64, suffix: &str) -> String {
+    format!(
+        "epoch {:>3}/{}  loss {:.4}  train acc {:.2}%  test acc {}  lr {:.3e}  δ {:.4}  M {:.3}  \
+         {:.0} img/s  {:.1}s{suffix}",
+        rec.epoch,
+        cfg.epochs,
+        rec.train_loss,
+        100.0 * rec.train_acc,
+        rec.test_acc
+            .map_or("-".to_string(), |a| format!("{:.2}%", 100.0 * a)),
+        rec.lr,
+        delta,
+        rec.mean_norm,
+        rec.images_per_s,
+        rec.epoch_time_s
+    )
 }
 
 /// "epoch 2, batch 5 of 20 (step 25)": where a step was, as the errors name it.
