@@ -19,7 +19,7 @@
 
 use super::{Collective, RankFailed};
 use crate::autograd::{ParamStore, Tape, Var};
-use crate::ops::{increment_fwd, BatchNormIds, BN_EPS, BN_MOMENTUM};
+use crate::ops::{store_running_stats, BatchNormIds, BN_EPS, BN_MOMENTUM};
 use crate::tensor::Tensor;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -149,10 +149,7 @@ pub fn batch_norm2d(t: &mut Tape, store: &mut ParamStore, x: &Var, bn: &BatchNor
     };
     let rm = update(bn.running_mean, &|ch| mean[ch]);
     let rv = update(bn.running_var, &|ch| var[ch] * unbiased);
-    store.set_value(bn.running_mean, rm);
-    store.set_value(bn.running_var, rv);
-    let count = increment_fwd(store.value(bn.num_batches_tracked));
-    store.set_value(bn.num_batches_tracked, count);
+    store_running_stats(store, bn, rm, rv);
     let y = Tensor::from_f64_as(&shape, &y, dtype).to_device(device);
     t.op(y, &[x, &gamma, &beta], move || {
         Box::new(move |dy, needs| {

@@ -241,6 +241,20 @@ pub fn increment_fwd(x: &Tensor) -> Tensor {
     dispatch!(x, increment_host, increment_cuda, x)
 }
 
+/// A training step's new running statistics into the store, and one more batch counted in
+/// `num_batches_tracked` (as PyTorch's BatchNorm2d does).
+pub fn store_running_stats(
+    store: &mut ParamStore,
+    bn: &BatchNormIds,
+    running_mean: Tensor,
+    running_var: Tensor,
+) {
+    store.set_value(bn.running_mean, running_mean);
+    store.set_value(bn.running_var, running_var);
+    let count = increment_fwd(store.value(bn.num_batches_tracked));
+    store.set_value(bn.num_batches_tracked, count);
+}
+
 // ---- tape-level op ----
 
 /// Batch norm in the tape's mode (`tape.is_training()`); training mode updates the running statistics
@@ -280,10 +294,7 @@ pub fn batch_norm2d_in_mode(
             BN_MOMENTUM,
             BN_EPS,
         );
-        store.set_value(bn.running_mean, out.running_mean);
-        store.set_value(bn.running_var, out.running_var);
-        let count = increment_fwd(store.value(bn.num_batches_tracked));
-        store.set_value(bn.num_batches_tracked, count);
+        store_running_stats(store, bn, out.running_mean, out.running_var);
         let (mean, invstd) = (out.mean, out.invstd);
         let y = cpu::bf16::round_if(bf16, &out.y);
         t.op(y, &[x, &gamma, &beta], move || {
@@ -357,10 +368,7 @@ pub fn batch_norm2d_relu(
         BN_MOMENTUM,
         BN_EPS,
     );
-    store.set_value(bn.running_mean, out.running_mean);
-    store.set_value(bn.running_var, out.running_var);
-    let count = increment_fwd(store.value(bn.num_batches_tracked));
-    store.set_value(bn.num_batches_tracked, count);
+    store_running_stats(store, bn, out.running_mean, out.running_var);
     let (mean, invstd) = (out.mean, out.invstd);
     let (sx, sg, sy) = (x.value().clone(), gamma.value().clone(), out.y.clone());
     let mut inputs = vec![x, &gamma, &beta];
