@@ -116,16 +116,9 @@ pub fn gemm(
         .unwrap_or_else(|e| panic!("cuda:{}: {e}", gpu.ordinal));
     blas.apply_mode(math_mode())
         .unwrap_or_else(|e| panic!("{e}"));
-    let op = |t: bool| {
-        if t {
-            cublasOperation_t::CUBLAS_OP_T
-        } else {
-            cublasOperation_t::CUBLAS_OP_N
-        }
-    };
     // Column-major: C' (n x m) = op(B)' (n x k) · op(A)' (k x m).
-    let (op_b, ld_b) = (op(tb), if tb { k } else { n });
-    let (op_a, ld_a) = (op(ta), if ta { m } else { k });
+    let (op_b, ld_b) = col_major_operand(tb, k, n);
+    let (op_a, ld_a) = col_major_operand(ta, m, k);
     let (pa, pb, pc) = (a.device_ptr(), b.device_ptr(), c.device_ptr());
     // SAFETY: pointers are live device buffers of the sizes asserted above; the handle is bound to
     // the stream that owns them. k == 0 is legal (C = beta C).
@@ -148,6 +141,16 @@ pub fn gemm(
         )
     };
     r.unwrap_or_else(|e| panic!("cuBLAS sgemm (m={m} k={k} n={n} ta={ta} tb={tb}) failed: {e:?}"));
+}
+
+/// cuBLAS's operation and leading dimension for a row-major operand `op(X)` of `rows × cols`,
+/// stored transposed when `t`. cuBLAS is column-major: a row-major matrix is its transpose there,
+/// with the stored row length as leading dimension (the `gemm`s compute C' = op(B)'·op(A)').
+pub(super) fn col_major_operand(t: bool, rows: usize, cols: usize) -> (cublasOperation_t, usize) {
+    match t {
+        true => (cublasOperation_t::CUBLAS_OP_T, rows),
+        false => (cublasOperation_t::CUBLAS_OP_N, cols),
+    }
 }
 
 /// Row-major `c = op(a) · op(b)` (f32 output) with `a` and `b` in bf16 and f32 accumulation:
@@ -179,16 +182,9 @@ pub fn gemm_bf16(
     gpu.ctx
         .bind_to_thread()
         .unwrap_or_else(|e| panic!("cuda:{}: {e}", gpu.ordinal));
-    let op = |t: bool| {
-        if t {
-            cublasOperation_t::CUBLAS_OP_T
-        } else {
-            cublasOperation_t::CUBLAS_OP_N
-        }
-    };
     // Column-major: C' (n x m) = op(B)' (n x k) · op(A)' (k x m), as in `gemm`.
-    let (op_b, ld_b) = (op(tb), if tb { k } else { n });
-    let (op_a, ld_a) = (op(ta), if ta { m } else { k });
+    let (op_b, ld_b) = col_major_operand(tb, k, n);
+    let (op_a, ld_a) = col_major_operand(ta, m, k);
     let (pa, pb, pc) = (a.device_ptr(), b.device_ptr(), c.device_ptr());
     let (alpha, beta) = (1.0f32, 0.0f32);
     // SAFETY: a and b hold at least m·k and k·n bf16 values, c m·n floats (asserted); alpha and

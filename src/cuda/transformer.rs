@@ -17,7 +17,6 @@ use super::libs::{self, Lib};
 use super::{buf, math_mode, tensor, Gpu};
 use crate::ops::{AttnSpec, RowIndex};
 use crate::tensor::Tensor;
-use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::driver::PushKernelArg;
 
 fn unary(x: &Tensor, name: &'static str) -> Tensor {
@@ -214,23 +213,16 @@ pub fn gemm_strided_batched(
         .bind_to_thread()
         .unwrap_or_else(|e| panic!("cuda:{}: {e}", gpu.ordinal));
     blas.set_mode(math_mode());
-    let op = |t: bool| {
-        if t {
-            cublasOperation_t::CUBLAS_OP_T
-        } else {
-            cublasOperation_t::CUBLAS_OP_N
-        }
-    };
     let ((pa, ta, sa), (pb, tb, sb), (pc, sc)) = (a, b, c);
-    let ld_b = if tb { k } else { n };
-    let ld_a = if ta { m } else { k };
+    let (op_b, ld_b) = super::blas::col_major_operand(tb, k, n);
+    let (op_a, ld_a) = super::blas::col_major_operand(ta, m, k);
     // SAFETY: the addresses point into live device buffers holding `batch` matrices at the given
     // strides (checked by the callers); the handle is bound to their stream.
     let r = unsafe {
         cudarc::cublas::result::sgemm_strided_batched(
             blas.raw(),
-            op(tb),
-            op(ta),
+            op_b,
+            op_a,
             n as i32,
             m as i32,
             k as i32,
