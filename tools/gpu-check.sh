@@ -32,8 +32,9 @@ BIN="$GPU_DIR/bin"
 MAX_MIB=64
 EXIT_NO_DEVICE=3
 CHECKS_BUDGET=240
-BENCH_BUDGET=300
+BENCH_BUDGET=480
 CIFAR_BUDGET=240
+FOLLOWUP_BUDGET=420
 TEST_BINS=(cuda_device cuda_nvrtc cuda_parity cuda_nccl)
 # Everything is packed with NCCL (issue 16; loaded at run time, no MPI needed): `podgpu device --env`
 # then also exports its libnccl.so link, and cuda_nccl exists only with the feature.
@@ -84,24 +85,29 @@ pack() {
     rm -rf "$GPU_DIR"
     mkdir -p "$BIN"
     cp target/release/podgpu "$BIN/"
-    # The cifar call needs podgpu alone: its pack carries the JPEG tree instead of the test and
-    # benchmark executables, which would not fit beside it (docs/GPU.md, call 3).
-    local cifar="${PODGPU_PACK_CIFAR:-0}"
-    # The benchmark binaries the bench run uses (issue 6).
-    [ "$cifar" = 1 ] || for b in "${BENCH_BINS[@]}"; do
+    # The cifar and followup calls carry the JPEG tree, which does not fit beside every test and
+    # benchmark executable: their pack keeps the ones the followup call uses (docs/GPU.md, call 3).
+    local cifar="${PODGPU_PACK_CIFAR:-0}" bench_bins=("${BENCH_BINS[@]}") test_bins=("${TEST_BINS[@]}")
+    if [ "$cifar" = 1 ]; then
+        bench_bins=(bench-step bench-kernels)
+        test_bins=(cuda_parity)
+    fi
+    for b in "${bench_bins[@]}"; do
         if [ -x "target/release/$b" ]; then cp "target/release/$b" "$BIN/"; fi
     done
-    [ "$cifar" = 1 ] || echo "$json" | python3 -c '
+    echo "$json" | python3 -c '
 import json, sys, shutil
+wanted = set(sys.argv[2:])
 for line in sys.stdin:
     try:
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"] \
+            and m["target"]["name"] in wanted:
         shutil.copy(m["executable"], sys.argv[1] + "/" + m["target"]["name"])
-' "$BIN"
-    [ "$cifar" = 1 ] || for b in "${TEST_BINS[@]}"; do
+' "$BIN" "${test_bins[@]}"
+    for b in "${test_bins[@]}"; do
         [ -f "$BIN/$b" ] || { echo "ERROR: test executable $b was not built"; exit 1; }
     done
     # Line tables are not needed there; the symbols stay, so backtraces name functions.
@@ -123,7 +129,7 @@ for line in sys.stdin:
         local src="${PODGPU_SHARED_DATA:-../shared/data}/cifar10-jpeg.tar.xz"
         mkdir -p "$GPU_DIR/data"
         cp "$src" "$GPU_DIR/data/"
-        echo "packed $src and podgpu alone, for the cifar call (pack again without PODGPU_PACK_CIFAR for checks and bench)"
+        echo "packed $src with podgpu, ${bench_bins[*]} and ${test_bins[*]}, for the cifar and followup calls (pack again without PODGPU_PACK_CIFAR for checks and bench)"
     fi
     set +e
     du -h "$BIN"/* | sort -k2
@@ -612,32 +618,57 @@ checks_main() {
     finish
 }
 
-bench_main() {
-    begin bench "$BENCH_BUDGET"
-    prepare
-    detect_device
-    # Per-step limits (s): device 20 + 160 + 35 + 30 + 15 + 30 = 290 (10 to spare).
+# ResNet50-CIFAR at batch 128: podgpu fp32/tf32/bf16 vs PyTorch eager fp32, eager tf32, AMP bf16 +
+# channels_last (bf16 rows paired like with like; bench-step says when it skips bf16 on the GPU);
+# compare.py starts no run after --deadline s, and prints the ratio table it has.
+bench_compare_eager() {
     if [ ! -x "$BIN/bench-step" ]; then
         not_run "bench: podgpu vs PyTorch (resnet50)" FAIL 1 "no $BIN/bench-step packed"
     elif [ -x "$TORCH_PY" ] || [ "$NO_DEVICE" = 1 ]; then
-        # ResNet50-CIFAR at batch 128: podgpu fp32/tf32/bf16 vs PyTorch eager fp32, eager tf32, AMP
-        # bf16 + channels_last, torch.compile (bf16 rows paired like with like; bench-step says when
-        # it skips bf16 on the GPU); compare.py starts no run after --deadline s, and prints the
-        # ratio table it has.
-        step "bench: podgpu vs PyTorch (resnet50)" 160 1 env PYTHONUNBUFFERED=1 "$TORCH_PY" \
+        step "bench: podgpu vs PyTorch (resnet50)" 130 1 env PYTHONUNBUFFERED=1 "$TORCH_PY" \
             tools/bench/compare.py --bench-step "$BIN/bench-step" --python "$TORCH_PY" --device cuda \
-            --model resnet50 --batch 128 --steps 20 --warmup 3 --check-batch 2 --deadline 145 \
-            --timeout 110 --markdown --json-out "$RESULTS/compare.json"
+            --model resnet50 --batch 128 --steps 20 --warmup 3 --check-batch 2 --deadline 115 \
+            --timeout 90 --modes eager-fp32,eager-tf32,amp-bf16-cl --markdown \
+            --json-out "$RESULTS/compare.json"
     else
         not_run "bench: PyTorch side" SKIPPED 1 "no PyTorch at $TORCH_PY (set PODGPU_TORCH_PYTHON)"
         step "bench: podgpu steps (resnet50)" 90 1 "$BIN/bench-step" --device cuda --models resnet50 \
             --batch 128 --steps 20 --warmup 3 --check-batch 2 --precision fp32,tf32,bf16
     fi
+}
+
+# torch.compile in a step of its own: compiling ResNet50's training step took more than the 60 s
+# that were left of the shared comparison on the first H200 run (2026-11-30).
+bench_compile() {
+    if [ ! -x "$BIN/bench-step" ]; then
+        not_run "bench: torch.compile (resnet50)" FAIL 1 "no $BIN/bench-step packed"
+    elif [ -x "$TORCH_PY" ] || [ "$NO_DEVICE" = 1 ]; then
+        step "bench: torch.compile (resnet50)" 170 1 env PYTHONUNBUFFERED=1 "$TORCH_PY" \
+            tools/bench/compare.py --bench-step "$BIN/bench-step" --python "$TORCH_PY" --device cuda \
+            --model resnet50 --batch 128 --steps 20 --warmup 3 --check-batch 2 --deadline 160 \
+            --timeout 160 --precisions tf32,bf16 --modes compile-bf16-cl --markdown \
+            --json-out "$RESULTS/compare-compile.json"
+    else
+        not_run "bench: torch.compile (resnet50)" SKIPPED 1 "no PyTorch at $TORCH_PY"
+    fi
+}
+
+bench_kernels() {
+    step "bench: own kernels" 60 1 "$BIN/bench-kernels" --device cuda --samples 7 \
+        --min-sample-ms 5 --max-case-s 1
+}
+
+bench_main() {
+    begin bench "$BENCH_BUDGET"
+    prepare
+    detect_device
+    # Per-step limits (s): device 20 + 130 + 170 + 35 + 60 + 15 + 30 = 460 (20 to spare).
+    bench_compare_eager
+    bench_compile
     # Microbenchmarks: the shortest sampling that still gives a median of several samples.
     step "bench: convolutions (resnet50)" 35 1 "$BIN/bench-conv" --device cuda --samples 5 \
         --min-sample-ms 5 --max-case-s 1
-    step "bench: own kernels" 30 1 "$BIN/bench-kernels" --device cuda --samples 7 \
-        --min-sample-ms 5 --max-case-s 1
+    bench_kernels
     step "bench: GEMMs" 15 1 "$BIN/bench-gemm" --device cuda --samples 7 --min-sample-ms 5 \
         --max-case-s 1
     step "bench: whole steps (resnet18, metrics)" 30 1 "$BIN/bench-step" --device cuda \
@@ -645,23 +676,19 @@ bench_main() {
     finish
 }
 
-# The optional third call: real CIFAR-10 (all 60,000 images, from the packed JPEG tree), ResNet18
-# trained with softmax and with POD side by side (`podgpu compare`), accuracy per epoch and images/s.
-# Only when the checks passed and device time is left (docs/GPU.md).
-cifar_main() {
-    begin cifar "$CIFAR_BUDGET"
-    prepare
-    detect_device
+# Real CIFAR-10 (all 60,000 images, from the packed JPEG tree), ResNet18 trained with softmax and
+# with POD side by side (`podgpu compare`), accuracy per epoch and images/s; the comparison gets
+# what is left of the budget.
+cifar_steps() {
     local tar="$GPU_DIR/data/cifar10-jpeg.tar.xz" work="${TMPDIR:-/tmp}/podgpu-cifar" run="$GPU_DIR/run-cifar"
     local data="$work/cifar10.bin" epochs="${PODGPU_CIFAR_EPOCHS:-4}" left
     if [ ! -f "$tar" ]; then
         not_run "unpack + convert CIFAR-10" SKIPPED 0 "not packed: PODGPU_PACK_CIFAR=1 tools/gpu-check.sh pack"
         not_run "compare softmax vs pod (resnet18)" SKIPPED 1 "no data"
-        finish
+        return
     fi
     rm -rf "$work" "$run"
     mkdir -p "$work"
-    # Per-step limits (s): device 30 + 60 + the rest (at least 120 by default) for the comparison.
     if step "unpack + convert CIFAR-10" 60 0 bash -c "tar -xJf '$tar' -C '$work' && '$BIN/podgpu' data convert --from image-folder --norm cifar10 --out '$data' '$work/cifar10-jpeg'"; then
         S_NOTE[-1]="$("$BIN/podgpu" data info "$data" 2>&1 | head -n 3 | tr '\n' ' ' | cut -c1-150)"
         write_json
@@ -679,6 +706,32 @@ cifar_main() {
     for f in "$run"/*/metrics.jsonl; do
         [ -f "$f" ] && cp "$f" "$RESULTS/$(basename "$(dirname "$f")")-metrics.jsonl"
     done
+}
+
+# The optional third call: the CIFAR-10 run alone (docs/GPU.md).
+cifar_main() {
+    begin cifar "$CIFAR_BUDGET"
+    prepare
+    detect_device
+    # Per-step limits (s): device 20 + 60 + the rest for the comparison.
+    cifar_steps
+    finish
+}
+
+# The third call of a session whose first two calls left work (docs/GPU.md): the parity tests
+# again (after a fix), torch.compile and the kernel table with their own time, then the CIFAR-10
+# run with what is left. Packed like the cifar call (PODGPU_PACK_CIFAR=1), which keeps
+# cuda_parity, bench-step and bench-kernels beside podgpu.
+followup_main() {
+    begin followup "$FOLLOWUP_BUDGET"
+    prepare
+    detect_device
+    # Per-step limits (s): device 20 + 60 + 170 + 60 + 60 + the rest for the comparison.
+    test_step "parity CPU vs GPU" 60 1 cuda_parity -- --include-ignored --nocapture --test-threads=1
+    rerun_failed
+    bench_compile
+    bench_kernels
+    cifar_steps
     finish
 }
 
@@ -717,6 +770,7 @@ device_run() { # checks|bench: runs it with its whole output into RESULTS/KIND.l
         checks) CHECKS_BUDGET=$(budget PODGPU_CHECKS_BUDGET_S "$CHECKS_BUDGET"); checks_main 2>&1 | tee "$RESULTS/checks.log" ;;
         bench) BENCH_BUDGET=$(budget PODGPU_BENCH_BUDGET_S "$BENCH_BUDGET"); bench_main 2>&1 | tee "$RESULTS/bench.log" ;;
         cifar) CIFAR_BUDGET=$(budget PODGPU_CIFAR_BUDGET_S "$CIFAR_BUDGET"); cifar_main 2>&1 | tee "$RESULTS/cifar.log" ;;
+        followup) FOLLOWUP_BUDGET=$(budget PODGPU_FOLLOWUP_BUDGET_S "$FOLLOWUP_BUDGET"); followup_main 2>&1 | tee "$RESULTS/followup.log" ;;
     esac
     return "${PIPESTATUS[0]}"
 }
@@ -724,7 +778,7 @@ device_run() { # checks|bench: runs it with its whole output into RESULTS/KIND.l
 case "${1:-}" in
     pack) pack ;;
     size) size ;;
-    checks|bench|cifar) device_run "$1" ;;
+    checks|bench|cifar|followup) device_run "$1" ;;
     run)
         device_run checks
         a=$?
@@ -734,5 +788,5 @@ case "${1:-}" in
         exit 1
         ;;
     _eval-both) shift; eval_both "$@" ;;
-    *) echo "usage: $0 pack|size (here) | checks|bench|cifar|run (on the GPU machine)   (see docs/GPU.md)"; exit 2 ;;
+    *) echo "usage: $0 pack|size (here) | checks|bench|cifar|followup|run (on the GPU machine)   (see docs/GPU.md)"; exit 2 ;;
 esac

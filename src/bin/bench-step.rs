@@ -220,8 +220,10 @@ fn one_step(args: &Args, arch: &str, dtype: DType, device: Device) -> Result<Ste
 /// values amplifies rounding (PyTorch's own float32 gradients of ResNet50 at width 16, batch 8,
 /// differ from its float64 ones by 0.9–1.8e-2 whatever the loss, while the forward agrees to 1e-5;
 /// see BENCHMARKS.md), and a pre-activation within rounding of zero flips a ReLU. A wrong kernel gives
-/// errors of order 1. TF32 (10-bit mantissas) is checked on the loss; its gradient bound only catches
-/// garbage.
+/// errors of order 1. TF32 (10-bit mantissas, a unit roundoff 8192× float32's) is checked on the loss;
+/// its gradient bound only catches garbage: on the H200 (2026-11-30) ResNet50's TF32 gradients at
+/// batch 2 differed from float64 by 0.59 as one vector (float32's by 1.6e-2; × 8192 saturates), so
+/// the bound is 0.9, under the 1.0 of an all-zero gradient and the ≈1.4 of an unrelated one.
 fn check(
     args: &Args,
     arch: &str,
@@ -408,7 +410,7 @@ fn run() -> Result<()> {
             let _bf16 = podgpu::cpu::bf16::scope(bf16);
             let tol = match (mode, bf16) {
                 (MathMode::Fp32, false) => (1e-4, 5e-2),
-                (MathMode::Tf32, _) => (1e-2, 0.5),
+                (MathMode::Tf32, _) => (1e-2, 0.9),
                 // TF32's, scaled by the ratio of unit roundoffs (2⁻⁸ / 2⁻¹¹ = 8), gradients capped.
                 (MathMode::Fp32, true) => (8e-2, 1.0),
             };
