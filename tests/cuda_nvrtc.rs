@@ -97,6 +97,7 @@ const LAUNCHERS: &[(&str, &str)] = &[
     ("bf16.rs", include_str!("../src/cuda/bf16.rs")),
     ("blas.rs", include_str!("../src/cuda/blas.rs")),
     ("blaslt.rs", include_str!("../src/cuda/blaslt.rs")),
+    ("bn_train.rs", include_str!("../src/cuda/bn_train.rs")),
     (
         "dnn/algo_cache.rs",
         include_str!("../src/cuda/dnn/algo_cache.rs"),

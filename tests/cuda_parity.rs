@@ -15,6 +15,8 @@
 mod baselines;
 #[path = "cuda_parity/bf16.rs"]
 mod bf16;
+#[path = "cuda_parity/bn_train.rs"]
+mod bn_train;
 #[path = "cuda_parity/failures.rs"]
 mod failures;
 #[path = "cuda_parity/ops.rs"]

@@ -35,6 +35,7 @@ CHECKS_BUDGET=240
 BENCH_BUDGET=480
 CIFAR_BUDGET=240
 FOLLOWUP_BUDGET=420
+AB_BUDGET=300
 TEST_BINS=(cuda_device cuda_nvrtc cuda_parity cuda_nccl)
 # Everything is packed with NCCL (issue 16; loaded at run time, no MPI needed): `podgpu device --env`
 # then also exports its libnccl.so link, and cuda_nccl exists only with the feature.
@@ -735,6 +736,48 @@ followup_main() {
     finish
 }
 
+# An A/B call for one GPU switch (an environment variable, e.g. PODGPU_AB_ENV=PODGPU_GPU_BN=own):
+# the parity tests without it, the tests that run through the ops with it, then the same timings
+# without (A) and with (B) it, alternating, and a short train with it. Packed like followup.
+ab_main() {
+    begin ab "$AB_BUDGET"
+    prepare
+    detect_device
+    local ab="${PODGPU_AB_ENV:-}" run="$GPU_DIR/run-ab" data=datasets/cifar10-small.bin
+    if [[ ! "$ab" =~ ^[A-Z0-9_]+=[A-Za-z0-9_.,-]*$ ]]; then
+        not_run "A/B switch" FAIL 0 "set PODGPU_AB_ENV=NAME=value (got '$ab')"
+        finish
+    fi
+    # Per-step limits (s): device 20 + 60 + 60 + 6 × 40 + 30 + 45 = 455; capped by the budget.
+    test_step "parity CPU vs GPU (A)" 60 1 cuda_parity -- --include-ignored --nocapture --test-threads=1
+    rerun_failed
+    FAILED_TESTS=()
+    test_step "parity through the ops (B: $ab)" 60 1 cuda_parity "$ab" -- --include-ignored --nocapture \
+        --test-threads=1 resnet:: ops_parity:: trainer::
+    local i
+    for i in 1 2; do
+        step "resnet50 tf32 (A, round $i)" 40 1 "$BIN/bench-step" --device cuda --models resnet50 \
+            --batch 128 --steps 20 --warmup 3 --check-batch $((i == 1 ? 2 : 0)) --precision fp32,tf32
+        step "resnet50 tf32 (B, round $i)" 40 1 env "$ab" "$BIN/bench-step" --device cuda --models resnet50 \
+            --batch 128 --steps 20 --warmup 3 --check-batch $((i == 1 ? 2 : 0)) --precision fp32,tf32
+    done
+    step "resnet18 (A)" 30 1 "$BIN/bench-step" --device cuda --models resnet18 --batch 128 --steps 20 \
+        --warmup 3 --check-batch 0 --precision fp32,tf32
+    step "resnet18 (B)" 30 1 env "$ab" "$BIN/bench-step" --device cuda --models resnet18 --batch 128 \
+        --steps 20 --warmup 3 --check-batch 0 --precision fp32,tf32
+    step "batch norm kernels (A)" 20 1 "$BIN/bench-kernels" --device cuda --samples 7 --min-sample-ms 5 \
+        --max-case-s 1 --only "batch norm"
+    step "batch norm kernels (B)" 20 1 env "$ab" "$BIN/bench-kernels" --device cuda --samples 7 \
+        --min-sample-ms 5 --max-case-s 1 --only "batch norm"
+    rm -rf "$run"
+    if step "short train (B)" 45 1 env "$ab" "$BIN/podgpu" train resnet18 --data "$data" --device cuda \
+        --epochs 3 --batch-size 64 --feature-dim 64 --out "$run"; then
+        S_NOTE[-1]="$(train_note "$run/metrics.jsonl")"
+        write_json
+    fi
+    finish
+}
+
 # Overall status, the JSON, the table; exits with 0, 1 or 3.
 finish() {
     local i any_failed=0
@@ -771,6 +814,7 @@ device_run() { # checks|bench: runs it with its whole output into RESULTS/KIND.l
         bench) BENCH_BUDGET=$(budget PODGPU_BENCH_BUDGET_S "$BENCH_BUDGET"); bench_main 2>&1 | tee "$RESULTS/bench.log" ;;
         cifar) CIFAR_BUDGET=$(budget PODGPU_CIFAR_BUDGET_S "$CIFAR_BUDGET"); cifar_main 2>&1 | tee "$RESULTS/cifar.log" ;;
         followup) FOLLOWUP_BUDGET=$(budget PODGPU_FOLLOWUP_BUDGET_S "$FOLLOWUP_BUDGET"); followup_main 2>&1 | tee "$RESULTS/followup.log" ;;
+        ab) AB_BUDGET=$(budget PODGPU_AB_BUDGET_S "$AB_BUDGET"); ab_main 2>&1 | tee "$RESULTS/ab.log" ;;
     esac
     return "${PIPESTATUS[0]}"
 }
@@ -778,7 +822,7 @@ device_run() { # checks|bench: runs it with its whole output into RESULTS/KIND.l
 case "${1:-}" in
     pack) pack ;;
     size) size ;;
-    checks|bench|cifar|followup) device_run "$1" ;;
+    checks|bench|cifar|followup|ab) device_run "$1" ;;
     run)
         device_run checks
         a=$?
@@ -788,5 +832,5 @@ case "${1:-}" in
         exit 1
         ;;
     _eval-both) shift; eval_both "$@" ;;
-    *) echo "usage: $0 pack|size (here) | checks|bench|cifar|followup|run (on the GPU machine)   (see docs/GPU.md)"; exit 2 ;;
+    *) echo "usage: $0 pack|size (here) | checks|bench|cifar|followup|ab|run (on the GPU machine)   (see docs/GPU.md)"; exit 2 ;;
 esac

@@ -161,7 +161,7 @@ fn cases(b: usize, n: usize, k: usize) -> Vec<Case> {
         ]
     };
     add(
-        "batch norm train forward (cuDNN on GPU)",
+        "batch norm train forward",
         shape_str(&act),
         Box::new(bn_inputs),
         Box::new(|x| {
@@ -170,8 +170,32 @@ fn cases(b: usize, n: usize, k: usize) -> Vec<Case> {
         }),
         1e-4,
     );
+    // The tail of a ResNet block in one pass (on a GPU always our kernels, cuda::bn_train).
     add(
-        "batch norm train backward (cuDNN on GPU)",
+        "batch norm + add + ReLU train forward",
+        shape_str(&act),
+        Box::new(move |d, t| {
+            let mut v = bn_inputs(d, t);
+            v.push(normal(&act, 3, d, t));
+            v
+        }),
+        Box::new(|x| {
+            let o = ops::batch_norm2d_relu_train_fwd(
+                &x[0],
+                &x[1],
+                &x[2],
+                &x[3],
+                &x[4],
+                Some(&x[5]),
+                0.1,
+                1e-5,
+            );
+            vec![o.y, o.mean, o.invstd, o.running_mean, o.running_var]
+        }),
+        1e-4,
+    );
+    add(
+        "batch norm train backward",
         shape_str(&act),
         Box::new(move |d, t| {
             let x = normal(&act, 1, d, t);
@@ -485,6 +509,16 @@ fn run() -> Result<()> {
         bail!("--batch, --dim and --classes must be at least 2");
     }
     println!("{}", bench::describe(device));
+    if matches!(device, Device::Cuda(_)) {
+        println!(
+            "training-mode batch norm on the GPU: {}",
+            if ops::own_gpu_bn() {
+                "our kernels (PODGPU_GPU_BN=own)"
+            } else {
+                "cuDNN (PODGPU_GPU_BN=own for ours)"
+            }
+        );
+    }
     let clock = Clock::for_device(device)?;
     let copy = copy_bandwidth(device, &clock, &settings)?;
     let copy_what = match device {

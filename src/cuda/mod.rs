@@ -18,6 +18,7 @@ pub mod baseline_kernels;
 pub mod bf16;
 pub mod blas;
 pub mod blaslt;
+pub mod bn_train;
 pub mod dnn;
 pub mod guard;
 pub mod kernels;

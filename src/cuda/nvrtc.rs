@@ -44,6 +44,7 @@ pub const SOURCES: &[KernelSource] = &[
     cu!("transformer"),
     cu!("adamw"),
     cu!("bf16"),
+    cu!("bn_train"),
 ];
 
 pub fn source(name: &str) -> Option<&'static KernelSource> {

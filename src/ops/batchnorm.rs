@@ -327,7 +327,9 @@ pub fn batch_norm2d_in_mode(
 /// the tail of every ResNet conv. On the CPU in f32/f64 this is one pass over the activations
 /// forward (instead of three: affine, add, ReLU) and the backward is the ReLU mask then the
 /// plain batch-norm backward. The arithmetic is the unfused ops' own, in the same order, so the
-/// results are bit-identical to them (tests/fd_cnn_ops.rs). On a GPU, in evaluation mode, under `--sync-bn` or the bf16 emulation it is the unfused ops.
+/// results are bit-identical to them (tests/fd_cnn_ops.rs). On a GPU with `PODGPU_GPU_BN=own`
+/// the same single pass runs in `cuda::bn_train`; otherwise on a GPU, in evaluation mode, under
+/// `--sync-bn` or the bf16 emulation it is the unfused ops.
 pub fn batch_norm2d_relu(
     t: &mut Tape,
     store: &mut ParamStore,
@@ -337,7 +339,8 @@ pub fn batch_norm2d_relu(
 ) -> Var {
     let host = x.value().device() == crate::tensor::Device::Cpu
         && matches!(x.value().dtype(), DType::F32 | DType::F64);
-    let fused = host && t.is_training() && !unfused_requested();
+    let own_gpu = x.value().is_cuda() && x.value().dtype() == DType::F32 && own_gpu_bn();
+    let fused = (host || own_gpu) && t.is_training() && !unfused_requested();
     if !fused || crate::dist::sync_bn::is_active() || cpu::bf16::emulating() {
         let y = batch_norm2d(t, store, x, bn);
         let y = match residual {
@@ -394,6 +397,15 @@ pub fn batch_norm2d_relu(
     })
 }
 
+/// Whether training-mode batch norm on a GPU uses our own kernels (`cuda::bn_train`: the fused
+/// affine + residual add + ReLU pass, statistics in double as the host computes them) instead of
+/// cuDNN's batch norm followed by separate add and ReLU kernels. `PODGPU_GPU_BN=own` selects them;
+/// cuDNN stays the default until the own kernels' GPU parity and timing are recorded (docs/GPU.md).
+pub fn own_gpu_bn() -> bool {
+    static OWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OWN.get_or_init(|| std::env::var("PODGPU_GPU_BN").is_ok_and(|v| v == "own"))
+}
+
 /// `PODGPU_CPU_UNFUSED_BN=1` runs the unfused ops instead (to measure what the fusion gains with
 /// one binary).
 fn unfused_requested() -> bool {
@@ -418,11 +430,31 @@ pub fn batch_norm2d_relu_train_fwd(
         x,
         &[weight, bias, running_mean, running_var],
     );
-    assert_eq!(
-        x.device(),
-        crate::tensor::Device::Cpu,
-        "batch_norm2d_relu_train_fwd: host kernel only (the GPU runs the unfused ops)"
-    );
+    if x.is_cuda() {
+        assert_eq!(
+            x.dtype(),
+            DType::F32,
+            "batch_norm2d_relu_train_fwd: the GPU kernels are f32"
+        );
+        let o = cuda::bn_train::train_fwd(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            residual,
+            true,
+            momentum,
+            eps,
+        );
+        return BatchNormTrainOut {
+            y: o.y,
+            mean: o.mean,
+            invstd: o.invstd,
+            running_mean: o.running_mean,
+            running_var: o.running_var,
+        };
+    }
     let ep = Epilogue {
         residual,
         relu: true,
@@ -467,6 +499,26 @@ fn bn_train_fwd_cuda(
     momentum: f64,
     eps: f64,
 ) -> BatchNormTrainOut {
+    if own_gpu_bn() {
+        let o = cuda::bn_train::train_fwd(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            None,
+            false,
+            momentum,
+            eps,
+        );
+        return BatchNormTrainOut {
+            y: o.y,
+            mean: o.mean,
+            invstd: o.invstd,
+            running_mean: o.running_mean,
+            running_var: o.running_var,
+        };
+    }
     let o =
         cuda::dnn::batch_norm_fwd_train(x, weight, bias, running_mean, running_var, momentum, eps);
     BatchNormTrainOut {
@@ -487,7 +539,11 @@ fn bn_train_bwd_cuda(
     mean: &Tensor,
     invstd: &Tensor,
 ) -> BatchNormGrads {
-    let (dx, dweight, dbias) = cuda::dnn::batch_norm_bwd(x, dy, weight, mean, invstd, BN_EPS);
+    let (dx, dweight, dbias) = if own_gpu_bn() {
+        cuda::bn_train::train_bwd(x, dy, weight, mean, invstd)
+    } else {
+        cuda::dnn::batch_norm_bwd(x, dy, weight, mean, invstd, BN_EPS)
+    };
     BatchNormGrads { dx, dweight, dbias }
 }
 
