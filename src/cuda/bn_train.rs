@@ -71,7 +71,6 @@ fn chunk_sums(
     gpu: &Arc<Gpu>,
     x: &Tensor,
     dy: Option<&Tensor>,
-    center: u64,
     mean_invstd: Option<(&Tensor, &Tensor)>,
     mode: i32,
     k: usize,
@@ -88,7 +87,6 @@ fn chunk_sums(
         Some(d) => l.arg(buf(d).raw()),
         None => l.arg(&null),
     };
-    l.arg(&center);
     match mean_invstd {
         Some((m, s)) => l.arg(buf(m).raw()).arg(buf(s).raw()),
         None => l.arg(&null).arg(&null),
@@ -100,9 +98,9 @@ fn chunk_sums(
         .arg(&mode)
         .arg(&part)
         .arg(&part2);
-    // SAFETY: matches bn_chunk_sums_f32(const float*, const float*, const double*, const float*,
-    // const float*, int, int, int, int, int, double*, double*); part/part2 hold C·k doubles, the
-    // pointers a mode does not read may be null.
+    // SAFETY: matches bn_chunk_sums_f32(const float*, const float*, const float*, const float*,
+    // int, int, int, int, int, double*, double*); part/part2 hold C·k doubles, the pointers a mode
+    // does not read may be null.
     check(unsafe { l.launch(chunk_grid(c, k)) }, "bn_chunk_sums_f32");
 }
 
@@ -126,49 +124,43 @@ pub fn train_fwd(
         assert_eq!(r.shape(), x.shape(), "bn_train: residual shape");
     }
     let total = n * c * hw;
+    assert!(
+        total < 1 << 32,
+        "bn_train: {total} values; the kernels index with 32 bits"
+    );
     let m = (n * hw) as f64;
     let k = chunks(&gpu, n, c);
-    let part = doubles(&gpu, c * k);
-    let mean_d = doubles(&gpu, c);
+    let (part, part_sq) = (doubles(&gpu, c * k), doubles(&gpu, c * k));
     let (scale, shift) = (gpu.alloc(c), gpu.alloc(c));
     let (mut mean, mut invstd) = (gpu.alloc(c), gpu.alloc(c));
     let (mut new_rm, mut new_rv) = (gpu.alloc(c), gpu.alloc(c));
     let mut y = gpu.alloc(total);
-    let (c32, k32) = (c as i32, k as i32);
-    // Pass 1: the mean.
-    chunk_sums(&gpu, x, None, 0, None, 0, k, part.device_ptr(), 0);
-    {
-        let f = func(&gpu, MODULE, "bn_finish_mean_f32");
-        let (p, md) = (part.device_ptr(), mean_d.device_ptr());
-        let mut l = gpu.stream.launch_builder(&f);
-        l.arg(&p).arg(&c32).arg(&k32).arg(&m).arg(&md);
-        // SAFETY: matches bn_finish_mean_f32(const double*, int, int, double, double*).
-        check(unsafe { l.launch(per_channel(c)) }, "bn_finish_mean_f32");
-    }
-    // Pass 2: the centred squares, then everything per channel.
+    let (c32, k32, hw32) = (c as i32, k as i32, hw as i32);
+    // One pass for the statistics, then everything per channel.
     chunk_sums(
         &gpu,
         x,
         None,
-        mean_d.device_ptr(),
         None,
-        1,
+        0,
         k,
         part.device_ptr(),
-        0,
+        part_sq.device_ptr(),
     );
     {
         let f = func(&gpu, MODULE, "bn_finish_fwd_f32");
-        let (p, md) = (part.device_ptr(), mean_d.device_ptr());
+        let (p, p2) = (part.device_ptr(), part_sq.device_ptr());
         let (scp, shp) = (scale.device_ptr(), shift.device_ptr());
         let mut l = gpu.stream.launch_builder(&f);
         l.arg(&p)
+            .arg(&p2)
             .arg(&c32)
             .arg(&k32)
             .arg(&m)
             .arg(&eps)
             .arg(&momentum)
-            .arg(&md)
+            .arg(&hw32)
+            .arg(buf(x).raw())
             .arg(buf(gamma).raw())
             .arg(buf(beta).raw())
             .arg(buf(running_mean).raw())
@@ -179,13 +171,14 @@ pub fn train_fwd(
             .arg(new_rv.raw_mut())
             .arg(&scp)
             .arg(&shp);
-        // SAFETY: matches bn_finish_fwd_f32(const double*, int, int, double, double, double,
-        // const double*, 4 × const float*, 4 × float*, float*, float*); every array holds C values.
+        // SAFETY: matches bn_finish_fwd_f32(const double*, const double*, int, int, double,
+        // double, double, int, const float* x, 4 × const float*, 4 × float*, float*, float*);
+        // every per-channel array holds C values, x its NCHW values.
         check(unsafe { l.launch(per_channel(c)) }, "bn_finish_fwd_f32");
     }
     if total > 0 {
         let f = func(&gpu, MODULE, "bn_apply_f32");
-        let (hw32, t64, relu32) = (hw as i32, total as i64, i32::from(relu));
+        let (t64, relu32) = (total as i64, i32::from(relu));
         let (scp, shp) = (scale.device_ptr(), shift.device_ptr());
         let null = super::launch::NULL;
         let mut l = gpu.stream.launch_builder(&f);
@@ -233,11 +226,14 @@ pub fn train_bwd(
     let sums = doubles(&gpu, 2 * c);
     let (mut dgamma, mut dbeta) = (gpu.alloc(c), gpu.alloc(c));
     let mut dx = gpu.alloc(total);
+    assert!(
+        total < 1 << 32,
+        "bn_train: {total} values; the kernels index with 32 bits"
+    );
     chunk_sums(
         &gpu,
         x,
         Some(dy),
-        0,
         Some((mean, invstd)),
         2,
         k,

@@ -179,11 +179,12 @@ fn resnet_forward_backward_matches_cpu_fp32() {
 /// the worst gradient measures how much rounding this step's gradients amplify (deep gradients pass
 /// through many training-mode batch norms over few values). TF32 rounds the product operands with
 /// a unit roundoff 2⁻¹¹ instead of 2⁻²⁴, 8192 times larger, so the same amplification gives some
-/// multiple of 8192× the fp32 difference. Measured on the H200 (2026-11-30, the second run, which
-/// printed every gradient): fp32's worst 4.04e-6; TF32's worst 1.60e-1 on the same tensor, 4.85 ×
-/// 8192 × fp32's worst; per tensor TF32/fp32 was 2.9 × 8192 at the median. The bound allows 10×
-/// (twice the measured worst), at least 1e-3 and at most 0.5: an all-zero or unrelated gradient
-/// (relative error 1 or more) still fails. The first run's fixed 5e-2 failed at 6.7e-2.
+/// multiple of 8192× the fp32 difference. Measured on the H200 (2026-11-30): fp32's worst 4.0e-6
+/// and TF32's worst 1.60e-1 on the same tensor (4.85 × 8192 × fp32's; per tensor 2.9 × 8192 at the
+/// median); with our own batch norm kernels (`PODGPU_GPU_BN=own`, bit-identical to the host's)
+/// fp32's worst fell to 2.1e-6 while TF32's, which comes from the convolutions, stayed 1.60e-1
+/// (9.1 × 8192 ×). The bound allows 20×, at least 1e-3 and at most 0.5: an all-zero or unrelated
+/// gradient (relative error 1 or more) still fails. The first run's fixed 5e-2 failed at 6.7e-2.
 #[test]
 #[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
 fn resnet_forward_backward_matches_cpu_tf32() {
@@ -198,7 +199,7 @@ fn resnet_forward_backward_matches_cpu_tf32() {
 /// See `resnet_forward_backward_matches_cpu_tf32`.
 fn tf32_gradient_tolerance(fp32_worst: f64) -> f64 {
     const ROUNDOFF_RATIO: f64 = 8192.0; // 2⁻¹¹ / 2⁻²⁴
-    (10.0 * ROUNDOFF_RATIO * fp32_worst).clamp(1e-3, 0.5)
+    (20.0 * ROUNDOFF_RATIO * fp32_worst).clamp(1e-3, 0.5)
 }
 
 /// Five SGD steps on one batch; returns the losses and the final store.
