@@ -5,26 +5,18 @@
 //! forward instead of cuDNN's batch norm, an add and a ReLU.
 //!
 //! Launchers:
-//! - `train_fwd(x, γ, β, running_mean, running_var, residual, relu, momentum, eps) -> BnTrainFwd`
+//! - `train_fwd(x, γ, β, running_mean, running_var, residual, relu, momentum, eps) -> BatchNormTrainOut`
+//!   (y, the batch's f32 mean and 1/σ for the backward, the new running statistics)
 //! - `train_bwd(x, dy, γ, mean, invstd) -> (dx, dγ, dβ)`
 
 use super::launch::{check, func, gpu_of, grid_1d, THREADS};
 use super::{buf, tensor, Gpu};
+use crate::ops::BatchNormTrainOut;
 use crate::tensor::Tensor;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
 const MODULE: &str = "bn_train";
-
-/// What the training forward returns: y, the batch's f32 mean and 1/σ (for the backward) and the
-/// new running statistics.
-pub struct BnTrainFwd {
-    pub y: Tensor,
-    pub mean: Tensor,
-    pub invstd: Tensor,
-    pub running_mean: Tensor,
-    pub running_var: Tensor,
-}
 
 /// (N, C, H·W) of an NCHW tensor.
 fn dims(x: &Tensor) -> (usize, usize, usize) {
@@ -117,7 +109,7 @@ pub fn train_fwd(
     relu: bool,
     momentum: f64,
     eps: f64,
-) -> BnTrainFwd {
+) -> BatchNormTrainOut {
     let gpu = gpu_of(x);
     let (n, c, hw) = dims(x);
     if let Some(r) = residual {
@@ -197,7 +189,7 @@ pub fn train_fwd(
         // const float*, int, int, long long, int); r may be null; y, x, r hold `total` floats.
         check(unsafe { l.launch(grid_1d(&gpu, total)) }, "bn_apply_f32");
     }
-    BnTrainFwd {
+    BatchNormTrainOut {
         y: tensor(x.shape(), y),
         mean: tensor(&[c], mean),
         invstd: tensor(&[c], invstd),

@@ -436,7 +436,7 @@ pub fn batch_norm2d_relu_train_fwd(
             DType::F32,
             "batch_norm2d_relu_train_fwd: the GPU kernels are f32"
         );
-        let o = cuda::bn_train::train_fwd(
+        return cuda::bn_train::train_fwd(
             x,
             weight,
             bias,
@@ -447,13 +447,6 @@ pub fn batch_norm2d_relu_train_fwd(
             momentum,
             eps,
         );
-        return BatchNormTrainOut {
-            y: o.y,
-            mean: o.mean,
-            invstd: o.invstd,
-            running_mean: o.running_mean,
-            running_var: o.running_var,
-        };
     }
     let ep = Epilogue {
         residual,
@@ -500,7 +493,7 @@ fn bn_train_fwd_cuda(
     eps: f64,
 ) -> BatchNormTrainOut {
     if own_gpu_bn() {
-        let o = cuda::bn_train::train_fwd(
+        return cuda::bn_train::train_fwd(
             x,
             weight,
             bias,
@@ -511,13 +504,6 @@ fn bn_train_fwd_cuda(
             momentum,
             eps,
         );
-        return BatchNormTrainOut {
-            y: o.y,
-            mean: o.mean,
-            invstd: o.invstd,
-            running_mean: o.running_mean,
-            running_var: o.running_var,
-        };
     }
     let o =
         cuda::dnn::batch_norm_fwd_train(x, weight, bias, running_mean, running_var, momentum, eps);
