@@ -335,7 +335,7 @@ fn batch_norm_in_bf16_emulation_keeps_statistics_in_f32() {
     let (n, c, hw) = (4, 3, 5);
     let x = randn(&[n, c, hw, hw], &mut rng);
     let g = randn(&[n, c, hw, hw], &mut rng);
-    let run = |emulate: bool, x: &Tensor| {
+    let run = |emulate: bool, x: &Tensor, g: &Tensor| {
         let _mode = emu::scope(emulate);
         let mut store = ParamStore::new();
         let ids = BatchNormIds::register_as(&mut store, "bn", c, x.dtype());
@@ -347,13 +347,21 @@ fn batch_norm_in_bf16_emulation_keeps_statistics_in_f32() {
         let rm = store.value(ids.running_mean).clone();
         (y.value().clone(), dx, rm)
     };
-    let (y, dx, rm) = run(true, &x);
-    let (y32, dx32, rm32) = run(false, &x);
+    // The GPU stores the incoming gradient in bf16 (the tape's bf16 sums), so the emulation's
+    // backward starts from bf16(g): an f32 run fed bf16(g), rounded at the end, is the same.
+    let (y, dx, rm) = run(true, &x, &g);
+    let (y32, dx32, rm32) = run(false, &x, &round_t(&g));
     assert_eq!(y.to_vec_f32(), round_t(&y32).to_vec_f32());
     assert_eq!(dx.to_vec_f32(), round_t(&dx32).to_vec_f32());
+    let (_, dx32_unrounded_g, _) = run(false, &x, &g);
+    assert_ne!(
+        round_t(&dx32_unrounded_g).to_vec_f32(),
+        dx.to_vec_f32(),
+        "the incoming gradient must be rounded (an f32 g gives other values)"
+    );
     assert_eq!(rm.to_vec_f32(), rm32.to_vec_f32(), "statistics stay f32");
     assert!(!all_bf16(&rm));
-    let (y64, _, _) = run(false, &f64s(&x));
+    let (y64, _, _) = run(false, &f64s(&x), &g);
     let (y, y32, y64) = (y.to_vec_f64(), y32.to_vec_f64(), y64.to_vec_f64());
     for i in 0..y.len() {
         let allowed = U * y32[i].abs() + (y32[i] - y64[i]).abs();
@@ -364,6 +372,49 @@ fn batch_norm_in_bf16_emulation_keeps_statistics_in_f32() {
             y64[i]
         );
     }
+}
+
+/// The rounding points the GPU's bf16 step adds around the residual connection, on the CPU: the
+/// block's output relu(bn(x) + r) is a bf16 value (the GPU adds in bf16), and so are the
+/// gradients that reach x and the shortcut r, although the gradient arriving at the output is the
+/// f32 sum of two uses (the GPU's tape adds two bf16 gradients in bf16). The ImageNet stem's max
+/// pool rounds its incoming gradient and its overlapping sums too.
+#[test]
+fn residual_blocks_in_bf16_emulation_round_where_the_gpu_stores_bf16() {
+    use podgpu::ops::Pool2dSpec;
+    let mut rng = Rng::new(5);
+    let (n, c, hw) = (2, 3, 6);
+    let x = round_t(&randn(&[n, c, hw, hw], &mut rng));
+    let r = round_t(&randn(&[n, c, hw, hw], &mut rng));
+    let _mode = emu::scope(true);
+    let mut store = ParamStore::new();
+    let ids = BatchNormIds::register_as(&mut store, "bn", c, DType::F32);
+    let mut tape = Tape::train();
+    let (xv, rv) = (tape.leaf(x.clone()), tape.leaf(r.clone()));
+    let y = ops::batch_norm2d_relu(&mut tape, &mut store, &xv, &ids, Some(&rv));
+    assert!(all_bf16(y.value()), "the block's output is stored in bf16");
+    // Two uses of the output (the next block's conv and shortcut): the tape sums their f32
+    // gradients (seeded with values that are not bf16 values).
+    let s1 = ops::scale(&mut tape, &y, 1.0);
+    let s2 = ops::scale(&mut tape, &y, 1.0);
+    let s = ops::add(&mut tape, &s1, &s2);
+    let seed = randn(s.shape(), &mut rng);
+    assert!(!all_bf16(&seed));
+    tape.backward_with(&s, seed, &mut store);
+    let (dx, dr) = (tape.grad_of(&xv).unwrap(), tape.grad_of(&rv).unwrap());
+    assert!(all_bf16(dr), "the shortcut's gradient is stored in bf16");
+    assert!(all_bf16(dx), "the block input's gradient is stored in bf16");
+
+    // Max pooling with overlapping windows: its gradient is bf16 too.
+    let mut tape = Tape::train();
+    let xv = tape.leaf(x.clone());
+    let p = ops::max_pool2d(&mut tape, &xv, Pool2dSpec::new(3, 2, 1));
+    let gp = randn(p.shape(), &mut rng);
+    tape.backward_with(&p, gp, &mut store);
+    assert!(
+        all_bf16(tape.grad_of(&xv).unwrap()),
+        "max pool's dx is bf16"
+    );
 }
 
 #[test]

@@ -95,6 +95,7 @@ const LAUNCHERS: &[(&str, &str)] = &[
         include_str!("../src/cuda/baseline_kernels.rs"),
     ),
     ("bf16.rs", include_str!("../src/cuda/bf16.rs")),
+    ("bf16_ops.rs", include_str!("../src/cuda/bf16_ops.rs")),
     ("blas.rs", include_str!("../src/cuda/blas.rs")),
     ("blaslt.rs", include_str!("../src/cuda/blaslt.rs")),
     ("bn_train.rs", include_str!("../src/cuda/bn_train.rs")),
@@ -123,7 +124,7 @@ const LAUNCHERS: &[(&str, &str)] = &[
     ("transformer.rs", include_str!("../src/cuda/transformer.rs")),
 ];
 
-/// Every kernel name the launchers ask for (`"…_f32"` / `"…_i32"` literals in src/cuda/*.rs)
+/// Every kernel name the launchers ask for (`"…_f32"` / `"…_i32"` / `"…_bf16"` literals in src/cuda/*.rs)
 /// exists in some .cu source, so a typo fails here rather than on the first GPU run.
 #[test]
 fn launchers_only_name_existing_kernels() {
@@ -135,7 +136,8 @@ fn launchers_only_name_existing_kernels() {
     for (_, text) in LAUNCHERS {
         for piece in text.split('"').skip(1).step_by(2) {
             let ident = piece.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if ident && (piece.ends_with("_f32") || piece.ends_with("_i32")) {
+            let typed = ["_f32", "_i32", "_bf16"].iter().any(|t| piece.ends_with(t));
+            if ident && typed {
                 asked.insert(piece.to_string());
             }
         }

@@ -28,8 +28,9 @@ pub struct Args {
     pub device: String,
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
-    /// Precision of the forward pass: fp32, tf32 (GPU tensor cores) or bf16 (mixed precision;
-    /// CPU emulation so far). The checkpoint is f32 and loads the same whatever this is.
+    /// Precision of the forward pass: fp32, tf32 (GPU tensor cores) or bf16 (mixed precision:
+    /// bf16 activations on a GPU for the ResNets, the CPU's emulation of them elsewhere). The
+    /// checkpoint is f32 and loads the same whatever this is.
     #[arg(long, value_enum, default_value = "fp32")]
     pub precision: crate::train::Precision,
     /// Print the result as JSON.
@@ -158,8 +159,9 @@ pub fn run(a: Args) -> Result<()> {
         crate::train::Precision::Tf32 => crate::cuda::MathMode::Tf32,
         _ => crate::cuda::MathMode::Fp32,
     });
-    crate::train::trainer::set_precision_on(a.precision, device)?;
+    crate::train::trainer::set_precision(a.precision);
     let (net, mut ps, cfg, ds) = load_network(&a.checkpoint, a.data.clone())?;
+    crate::train::trainer::check_gpu_bf16(a.precision, device, &cfg.model)?;
     ps.to_device(device);
     let split = ds.split(&a.split).map_err(|e| anyhow!("{e}"))?;
     // Out of GPU memory comes back as an error naming a smaller --batch-size.

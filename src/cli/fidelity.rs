@@ -32,8 +32,8 @@ pub struct Args {
     /// Precision podgpu computes in: f32 (training precision) or f64 (CPU only; a check of the math).
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     pub dtype: DType,
-    /// Training precision to check: fp32 or tf32 (as --math), or bf16 (mixed precision, the CPU's
-    /// emulation of the GPU numerics, judged at the fixture's bf16 tolerance: 2¹⁶× its recorded
+    /// Training precision to check: fp32 or tf32 (as --math), or bf16 (mixed precision: bf16
+    /// storage on a GPU for ResNet fixtures, the CPU's emulation of it on the CPU; judged at the fixture's bf16 tolerance: 2¹⁶× its recorded
     /// float32 error, at least 0.16; see `bf16_tolerance`).
     #[arg(long, value_enum)]
     pub precision: Option<crate::train::Precision>,
@@ -454,10 +454,8 @@ pub fn run(args: Args) -> Result<()> {
         Some(crate::train::Precision::Fp32) => crate::cuda::MathMode::Fp32,
         _ => args.math,
     });
-    crate::train::trainer::set_precision_on(
-        args.precision.unwrap_or(crate::train::Precision::Fp32),
-        device,
-    )?;
+    let precision = args.precision.unwrap_or(crate::train::Precision::Fp32);
+    crate::train::trainer::set_precision(precision);
     let place = Place {
         device,
         dtype: args.dtype,
@@ -488,6 +486,9 @@ pub fn run(args: Args) -> Result<()> {
                 "  [{}]  on {device} {dt}{math}, tolerance {tolerance:.1e}",
                 describe(&fx)
             );
+            if let Ok(arch) = fx.meta("model") {
+                crate::train::trainer::check_gpu_bf16(precision, device, arch)?;
+            }
             let outputs = run_fixture(&fx, place)?;
             compare(&fx, &outputs, tolerance)
         });

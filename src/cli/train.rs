@@ -132,8 +132,10 @@ pub struct Args {
     /// CPU); on the GPU, deterministic cuDNN algorithms only.
     #[arg(long)]
     pub deterministic: bool,
-    /// GPU math: fp32 (true fp32, the default) or tf32 (tensor cores for convolutions and matrix
-    /// products; the SC loss stays fp32). The CPU computes in f32 either way.
+    /// Precision: fp32 (true fp32, the default), tf32 (GPU tensor cores for convolutions and matrix
+    /// products; the SC loss stays fp32; the CPU computes in f32) or bf16 (mixed precision: bf16
+    /// activations with f32 master weights, statistics and loss; on a GPU for the ResNets, on the
+    /// CPU as an emulation of the same numerics).
     #[arg(long, value_enum)]
     pub precision: Option<crate::train::Precision>,
     /// Check every op's output and gradients for NaN/inf and name the first op that produced one

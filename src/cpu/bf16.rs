@@ -9,16 +9,23 @@
 //! | op (tape level)              | rounded to bf16                          | kept f32           |
 //! |------------------------------|------------------------------------------|--------------------|
 //! | `ops::conv2d`                | x, w (cast copy), y; backward dy, dx     | dw, db             |
-//! | `ops::batch_norm2d` (train)  | y; backward dx                           | stats, dγ, dβ      |
-//! | `ops::linear` (FC1 and head) | x, w (cast copy); backward dy            | y (f32 output), dw, db |
+//! | `ops::batch_norm2d`          | y; backward dy, dx                       | stats, dγ, dβ      |
+//! | `ops::batch_norm2d_relu` + residual | the sum bn(x) + r, its gradient    |                    |
+//! | `ops::max_pool2d`            | backward dy, dx                          |                    |
+//! | `ops::linear` (FC1 and head) | x, w (cast copy); backward dy, dx        | y (f32 output), dw, db |
 //!
 //! An f32 accumulator over bf16 inputs is what cuDNN and cuBLAS compute with `CUDNN_DATA_BFLOAT16`
 //! / `CUDA_R_16BF` inputs and f32 compute, so the host kernels' f32 sums match the GPU's up to
-//! summation order. ReLU, max pooling and residual adds of bf16 values need no extra rounding point
-//! of their own to be bounded: their inputs are already bf16 and the next conv rounds again.
+//! summation order. ReLU and max pooling of bf16 values are bf16 values already. The gradient
+//! arriving at a bf16 activation is rounded where the GPU stores it: the tape adds the gradients of
+//! a value's two uses (a block's output feeds the next block's convolution and its shortcut) in
+//! bf16 there, so batch norm, max pooling and the residual sum round their incoming gradient.
+//! The rounding calls themselves are `ops::store_bf16` / `ops::round_bf16`, which on a GPU convert
+//! to bf16 storage instead, so both devices round at the same points by the same code.
 //!
-//! The switch is process-wide for a run (`set_emulation`, from `--precision bf16` on the CPU) and
-//! can be overridden per thread (`scope`), so parallel tests do not see each other's mode. An op
+//! The switch is process-wide for a run (`set_emulation`, from `--precision bf16`; on a GPU the
+//! same switch selects its bf16 storage, see `ops::precision`) and can be overridden per thread
+//! (`scope`), so parallel tests do not see each other's mode. An op
 //! decides its precision when it is recorded (forward) and its backward keeps that decision. The
 //! loss's own products (`ops::matmul`) never round. f64 tensors (gradient checks) and GPU tensors
 //! are never rounded here.

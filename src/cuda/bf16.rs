@@ -53,6 +53,20 @@ impl Bf16Buf {
         self.words.device_ptr()
     }
 
+    /// The 32-bit pool words holding the values (kernel arguments: `unsigned short*`).
+    pub(super) fn words(&self) -> &CudaBuf {
+        &self.words
+    }
+
+    pub(super) fn words_mut(&mut self) -> &mut CudaBuf {
+        &mut self.words
+    }
+
+    /// The buffer as a GPU tensor of `shape` (`DType::Bf16`, row-major).
+    pub fn into_tensor(self, shape: &[usize]) -> Tensor {
+        Tensor::from_device_buffer(shape, Box::new(self))
+    }
+
     /// The stored bit patterns (waits for the device).
     pub fn to_host_bits(&self) -> Vec<u16> {
         let words = self.words.to_host();

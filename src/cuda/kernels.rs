@@ -1,5 +1,6 @@
 //! Launchers for podgpu's own CUDA kernels (sources in `cuda/*.cu`), cuBLAS and cuDNN: the functions
-//! the CUDA arm of each op's dispatch calls. All take and return GPU `Tensor`s (f32), allocate their
+//! the CUDA arm of each op's dispatch calls. All take and return GPU `Tensor`s (f32; `add`, `relu`,
+//! `relu_bwd` and the pools also bf16, through `bf16_ops`), allocate their
 //! outputs from the pool and queue work on the device's stream without synchronising.
 //!
 //! # The launchers and where they live
@@ -58,7 +59,7 @@
 
 use super::launch::{check, column_tiles, func, gpu_of, grid_1d};
 use super::{blas, buf, tensor};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use cudarc::driver::PushKernelArg;
 
 /// y = f(x) elementwise with kernel `name(y, x, n)` of elementwise.cu.
@@ -97,7 +98,12 @@ fn binary(a: &Tensor, b: &Tensor, name: &'static str) -> Tensor {
     tensor(a.shape(), out)
 }
 
+/// a + b; two bf16 tensors give a bf16 sum (`bf16_ops`: the bf16 step's residual adds and the
+/// tape's sums of activation gradients).
 pub fn add(a: &Tensor, b: &Tensor) -> Tensor {
+    if a.dtype() == DType::Bf16 {
+        return super::bf16_ops::add(a, b);
+    }
     binary(a, b, "add_f32")
 }
 
@@ -117,10 +123,16 @@ pub fn scale(x: &Tensor, s: f64) -> Tensor {
 }
 
 pub fn relu(x: &Tensor) -> Tensor {
+    if x.dtype() == DType::Bf16 {
+        return super::bf16_ops::relu(x);
+    }
     unary(x, "relu_f32")
 }
 
 pub fn relu_bwd(y: &Tensor, dy: &Tensor) -> Tensor {
+    if y.dtype() == DType::Bf16 {
+        return super::bf16_ops::relu_bwd(y, dy);
+    }
     binary(y, dy, "relu_bwd_f32")
 }
 

@@ -5,7 +5,7 @@
 //! (user input is validated before the dispatch).
 
 use super::{buf, Gpu};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use cudarc::driver::{CudaFunction, LaunchConfig};
 use std::sync::Arc;
 
@@ -61,9 +61,12 @@ pub fn check<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> T {
     r.unwrap_or_else(|e| panic!("CUDA {what} failed: {e}"))
 }
 
-/// The GPU a tensor lives on.
+/// The GPU a tensor lives on (f32 or bf16 storage).
 pub fn gpu_of(t: &Tensor) -> Arc<Gpu> {
-    buf(t).gpu.clone()
+    match t.dtype() {
+        DType::Bf16 => super::bf16::bf16_buf(t).gpu().clone(),
+        _ => buf(t).gpu.clone(),
+    }
 }
 
 /// `0` as a kernel pointer argument (an optional output or input left out).

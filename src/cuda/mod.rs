@@ -16,6 +16,7 @@
 pub mod adamw;
 pub mod baseline_kernels;
 pub mod bf16;
+pub mod bf16_ops;
 pub mod blas;
 pub mod blaslt;
 pub mod bn_train;

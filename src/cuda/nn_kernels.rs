@@ -1,10 +1,11 @@
 //! Launchers of the layer kernels: pooling (pool.cu), channel concat/split and row gathers
 //! (layout.cu), row L2-normalisation (head.cu), in-place accumulation and device-scalar scaling
-//! (elementwise.cu). All tensors are f32 on one GPU, NCHW for images.
+//! (elementwise.cu). All tensors are f32 on one GPU, NCHW for images; the pools also take bf16
+//! activations (the bf16 step), which they hand to `bf16_ops`.
 
 use super::launch::{check, func, gpu_of, grid_1d, per_row};
 use super::{buf, tensor};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use cudarc::driver::PushKernelArg;
 
 /// Window geometry of a 2-D pooling. Pairs are (height, width).
@@ -55,9 +56,12 @@ fn pool_args(x: [usize; 4], g: &PoolGeom) -> [i32; 12] {
 /// Max pooling → (y [N, C, OH, OW], argmax) where argmax holds, per output, the in-plane index
 /// h·W + w of the chosen input as i32 words (for `max_pool2d_bwd`).
 pub fn max_pool2d_fwd(x: &Tensor, g: &PoolGeom) -> (Tensor, Tensor) {
-    let gpu = gpu_of(x);
     let d = nchw(x);
     let a = pool_args(d, g);
+    if x.dtype() == DType::Bf16 {
+        return super::bf16_ops::max_pool2d_fwd(x, d, a);
+    }
+    let gpu = gpu_of(x);
     let ys = [d[0], d[1], a[4] as usize, a[5] as usize];
     let n = ys.iter().product::<usize>();
     let mut y = gpu.alloc(n);
@@ -75,12 +79,16 @@ pub fn max_pool2d_fwd(x: &Tensor, g: &PoolGeom) -> (Tensor, Tensor) {
     (tensor(&ys, y), tensor(&ys, am))
 }
 
+/// dx of max pooling; a bf16 dy gives a bf16 dx (`bf16_ops`).
 pub fn max_pool2d_bwd(dy: &Tensor, argmax: &Tensor, x_shape: &[usize], g: &PoolGeom) -> Tensor {
-    let gpu = gpu_of(dy);
     let d: [usize; 4] = x_shape
         .try_into()
         .expect("max_pool2d_bwd: x_shape must be NCHW");
     let a = pool_args(d, g);
+    if dy.dtype() == DType::Bf16 {
+        return super::bf16_ops::max_pool2d_bwd(dy, argmax, d, a);
+    }
+    let gpu = gpu_of(dy);
     let n = d.iter().product::<usize>();
     let mut dx = gpu.alloc(n);
     if n > 0 {
@@ -149,10 +157,13 @@ pub fn avg_pool2d_bwd(
     tensor(x_shape, dx)
 }
 
-/// Mean over H·W: [N, C, H, W] → [N, C].
+/// Mean over H·W: [N, C, H, W] → [N, C] (f32 also for a bf16 x: `bf16_ops`).
 pub fn global_avg_pool_fwd(x: &Tensor) -> Tensor {
-    let gpu = gpu_of(x);
     let d = nchw(x);
+    if x.dtype() == DType::Bf16 {
+        return super::bf16_ops::global_avg_pool_fwd(x, d);
+    }
+    let gpu = gpu_of(x);
     let (planes, hw) = (d[0] * d[1], d[2] * d[3]);
     let mut y = gpu.alloc(planes);
     if planes > 0 {

@@ -85,6 +85,22 @@ pub fn is_model_name(name: &str) -> bool {
     MODEL_NAMES.contains(&name) || matches!(TransformerConfig::parse(name), Some(Ok(_)))
 }
 
+/// Whether the GPU's bf16 step (`--precision bf16` on a GPU) covers a network: the ResNets, whose
+/// ops all have bf16 forms there (cuDNN's bf16 convolutions and batch norms, `cuda::bf16_ops` for
+/// ReLU, pooling and residual adds). The other networks run `--precision bf16` on the CPU's
+/// emulation only, until their ops (concatenation, depthwise convolutions, ReLU6, the
+/// transformers' kernels) have bf16 forms on the GPU.
+pub fn gpu_bf16_supported(arch: &str) -> bool {
+    arch.starts_with("resnet") && MODEL_NAMES.contains(&arch)
+}
+
+/// The error for `--precision bf16` on a GPU with a network the GPU's bf16 step does not cover.
+pub fn gpu_bf16_unsupported(arch: &str) -> String {
+    format!(
+        "--precision bf16 on a GPU covers the ResNets only so far; {arch} has ops without a bf16          GPU form: use --precision tf32 on the GPU, or --device cpu for the bf16 emulation"
+    )
+}
+
 /// The transformer configuration of a model name (None for the CNNs).
 pub fn transformer_config(name: &str) -> Option<TransformerConfig> {
     TransformerConfig::parse(name).and_then(Result::ok)

@@ -8,7 +8,7 @@
 //! The tensor-level entry points mirror cuDNN's (`BatchNormalizationForwardTraining` returns the saved
 //! mean and inverse standard deviation and the new running statistics; the backward takes them back).
 
-use super::{assert_same_place, expect_layout};
+use super::{assert_same_place, expect_layout, store_bf16};
 use crate::autograd::{ParamId, ParamKind, ParamStore, Tape, Var};
 use crate::cpu;
 use crate::cuda;
@@ -109,10 +109,33 @@ fn check_shapes(op: &str, x: &Tensor, per_channel: &[&Tensor]) {
             p.shape(),
             x.shape()
         );
+        // A bf16 x (the GPU's bf16 step) has f32 parameters and statistics, on its device.
+        assert_eq!(
+            p.device(),
+            x.device(),
+            "{op}: {p:?} and input {x:?} on different devices"
+        );
     }
-    let mut all = vec![x];
-    all.extend_from_slice(per_channel);
-    assert_same_place(op, &all);
+    if x.dtype() == DType::Bf16 {
+        assert!(
+            x.is_cuda(),
+            "{op}: a bf16 host tensor {x:?} is storage only"
+        );
+        if !per_channel.is_empty() {
+            assert_same_place(op, per_channel);
+        }
+        for p in per_channel {
+            assert_eq!(
+                p.dtype(),
+                DType::F32,
+                "{op}: per-channel {p:?} must be f32 for a bf16 input"
+            );
+        }
+    } else {
+        let mut all = vec![x];
+        all.extend_from_slice(per_channel);
+        assert_same_place(op, &all);
+    }
 }
 
 // ---- tensor-level entry points ----
@@ -192,7 +215,7 @@ pub fn batch_norm2d_eval_fwd(
     dispatch!(
         x,
         bn_eval_fwd_host,
-        cuda::dnn::batch_norm_fwd_infer,
+        bn_eval_fwd_cuda,
         x,
         weight,
         bias,
@@ -282,7 +305,7 @@ pub fn batch_norm2d_in_mode(
     let rv = store.value(bn.running_var).clone();
     let sx = x.value().clone();
     let sg = gamma.value().clone();
-    // Under the CPU's bf16 emulation the output and dx are stored in bf16; statistics stay f32.
+    // On the bf16 path y, dy and dx are bf16 (`store_bf16`); statistics, dγ and dβ stay f32.
     let bf16 = cpu::bf16::emulating();
     if training {
         let out = batch_norm2d_train_fwd(
@@ -296,12 +319,13 @@ pub fn batch_norm2d_in_mode(
         );
         store_running_stats(store, bn, out.running_mean, out.running_var);
         let (mean, invstd) = (out.mean, out.invstd);
-        let y = cpu::bf16::round_if(bf16, &out.y);
+        let y = store_bf16(bf16, &out.y);
         t.op(y, &[x, &gamma, &beta], move || {
             Box::new(move |g, needs| {
+                let g = &store_bf16(bf16, g);
                 let d = batch_norm2d_train_bwd(&sx, g, &sg, &mean, &invstd);
                 vec![
-                    needs[0].then(|| cpu::bf16::round_if(bf16, &d.dx)),
+                    needs[0].then(|| store_bf16(bf16, &d.dx)),
                     needs[1].then_some(d.dweight),
                     needs[2].then_some(d.dbias),
                 ]
@@ -309,12 +333,13 @@ pub fn batch_norm2d_in_mode(
         })
     } else {
         let y = batch_norm2d_eval_fwd(x.value(), gamma.value(), beta.value(), &rm, &rv, BN_EPS);
-        let y = cpu::bf16::round_if(bf16, &y);
+        let y = store_bf16(bf16, &y);
         t.op(y, &[x, &gamma, &beta], move || {
             Box::new(move |g, needs| {
+                let g = &store_bf16(bf16, g);
                 let d = batch_norm2d_eval_bwd(&sx, g, &sg, &rm, &rv, BN_EPS);
                 vec![
-                    needs[0].then(|| cpu::bf16::round_if(bf16, &d.dx)),
+                    needs[0].then(|| store_bf16(bf16, &d.dx)),
                     needs[1].then_some(d.dweight),
                     needs[2].then_some(d.dbias),
                 ]
@@ -329,7 +354,7 @@ pub fn batch_norm2d_in_mode(
 /// plain batch-norm backward. The arithmetic is the unfused ops' own, in the same order, so the
 /// results are bit-identical to them (tests/fd_cnn_ops.rs). On a GPU with `PODGPU_GPU_BN=own`
 /// the same single pass runs in `cuda::bn_train`; otherwise on a GPU, in evaluation mode, under
-/// `--sync-bn` or the bf16 emulation it is the unfused ops.
+/// `--sync-bn` or on the bf16 path (GPU or emulation) it is the unfused ops.
 pub fn batch_norm2d_relu(
     t: &mut Tape,
     store: &mut ParamStore,
@@ -341,10 +366,15 @@ pub fn batch_norm2d_relu(
         && matches!(x.value().dtype(), DType::F32 | DType::F64);
     let own_gpu = x.value().is_cuda() && x.value().dtype() == DType::F32 && own_gpu_bn();
     let fused = (host || own_gpu) && t.is_training() && !unfused_requested();
-    if !fused || crate::dist::sync_bn::is_active() || cpu::bf16::emulating() {
+    let bf16 = cpu::bf16::emulating();
+    if !fused || crate::dist::sync_bn::is_active() || bf16 {
         let y = batch_norm2d(t, store, x, bn);
         let y = match residual {
-            Some(r) => super::add(t, &y, r),
+            // The bf16 path stores the residual sum (and its gradient) in bf16.
+            Some(r) => {
+                let sum = super::add(t, &y, r);
+                super::bf16_storage(t, &sum, bf16)
+            }
             None => y,
         };
         return super::relu(t, &y);
@@ -492,6 +522,24 @@ fn bn_train_fwd_cuda(
     momentum: f64,
     eps: f64,
 ) -> BatchNormTrainOut {
+    if x.dtype() == DType::Bf16 {
+        let o = cuda::dnn::batch_norm_fwd_train_bf16(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            momentum,
+            eps,
+        );
+        return BatchNormTrainOut {
+            y: o.y,
+            mean: o.save_mean,
+            invstd: o.save_invstd,
+            running_mean: o.running_mean,
+            running_var: o.running_var,
+        };
+    }
     if own_gpu_bn() {
         return cuda::bn_train::train_fwd(
             x,
@@ -525,12 +573,29 @@ fn bn_train_bwd_cuda(
     mean: &Tensor,
     invstd: &Tensor,
 ) -> BatchNormGrads {
-    let (dx, dweight, dbias) = if own_gpu_bn() {
+    let (dx, dweight, dbias) = if x.dtype() == DType::Bf16 {
+        cuda::dnn::batch_norm_bwd_bf16(x, dy, weight, mean, invstd, BN_EPS)
+    } else if own_gpu_bn() {
         cuda::bn_train::train_bwd(x, dy, weight, mean, invstd)
     } else {
         cuda::dnn::batch_norm_bwd(x, dy, weight, mean, invstd, BN_EPS)
     };
     BatchNormGrads { dx, dweight, dbias }
+}
+
+fn bn_eval_fwd_cuda(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> Tensor {
+    let (rm, rv) = (running_mean, running_var);
+    if x.dtype() == DType::Bf16 {
+        return cuda::dnn::batch_norm_fwd_infer_bf16(x, weight, bias, rm, rv, eps);
+    }
+    cuda::dnn::batch_norm_fwd_infer(x, weight, bias, rm, rv, eps)
 }
 
 fn bn_eval_bwd_cuda(
@@ -541,6 +606,11 @@ fn bn_eval_bwd_cuda(
     running_var: &Tensor,
     eps: f64,
 ) -> BatchNormGrads {
+    assert_eq!(
+        x.dtype(),
+        DType::F32,
+        "batch_norm2d_eval_bwd: the GPU's evaluation-mode backward is f32 only (gradient checks)"
+    );
     let (dx, dweight, dbias) =
         cuda::dnn::batch_norm_eval_bwd(x, dy, weight, running_mean, running_var, eps);
     BatchNormGrads { dx, dweight, dbias }

@@ -8,11 +8,11 @@
 //! convolutions (one input and one output channel per group) use a direct loop: their im2col would be
 //! KH·KW times the input for a GEMM with a single output row.
 
-use super::{assert_same_place, expect_layout};
+use super::{assert_same_place, expect_layout, store_bf16};
 use crate::autograd::{Tape, Var};
 use crate::cpu::{self, kernels};
 use crate::cuda;
-use crate::tensor::{Elem, Layout, Tensor};
+use crate::tensor::{DType, Elem, Layout, Tensor};
 use rayon::prelude::*;
 
 /// Stride, symmetric zero padding (each per axis: (height, width)) and groups of a convolution.
@@ -254,7 +254,17 @@ fn cuda_geom(spec: Conv2dSpec) -> cuda::dnn::ConvGeom {
     }
 }
 
+/// bf16 x and w (the bf16 step) take cuDNN's bf16 convolution, whose y is bf16. A bias there is
+/// refused: the emulation adds it in f32 before y's one rounding, which a bf16 y plus a bias
+/// would round twice (the ResNets, the bf16 step's models, have no convolution bias).
 fn conv2d_cuda(x: &Tensor, w: &Tensor, b: Option<&Tensor>, spec: Conv2dSpec) -> Tensor {
+    if x.dtype() == DType::Bf16 {
+        assert!(
+            b.is_none(),
+            "conv2d: a bias on the GPU's bf16 path is not supported (use --precision tf32)"
+        );
+        return cuda::dnn::conv2d_fwd_bf16(x, w, &cuda_geom(spec));
+    }
     let y = cuda::dnn::conv2d_fwd(x, w, &cuda_geom(spec));
     match b {
         Some(b) => cuda::dnn::add_channel_bias(y, b),
@@ -263,32 +273,36 @@ fn conv2d_cuda(x: &Tensor, w: &Tensor, b: Option<&Tensor>, spec: Conv2dSpec) -> 
 }
 
 fn conv2d_bwd_data_cuda(dy: &Tensor, w: &Tensor, x_shape: &[usize], spec: Conv2dSpec) -> Tensor {
+    if dy.dtype() == DType::Bf16 {
+        return cuda::dnn::conv2d_bwd_data_bf16(dy, w, x_shape, &cuda_geom(spec));
+    }
     cuda::dnn::conv2d_bwd_data(dy, w, x_shape, &cuda_geom(spec))
 }
 
+/// A bf16 x and dy give an f32 dw (the gradient of the f32 master weight).
 fn conv2d_bwd_weight_cuda(x: &Tensor, dy: &Tensor, w_shape: &[usize], spec: Conv2dSpec) -> Tensor {
+    if x.dtype() == DType::Bf16 {
+        return cuda::dnn::conv2d_bwd_filter_bf16(x, dy, w_shape, &cuda_geom(spec));
+    }
     cuda::dnn::conv2d_bwd_filter(x, dy, w_shape, &cuda_geom(spec))
 }
 
 // ---- tape-level op ----
 
 /// A 2-D convolution on the tape; gradients for x (skipped when x needs none, e.g. the image), w and b.
-/// Under the CPU's bf16 emulation, x, w, y, dy and dx are rounded to bf16 (`cpu::bf16`).
+/// On the bf16 path (`ops::store_bf16`) x, w (a cast copy of the f32 master weight), y, dy and dx
+/// are bf16 (GPU) or rounded to bf16 (CPU emulation); dw and db stay f32.
 pub fn conv2d(t: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, spec: Conv2dSpec) -> Var {
     let bf16 = cpu::bf16::emulating();
-    let (sx, sw) = (
-        cpu::bf16::round_if(bf16, x.value()),
-        cpu::bf16::round_if(bf16, w.value()),
-    );
+    let (sx, sw) = (store_bf16(bf16, x.value()), store_bf16(bf16, w.value()));
     let y = conv2d_fwd(&sx, &sw, b.map(|b| b.value()), spec);
-    let y = cpu::bf16::round_if(bf16, &y);
+    let y = store_bf16(bf16, &y);
     let mut inputs = vec![x, w];
     inputs.extend(b);
     t.op(y, &inputs, move || {
         Box::new(move |g, needs| {
-            let g = &cpu::bf16::round_if(bf16, g);
-            let dx = needs[0]
-                .then(|| cpu::bf16::round_if(bf16, &conv2d_bwd_data(g, &sw, sx.shape(), spec)));
+            let g = &store_bf16(bf16, g);
+            let dx = needs[0].then(|| store_bf16(bf16, &conv2d_bwd_data(g, &sw, sx.shape(), spec)));
             let dw = needs[1].then(|| conv2d_bwd_weight(&sx, g, sw.shape(), spec));
             let mut grads = vec![dx, dw];
             if needs.len() == 3 {

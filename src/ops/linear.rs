@@ -1,6 +1,6 @@
 //! Matrix products: the linear layer (FC1, softmax heads) and the PEDCC projection `x Pᵀ`.
 
-use super::assert_same_place;
+use super::{assert_same_place, round_bf16};
 use crate::autograd::{Tape, Var};
 use crate::cpu;
 use crate::cuda;
@@ -97,19 +97,20 @@ fn sum_rows_host<T: Elem>(x: &Tensor) -> Tensor {
 
 /// The body of the tape-level product, stamped into `matmul` and `bf16_matmul` so that each
 /// records under its own name (the anomaly detection names an op by the function recording it).
-/// With `$bf16` (the CPU's emulation, `cpu::bf16`) A, B and, in the backward, G are rounded; dA (an
-/// activation gradient) is stored in bf16, dB (a weight gradient) and the product stay f32.
+/// With `$bf16` (the bf16 path, `ops::round_bf16`) A, B and, in the backward, G are rounded to
+/// bf16 values (kept in f32 words on both devices); dA (an activation gradient) is rounded too,
+/// dB (a weight gradient) and the product stay f32.
 macro_rules! matmul_on_tape {
     ($t:expr, $a:expr, $ta:expr, $b:expr, $tb:expr, $bf16:expr) => {{
         let (ta, tb, bf16) = ($ta, $tb, $bf16);
         let (sa, sb) = (
-            cpu::bf16::round_if(bf16, $a.value()),
-            cpu::bf16::round_if(bf16, $b.value()),
+            round_bf16(bf16, $a.value()),
+            round_bf16(bf16, $b.value()),
         );
         let y = matmul_fwd(&sa, ta, &sb, tb);
         $t.op(y, &[$a, $b], move || {
             Box::new(move |g, needs| {
-                let g = &cpu::bf16::round_if(bf16, g);
+                let g = &round_bf16(bf16, g);
                 // C = op(A) op(B):  d op(A) = G op(B)ᵀ,  d op(B) = op(A)ᵀ G; transposing back where stored so.
                 let da = needs[0].then(|| {
                     let da = if ta {
@@ -117,7 +118,7 @@ macro_rules! matmul_on_tape {
                     } else {
                         matmul_fwd(g, false, &sb, !tb)
                     };
-                    cpu::bf16::round_if(bf16, &da)
+                    round_bf16(bf16, &da)
                 });
                 let db = needs[1].then(|| {
                     if tb {
@@ -137,13 +138,13 @@ pub fn matmul(t: &mut Tape, a: &Var, ta: bool, b: &Var, tb: bool) -> Var {
     matmul_on_tape!(t, a, ta, b, tb, false)
 }
 
-/// op(A)·op(B) with bf16 GEMM inputs (the CPU's bf16 emulation of a linear layer).
+/// op(A)·op(B) with bf16 GEMM inputs (a linear layer on the bf16 path).
 fn bf16_matmul(t: &mut Tape, a: &Var, ta: bool, b: &Var, tb: bool) -> Var {
     matmul_on_tape!(t, a, ta, b, tb, true)
 }
 
-/// y = x Wᵀ + b with x [B, in], W [out, in] (PyTorch's layout), b [out]. Under the CPU's bf16
-/// emulation x and W are bf16 GEMM inputs; y stays f32 (FC1's output is f32 on the GPU path too).
+/// y = x Wᵀ + b with x [B, in], W [out, in] (PyTorch's layout), b [out]. On the bf16 path (GPU
+/// or emulation) x and W are bf16 GEMM inputs; y stays f32.
 pub fn linear(t: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Var {
     let xw = if cpu::bf16::emulating() {
         bf16_matmul(t, x, false, w, true)

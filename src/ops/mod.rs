@@ -33,6 +33,7 @@ mod elementwise;
 mod linear;
 mod normalize;
 mod pool;
+mod precision;
 mod tokens;
 mod transformer;
 
@@ -43,6 +44,7 @@ pub use elementwise::*;
 pub use linear::*;
 pub use normalize::*;
 pub use pool::*;
+pub use precision::*;
 pub use tokens::*;
 pub use transformer::*;
 

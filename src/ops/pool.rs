@@ -7,11 +7,11 @@
 //! reruns the forward kernel for the argmax (same rule, deterministic) and routes dy through it, so
 //! both devices share one tensor-level API and the tape saves only x and y.
 
-use super::{assert_same_place, expect_layout};
+use super::{assert_same_place, expect_layout, store_bf16};
 use crate::autograd::{Tape, Var};
 use crate::cpu;
 use crate::cuda;
-use crate::tensor::{Elem, Layout, Tensor};
+use crate::tensor::{DType, Elem, Layout, Tensor};
 
 /// Kernel, stride and symmetric padding of a pooling window, each per axis: (height, width).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,11 +131,19 @@ pub fn global_avg_pool_bwd(dy: &Tensor, x_shape: &[usize]) -> Tensor {
 
 // ---- tape-level ops ----
 
+/// Max pooling on the tape. On the bf16 path the incoming gradient is bf16 (on the GPU it is
+/// stored so: the sum of the next layers' bf16 gradients), and the windows' overlapping
+/// contributions are summed in f32 and rounded once.
 pub fn max_pool2d(t: &mut Tape, x: &Var, spec: Pool2dSpec) -> Var {
+    let bf16 = cpu::bf16::emulating();
     let y = max_pool2d_fwd(x.value(), spec);
     let (sx, sy) = (x.value().clone(), y.clone());
     t.op(y, &[x], move || {
-        Box::new(move |g, _| vec![Some(max_pool2d_bwd(&sx, &sy, g, spec))])
+        Box::new(move |g, _| {
+            let g = &store_bf16(bf16, g);
+            let dx = max_pool2d_bwd(&sx, &sy, g, spec);
+            vec![Some(store_bf16(bf16, &dx))]
+        })
     })
 }
 
@@ -147,11 +155,23 @@ pub fn avg_pool2d(t: &mut Tape, x: &Var, spec: Pool2dSpec) -> Var {
     })
 }
 
+/// Global average pooling on the tape. A bf16 x (the GPU's bf16 step) gives f32 features, and its
+/// gradient goes back in bf16, x's storage (`cuda::bf16_ops`); the emulation rounds that gradient
+/// where the next op back stores it.
 pub fn global_avg_pool(t: &mut Tape, x: &Var) -> Var {
     let y = global_avg_pool_fwd(x.value());
     let shape = x.shape().to_vec();
+    let bf16_x = x.value().is_cuda() && x.value().dtype() == DType::Bf16;
     t.op(y, &[x], move || {
-        Box::new(move |g, _| vec![Some(global_avg_pool_bwd(g, &shape))])
+        Box::new(move |g, _| {
+            let dx = if bf16_x {
+                let d = [shape[0], shape[1], shape[2], shape[3]];
+                cuda::bf16_ops::global_avg_pool_bwd(g, d)
+            } else {
+                global_avg_pool_bwd(g, &shape)
+            };
+            vec![Some(dx)]
+        })
     })
 }
 

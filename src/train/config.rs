@@ -134,8 +134,8 @@ pub use crate::loss::Variant;
 /// GPU math mode (DESIGN.md §2): fp32 (true fp32: cuBLAS default math, FMA-only cuDNN kernels) or
 /// tf32 (tensor cores for convolutions and matrix products); the CPU computes both in f32. bf16:
 /// mixed precision (bf16 convolution/GEMM inputs and activations, f32 master weights, gradients,
-/// optimizer state, statistics and loss), emulated on the CPU (`cpu::bf16`); see docs/GPU.md
-/// "fast path" for the GPU side.
+/// optimizer state, statistics and loss): bf16 storage on a GPU for the ResNets (`ops::store_bf16`,
+/// `cuda::bf16_ops`), emulated on the CPU (`cpu::bf16`); see docs/GPU.md "fast path".
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {

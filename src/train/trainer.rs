@@ -210,24 +210,39 @@ fn prepare(cfg: &TrainConfig) -> Result<(Device, Dataset, Split, Option<Split>)>
         super::config::Precision::Tf32 => crate::cuda::MathMode::Tf32,
         _ => crate::cuda::MathMode::Fp32,
     });
-    set_precision_on(cfg.precision, device)?;
+    set_precision(cfg.precision);
+    check_gpu_bf16(cfg.precision, device, &cfg.model)?;
+    if cfg.sync_bn && cfg.precision == super::config::Precision::Bf16 && device != Device::Cpu {
+        bail!(
+            "--sync-bn with --precision bf16 on a GPU is not supported yet (the synchronised \
+             batch norm has no bf16 form there): drop --sync-bn, or use --precision tf32"
+        );
+    }
     let (ds, train, test) = open_data(cfg)?;
     Ok((device, ds, train, test))
 }
 
-/// Applies `--precision bf16`: on the CPU, the bf16 emulation for this process (`cpu::bf16`); on
-/// a GPU, an error until the device path exists (docs/GPU.md, "fast path"). Other precisions turn
-/// the emulation off.
-pub fn set_precision_on(precision: super::config::Precision, device: Device) -> Result<()> {
-    let bf16 = precision == super::config::Precision::Bf16;
-    if bf16 && device != Device::Cpu {
-        anyhow::bail!(
-            "--precision bf16 runs on the CPU only so far (an emulation of the GPU's bf16 \
-             numerics); the bf16 kernels for {device} are not built yet (docs/GPU.md, \"fast \
-             path\"): use --precision tf32 on the GPU, or --device cpu"
-        );
+/// Applies `--precision bf16` for the process: the bf16 path's switch (`cpu::bf16`), which the
+/// CPU runs as its emulation and a GPU as bf16 storage (`ops::store_bf16`). Other precisions turn
+/// it off. Whether a GPU's bf16 step covers the network is checked where the network is known
+/// (`check_gpu_bf16`).
+pub fn set_precision(precision: super::config::Precision) {
+    crate::cpu::bf16::set_emulation(precision == super::config::Precision::Bf16);
+}
+
+/// Refuses `--precision bf16` on a GPU for a network whose ops have no bf16 GPU form
+/// (`nn::gpu_bf16_supported`).
+pub fn check_gpu_bf16(
+    precision: super::config::Precision,
+    device: Device,
+    arch: &str,
+) -> Result<()> {
+    if precision == super::config::Precision::Bf16
+        && device != Device::Cpu
+        && !crate::nn::gpu_bf16_supported(arch)
+    {
+        bail!("{}", crate::nn::gpu_bf16_unsupported(arch));
     }
-    crate::cpu::bf16::set_emulation(bf16);
     Ok(())
 }
 

@@ -406,3 +406,87 @@ fn gpu_linear_with_the_bias_epilogue_matches_the_cpu() {
         super::close(&format!("lt bf16 m={m} k={k} n={n}"), &got, &want, 1e-5);
     }
 }
+
+/// The bf16 step's own kernels (`cuda::bf16_ops`, through the ops' public entry points with bf16
+/// GPU tensors) against the CPU emulation, which computes the same f32 values from the same bf16
+/// inputs and rounds them once. ReLU, its backward and max pooling move bf16 values and must match
+/// bit for bit; the residual add of two bf16 values is exact in f32 (same exponents here) before
+/// its one rounding, so it matches bit for bit too; max pooling's backward sums up to four bf16
+/// gradients in f32 in another order (one bf16 ulp at most: relative ≤ 2⁻⁸ per value); the
+/// global pool's f32 mean differs by summation order only (1e-5), and its backward is one f32
+/// product and one rounding (bit for bit).
+#[test]
+#[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
+fn gpu_bf16_activation_ops_match_the_cpu_emulation() {
+    use podgpu::ops::{self, Pool2dSpec};
+    use podgpu::Tensor;
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = gpu();
+    let mut rng = Rng::new(12);
+    let shape = [3usize, 5, 9, 7];
+    let n: usize = shape.iter().product();
+    let mut bf16_normals =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| round_bf16(rng.normal() as f32)).collect() };
+    let (av, bv, gv) = (bf16_normals(n), bf16_normals(n), bf16_normals(n));
+    let h = |s: &[usize], v: &[f32]| Tensor::from_vec(s, v.to_vec());
+    let b = |s: &[usize], v: &[f32]| gb::to_bf16(&dev(s, v));
+    let bits = |t: &Tensor| -> Vec<u32> {
+        assert_eq!(t.dtype(), DType::Bf16, "{t:?}");
+        t.to_vec_f32().iter().map(|v| v.to_bits()).collect()
+    };
+    let rounded_bits = |t: &Tensor| -> Vec<u32> {
+        t.to_vec_f32()
+            .iter()
+            .map(|&v| round_bf16(v).to_bits())
+            .collect()
+    };
+
+    let sum = ops::add_fwd(&b(&shape, &av), &b(&shape, &bv));
+    assert_eq!(
+        bits(&sum),
+        rounded_bits(&ops::add_fwd(&h(&shape, &av), &h(&shape, &bv))),
+        "add"
+    );
+    let y = ops::relu_fwd(&b(&shape, &av));
+    let yh = ops::relu_fwd(&h(&shape, &av));
+    assert_eq!(bits(&y), rounded_bits(&yh), "relu");
+    let dx = ops::relu_bwd(&y, &b(&shape, &gv));
+    assert_eq!(
+        bits(&dx),
+        rounded_bits(&ops::relu_bwd(&yh, &h(&shape, &gv))),
+        "relu_bwd"
+    );
+
+    // Overlapping windows (3×3, stride 2, padding 1: the ImageNet stem's pool).
+    let spec = Pool2dSpec::new(3, 2, 1);
+    let yp = ops::max_pool2d_fwd(&b(&shape, &av), spec);
+    let yph = ops::max_pool2d_fwd(&h(&shape, &av), spec);
+    assert_eq!(bits(&yp), rounded_bits(&yph), "max_pool2d");
+    let pn = yp.numel();
+    let gp = bf16_normals(pn);
+    let dxp = ops::max_pool2d_bwd(&b(&shape, &av), &yp, &b(yp.shape(), &gp), spec);
+    assert_eq!(dxp.dtype(), DType::Bf16);
+    let want: Vec<f64> = ops::max_pool2d_bwd(&h(&shape, &av), &yph, &h(yp.shape(), &gp), spec)
+        .to_vec_f32()
+        .iter()
+        .map(|&v| round_bf16(v) as f64)
+        .collect();
+    let got = dxp.to_vec_f64();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() <= w.abs() * 2f64.powi(-8) + 1e-30,
+            "max_pool2d_bwd at {i}: gpu {g} emulation {w}"
+        );
+    }
+
+    let m = ops::global_avg_pool_fwd(&b(&shape, &av));
+    assert_eq!(m.dtype(), DType::F32, "the pooled features are f32");
+    let mh = ops::global_avg_pool_fwd(&h(&shape, &av));
+    super::close("global_avg_pool bf16", &m, &mh.to_vec_f64(), 1e-5);
+    let dm: Vec<f32> = (0..shape[0] * shape[1])
+        .map(|i| i as f32 * 0.37 - 2.0)
+        .collect();
+    let dxm = podgpu::cuda::bf16_ops::global_avg_pool_bwd(&dev(&shape[..2], &dm), shape);
+    let want = ops::global_avg_pool_bwd(&h(&shape[..2], &dm), &shape);
+    assert_eq!(bits(&dxm), rounded_bits(&want), "global_avg_pool_bwd");
+}

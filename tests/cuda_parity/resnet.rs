@@ -80,19 +80,31 @@ fn forward_backward(net: &Network, ps: &mut ParamStore, images: &Tensor, labels:
 /// gradient's error is printed (worst first) before any is judged, so a failing run's log shows
 /// them all. Returns the worst gradient error.
 fn compare_step(mode: MathMode, loss_tol: f64, grad_tol: f64) -> f64 {
+    compare_step_on_path(mode, false, loss_tol, grad_tol)
+}
+
+/// `compare_step`, on the bf16 path when `bf16` (both devices on this thread: the GPU stores bf16,
+/// the CPU emulates it).
+fn compare_step_on_path(mode: MathMode, bf16: bool, loss_tol: f64, grad_tol: f64) -> f64 {
     let _mode = cuda::math_mode_scope(mode);
+    let _bf16 = podgpu::cpu::bf16::scope(bf16);
+    let mode = if bf16 {
+        "bf16".to_string()
+    } else {
+        format!("{mode:?}")
+    };
     let (net, mut hs) = network();
     let mut gs = hs.clone();
     gs.to_device(GPU);
     let (images, labels) = batch();
     let h = forward_backward(&net, &mut hs, &images, &labels);
     let g = forward_backward(&net, &mut gs, &images, &labels);
-    println!("resnet {mode:?}: loss cpu {:.6} gpu {:.6}", h.loss, g.loss);
+    println!("resnet {mode}: loss cpu {:.6} gpu {:.6}", h.loss, g.loss);
     assert!(h.loss.is_finite() && g.loss.is_finite());
     let e = (g.loss - h.loss).abs() / h.loss.abs();
     assert!(
         e <= loss_tol,
-        "{mode:?} loss: cpu {} gpu {} (rel {e:.2e})",
+        "{mode} loss: cpu {} gpu {} (rel {e:.2e})",
         h.loss,
         g.loss
     );
@@ -100,13 +112,13 @@ fn compare_step(mode: MathMode, loss_tol: f64, grad_tol: f64) -> f64 {
     // of their own, whatever the gradients get.
     let out_tol = loss_tol.max(2e-3);
     close(
-        &format!("resnet {mode:?} features"),
+        &format!("resnet {mode} features"),
         &g.features,
         &h.features.to_vec_f64(),
         out_tol,
     );
     close(
-        &format!("resnet {mode:?} logits"),
+        &format!("resnet {mode} logits"),
         &g.logits,
         &h.logits.to_vec_f64(),
         out_tol,
@@ -132,7 +144,7 @@ fn compare_step(mode: MathMode, loss_tol: f64, grad_tol: f64) -> f64 {
             }
             // Running statistics and batch counters were updated in the store on both devices.
             ParamKind::Buffer => close(
-                &format!("resnet {mode:?} buffer {}", hp.name),
+                &format!("resnet {mode} buffer {}", hp.name),
                 &gp.value,
                 &hp.value.to_vec_f64(),
                 grad_tol,
@@ -147,7 +159,7 @@ fn compare_step(mode: MathMode, loss_tol: f64, grad_tol: f64) -> f64 {
         _ => b.0.total_cmp(&a.0),
     });
     for (e, name) in &errors {
-        println!("resnet {mode:?} grad {name:<36} rel error {e:.3e}");
+        println!("resnet {mode} grad {name:<36} rel error {e:.3e}");
     }
     let trainable = hs.iter().filter(|p| p.kind == ParamKind::Trainable).count();
     assert!(
@@ -157,12 +169,12 @@ fn compare_step(mode: MathMode, loss_tol: f64, grad_tol: f64) -> f64 {
     );
     let (worst, worst_name) = errors[0].clone();
     println!(
-        "resnet {mode:?}: {} gradients, worst {worst_name} at {worst:.2e} (tolerance {grad_tol:.2e})",
+        "resnet {mode}: {} gradients, worst {worst_name} at {worst:.2e} (tolerance {grad_tol:.2e})",
         errors.len()
     );
     assert!(
         worst <= grad_tol,
-        "{mode:?} grad {worst_name}: relative error {worst:.3e} > {grad_tol:.2e}"
+        "{mode} grad {worst_name}: relative error {worst:.3e} > {grad_tol:.2e}"
     );
     worst
 }
@@ -194,6 +206,53 @@ fn resnet_forward_backward_matches_cpu_tf32() {
     let tol = tf32_gradient_tolerance(fp32_worst);
     println!("TF32 gradient tolerance {tol:.2e} from fp32's worst {fp32_worst:.2e}");
     compare_step(MathMode::Tf32, 1e-2, tol);
+}
+
+/// The GPU's bf16 step (`--precision bf16`: bf16 activations between layers, cuDNN's bf16
+/// convolutions and batch norms, `cuda::bf16_ops`) against the CPU's emulation of it, which rounds
+/// the same f32 values at the same points. What remains is the order of f32 sums, and where a sum
+/// lands next to a bf16 rounding boundary, one value one bf16 ulp (2⁻⁸) apart; the step's
+/// gradients amplify such differences as they amplify fp32's (see the TF32 test), by the ratio of
+/// the unit roundoffs 2⁻⁸ / 2⁻²⁴ = 65536 at most. So the bound is 20 × 65536 × the same step's fp32
+/// worst, at least 1e-3 and at most 0.5 (an unrelated or zero gradient, relative error ≥ 1, still
+/// fails). The forward keeps its own bound (loss 1e-2; features and logits 1e-2, a few bf16 ulps
+/// through the network). The test also checks that the GPU really stored its activations in bf16.
+#[test]
+#[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
+fn resnet_bf16_step_matches_the_cpu_emulation() {
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _gpu = gpu();
+    {
+        // The stem's convolution on the bf16 path stores a bf16 activation on the GPU and a
+        // bf16-valued f32 one on the CPU.
+        let _bf16 = podgpu::cpu::bf16::scope(true);
+        let (images, _) = batch();
+        let w: Vec<f32> = (0..8 * 3 * 9).map(|i| (i as f32 * 0.37).sin()).collect();
+        for device in [Device::Cpu, GPU] {
+            let mut t = Tape::train();
+            let x = t.constant(images.to_device(device));
+            let w = t.leaf(Tensor::from_vec(&[8, 3, 3, 3], w.clone()).to_device(device));
+            let spec = podgpu::ops::Conv2dSpec::new(1, 1);
+            let y = podgpu::ops::conv2d(&mut t, &x, &w, None, spec);
+            let want = if device == GPU {
+                DType::Bf16
+            } else {
+                DType::F32
+            };
+            assert_eq!(y.value().dtype(), want, "conv output on {device}");
+            for v in y.value().to_vec_f32() {
+                assert_eq!(
+                    v,
+                    podgpu::tensor::bf16::round_bf16(v),
+                    "not a bf16 value on {device}"
+                );
+            }
+        }
+    }
+    let fp32_worst = compare_step(MathMode::Fp32, 1e-4, 2e-3);
+    let tol = (20.0 * 65536.0 * fp32_worst).clamp(1e-3, 0.5);
+    println!("bf16 gradient tolerance {tol:.2e} from fp32's worst {fp32_worst:.2e}");
+    compare_step_on_path(MathMode::Fp32, true, 1e-2, tol);
 }
 
 /// See `resnet_forward_backward_matches_cpu_tf32`.
