@@ -4,7 +4,7 @@ use super::{assert_same_place, round_bf16};
 use crate::autograd::{Tape, Var};
 use crate::cpu;
 use crate::cuda;
-use crate::tensor::{Elem, Tensor};
+use crate::tensor::{DType, Elem, Tensor};
 
 /// op(A)·op(B) for 2-D tensors; `ta`/`tb` transpose the stored matrix.
 pub fn matmul_fwd(a: &Tensor, ta: bool, b: &Tensor, tb: bool) -> Tensor {
@@ -146,6 +146,11 @@ fn bf16_matmul(t: &mut Tape, a: &Var, ta: bool, b: &Var, tb: bool) -> Var {
 /// y = x Wᵀ + b with x [B, in], W [out, in] (PyTorch's layout), b [out]. On the bf16 path (GPU
 /// or emulation) x and W are bf16 GEMM inputs; y stays f32.
 pub fn linear(t: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Var {
+    if let Some(b) = b {
+        if x.value().is_cuda() && x.value().dtype() == DType::F32 {
+            return linear_bias_gpu(t, x, w, b, cpu::bf16::emulating());
+        }
+    }
     let xw = if cpu::bf16::emulating() {
         bf16_matmul(t, x, false, w, true)
     } else {
@@ -155,6 +160,28 @@ pub fn linear(t: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Var {
         Some(b) => bias_add(t, &xw, b),
         None => xw,
     }
+}
+
+/// `linear` with a bias on a GPU: the forward is one cuBLASLt call with the bias in its epilogue
+/// (`cuda::blaslt::linear_bias`) instead of a GEMM and a bias kernel; the backward is the same
+/// products as `matmul`'s and the bias gradient from the unrounded gradient, as `bias_add`'s, so
+/// the numbers are those of the unfused ops up to the GEMM's summation order. On the bf16 path x, w,
+/// the gradient and dx are rounded to bf16 values (`round_bf16`) exactly where `bf16_matmul`
+/// rounds them.
+fn linear_bias_gpu(t: &mut Tape, x: &Var, w: &Var, b: &Var, bf16: bool) -> Var {
+    assert_same_place("linear", &[x.value(), w.value(), b.value()]);
+    let (sx, sw) = (round_bf16(bf16, x.value()), round_bf16(bf16, w.value()));
+    let y = cuda::blaslt::linear_bias(&sx, &sw, b.value());
+    t.op(y, &[x, w, b], move || {
+        Box::new(move |g, needs| {
+            let db = needs[2].then(|| sum_rows_fwd(g));
+            let g = &round_bf16(bf16, g);
+            // y = x wᵀ:  dx = g w,  dw = gᵀ x.
+            let dx = needs[0].then(|| round_bf16(bf16, &matmul_fwd(g, false, &sw, false)));
+            let dw = needs[1].then(|| matmul_fwd(g, true, &sx, false));
+            vec![dx, dw, db]
+        })
+    })
 }
 
 /// Adds a bias row to every row of y.

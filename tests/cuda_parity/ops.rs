@@ -737,3 +737,47 @@ fn fidelity_fixtures_pass_on_the_gpu() {
         }
     }
 }
+
+/// `ops::linear` with a bias on the GPU (one cuBLASLt call with the bias epilogue forward) against
+/// the CPU's unfused products, forward and every gradient, in fp32 and on the bf16 path (where
+/// both devices round x, w, the gradient and dx to bf16 values at the same points; only the f32
+/// summation order differs: 1e-5, except bf16 dx, where that order can move a value across a
+/// rounding boundary: one bf16 ulp, 2⁻⁸ relative).
+#[test]
+#[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
+fn linear_with_bias_on_the_tape_matches_cpu() {
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _gpu = gpu();
+    let _mode = cuda::math_mode_scope(MathMode::Fp32);
+    let mut rng = Rng::new(23);
+    let (hx, gx) = pair(&[6, 40], &mut rng, 1.0, 0.3);
+    let (hw, gw) = pair(&[12, 40], &mut rng, 0.2, 0.0);
+    let (hb, gb) = pair(&[12], &mut rng, 3.0, 0.0);
+    let (hg, gg) = pair(&[6, 12], &mut rng, 1.0, 0.0);
+    for bf16 in [false, true] {
+        let _b = podgpu::cpu::bf16::scope(bf16);
+        let run = |x: &Tensor, w: &Tensor, b: &Tensor, g: &Tensor| {
+            let mut t = Tape::train();
+            let (xv, wv, bv) = (t.leaf(x.clone()), t.leaf(w.clone()), t.leaf(b.clone()));
+            let y = ops::linear(&mut t, &xv, &wv, Some(&bv));
+            t.backward_with(&y, g.clone(), &mut ParamStore::new());
+            let grads: Vec<Tensor> = [&xv, &wv, &bv]
+                .iter()
+                .map(|v| t.grad_of(v).expect("gradient").clone())
+                .collect();
+            (y.value().clone(), grads)
+        };
+        let (hy, hgr) = run(&hx, &hw, &hb, &hg);
+        let (gy, ggr) = run(&gx, &gw, &gb, &gg);
+        let tag = if bf16 { "bf16" } else { "fp32" };
+        same(&format!("linear {tag} y"), &gy, &hy, 1e-5);
+        for (name, (g, h)) in ["dx", "dw", "db"].iter().zip(ggr.iter().zip(&hgr)) {
+            let tol = if bf16 && *name == "dx" {
+                2f64.powi(-8)
+            } else {
+                1e-5
+            };
+            same(&format!("linear {tag} {name}"), g, h, tol);
+        }
+    }
+}
