@@ -107,3 +107,19 @@ __device__ int block_argmax(float v, int idx) {
     __syncthreads();
     return pi[0];
 }
+
+// bf16 storage (bf16.cu, nhwc.cu): f32 -> bf16 bits with round to nearest, ties to even, NaN kept
+// as a quiet NaN of the same sign, subnormals rounded like normals: bit for bit the CPU's
+// `tensor::bf16`. Integer operations, not cuda_bf16.h, so both devices round by one algorithm.
+__device__ __forceinline__ unsigned short f32_to_bf16_bits(float x) {
+    const unsigned int bits = __float_as_uint(x);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) {
+        return (unsigned short)((bits >> 16) | 0x0040u);  // NaN: keep the sign, set the quiet bit
+    }
+    const unsigned int lsb = (bits >> 16) & 1u;
+    return (unsigned short)((bits + 0x7fffu + lsb) >> 16);
+}
+
+__device__ __forceinline__ float bf16_bits_to_f32(unsigned short b) {
+    return __uint_as_float(((unsigned int)b) << 16);
+}

@@ -117,6 +117,7 @@ const LAUNCHERS: &[(&str, &str)] = &[
         include_str!("../src/cuda/loss_kernels.rs"),
     ),
     ("mod.rs", include_str!("../src/cuda/mod.rs")),
+    ("nhwc.rs", include_str!("../src/cuda/nhwc.rs")),
     ("nn_kernels.rs", include_str!("../src/cuda/nn_kernels.rs")),
     ("nvrtc.rs", include_str!("../src/cuda/nvrtc.rs")),
     ("optim.rs", include_str!("../src/cuda/optim.rs")),

@@ -663,17 +663,20 @@ bench_main() {
     begin bench "$BENCH_BUDGET"
     prepare
     detect_device
-    # Per-step limits (s): device 20 + 130 + 170 + 35 + 60 + 15 + 30 = 460 (20 to spare).
+    # Per-step limits (s): device 20 + 130 + 170 + 40 + 35 + 60 + 15 = 470 (10 to spare).
     bench_compare_eager
     bench_compile
+    # Channels-last (PODGPU_GPU_LAYOUT=nhwc, opt-in until measured): the rows to set beside the
+    # NCHW ones above and PyTorch's channels_last AMP row. (The resnet18 metrics-overhead step was
+    # recorded on 2026-11-30 and gave its time to this one.)
+    step "bench: NHWC steps (resnet50)" 40 1 env PODGPU_GPU_LAYOUT=nhwc "$BIN/bench-step" --device cuda \
+        --models resnet50 --batch 128 --steps 20 --warmup 3 --check-batch 2 --precision tf32,bf16
     # Microbenchmarks: the shortest sampling that still gives a median of several samples.
     step "bench: convolutions (resnet50)" 35 1 "$BIN/bench-conv" --device cuda --samples 5 \
         --min-sample-ms 5 --max-case-s 1
     bench_kernels
     step "bench: GEMMs" 15 1 "$BIN/bench-gemm" --device cuda --samples 7 --min-sample-ms 5 \
         --max-case-s 1
-    step "bench: whole steps (resnet18, metrics)" 30 1 "$BIN/bench-step" --device cuda \
-        --models resnet18 --batch 128 --steps 20 --warmup 3 --check-batch 2 --with-metrics
     finish
 }
 
@@ -739,13 +742,20 @@ followup_main() {
 # An A/B call for one GPU switch (an environment variable, e.g. PODGPU_AB_ENV=PODGPU_GPU_BN=own):
 # the parity tests without it, the tests that run through the ops with it, then the same timings
 # without (A) and with (B) it, alternating, and a short train with it. Packed like followup.
+# PODGPU_AB_PRECISION picks the timed precisions (default fp32,tf32; e.g. tf32,bf16 for
+# PODGPU_AB_ENV=PODGPU_GPU_LAYOUT=nhwc).
 ab_main() {
     begin ab "$AB_BUDGET"
     prepare
     detect_device
     local ab="${PODGPU_AB_ENV:-}" run="$GPU_DIR/run-ab" data=datasets/cifar10-small.bin
+    local prec="${PODGPU_AB_PRECISION:-fp32,tf32}"
     if [[ ! "$ab" =~ ^[A-Z0-9_]+=[A-Za-z0-9_.,-]*$ ]]; then
         not_run "A/B switch" FAIL 0 "set PODGPU_AB_ENV=NAME=value (got '$ab')"
+        finish
+    fi
+    if [[ ! "$prec" =~ ^(fp32|tf32|bf16)(,(fp32|tf32|bf16))*$ ]]; then
+        not_run "A/B precisions" FAIL 0 "PODGPU_AB_PRECISION must list fp32, tf32, bf16 (got '$prec')"
         finish
     fi
     # Per-step limits (s): device 20 + 60 + 60 + 6 × 40 + 30 + 45 = 455; capped by the budget.
@@ -756,15 +766,15 @@ ab_main() {
         --test-threads=1 resnet:: ops_parity:: trainer::
     local i
     for i in 1 2; do
-        step "resnet50 tf32 (A, round $i)" 40 1 "$BIN/bench-step" --device cuda --models resnet50 \
-            --batch 128 --steps 20 --warmup 3 --check-batch $((i == 1 ? 2 : 0)) --precision fp32,tf32
-        step "resnet50 tf32 (B, round $i)" 40 1 env "$ab" "$BIN/bench-step" --device cuda --models resnet50 \
-            --batch 128 --steps 20 --warmup 3 --check-batch $((i == 1 ? 2 : 0)) --precision fp32,tf32
+        step "resnet50 $prec (A, round $i)" 40 1 "$BIN/bench-step" --device cuda --models resnet50 \
+            --batch 128 --steps 20 --warmup 3 --check-batch $((i == 1 ? 2 : 0)) --precision "$prec"
+        step "resnet50 $prec (B, round $i)" 40 1 env "$ab" "$BIN/bench-step" --device cuda --models resnet50 \
+            --batch 128 --steps 20 --warmup 3 --check-batch $((i == 1 ? 2 : 0)) --precision "$prec"
     done
     step "resnet18 (A)" 30 1 "$BIN/bench-step" --device cuda --models resnet18 --batch 128 --steps 20 \
-        --warmup 3 --check-batch 0 --precision fp32,tf32
+        --warmup 3 --check-batch 0 --precision "$prec"
     step "resnet18 (B)" 30 1 env "$ab" "$BIN/bench-step" --device cuda --models resnet18 --batch 128 \
-        --steps 20 --warmup 3 --check-batch 0 --precision fp32,tf32
+        --steps 20 --warmup 3 --check-batch 0 --precision "$prec"
     step "batch norm kernels (A)" 20 1 "$BIN/bench-kernels" --device cuda --samples 7 --min-sample-ms 5 \
         --max-case-s 1 --only "batch norm"
     step "batch norm kernels (B)" 20 1 env "$ab" "$BIN/bench-kernels" --device cuda --samples 7 \

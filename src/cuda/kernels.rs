@@ -75,7 +75,7 @@ fn unary(x: &Tensor, name: &'static str) -> Tensor {
         // SAFETY: argument list matches `name(float*, const float*, i64)`; both buffers hold n floats.
         check(unsafe { l.launch(grid_1d(&gpu, n)) }, name);
     }
-    tensor(x.shape(), out)
+    tensor(x.shape(), out).with_layout(x.layout())
 }
 
 /// y = f(a, b) elementwise with kernel `name(y, a, b, n)` of elementwise.cu.
@@ -95,7 +95,7 @@ fn binary(a: &Tensor, b: &Tensor, name: &'static str) -> Tensor {
         // SAFETY: matches `name(float*, const float*, const float*, i64)`; all hold n floats.
         check(unsafe { l.launch(grid_1d(&gpu, n)) }, name);
     }
-    tensor(a.shape(), out)
+    tensor(a.shape(), out).with_layout(a.layout())
 }
 
 /// a + b; two bf16 tensors give a bf16 sum (`bf16_ops`: the bf16 step's residual adds and the
@@ -119,7 +119,7 @@ pub fn scale(x: &Tensor, s: f64) -> Tensor {
         // SAFETY: matches `scale_f32(float*, const float*, float, i64)`.
         check(unsafe { l.launch(grid_1d(&gpu, n)) }, "scale_f32");
     }
-    tensor(x.shape(), out)
+    tensor(x.shape(), out).with_layout(x.layout())
 }
 
 pub fn relu(x: &Tensor) -> Tensor {

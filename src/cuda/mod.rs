@@ -26,6 +26,7 @@ pub mod kernels;
 pub mod launch;
 pub mod libs;
 pub mod loss_kernels;
+pub mod nhwc;
 pub mod nn_kernels;
 pub mod nvrtc;
 pub mod optim;

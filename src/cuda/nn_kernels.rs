@@ -1,11 +1,12 @@
 //! Launchers of the layer kernels: pooling (pool.cu), channel concat/split and row gathers
 //! (layout.cu), row L2-normalisation (head.cu), in-place accumulation and device-scalar scaling
 //! (elementwise.cu). All tensors are f32 on one GPU, NCHW for images; the pools also take bf16
-//! activations (the bf16 step), which they hand to `bf16_ops`.
+//! activations (the bf16 step), which they hand to `bf16_ops`, and NHWC ones, which they hand to
+//! `nhwc`.
 
 use super::launch::{check, func, gpu_of, grid_1d, per_row};
 use super::{buf, tensor};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Layout, Tensor};
 use cudarc::driver::PushKernelArg;
 
 /// Window geometry of a 2-D pooling. Pairs are (height, width).
@@ -58,6 +59,9 @@ fn pool_args(x: [usize; 4], g: &PoolGeom) -> [i32; 12] {
 pub fn max_pool2d_fwd(x: &Tensor, g: &PoolGeom) -> (Tensor, Tensor) {
     let d = nchw(x);
     let a = pool_args(d, g);
+    if x.layout() == Layout::Nhwc {
+        return super::nhwc::max_pool2d_fwd(x, d, a);
+    }
     if x.dtype() == DType::Bf16 {
         return super::bf16_ops::max_pool2d_fwd(x, d, a);
     }
@@ -85,6 +89,9 @@ pub fn max_pool2d_bwd(dy: &Tensor, argmax: &Tensor, x_shape: &[usize], g: &PoolG
         .try_into()
         .expect("max_pool2d_bwd: x_shape must be NCHW");
     let a = pool_args(d, g);
+    if dy.layout() == Layout::Nhwc {
+        return super::nhwc::max_pool2d_bwd(dy, argmax, d, a);
+    }
     if dy.dtype() == DType::Bf16 {
         return super::bf16_ops::max_pool2d_bwd(dy, argmax, d, a);
     }
@@ -160,6 +167,9 @@ pub fn avg_pool2d_bwd(
 /// Mean over H·W: [N, C, H, W] → [N, C] (f32 also for a bf16 x: `bf16_ops`).
 pub fn global_avg_pool_fwd(x: &Tensor) -> Tensor {
     let d = nchw(x);
+    if x.layout() == Layout::Nhwc {
+        return super::nhwc::global_avg_pool_fwd(x);
+    }
     if x.dtype() == DType::Bf16 {
         return super::bf16_ops::global_avg_pool_fwd(x, d);
     }

@@ -45,6 +45,7 @@ pub const SOURCES: &[KernelSource] = &[
     cu!("adamw"),
     cu!("bf16"),
     cu!("bn_train"),
+    cu!("nhwc"),
 ];
 
 pub fn source(name: &str) -> Option<&'static KernelSource> {

@@ -256,6 +256,9 @@ impl ResNet {
     }
 
     pub fn forward(&self, t: &mut Tape, ps: &mut ParamStore, x: &Var) -> Var {
+        // Channels-last on a GPU when `ops::gpu_nhwc()` asks for it: the image is reordered once
+        // here, every op after keeps NHWC, and the global pool's features have no layout.
+        let x = &ops::gpu_input_layout(t, x);
         let y = self.stem_conv.forward(t, ps, x);
         let mut y = self.stem_bn.forward_relu(t, ps, &y, None);
         if self.stem != Stem::Cifar {

@@ -8,7 +8,7 @@
 //! The tensor-level entry points mirror cuDNN's (`BatchNormalizationForwardTraining` returns the saved
 //! mean and inverse standard deviation and the new running statistics; the backward takes them back).
 
-use super::{assert_same_place, expect_layout, store_bf16};
+use super::{assert_same_place, expect_host_nchw, store_bf16};
 use crate::autograd::{ParamId, ParamKind, ParamStore, Tape, Var};
 use crate::cpu;
 use crate::cuda;
@@ -100,7 +100,7 @@ pub struct BatchNormGrads {
 
 fn check_shapes(op: &str, x: &Tensor, per_channel: &[&Tensor]) {
     assert_eq!(x.rank(), 4, "{op}: input must be NCHW, got {:?}", x.shape());
-    expect_layout(op, Layout::RowMajor, &[x]);
+    expect_host_nchw(op, &[x]);
     for p in per_channel {
         assert_eq!(
             p.shape(),
@@ -109,33 +109,30 @@ fn check_shapes(op: &str, x: &Tensor, per_channel: &[&Tensor]) {
             p.shape(),
             x.shape()
         );
-        // A bf16 x (the GPU's bf16 step) has f32 parameters and statistics, on its device.
-        assert_eq!(
-            p.device(),
-            x.device(),
-            "{op}: {p:?} and input {x:?} on different devices"
-        );
     }
-    if x.dtype() == DType::Bf16 {
-        assert!(
-            x.is_cuda(),
-            "{op}: a bf16 host tensor {x:?} is storage only"
-        );
-        if !per_channel.is_empty() {
-            assert_same_place(op, per_channel);
-        }
-        for p in per_channel {
-            assert_eq!(
-                p.dtype(),
-                DType::F32,
-                "{op}: per-channel {p:?} must be f32 for a bf16 input"
+    if per_channel.is_empty() {
+        return;
+    }
+    // Per-channel tensors are 1-d (no image layout) and share a device and dtype with x, except
+    // that a bf16 x (the GPU's bf16 step) has f32 parameters and statistics.
+    assert_same_place(op, per_channel);
+    let p = per_channel[0];
+    assert_eq!(
+        p.device(),
+        x.device(),
+        "{op}: {p:?} and input {x:?} on different devices"
+    );
+    let want = match x.dtype() {
+        DType::Bf16 => {
+            assert!(
+                x.is_cuda(),
+                "{op}: a bf16 host tensor {x:?} is storage only"
             );
+            DType::F32
         }
-    } else {
-        let mut all = vec![x];
-        all.extend_from_slice(per_channel);
-        assert_same_place(op, &all);
-    }
+        d => d,
+    };
+    assert_eq!(p.dtype(), want, "{op}: per-channel {p:?} for input {x:?}");
 }
 
 // ---- tensor-level entry points ----
@@ -364,7 +361,10 @@ pub fn batch_norm2d_relu(
 ) -> Var {
     let host = x.value().device() == crate::tensor::Device::Cpu
         && matches!(x.value().dtype(), DType::F32 | DType::F64);
-    let own_gpu = x.value().is_cuda() && x.value().dtype() == DType::F32 && own_gpu_bn();
+    let own_gpu = x.value().is_cuda()
+        && x.value().dtype() == DType::F32
+        && x.value().layout() == Layout::RowMajor
+        && own_gpu_bn();
     let fused = (host || own_gpu) && t.is_training() && !unfused_requested();
     let bf16 = cpu::bf16::emulating();
     if !fused || crate::dist::sync_bn::is_active() || bf16 {
@@ -540,7 +540,7 @@ fn bn_train_fwd_cuda(
             running_var: o.running_var,
         };
     }
-    if own_gpu_bn() {
+    if own_gpu_bn() && x.layout() == Layout::RowMajor {
         return cuda::bn_train::train_fwd(
             x,
             weight,
@@ -575,7 +575,7 @@ fn bn_train_bwd_cuda(
 ) -> BatchNormGrads {
     let (dx, dweight, dbias) = if x.dtype() == DType::Bf16 {
         cuda::dnn::batch_norm_bwd_bf16(x, dy, weight, mean, invstd, BN_EPS)
-    } else if own_gpu_bn() {
+    } else if own_gpu_bn() && x.layout() == Layout::RowMajor {
         cuda::bn_train::train_bwd(x, dy, weight, mean, invstd)
     } else {
         cuda::dnn::batch_norm_bwd(x, dy, weight, mean, invstd, BN_EPS)
@@ -606,10 +606,10 @@ fn bn_eval_bwd_cuda(
     running_var: &Tensor,
     eps: f64,
 ) -> BatchNormGrads {
-    assert_eq!(
-        x.dtype(),
-        DType::F32,
-        "batch_norm2d_eval_bwd: the GPU's evaluation-mode backward is f32 only (gradient checks)"
+    assert!(
+        x.dtype() == DType::F32 && x.layout() == Layout::RowMajor,
+        "batch_norm2d_eval_bwd: the GPU's evaluation-mode backward is f32 NCHW only (gradient \
+         checks), got {x:?}"
     );
     let (dx, dweight, dbias) =
         cuda::dnn::batch_norm_eval_bwd(x, dy, weight, running_mean, running_var, eps);

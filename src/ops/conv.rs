@@ -8,7 +8,7 @@
 //! convolutions (one input and one output channel per group) use a direct loop: their im2col would be
 //! KH·KW times the input for a GEMM with a single output row.
 
-use super::{assert_same_place, expect_layout, store_bf16};
+use super::{assert_same_place, expect_host_nchw, store_bf16};
 use crate::autograd::{Tape, Var};
 use crate::cpu::{self, kernels};
 use crate::cuda;
@@ -183,7 +183,7 @@ fn valid_range(
 pub fn conv2d_fwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, spec: Conv2dSpec) -> Tensor {
     let g = ConvGeom::new(x.shape(), w.shape(), spec);
     assert_same_place("conv2d", &[x, w]);
-    expect_layout("conv2d", Layout::RowMajor, &[x]);
+    expect_host_nchw("conv2d", &[x]);
     if let Some(b) = b {
         assert_eq!(
             b.shape(),
@@ -202,7 +202,7 @@ pub fn conv2d_bwd_data(dy: &Tensor, w: &Tensor, x_shape: &[usize], spec: Conv2dS
     let g = ConvGeom::new(x_shape, w.shape(), spec);
     assert_eq!(dy.shape(), &g.y_shape(), "conv2d_bwd_data: dy shape");
     assert_same_place("conv2d_bwd_data", &[dy, w]);
-    expect_layout("conv2d_bwd_data", Layout::RowMajor, &[dy]);
+    expect_host_nchw("conv2d_bwd_data", &[dy]);
     dispatch!(
         dy,
         conv2d_bwd_data_host,
@@ -219,7 +219,7 @@ pub fn conv2d_bwd_weight(x: &Tensor, dy: &Tensor, w_shape: &[usize], spec: Conv2
     let g = ConvGeom::new(x.shape(), w_shape, spec);
     assert_eq!(dy.shape(), &g.y_shape(), "conv2d_bwd_weight: dy shape");
     assert_same_place("conv2d_bwd_weight", &[x, dy]);
-    expect_layout("conv2d_bwd_weight", Layout::RowMajor, &[x]);
+    expect_host_nchw("conv2d_bwd_weight", &[x]);
     dispatch!(
         x,
         conv2d_bwd_weight_host,
@@ -254,10 +254,15 @@ fn cuda_geom(spec: Conv2dSpec) -> cuda::dnn::ConvGeom {
     }
 }
 
-/// bf16 x and w (the bf16 step) take cuDNN's bf16 convolution, whose y is bf16. A bias there is
-/// refused: the emulation adds it in f32 before y's one rounding, which a bf16 y plus a bias
-/// would round twice (the ResNets, the bf16 step's models, have no convolution bias).
+/// bf16 x and w (the bf16 step) take cuDNN's bf16 convolution, whose y is bf16. x, w and y share
+/// a layout (NCHW, or NHWC with a KRSC w). A bias is refused on the bf16 path (the emulation adds
+/// it in f32 before y's one rounding, which a bf16 y plus a bias would round twice) and in NHWC
+/// (the bias kernels are NCHW); the ResNets, the models of both, have no convolution bias.
 fn conv2d_cuda(x: &Tensor, w: &Tensor, b: Option<&Tensor>, spec: Conv2dSpec) -> Tensor {
+    assert!(
+        b.is_none() || x.layout() == Layout::RowMajor,
+        "conv2d: a bias on NHWC GPU tensors is not supported (unset PODGPU_GPU_LAYOUT)"
+    );
     if x.dtype() == DType::Bf16 {
         assert!(
             b.is_none(),
@@ -279,12 +284,16 @@ fn conv2d_bwd_data_cuda(dy: &Tensor, w: &Tensor, x_shape: &[usize], spec: Conv2d
     cuda::dnn::conv2d_bwd_data(dy, w, x_shape, &cuda_geom(spec))
 }
 
-/// A bf16 x and dy give an f32 dw (the gradient of the f32 master weight).
+/// A bf16 x and dy give an f32 dw (the gradient of the f32 master weight). Channels-last x and dy
+/// give cuDNN's dw in KRSC order, reordered here to the master weight's KCRS: a weight gradient is
+/// NCHW whatever the activations' layout.
 fn conv2d_bwd_weight_cuda(x: &Tensor, dy: &Tensor, w_shape: &[usize], spec: Conv2dSpec) -> Tensor {
-    if x.dtype() == DType::Bf16 {
-        return cuda::dnn::conv2d_bwd_filter_bf16(x, dy, w_shape, &cuda_geom(spec));
-    }
-    cuda::dnn::conv2d_bwd_filter(x, dy, w_shape, &cuda_geom(spec))
+    let dw = if x.dtype() == DType::Bf16 {
+        cuda::dnn::conv2d_bwd_filter_bf16(x, dy, w_shape, &cuda_geom(spec))
+    } else {
+        cuda::dnn::conv2d_bwd_filter(x, dy, w_shape, &cuda_geom(spec))
+    };
+    super::to_layout_fwd(&dw, Layout::RowMajor)
 }
 
 // ---- tape-level op ----
@@ -294,7 +303,10 @@ fn conv2d_bwd_weight_cuda(x: &Tensor, dy: &Tensor, w_shape: &[usize], spec: Conv
 /// are bf16 (GPU) or rounded to bf16 (CPU emulation); dw and db stay f32.
 pub fn conv2d(t: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, spec: Conv2dSpec) -> Var {
     let bf16 = cpu::bf16::emulating();
-    let (sx, sw) = (store_bf16(bf16, x.value()), store_bf16(bf16, w.value()));
+    let sx = store_bf16(bf16, x.value());
+    // A channels-last x on a GPU (`ops::gpu_nhwc`) takes its weight in KRSC order too: reordered
+    // once per step here (after the bf16 cast) and kept for the backward.
+    let sw = super::to_layout_fwd(&store_bf16(bf16, w.value()), sx.layout());
     let y = conv2d_fwd(&sx, &sw, b.map(|b| b.value()), spec);
     let y = store_bf16(bf16, &y);
     let mut inputs = vec![x, w];

@@ -30,6 +30,7 @@ mod batchnorm;
 mod concat;
 mod conv;
 mod elementwise;
+mod layout;
 mod linear;
 mod normalize;
 mod pool;
@@ -41,6 +42,7 @@ pub use batchnorm::*;
 pub use concat::*;
 pub use conv::*;
 pub use elementwise::*;
+pub use layout::*;
 pub use linear::*;
 pub use normalize::*;
 pub use pool::*;
@@ -69,6 +71,13 @@ pub fn assert_same_place(op: &str, ts: &[&Tensor]) {
             x.layout().name()
         );
     }
+}
+
+/// Panics unless every host tensor is NCHW: the host kernels index images by (n, c, h, w) in
+/// that order, while their CUDA arms take NCHW or NHWC (`ops::gpu_nhwc`) and check it themselves.
+pub fn expect_host_nchw(op: &str, ts: &[&Tensor]) {
+    let host: Vec<&Tensor> = ts.iter().copied().filter(|t| !t.is_cuda()).collect();
+    expect_layout(op, Layout::RowMajor, &host);
 }
 
 /// Panics unless every tensor is in `layout`: the ops that index images by (n, c, h, w) say

@@ -7,7 +7,7 @@
 //! reruns the forward kernel for the argmax (same rule, deterministic) and routes dy through it, so
 //! both devices share one tensor-level API and the tape saves only x and y.
 
-use super::{assert_same_place, expect_layout, store_bf16};
+use super::{assert_same_place, expect_host_nchw, expect_layout, store_bf16};
 use crate::autograd::{Tape, Var};
 use crate::cpu;
 use crate::cuda;
@@ -74,7 +74,7 @@ fn window(o: usize, k: usize, s: usize, p: usize, len: usize) -> (usize, usize) 
 
 pub fn max_pool2d_fwd(x: &Tensor, spec: Pool2dSpec) -> Tensor {
     spec.out_shape(x.shape(), "max_pool2d");
-    expect_layout("max_pool2d", Layout::RowMajor, &[x]);
+    expect_host_nchw("max_pool2d", &[x]);
     dispatch!(x, max_pool_host, max_pool_cuda, x, spec)
 }
 
@@ -84,7 +84,7 @@ pub fn max_pool2d_bwd(x: &Tensor, y: &Tensor, dy: &Tensor, spec: Pool2dSpec) -> 
     assert_eq!(dy.shape(), &ys, "max_pool2d_bwd: dy shape");
     assert_eq!(y.shape(), &ys, "max_pool2d_bwd: y shape");
     assert_same_place("max_pool2d_bwd", &[x, y, dy]);
-    expect_layout("max_pool2d_bwd", Layout::RowMajor, &[x]);
+    expect_host_nchw("max_pool2d_bwd", &[x]);
     dispatch!(x, max_pool_bwd_host, max_pool_bwd_cuda, x, y, dy, spec)
 }
 
@@ -109,7 +109,7 @@ pub fn global_avg_pool_fwd(x: &Tensor) -> Tensor {
         "global_avg_pool: input must be NCHW, got {:?}",
         x.shape()
     );
-    expect_layout("global_avg_pool", Layout::RowMajor, &[x]);
+    expect_host_nchw("global_avg_pool", &[x]);
     dispatch!(x, gap_host, cuda::nn_kernels::global_avg_pool_fwd, x)
 }
 
@@ -155,20 +155,20 @@ pub fn avg_pool2d(t: &mut Tape, x: &Var, spec: Pool2dSpec) -> Var {
     })
 }
 
-/// Global average pooling on the tape. A bf16 x (the GPU's bf16 step) gives f32 features, and its
-/// gradient goes back in bf16, x's storage (`cuda::bf16_ops`); the emulation rounds that gradient
-/// where the next op back stores it.
+/// Global average pooling on the tape: f32 features [N, C] whatever x's storage and layout. On a
+/// GPU the gradient goes back in x's storage and layout (bf16: `cuda::bf16_ops`; NHWC:
+/// `cuda::nhwc`); the emulation rounds that gradient where the next op back stores it.
 pub fn global_avg_pool(t: &mut Tape, x: &Var) -> Var {
     let y = global_avg_pool_fwd(x.value());
     let shape = x.shape().to_vec();
-    let bf16_x = x.value().is_cuda() && x.value().dtype() == DType::Bf16;
+    let (gpu, dtype, layout) = (x.value().is_cuda(), x.value().dtype(), x.value().layout());
     t.op(y, &[x], move || {
         Box::new(move |g, _| {
-            let dx = if bf16_x {
-                let d = [shape[0], shape[1], shape[2], shape[3]];
-                cuda::bf16_ops::global_avg_pool_bwd(g, d)
-            } else {
-                global_avg_pool_bwd(g, &shape)
+            let d = [shape[0], shape[1], shape[2], shape[3]];
+            let dx = match (gpu, dtype, layout) {
+                (true, _, Layout::Nhwc) => cuda::nhwc::global_avg_pool_bwd(g, &shape, dtype),
+                (true, DType::Bf16, _) => cuda::bf16_ops::global_avg_pool_bwd(g, d),
+                _ => global_avg_pool_bwd(g, &shape),
             };
             vec![Some(dx)]
         })

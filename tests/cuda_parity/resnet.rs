@@ -255,6 +255,32 @@ fn resnet_bf16_step_matches_the_cpu_emulation() {
     compare_step_on_path(MathMode::Fp32, true, 1e-2, tol);
 }
 
+/// The same step with channels-last activations on the GPU (`ops::nhwc_scope`: the image reordered
+/// once, NHWC cuDNN descriptors, KRSC weights reordered per step and their gradients back, NHWC
+/// pools) against the CPU's NCHW step: in fp32 at the NCHW test's bounds, then on the bf16 path at
+/// the bf16 test's. The layout changes no arithmetic of ours; cuDNN picks other kernels for NHWC,
+/// so the fp32 bounds are the fp32 test's, not equality with the NCHW GPU run.
+#[test]
+#[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
+fn resnet_nhwc_steps_match_the_cpu() {
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _gpu = gpu();
+    let _nhwc = podgpu::ops::nhwc_scope(true);
+    {
+        // The switch reaches the network's input on the GPU (and only there).
+        let mut t = Tape::train();
+        let x = t.constant(batch().0.to_device(GPU));
+        let nhwc = podgpu::tensor::Layout::Nhwc;
+        assert_eq!(
+            podgpu::ops::gpu_input_layout(&mut t, &x).value().layout(),
+            nhwc
+        );
+    }
+    let fp32_worst = compare_step(MathMode::Fp32, 1e-4, 2e-3);
+    let tol = (20.0 * 65536.0 * fp32_worst).clamp(1e-3, 0.5);
+    compare_step_on_path(MathMode::Fp32, true, 1e-2, tol);
+}
+
 /// See `resnet_forward_backward_matches_cpu_tf32`.
 fn tf32_gradient_tolerance(fp32_worst: f64) -> f64 {
     const ROUNDOFF_RATIO: f64 = 8192.0; // 2⁻¹¹ / 2⁻²⁴

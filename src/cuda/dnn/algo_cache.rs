@@ -10,6 +10,7 @@
 use super::conv::{ConvGeom, Pass};
 use super::Storage;
 use crate::cuda::MathMode;
+use crate::tensor::Layout;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -51,11 +52,17 @@ pub fn key(
     g: &ConvGeom,
     mode: MathMode,
     storage: Storage,
+    layout: Layout,
 ) -> String {
-    let suffix = match storage {
+    // Suffixes only for what the first caches did not have, so their keys stay valid.
+    let mut suffix = match storage {
         Storage::F32 => "",
         Storage::Bf16 => " bf16",
-    };
+    }
+    .to_string();
+    if layout == Layout::Nhwc {
+        suffix.push_str(" nhwc");
+    }
     format!(
         "{pass:?} x{x:?} w{w:?} stride{:?} pad{:?} dilation{:?} groups{} {mode:?}{suffix}",
         g.stride, g.pad, g.dilation, g.groups
@@ -161,14 +168,38 @@ mod tests {
     fn keys_tell_passes_shapes_and_modes_apart() {
         let x = [128, 64, 32, 32];
         let w = [64, 64, 3, 3];
-        let k = key(Pass::Forward, x, w, &G, MathMode::Tf32, Storage::F32);
-        assert_ne!(
-            k,
-            key(Pass::BackwardData, x, w, &G, MathMode::Tf32, Storage::F32)
+        let k = key(
+            Pass::Forward,
+            x,
+            w,
+            &G,
+            MathMode::Tf32,
+            Storage::F32,
+            Layout::RowMajor,
         );
         assert_ne!(
             k,
-            key(Pass::Forward, x, w, &G, MathMode::Fp32, Storage::F32)
+            key(
+                Pass::BackwardData,
+                x,
+                w,
+                &G,
+                MathMode::Tf32,
+                Storage::F32,
+                Layout::RowMajor
+            )
+        );
+        assert_ne!(
+            k,
+            key(
+                Pass::Forward,
+                x,
+                w,
+                &G,
+                MathMode::Fp32,
+                Storage::F32,
+                Layout::RowMajor
+            )
         );
         assert_ne!(
             k,
@@ -178,7 +209,8 @@ mod tests {
                 w,
                 &G,
                 MathMode::Tf32,
-                Storage::F32
+                Storage::F32,
+                Layout::RowMajor
             )
         );
         let strided = ConvGeom {
@@ -187,17 +219,64 @@ mod tests {
         };
         assert_ne!(
             k,
-            key(Pass::Forward, x, w, &strided, MathMode::Tf32, Storage::F32)
+            key(
+                Pass::Forward,
+                x,
+                w,
+                &strided,
+                MathMode::Tf32,
+                Storage::F32,
+                Layout::RowMajor
+            )
         );
         assert_eq!(
             k,
-            key(Pass::Forward, x, w, &G, MathMode::Tf32, Storage::F32)
+            key(
+                Pass::Forward,
+                x,
+                w,
+                &G,
+                MathMode::Tf32,
+                Storage::F32,
+                Layout::RowMajor
+            )
         );
         // bf16 data is measured apart from f32 data; an f32 key is the pre-bf16 one.
         assert_ne!(
             k,
-            key(Pass::Forward, x, w, &G, MathMode::Tf32, Storage::Bf16)
+            key(
+                Pass::Forward,
+                x,
+                w,
+                &G,
+                MathMode::Tf32,
+                Storage::Bf16,
+                Layout::RowMajor
+            )
         );
+        // Channels-last data too; an NCHW key is the pre-NHWC one.
+        let nhwc = key(
+            Pass::Forward,
+            x,
+            w,
+            &G,
+            MathMode::Tf32,
+            Storage::Bf16,
+            Layout::Nhwc,
+        );
+        assert_ne!(
+            nhwc,
+            key(
+                Pass::Forward,
+                x,
+                w,
+                &G,
+                MathMode::Tf32,
+                Storage::Bf16,
+                Layout::RowMajor
+            )
+        );
+        assert!(nhwc.ends_with("Tf32 bf16 nhwc"), "{nhwc}");
         assert!(k.ends_with("Tf32"), "{k}");
     }
 

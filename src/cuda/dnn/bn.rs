@@ -10,7 +10,7 @@
 use super::{alloc, input, ok, one, ptr, with_dnn, zero, Dnn, OutBuf, Storage, TensorDesc};
 use crate::cuda::launch::gpu_of;
 use crate::cuda::{buf, tensor};
-use crate::tensor::Tensor;
+use crate::tensor::{Layout, Tensor};
 use cudarc::cudnn::sys;
 use std::collections::hash_map::Entry;
 use std::ffi::c_void;
@@ -39,12 +39,12 @@ fn bn_dims(x: &Tensor) -> [usize; 4] {
 const BN_MODE: sys::cudnnBatchNormMode_t = sys::cudnnBatchNormMode_t::CUDNN_BATCHNORM_SPATIAL;
 
 impl Dnn {
-    /// (x descriptor, derived per-channel descriptor) for this shape and f32 data.
+    /// (x descriptor, derived per-channel descriptor) for this shape and f32 NCHW data.
     fn bn_descs(
         &mut self,
         d: [usize; 4],
     ) -> Result<(sys::cudnnTensorDescriptor_t, sys::cudnnTensorDescriptor_t), String> {
-        self.bn_descs_of(d, Storage::F32)
+        self.bn_descs_of(d, Storage::F32, Layout::RowMajor)
     }
 
     /// (x descriptor, derived per-channel descriptor) for this shape and data type; the derived
@@ -53,9 +53,10 @@ impl Dnn {
         &mut self,
         d: [usize; 4],
         storage: Storage,
+        layout: Layout,
     ) -> Result<(sys::cudnnTensorDescriptor_t, sys::cudnnTensorDescriptor_t), String> {
-        if let Entry::Vacant(slot) = self.bn.entry((d, storage)) {
-            let xd = TensorDesc::nchw_of(d, storage.cudnn())?;
+        if let Entry::Vacant(slot) = self.bn.entry((d, storage, layout)) {
+            let xd = TensorDesc::of(d, storage.cudnn(), layout)?;
             let bd = TensorDesc(
                 cudarc::cudnn::result::create_tensor_descriptor().map_err(|e| format!("{e:?}"))?,
             );
@@ -66,7 +67,7 @@ impl Dnn {
             )?;
             slot.insert((xd, bd));
         }
-        let (xd, bd) = &self.bn[&(d, storage)];
+        let (xd, bd) = &self.bn[&(d, storage, layout)];
         Ok((xd.0, bd.0))
     }
 }
@@ -116,12 +117,13 @@ fn bn_fwd_train(
     eps: f64,
     storage: Storage,
 ) -> BnTrain {
-    let (gpu, xp) = input(x, storage, "batch norm x");
+    let layout = x.layout();
+    let (gpu, xp) = input(x, storage, layout, "batch norm x");
     let d = bn_dims(x);
     let c = d[1];
     with_dnn(&gpu, |dnn| {
         let handle = dnn.handle;
-        let (xd, bd) = dnn.bn_descs_of(d, storage)?;
+        let (xd, bd) = dnn.bn_descs_of(d, storage, layout)?;
         let y = OutBuf::alloc(&gpu, storage, x.numel())?;
         let rm = copy_of(running_mean);
         let rv = copy_of(running_var);
@@ -153,7 +155,7 @@ fn bn_fwd_train(
             "cudnnBatchNormalizationForwardTraining",
         )?;
         Ok(BnTrain {
-            y: y.into_tensor(x.shape()),
+            y: y.into_tensor(x.shape()).with_layout(layout),
             save_mean: tensor(&[c], sm),
             save_invstd: tensor(&[c], si),
             running_mean: tensor(&[c], rm),
@@ -195,11 +197,12 @@ fn bn_fwd_infer(
     eps: f64,
     storage: Storage,
 ) -> Tensor {
-    let (gpu, xp) = input(x, storage, "batch norm x");
+    let layout = x.layout();
+    let (gpu, xp) = input(x, storage, layout, "batch norm x");
     let d = bn_dims(x);
     with_dnn(&gpu, |dnn| {
         let handle = dnn.handle;
-        let (xd, bd) = dnn.bn_descs_of(d, storage)?;
+        let (xd, bd) = dnn.bn_descs_of(d, storage, layout)?;
         let y = OutBuf::alloc(&gpu, storage, x.numel())?;
         // SAFETY: as in batch_norm_fwd_train.
         ok(
@@ -223,7 +226,7 @@ fn bn_fwd_infer(
             },
             "cudnnBatchNormalizationForwardInference",
         )?;
-        Ok(y.into_tensor(x.shape()))
+        Ok(y.into_tensor(x.shape()).with_layout(layout))
     })
 }
 
@@ -262,8 +265,9 @@ fn bn_bwd(
     eps: f64,
     storage: Storage,
 ) -> (Tensor, Tensor, Tensor) {
-    let (gpu, xp) = input(x, storage, "batch norm backward x");
-    let (_, dyp) = input(dy, storage, "batch norm backward dy");
+    let layout = x.layout();
+    let (gpu, xp) = input(x, storage, layout, "batch norm backward x");
+    let (_, dyp) = input(dy, storage, layout, "batch norm backward dy");
     assert_eq!(
         dy.shape(),
         x.shape(),
@@ -273,7 +277,7 @@ fn bn_bwd(
     let c = d[1];
     with_dnn(&gpu, |dnn| {
         let handle = dnn.handle;
-        let (xd, bd) = dnn.bn_descs_of(d, storage)?;
+        let (xd, bd) = dnn.bn_descs_of(d, storage, layout)?;
         let dx = OutBuf::alloc(&gpu, storage, x.numel())?;
         let dg = alloc(&gpu, c)?;
         let db = alloc(&gpu, c)?;
@@ -305,7 +309,7 @@ fn bn_bwd(
             "cudnnBatchNormalizationBackward",
         )?;
         Ok((
-            dx.into_tensor(x.shape()),
+            dx.into_tensor(x.shape()).with_layout(layout),
             tensor(&[c], dg),
             tensor(&[c], db),
         ))

@@ -24,11 +24,13 @@
 //! the widening copies and TF32's rate (half of bf16's) for this one pass.
 
 use super::algo_cache::{self, AlgoCache};
-use super::{alloc, dims4, input, ok, one, with_dnn, zero, ConvDesc, Fail, FilterDesc, OutBuf};
+use super::{
+    alloc, dims4, format_of, input, ok, one, with_dnn, zero, ConvDesc, Fail, FilterDesc, OutBuf,
+};
 use super::{Storage, TensorDesc};
 use crate::cuda::bf16::to_f32;
 use crate::cuda::{math_mode, Gpu, MathMode};
-use crate::tensor::{numel, Tensor};
+use crate::tensor::{numel, Layout, Tensor};
 use cudarc::cudnn::sys;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -282,6 +284,8 @@ pub(crate) struct ConvKey {
     geom: ConvGeom,
     rules: Rules,
     storage: Storage,
+    /// NCHW, or NHWC activations with a KRSC filter (channels last).
+    layout: Layout,
 }
 
 /// Descriptors and chosen algorithms of one convolution shape. One convolution descriptor per pass,
@@ -324,8 +328,8 @@ fn build_plan(key: &ConvKey) -> Result<ConvPlan, String> {
     let (oh, ow) = g.out_hw(x[2], x[3], w[2], w[3]);
     let y_shape = [x[0], w[0], oh, ow];
     let ty = key.storage.cudnn();
-    let xd = TensorDesc::nchw_of(x, ty)?;
-    let yd = TensorDesc::nchw_of(y_shape, ty)?;
+    let xd = TensorDesc::of(x, ty, key.layout)?;
+    let yd = TensorDesc::of(y_shape, ty, key.layout)?;
     let wd = FilterDesc(
         cudarc::cudnn::result::create_filter_descriptor().map_err(|e| format!("{e:?}"))?,
     );
@@ -335,7 +339,7 @@ fn build_plan(key: &ConvKey) -> Result<ConvPlan, String> {
             sys::cudnnSetFilter4dDescriptor(
                 wd.0,
                 ty,
-                sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+                format_of(key.layout),
                 w[0] as i32,
                 w[1] as i32,
                 w[2] as i32,
@@ -566,7 +570,15 @@ fn algorithm(
         key.geom.groups
     );
     let c = if measure_by_default() && !key.rules.deterministic {
-        let ck = algo_cache::key(pass, key.x, key.w, &key.geom, key.rules.mode, key.storage);
+        let ck = algo_cache::key(
+            pass,
+            key.x,
+            key.w,
+            &key.geom,
+            key.rules.mode,
+            key.storage,
+            key.layout,
+        );
         // A remembered choice still has to pass today's rules and name a known algorithm.
         let remembered = algos.get(&ck).map(|c| Candidate {
             algo: c.algo,
@@ -627,14 +639,16 @@ fn convolve(
     storage: Storage,
     rules: Rules,
 ) -> Tensor {
-    let (gpu, ap) = input(a, storage, pass.what());
-    let (_, bp) = input(b, storage, pass.what());
+    let layout = a.layout();
+    let (gpu, ap) = input(a, storage, layout, pass.what());
+    let (_, bp) = input(b, storage, layout, pass.what());
     let key = ConvKey {
         x,
         w,
         geom: *geom,
         rules,
         storage,
+        layout,
     };
     with_dnn(&gpu, |d| {
         let handle = d.handle;
@@ -723,7 +737,7 @@ fn convolve(
             }
         };
         ok(status, &format!("{} with {}", pass.what(), algo.name()))?;
-        Ok(out.into_tensor(&out_shape))
+        Ok(out.into_tensor(&out_shape).with_layout(layout))
     })
 }
 
@@ -848,6 +862,7 @@ pub fn chosen_algorithms(
         geom: *geom,
         rules: Rules::current(),
         storage: Storage::F32,
+        layout: Layout::RowMajor,
     };
     match slot.as_ref().and_then(|d| d.as_ref().ok()?.plans.get(&key)) {
         Some(p) => Pass::ALL.map(|pass| p.algo[pass.index()].map(|(a, ws)| (a.name(), ws))),

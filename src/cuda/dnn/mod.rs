@@ -111,13 +111,14 @@ impl OutBuf {
     }
 }
 
-/// The device and data address of a GPU input of `storage`'s type (f32 or bf16, NCHW); a tensor of
-/// another type or layout is a caller's bug, named in the panic.
-fn input(t: &Tensor, storage: Storage, what: &str) -> (Arc<Gpu>, *const c_void) {
+/// The device and data address of a GPU input of `storage`'s type (f32 or bf16) in `layout`; a
+/// tensor of another type or layout is a caller's bug, named in the panic.
+fn input(t: &Tensor, storage: Storage, layout: Layout, what: &str) -> (Arc<Gpu>, *const c_void) {
     assert!(
-        t.dtype() == storage.dtype() && t.layout() == Layout::RowMajor,
-        "{what}: expected an NCHW {:?} GPU tensor, got {t:?}",
-        storage.dtype()
+        t.dtype() == storage.dtype() && t.layout() == layout,
+        "{what}: expected a {:?} GPU tensor in {}, got {t:?}",
+        storage.dtype(),
+        layout.name()
     );
     match storage {
         Storage::F32 => {
@@ -128,6 +129,14 @@ fn input(t: &Tensor, storage: Storage, what: &str) -> (Arc<Gpu>, *const c_void) 
             let b = bf16_buf(t);
             (b.gpu().clone(), b.device_ptr() as *const c_void)
         }
+    }
+}
+
+/// cuDNN's name of a layout (for tensors and, NHWC meaning KRSC, for filters).
+fn format_of(layout: Layout) -> sys::cudnnTensorFormat_t {
+    match layout {
+        Layout::RowMajor => sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+        Layout::Nhwc => sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
     }
 }
 
@@ -145,8 +154,9 @@ pub(crate) struct FilterDesc(sys::cudnnFilterDescriptor_t);
 pub(crate) struct ConvDesc(sys::cudnnConvolutionDescriptor_t);
 
 impl TensorDesc {
-    /// An NCHW descriptor of element type `ty` (f32, or bf16 for the bf16 path).
-    fn nchw_of(d: [usize; 4], ty: sys::cudnnDataType_t) -> Result<TensorDesc, String> {
+    /// A descriptor of [N, C, H, W] = `d` stored in `layout` (NCHW, or NHWC for channels-last
+    /// activations) with element type `ty` (f32, or bf16 for the bf16 path).
+    fn of(d: [usize; 4], ty: sys::cudnnDataType_t, layout: Layout) -> Result<TensorDesc, String> {
         let t = TensorDesc(
             cudarc::cudnn::result::create_tensor_descriptor().map_err(|e| format!("{e:?}"))?,
         );
@@ -155,7 +165,7 @@ impl TensorDesc {
             unsafe {
                 sys::cudnnSetTensor4dDescriptor(
                     t.0,
-                    sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+                    format_of(layout),
                     ty,
                     d[0] as i32,
                     d[1] as i32,
@@ -194,7 +204,7 @@ impl Drop for ConvDesc {
 pub struct Dnn {
     handle: sys::cudnnHandle_t,
     plans: HashMap<conv::ConvKey, conv::ConvPlan>,
-    bn: HashMap<([usize; 4], Storage), (TensorDesc, TensorDesc)>,
+    bn: HashMap<([usize; 4], Storage, Layout), (TensorDesc, TensorDesc)>,
     /// Measured convolution algorithms, in memory and on disk (`algo_cache`).
     algos: algo_cache::AlgoCache,
 }

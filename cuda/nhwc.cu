@@ -1,0 +1,164 @@
+// Channels-last (NHWC) images on the GPU: the layout changes at the network's input (the image,
+// NCHW → NHWC; the weights, KCRS → KRSC for cuDNN's NHWC convolutions, and their gradients back),
+// and the pools that read NHWC activations. Every kernel exists for f32 (`float`) and bf16 storage
+// (`unsigned short`, rounded as in common.cuh); the pools compute in f32 and round once, as their
+// NCHW forms in pool.cu and bf16.cu do, with the same window, tie and NaN rules.
+
+// Element access of the two storage types: load as f32, store rounded.
+__device__ __forceinline__ float load(const float* p, i64 i) { return p[i]; }
+__device__ __forceinline__ float load(const unsigned short* p, i64 i) { return bf16_bits_to_f32(p[i]); }
+__device__ __forceinline__ void store(float* p, i64 i, float v) { p[i] = v; }
+__device__ __forceinline__ void store(unsigned short* p, i64 i, float v) { p[i] = f32_to_bf16_bits(v); }
+
+// y[n, h, w, c] = x[n, c, h, w] (a copy of the stored element, no rounding). One thread per
+// output element, so the writes are coalesced.
+template <typename T>
+__device__ void to_nhwc(T* __restrict__ y, const T* __restrict__ x, int N, int C, int H, int W) {
+    FOR_N(o, (i64)N * C * H * W) {
+        const int c = o % C;
+        const i64 p = o / C;  // (n, h, w)
+        const int w = p % W, h = (p / W) % H;
+        const i64 n = p / ((i64)H * W);
+        y[o] = x[((n * C + c) * H + h) * W + w];
+    }
+}
+
+// y[n, c, h, w] = x[n, h, w, c].
+template <typename T>
+__device__ void to_nchw(T* __restrict__ y, const T* __restrict__ x, int N, int C, int H, int W) {
+    FOR_N(o, (i64)N * C * H * W) {
+        const int w = o % W, h = (o / W) % H;
+        const i64 nc = o / ((i64)H * W);
+        const int c = nc % C;
+        const i64 n = nc / C;
+        y[o] = x[((n * H + h) * W + w) * C + c];
+    }
+}
+
+extern "C" __global__ void nchw_to_nhwc_f32(float* y, const float* x, int N, int C, int H, int W) {
+    to_nhwc(y, x, N, C, H, W);
+}
+extern "C" __global__ void nhwc_to_nchw_f32(float* y, const float* x, int N, int C, int H, int W) {
+    to_nchw(y, x, N, C, H, W);
+}
+extern "C" __global__ void nchw_to_nhwc_bf16(unsigned short* y, const unsigned short* x, int N, int C,
+                                             int H, int W) {
+    to_nhwc(y, x, N, C, H, W);
+}
+extern "C" __global__ void nhwc_to_nchw_bf16(unsigned short* y, const unsigned short* x, int N, int C,
+                                             int H, int W) {
+    to_nchw(y, x, N, C, H, W);
+}
+
+// Max pooling over NHWC x: output o = ((n·OH + oh)·OW + ow)·C + c; argmax[o] = h·W + w of the
+// chosen input within its (n, c) plane, as the NCHW kernels record it. Geometry arguments as in
+// pool.cu: N, C, H, W, OH, OW, kh, kw, sh, sw, ph, pw.
+template <typename T>
+__device__ void maxpool_fwd_nhwc(T* __restrict__ y, int* __restrict__ argmax, const T* __restrict__ x,
+                                 int N, int C, int H, int W, int OH, int OW, int kh, int kw, int sh,
+                                 int sw, int ph, int pw) {
+    FOR_N(o, (i64)N * OH * OW * C) {
+        const int c = o % C;
+        const i64 p = o / C;
+        const int ow = p % OW, oh = (p / OW) % OH;
+        const i64 n = p / ((i64)OH * OW);
+        float best = -PODGPU_INF;
+        int bi = -1;
+        for (int i = 0; i < kh; i++) {
+            const int h = oh * sh - ph + i;
+            if (h < 0 || h >= H) continue;
+            for (int j = 0; j < kw; j++) {
+                const int w = ow * sw - pw + j;
+                if (w < 0 || w >= W) continue;
+                const float v = load(x, ((n * H + h) * W + w) * C + c);
+                if (bi < 0 || v > best || v != v) { best = v; bi = h * W + w; }
+            }
+        }
+        store(y, o, best);
+        argmax[o] = bi;
+    }
+}
+
+// dx of max pooling over NHWC: each input gathers the dy of the windows whose argmax it is (f32
+// sum, one rounding for bf16): deterministic.
+template <typename T>
+__device__ void maxpool_bwd_nhwc(T* __restrict__ dx, const T* __restrict__ dy, const int* __restrict__ argmax,
+                                 int N, int C, int H, int W, int OH, int OW, int kh, int kw, int sh,
+                                 int sw, int ph, int pw) {
+    FOR_N(i, (i64)N * H * W * C) {
+        const int c = i % C;
+        const i64 p = i / C;
+        const int w = p % W, h = (p / W) % H;
+        const i64 n = p / ((i64)H * W);
+        const int me = h * W + w;
+        int oh0 = h + ph - kh + 1, ow0 = w + pw - kw + 1;
+        oh0 = oh0 <= 0 ? 0 : (oh0 + sh - 1) / sh;
+        ow0 = ow0 <= 0 ? 0 : (ow0 + sw - 1) / sw;
+        const int oh1 = min((h + ph) / sh, OH - 1), ow1 = min((w + pw) / sw, OW - 1);
+        float g = 0.0f;
+        for (int oh = oh0; oh <= oh1; oh++)
+            for (int ow = ow0; ow <= ow1; ow++) {
+                const i64 o = ((n * OH + oh) * OW + ow) * C + c;
+                if (argmax[o] == me) g += load(dy, o);
+            }
+        store(dx, i, g);
+    }
+}
+
+#define POOL_ARGS int N, int C, int H, int W, int OH, int OW, int kh, int kw, int sh, int sw, int ph, int pw
+#define POOL_PASS N, C, H, W, OH, OW, kh, kw, sh, sw, ph, pw
+
+extern "C" __global__ void maxpool2d_fwd_nhwc_f32(float* y, int* argmax, const float* x, POOL_ARGS) {
+    maxpool_fwd_nhwc(y, argmax, x, POOL_PASS);
+}
+extern "C" __global__ void maxpool2d_fwd_nhwc_bf16(unsigned short* y, int* argmax, const unsigned short* x,
+                                                   POOL_ARGS) {
+    maxpool_fwd_nhwc(y, argmax, x, POOL_PASS);
+}
+extern "C" __global__ void maxpool2d_bwd_nhwc_f32(float* dx, const float* dy, const int* argmax, POOL_ARGS) {
+    maxpool_bwd_nhwc(dx, dy, argmax, POOL_PASS);
+}
+extern "C" __global__ void maxpool2d_bwd_nhwc_bf16(unsigned short* dx, const unsigned short* dy,
+                                                   const int* argmax, POOL_ARGS) {
+    maxpool_bwd_nhwc(dx, dy, argmax, POOL_PASS);
+}
+
+// Global average pool of NHWC x into f32 y [N, C]: one thread per (n, c), neighbouring threads
+// neighbouring channels (coalesced reads), summing the H·W positions in order.
+template <typename T>
+__device__ void gap_fwd_nhwc(float* __restrict__ y, const T* __restrict__ x, int N, int C, int HW) {
+    FOR_N(o, (i64)N * C) {
+        const int c = o % C;
+        const i64 n = o / C;
+        const T* xp = x + n * HW * C + c;
+        float s = 0.0f;
+        for (int i = 0; i < HW; i++) s += load(xp, (i64)i * C);
+        y[o] = s / (float)HW;
+    }
+}
+
+// dx[n, hw, c] = dy[n, c] / HW (rounded once for bf16).
+template <typename T>
+__device__ void gap_bwd_nhwc(T* __restrict__ dx, const float* __restrict__ dy, int N, int C, int HW) {
+    const float inv = 1.0f / (float)HW;
+    FOR_N(i, (i64)N * HW * C) {
+        const int c = i % C;
+        const i64 n = i / ((i64)HW * C);
+        store(dx, i, dy[n * C + c] * inv);
+    }
+}
+
+extern "C" __global__ void global_avgpool_fwd_nhwc_f32(float* y, const float* x, int N, int C, int HW) {
+    gap_fwd_nhwc(y, x, N, C, HW);
+}
+extern "C" __global__ void global_avgpool_fwd_nhwc_bf16(float* y, const unsigned short* x, int N, int C,
+                                                        int HW) {
+    gap_fwd_nhwc(y, x, N, C, HW);
+}
+extern "C" __global__ void global_avgpool_bwd_nhwc_f32(float* dx, const float* dy, int N, int C, int HW) {
+    gap_bwd_nhwc(dx, dy, N, C, HW);
+}
+extern "C" __global__ void global_avgpool_bwd_nhwc_bf16(unsigned short* dx, const float* dy, int N, int C,
+                                                        int HW) {
+    gap_bwd_nhwc(dx, dy, N, C, HW);
+}
