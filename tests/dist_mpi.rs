@@ -163,3 +163,122 @@ fn mpirun_a_nan_on_one_rank_stops_both_and_the_run_resumes_with_three_ranks() {
     let m = read_jsonl(&run.join("metrics.jsonl")).unwrap();
     assert_eq!(m.iter().map(|r| r.epoch).collect::<Vec<_>>(), vec![1, 2, 3]);
 }
+
+/// A rank that dies without a word (SIGKILL after a backward pass in epoch 2): mpirun stops the
+/// other rank and names the dead one; the checkpoint of epoch 1 is intact and the run resumes.
+#[test]
+fn mpirun_a_killed_rank_stops_the_job_and_the_checkpoint_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let dir = run.to_str().unwrap();
+    let podgpu = env!("CARGO_BIN_EXE_podgpu");
+    let kill = podgpu::train::trainer::ranked::TEST_KILL_ENV;
+    let (ok, text) = launch(2, podgpu, &train_args(dir, "16", "3"), &[(kill, "11@1")]);
+    assert!(!ok, "{text}");
+    // Open MPI's own message names the rank and the signal.
+    assert!(
+        text.contains("rank 1") && (text.contains("signal 9") || text.contains("Killed")),
+        "{text}"
+    );
+    let st = load_checkpoint(&run.join("last.safetensors"))
+        .unwrap()
+        .state;
+    assert_eq!((st.epoch, st.global_step), (1, 8));
+    let stray: Vec<_> = std::fs::read_dir(&run)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(stray.is_empty(), "half-written files left: {stray:?}");
+    let (ok, text) = launch(2, podgpu, &["train", "--resume", dir], &[]);
+    assert!(ok, "{text}");
+    let st = load_checkpoint(&run.join("last.safetensors"))
+        .unwrap()
+        .state;
+    assert_eq!((st.epoch, st.global_step), (3, 24));
+}
+
+/// SIGTERM to the launcher (what Ctrl-C, a scheduler's time limit or `kill` send): mpirun passes it
+/// to every rank, the ranks agree in their next vote to stop after that step, rank 0 writes a
+/// checkpoint of the exact point, and the run resumes from it to the end. Both ranks wait after
+/// their third step until the signal lands, so a fast or a loaded machine cannot finish first.
+#[test]
+fn mpirun_sigterm_stops_every_rank_after_the_step_with_a_checkpoint() {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let dir = run.to_str().unwrap();
+    let podgpu = env!("CARGO_BIN_EXE_podgpu");
+    let hold = podgpu::train::trainer::TEST_HOLD_AT_STEP_ENV;
+    let mut c = Command::new("mpirun");
+    c.args([
+        "-np",
+        "2",
+        "--oversubscribe",
+        "--mca",
+        "mpi_yield_when_idle",
+        "1",
+    ])
+    .env(hold, "3")
+    .args(["-x", hold])
+    .arg(podgpu)
+    .args(train_args(dir, "16", "2"))
+    .current_dir(env!("CARGO_MANIFEST_DIR"))
+    .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("mpirun");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line.unwrap();
+            if line.starts_with("run folder") {
+                let _ = tx.send(());
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    let err = child.stderr.take().unwrap();
+    let drain_err = std::thread::spawn(move || std::io::read_to_string(err).unwrap());
+    rx.recv_timeout(std::time::Duration::from_secs(120))
+        .expect("rank 0 did not start training");
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let text = drain.join().unwrap() + &drain_err.join().unwrap();
+    println!("--- SIGTERM to mpirun ({status}):\n{text}");
+    assert!(text.contains("stopped after global batch"), "{text}");
+    let ck = load_checkpoint(&run.join("last.safetensors")).unwrap();
+    assert_eq!(ck.state.epoch, 0, "a mid-epoch checkpoint");
+    let tally = podgpu::train::tally::EpochTally::from_extra(&ck.state.extra)
+        .unwrap()
+        .expect("a mid-epoch checkpoint records the epoch's sums");
+    // Held after step 3: stopped after step 3 or 4 (8 global batches an epoch). The tally counts
+    // batches of one rank's size, two per global step.
+    assert!((3..=4).contains(&ck.state.global_step), "{:?}", ck.state);
+    assert_eq!(tally.next_batch as u64, 2 * ck.state.global_step);
+    // Rank 0's message, in the progress line's units, reaches the user before the job ends.
+    let at = format!("after global batch {} of 8", ck.state.global_step);
+    assert_eq!(
+        text.matches(&at).count(),
+        2,
+        "progress line and message:\n{text}"
+    );
+    assert!(
+        text.contains(&format!("podgpu train --resume {dir}")),
+        "{text}"
+    );
+    let (ok, text) = launch(2, podgpu, &["train", "--resume", dir], &[]);
+    assert!(ok, "{text}");
+    let st = load_checkpoint(&run.join("last.safetensors"))
+        .unwrap()
+        .state;
+    assert_eq!((st.epoch, st.global_step), (2, 16));
+}

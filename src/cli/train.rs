@@ -393,15 +393,22 @@ fn run_ranked(a: Args) -> Result<()> {
     let world: std::rc::Rc<dyn crate::dist::Collective> = std::rc::Rc::new(world);
     let rank = world.rank();
     let result = run_with(a, trainer::Ranks::new(world.clone()));
+    // An agreed stop (a signal): rank 0 has written the checkpoint of the exact point; it says so
+    // before any rank leaves, because the launcher tears the job down as soon as one rank ends with
+    // a non-zero status, which could cut rank 0's message (seen with Open MPI 4.1 under SIGTERM).
+    if let Err(e) = &result {
+        if let Some(stop) = e.downcast_ref::<crate::train::Interrupted>() {
+            if rank == 0 {
+                eprintln!("{stop}");
+            }
+            let _ = world.barrier();
+            drop(world);
+            std::process::exit(crate::train::signal::INTERRUPTED_EXIT_CODE);
+        }
+    }
     drop(world);
     match result {
-        Err(e) if rank != 0 && trainer::known_to_all_ranks(&e) => {
-            let code = match e.is::<crate::train::Interrupted>() {
-                true => crate::train::signal::INTERRUPTED_EXIT_CODE,
-                false => 1,
-            };
-            std::process::exit(code)
-        }
+        Err(e) if rank != 0 && trainer::known_to_all_ranks(&e) => std::process::exit(1),
         r => r,
     }
 }

@@ -65,6 +65,11 @@ impl Ranks {
         self
     }
 
+    /// Number of ranks (1 for one process).
+    pub(super) fn size(&self) -> usize {
+        self.comm.size()
+    }
+
     /// More than one rank: the data-parallel step loop.
     pub(super) fn distributed(&self) -> bool {
         self.comm.size() > 1
@@ -415,6 +420,7 @@ impl Run {
         let waits_before = host_waits(self.device);
         let order = loader.order(epoch as u64);
         let poison = nan_gradient_step(rank)?.or(self.ranks.hooks.nan_gradient_at);
+        let killed_at = kill_step(rank)?;
         let advice = self.recovery_advice();
         self.cadence.restart();
         for k in 0..steps {
@@ -499,6 +505,10 @@ impl Run {
                 if poison == Some(step) {
                     poison_gradient(&mut self.ps, None)?;
                 }
+                if killed_at == Some(step) {
+                    // SAFETY: raising a signal in this process; SIGKILL never returns.
+                    unsafe { libc::raise(libc::SIGKILL) };
+                }
                 non_finite = !loss_t.to_vec_f64()[0].is_finite() || !gradients_finite(&self.ps);
                 let norms =
                     loss::delta_norms(cfg.variant, out.features.value(), out.logits.value());
@@ -523,6 +533,8 @@ impl Run {
                 self.ps.zero_grad();
                 self.state.global_step += 1;
                 self.loop_counts.steps += 1;
+                // Tests of signals under mpirun: wait here for one (the next vote carries it).
+                hold_for_a_signal_in_tests(self.state.global_step);
             }
             if let Some((loss_t, logits, labels_t, labels, norms)) = stats {
                 ledger.add_step(&loss_t, &logits, &labels_t, &labels, &norms, mine);
@@ -645,6 +657,21 @@ fn nan_gradient_step(rank: usize) -> Result<Option<u64>> {
     match (parse(step), parse(on)) {
         (Some(s), Some(r)) => Ok((r == rank as u64).then_some(s)),
         _ => bail!("{TEST_NAN_GRADIENT_ENV}={v:?}: expected STEP[@RANK]"),
+    }
+}
+
+/// A test hook: `PODGPU_TEST_KILL_AT=STEP@RANK` makes rank RANK kill itself with SIGKILL after
+/// the backward pass of global step STEP (a rank dying without a word, under mpirun). Not for users.
+pub const TEST_KILL_ENV: &str = "PODGPU_TEST_KILL_AT";
+
+fn kill_step(rank: usize) -> Result<Option<u64>> {
+    let Ok(v) = std::env::var(TEST_KILL_ENV) else {
+        return Ok(None);
+    };
+    let parse = |s: &str| s.trim().parse::<u64>().ok();
+    match v.split_once('@').map(|(s, r)| (parse(s), parse(r))) {
+        Some((Some(s), Some(r))) => Ok((r == rank as u64).then_some(s)),
+        _ => bail!("{TEST_KILL_ENV}={v:?}: expected STEP@RANK"),
     }
 }
 

@@ -110,6 +110,8 @@ pub struct Interrupted {
     /// Steps taken in the unfinished epoch (0 when it stopped between epochs).
     pub batches_done: usize,
     pub batches_per_epoch: usize,
+    /// Ranks of the run: with several, the batches above are global batches (one step each).
+    pub ranks: usize,
     pub global_step: u64,
 }
 
@@ -120,8 +122,9 @@ impl fmt::Display for Interrupted {
             format!("after epoch {}", self.epoch)
         } else {
             format!(
-                "in epoch {} after batch {} of {}",
+                "in epoch {} after {}batch {} of {}",
                 self.epoch + 1,
+                if self.ranks > 1 { "global " } else { "" },
                 self.batches_done,
                 self.batches_per_epoch
             )

@@ -152,7 +152,7 @@ pub fn stem_for(height: usize) -> Stem {
 }
 
 #[path = "ranked.rs"]
-mod ranked;
+pub mod ranked;
 pub use ranked::{
     known_to_all_ranks, resume_ranked, train_ranked, RankHooks, Ranks, StoppedTogether,
 };
@@ -778,6 +778,7 @@ impl Run {
                     epoch: epoch + 1,
                     batches_done: 0,
                     batches_per_epoch: train_loader.batches_per_epoch(),
+                    ranks: self.ranks.size(),
                     global_step: self.state.global_step,
                 }
                 .into());
@@ -913,15 +914,18 @@ impl Run {
         tally: EpochTally,
         batches_per_epoch: usize,
     ) -> Result<anyhow::Error> {
-        let batches_done = tally.next_batch;
         if self.ranks.is_writer() {
             self.save_mid_epoch(&tally)?;
         }
+        // Several ranks count the epoch in global batches of N of one rank's batches, as their
+        // progress line does (the tally counts one rank's batches).
+        let ranks = self.ranks.size();
         Ok(Interrupted {
             run_dir: self.dir.clone(),
             epoch: self.state.epoch,
-            batches_done,
-            batches_per_epoch,
+            batches_done: tally.next_batch.div_ceil(ranks),
+            batches_per_epoch: batches_per_epoch.div_ceil(ranks),
+            ranks,
             global_step: self.state.global_step,
         }
         .into())
