@@ -47,7 +47,7 @@ fn one_rank_all_reduce_returns_its_own_values() {
 #[test]
 #[ignore = "needs a CUDA device and NCCL (tools/gpu-check.sh runs it on the GPU machine)"]
 fn one_rank_combines_its_share_of_the_global_batch_in_buckets() {
-    let g = group_of_one();
+    let g = std::rc::Rc::new(group_of_one());
     // A tensor larger than a bucket (a bucket of its own), a small one, a trainable parameter
     // without a gradient (zeros are sent), a frozen one (untouched).
     let big = BUCKET_VALUES + 3;
@@ -94,6 +94,72 @@ fn one_rank_combines_its_share_of_the_global_batch_in_buckets() {
             got == want,
             "{}: the combined gradient differs",
             shapes[k].0
+        );
+    }
+}
+
+/// The overlapped sums of a real backward pass (`Overlap`, as GPU ranks train): a small ResNet's
+/// buckets go to NCCL while the backward pass runs, and after `finish` every gradient is the plain
+/// backward pass's (one rank of 4 images: Σ = 4·g, then ÷ 4, exact in f32). The buckets are small
+/// here (the whole network is one 6.5 M-value bucket otherwise), so several launch during the pass.
+#[test]
+#[ignore = "needs a CUDA device and NCCL (tools/gpu-check.sh runs it on the GPU machine)"]
+fn one_rank_overlapped_sums_during_backward_give_the_plain_gradients() {
+    use podgpu::autograd::Tape;
+    use podgpu::nn::{HeadSpec, ModelSpec, Network, Stem};
+    let g = std::rc::Rc::new(group_of_one());
+    let spec = ModelSpec {
+        arch: "resnet18".into(),
+        width: 8,
+        stem: Stem::Cifar,
+        in_channels: 3,
+        classes: 4,
+        feature_dim: 16,
+        head: HeadSpec::Linear,
+        image_size: 8,
+        drop_path: None,
+    };
+    let mut ps = ParamStore::new();
+    let mut rng = podgpu::rng::Rng::new(9);
+    let net = Network::new(spec, &mut ps, podgpu::DType::F32, &mut rng).expect("network");
+    ps.to_device(Device::Cuda(0));
+    let x: Vec<f32> = (0..4 * 3 * 8 * 8).map(|_| rng.normal() as f32).collect();
+    let step = |ps: &mut ParamStore, overlap: Option<&mut podgpu::dist::nccl::Overlap>| {
+        let mut t = Tape::train();
+        let xv = t.constant(Tensor::from_vec(&[4, 3, 8, 8], x.clone()).to_device(Device::Cuda(0)));
+        let out = net.forward(&mut t, ps, &xv);
+        let labels = podgpu::loss::labels_tensor(&[0, 1, 2, 3], out.logits.value());
+        let l = podgpu::loss::softmax_cross_entropy(&mut t, &out.logits, &labels);
+        ps.zero_grad();
+        match overlap {
+            Some(o) => t.backward_then(&l, ps, &mut |ps, id| o.grad_ready(ps, id)),
+            None => t.backward(&l, ps),
+        }
+    };
+    podgpu::cuda::set_math_mode(podgpu::cuda::MathMode::Fp32);
+    // Deterministic algorithms, chosen in a first step, so that two backward passes agree bit for
+    // bit.
+    podgpu::cpu::set_deterministic(true);
+    step(&mut ps, None);
+    step(&mut ps, None);
+    let want: Vec<Option<Vec<f32>>> = ps
+        .iter()
+        .map(|p| p.grad.as_ref().map(|g| g.to_vec_f32()))
+        .collect();
+    let mut o = g.overlap_in_buckets(&ps, 4, 2_000);
+    step(&mut ps, Some(&mut o));
+    o.finish(&mut ps, 4).expect("finish");
+    podgpu::cpu::set_deterministic(false);
+    for (p, w) in ps.iter().zip(&want) {
+        if p.kind != ParamKind::Trainable {
+            continue;
+        }
+        let got = p.grad.as_ref().map(|g| g.to_vec_f32());
+        assert_eq!(
+            got.as_ref(),
+            w.as_ref(),
+            "{}: the overlapped sum differs",
+            p.name
         );
     }
 }

@@ -214,17 +214,63 @@ impl Tape {
 
     /// Back-propagates a given output gradient.
     pub fn backward_with(&mut self, out: &Var, grad_out: Tensor, store: &mut ParamStore) {
+        self.backward_reporting(out, grad_out, store, &mut |_, _| {});
+    }
+
+    /// `backward` that calls `ready(store, id)` as soon as parameter `id`'s gradient in `store` is
+    /// final: when the last (earliest recorded) of its uses on this tape has been back-propagated,
+    /// whether or not a gradient reached it. Data-parallel training starts summing a bucket of
+    /// gradients across ranks while the backward pass goes on (`dist::buckets`). Each parameter
+    /// recorded on the tape is reported once; parameters the tape never saw are not reported.
+    pub fn backward_then(
+        &mut self,
+        loss: &Var,
+        store: &mut ParamStore,
+        ready: &mut dyn FnMut(&mut ParamStore, ParamId),
+    ) {
+        assert_eq!(loss.value.numel(), 1, "backward() needs a scalar loss");
+        let seed = Tensor::full(&[1], 1.0, loss.value.dtype(), loss.value.device())
+            .reshape(loss.value.shape());
+        self.backward_reporting(loss, seed, store, ready);
+    }
+
+    fn backward_reporting(
+        &mut self,
+        out: &Var,
+        grad_out: Tensor,
+        store: &mut ParamStore,
+        ready: &mut dyn FnMut(&mut ParamStore, ParamId),
+    ) {
         assert!(
             out.requires_grad(),
             "backward() of a value that does not depend on any parameter or leaf"
         );
+        // Uses of each parameter still to be back-propagated (one tape node per use).
+        let mut uses: std::collections::HashMap<ParamId, usize> = Default::default();
+        for node in &self.nodes[..=out.node] {
+            if let NodeKind::Param(pid) = node {
+                *uses.entry(*pid).or_default() += 1;
+            }
+        }
         let mut grads: Vec<Option<Tensor>> = vec![None; out.node + 1];
         grads[out.node] = Some(grad_out);
         self.leaf_grads.clear();
         for id in (0..=out.node).rev() {
+            if let NodeKind::Param(pid) = &self.nodes[id] {
+                let pid = *pid;
+                if let Some(g) = grads[id].take() {
+                    store.accumulate_grad(pid, g);
+                }
+                let left = uses.get_mut(&pid).expect("counted above");
+                *left -= 1;
+                if *left == 0 {
+                    ready(store, pid);
+                }
+                continue;
+            }
             let Some(g) = grads[id].take() else { continue };
             match &mut self.nodes[id] {
-                NodeKind::Param(pid) => store.accumulate_grad(*pid, g),
+                NodeKind::Param(_) => unreachable!("handled above"),
                 NodeKind::Input => self.leaf_grads.push((id, g)),
                 NodeKind::Op {
                     inputs,

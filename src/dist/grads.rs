@@ -3,9 +3,9 @@
 //! Rank r computed g_r, the gradient of its mean loss over its b_r images. The gradient of the mean
 //! loss over the whole global batch is g = Σ_r b_r·g_r / Σ_r b_r — the plain average when every rank
 //! had a full batch, and still exact for the shorter last batch of an epoch (`shard`). Each rank
-//! sends b_r·g_r in f64, in buckets of trainable gradients taken in reverse parameter order (the
-//! order backward produces them, so that a later version can overlap the sums with the backward pass),
-//! and writes g back in its gradient's precision.
+//! sends b_r·g_r in f64, in buckets of trainable gradients taken in reverse parameter order
+//! (`buckets::plan`: the order backward produces them; GPU ranks overlap their sums with the
+//! backward pass, `nccl::Overlap`), and writes g back in its gradient's precision.
 //!
 //! Every trainable parameter takes part, a missing gradient (a rank with no images this step, or a
 //! parameter its forward did not reach) counting as zeros, so that every rank sends the same
@@ -14,11 +14,10 @@
 //! Host tensors only here; gradients on a GPU go through the host until the NCCL path exists.
 
 use super::{Collective, RankFailed};
-use crate::autograd::{ParamKind, ParamStore};
+use crate::autograd::ParamStore;
 use crate::tensor::Tensor;
 
-/// Gradient values per bucket (DDP's default is 25 MB of f32, about 6.5 M values).
-pub const BUCKET_VALUES: usize = 6_500_000;
+pub use super::buckets::BUCKET_VALUES;
 
 /// Replaces every trainable gradient in `store` with the gradient of the global batch, given that
 /// this rank's gradients are those of its mean loss over `batch` images. Returns the global batch
@@ -46,31 +45,17 @@ pub fn combine_in_buckets(
     if total == 0.0 {
         return Ok(0);
     }
-    let mut ids: Vec<usize> = store
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| p.kind == ParamKind::Trainable)
-        .map(|(i, _)| i)
-        .collect();
-    ids.reverse();
+    let plan = super::buckets::plan(store, bucket);
     let params: Vec<&mut crate::autograd::Param> = store.iter_mut().collect();
     let mut params: Vec<Option<&mut crate::autograd::Param>> =
         params.into_iter().map(Some).collect();
-    let mut start = 0;
-    while start < ids.len() {
-        // The next bucket: whole tensors, at most `bucket` values unless one tensor is larger.
-        let mut end = start;
-        let mut values = 0;
-        while end < ids.len() {
-            let n = params[ids[end]].as_ref().expect("param").value.numel();
-            if end > start && values + n > bucket {
-                break;
-            }
-            values += n;
-            end += 1;
-        }
+    for ids in &plan {
+        let values = ids
+            .iter()
+            .map(|&i| params[i].as_ref().expect("param").value.numel())
+            .sum();
         let mut flat = Vec::with_capacity(values);
-        for &i in &ids[start..end] {
+        for &i in ids {
             let p = params[i].as_ref().expect("param");
             match &p.grad {
                 Some(g) if batch > 0 => {
@@ -81,7 +66,7 @@ pub fn combine_in_buckets(
         }
         c.all_reduce_sum(&mut flat)?;
         let mut at = 0;
-        for &i in &ids[start..end] {
+        for &i in ids {
             let p = params[i].take().expect("each parameter once");
             let v = &p.value;
             let n = v.numel();
@@ -90,7 +75,6 @@ pub fn combine_in_buckets(
             let combined = Tensor::from_f64_as(v.shape(), &vals, v.dtype()).to_device(v.device());
             p.grad = Some(combined);
         }
-        start = end;
     }
     Ok(total as usize)
 }
@@ -98,6 +82,7 @@ pub fn combine_in_buckets(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::autograd::ParamKind;
     use crate::dist::local;
     use crate::dist::shard::rank_slice;
 

@@ -8,7 +8,8 @@
 //! - `shard`: which images a rank trains on in each global batch, so that every image is seen once
 //!   per epoch across ranks, whatever the number of ranks.
 //! - `grads`: the gradients of every rank combined into the gradient of the whole global batch
-//!   (each rank's mean gradient weighted by its batch size), in reverse-parameter-order buckets.
+//!   (each rank's mean gradient weighted by its batch size), in reverse-parameter-order buckets
+//!   (`buckets`: the plan, and the schedule that starts a bucket during the backward pass).
 //! - `sync_bn`: batch-norm statistics summed across ranks (`--sync-bn`).
 //! - `vote`: what the ranks agree on at every step (the global batch, a non-finite value on some
 //!   rank, a stop request on some rank), so that they all stop at the same step with one message.
@@ -16,6 +17,7 @@
 //! Every sum is made in rank order on every rank, so all ranks hold bit-identical results and a run
 //! is deterministic for a given number of ranks and seed.
 
+pub mod buckets;
 pub mod grads;
 pub mod local;
 #[cfg(feature = "distributed")]

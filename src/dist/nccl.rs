@@ -5,28 +5,36 @@
 //!   the `Collective` (`broadcast_bytes`), and every rank opens its communicator on its own GPU
 //!   (`ncclCommInitRank`) with a side stream of its own. One rank alone (`Single`) is NCCL's own
 //!   single-process init: the smoke test on a one-GPU machine, no MPI needed.
-//! - `DeviceGroup::combine_gradients`: each rank scales its mean gradient by b_r / B (its share of
-//!   the global batch, known from the vote) on its compute stream, then the side stream waits for
-//!   it and sums every trainable gradient across ranks (`ncclAllReduce`, f32, in place), in the
-//!   buckets and order of `grads` (reverse parameter order, ≤ `grads::BUCKET_VALUES` values), each
-//!   bucket one NCCL group; the compute stream waits for the side stream before the update. Σ_r
-//!   (b_r/B)·g_r is the global batch's gradient, as `grads` computes it on the host.
+//! - `DeviceGroup::overlap` → `Overlap`: the sums of one step, started during the backward pass.
+//!   As `Tape::backward_then` reports each parameter's final gradient, every bucket whose
+//!   gradients are all final (`dist::buckets`: reverse parameter order, ≤ `BUCKET_VALUES` values,
+//!   launched in plan order on every rank) goes to NCCL on the side stream: this rank's b_r·g_r
+//!   (its mean gradient times its images, known before the vote) summed out of place
+//!   (`ncclAllReduce`, f32) into fresh buffers, one NCCL group per bucket, while the compute stream
+//!   runs the rest of the backward pass. This rank's own gradients stay untouched for its finite
+//!   check and the vote, which gives the global batch B; `Overlap::finish` then sends the buckets
+//!   left (parameters without a gradient, or every bucket for a rank without images), makes the
+//!   compute stream wait for the side stream once, and sets each gradient to Σ_r b_r·g_r / B, the
+//!   global batch's gradient, as `grads` computes it on the host.
+//! - `DeviceGroup::combine_gradients`: the same sums after a finished backward pass.
 //!
 //! What differs from the host path: the sums are f32 in NCCL's order (ring or tree), not f64 in
 //! rank order. NCCL gives every rank the same bits of an all-reduce (each chunk is reduced once and
 //! then copied to every rank), so the ranks still take identical updates; a rerun repeats them when
 //! NCCL picks the same algorithm (same machines, same `NCCL_ALGO`).
 //!
-//! No overlap with the backward pass yet: the sums start after backward and the vote (which needs
-//! every rank's finite check), so the side stream only keeps NCCL's kernels off the compute stream.
+//! The price of the overlap: one more buffer per gradient (the sums are out of place) until the
+//! update, as DDP's bucket buffers.
 
-use super::{grads::BUCKET_VALUES, Collective};
-use crate::autograd::{ParamKind, ParamStore};
+use super::buckets::{self, Schedule, BUCKET_VALUES};
+use super::Collective;
+use crate::autograd::{ParamId, ParamStore};
 use crate::cuda::{self, Gpu};
 use crate::tensor::{DType, Device, Tensor};
 use cudarc::driver::CudaStream;
 use cudarc::nccl::{Comm, Id, ReduceOp};
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::Arc;
 
 /// The file names NCCL ships as (`libnccl.so.2` is its SONAME; pip's `nvidia-nccl-cu13` and
@@ -184,67 +192,63 @@ impl DeviceGroup {
 
     /// Replaces every trainable gradient in `store` with the global batch's, given that this
     /// rank's gradients are those of its mean loss over `batch` of the global batch's `total`
-    /// images. A rank with no images (`batch` 0) sends zeros and still takes part.
+    /// images. A rank with no images (`batch` 0) sends zeros and still takes part. The sums of a
+    /// step whose backward pass is over (`overlap` + `Overlap::finish` at once).
     pub fn combine_gradients(
-        &self,
+        self: &Rc<Self>,
         store: &mut ParamStore,
         batch: usize,
         total: usize,
     ) -> Result<(), String> {
-        if total == 0 {
-            return Ok(());
+        self.overlap(store, batch).finish(store, total)
+    }
+
+    /// The sums of one step's gradients, to be started bucket by bucket while the backward pass
+    /// runs (`Overlap::grad_ready`, from `Tape::backward_then`) and finished after the vote.
+    pub fn overlap(self: &Rc<Self>, store: &ParamStore, batch: usize) -> Overlap {
+        self.overlap_in_buckets(store, batch, BUCKET_VALUES)
+    }
+
+    /// `overlap` with buckets of at most `bucket_values` values (tests: several buckets in a
+    /// small network).
+    pub fn overlap_in_buckets(
+        self: &Rc<Self>,
+        store: &ParamStore,
+        batch: usize,
+        bucket_values: usize,
+    ) -> Overlap {
+        let plan = buckets::plan(store, bucket_values);
+        Overlap {
+            group: self.clone(),
+            schedule: Schedule::new(&plan),
+            plan,
+            batch,
+            sums: Vec::new(),
+            error: None,
         }
-        let share = batch as f64 / total as f64;
-        let device = Device::Cuda(self.gpu.ordinal);
-        let mut ids: Vec<usize> = store
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.kind == ParamKind::Trainable)
-            .map(|(i, _)| i)
-            .collect();
-        ids.reverse();
-        // This rank's share of each gradient, on the compute stream.
-        let mut scaled: Vec<(usize, Tensor)> = Vec::with_capacity(ids.len());
-        for &i in &ids {
-            let p = store.iter().nth(i).expect("param");
-            let g = match &p.grad {
-                Some(g) if batch > 0 => {
-                    if g.device() != device || g.dtype() != DType::F32 {
-                        return Err(format!(
-                            "the gradient of {} is {:?} on {}; NCCL sums f32 gradients on {device}",
-                            p.name,
-                            g.dtype(),
-                            g.device()
-                        ));
-                    }
-                    crate::ops::scale_fwd(g, share)
-                }
-                _ => cuda::tensor(p.value.shape(), self.gpu.alloc_zeros(p.value.numel())),
-            };
-            scaled.push((i, g));
-        }
-        // Buckets of whole tensors, at most BUCKET_VALUES values unless one tensor is larger.
-        let mut start = 0;
-        while start < scaled.len() {
-            let mut end = start;
-            let mut values = 0;
-            while end < scaled.len() {
-                let n = scaled[end].1.numel();
-                if end > start && values + n > BUCKET_VALUES {
-                    break;
-                }
-                values += n;
-                end += 1;
+    }
+
+    /// One NCCL group summing each `send` into its `recv` (out of place: this rank's gradients stay
+    /// as they were, for its finite check), on the side stream after the compute stream's work so
+    /// far. The compute stream does not wait here: `Overlap::finish` joins it once.
+    fn all_reduce_into(&self, pairs: &mut [(&Tensor, &mut Tensor)]) -> Result<(), String> {
+        let fail = |what: &str, e: String| format!("NCCL {what} on rank {}: {e}", self.rank);
+        self.side
+            .join(&self.gpu.stream)
+            .map_err(|e| fail("stream wait", e.to_string()))?;
+        cudarc::nccl::group_start().map_err(|e| fail("group start", format!("{e:?}")))?;
+        let mut result = Ok(());
+        for (send, recv) in pairs.iter_mut() {
+            let n = send.numel();
+            let src = cuda::buf(send).raw().slice(0..n);
+            let mut dst = cuda::buf_mut(recv).raw_mut().slice_mut(0..n);
+            if let Err(e) = self.comm.all_reduce(&src, &mut dst, &ReduceOp::Sum) {
+                result = Err(fail("all-reduce", format!("{e:?}")));
+                break;
             }
-            let mut bucket: Vec<&mut Tensor> =
-                scaled[start..end].iter_mut().map(|(_, t)| t).collect();
-            self.all_reduce_tensors(&mut bucket)?;
-            start = end;
         }
-        for (i, g) in scaled {
-            store.iter_mut().nth(i).expect("param").grad = Some(g);
-        }
-        Ok(())
+        let end = cudarc::nccl::group_end().map_err(|e| fail("group end", format!("{e:?}")));
+        result.and(end.map(|_| ()))
     }
 
     /// One NCCL group summing `ts` in place: the side stream waits for the compute stream, the
@@ -272,5 +276,109 @@ impl DeviceGroup {
             .stream
             .join(&self.side)
             .map_err(|e| fail("stream wait", e.to_string()))
+    }
+}
+
+/// One step's gradient sums across ranks, started while the backward pass runs.
+///
+/// As the backward pass finishes each parameter (`grad_ready`), the buckets whose gradients are
+/// all final go to NCCL in plan order (`dist::buckets`): this rank's b_r·g_r (its mean gradient
+/// times its images) is summed out of place into a fresh buffer on the side stream, so NCCL's
+/// kernels run beside the rest of the backward pass and this rank's own gradients stay as they
+/// were for its finite check and the vote. `finish` (after the vote, which gives the global batch
+/// B) sends what is left, makes the compute stream wait for the side stream once, and sets every
+/// trainable gradient to Σ_r b_r·g_r / B. Dropped without `finish` (a stop after the vote), it
+/// still makes the compute stream wait for NCCL, so no buffer NCCL reads goes back to the pool
+/// while it is in use.
+pub struct Overlap {
+    group: Rc<DeviceGroup>,
+    plan: Vec<Vec<usize>>,
+    schedule: Schedule,
+    batch: usize,
+    /// (parameter index, this rank's b_r·g_r, the sum) of every launched bucket, kept alive until
+    /// the compute stream has waited for NCCL.
+    sums: Vec<(usize, Tensor, Tensor)>,
+    /// The first failure (reported by `finish`: the backward pass cannot stop in a callback).
+    error: Option<String>,
+}
+
+impl Overlap {
+    /// Parameter `id`'s gradient is final (`Tape::backward_then`): launches the buckets this
+    /// completes.
+    pub fn grad_ready(&mut self, store: &ParamStore, id: ParamId) {
+        for b in self.schedule.ready(id.0) {
+            self.launch(store, b);
+        }
+    }
+
+    fn launch(&mut self, store: &ParamStore, bucket: usize) {
+        if self.error.is_some() {
+            return;
+        }
+        let g = &self.group;
+        let device = Device::Cuda(g.gpu.ordinal);
+        let mut launched = Vec::with_capacity(self.plan[bucket].len());
+        for &i in &self.plan[bucket] {
+            let p = store.get(ParamId(i));
+            let send = match &p.grad {
+                Some(grad) if self.batch > 0 => {
+                    if grad.device() != device || grad.dtype() != DType::F32 {
+                        self.error = Some(format!(
+                            "the gradient of {} is {:?} on {}; NCCL sums f32 gradients on {device}",
+                            p.name,
+                            grad.dtype(),
+                            grad.device()
+                        ));
+                        return;
+                    }
+                    crate::ops::scale_fwd(grad, self.batch as f64)
+                }
+                _ => cuda::tensor(p.value.shape(), g.gpu.alloc_zeros(p.value.numel())),
+            };
+            let recv = cuda::tensor(p.value.shape(), g.gpu.alloc(p.value.numel()));
+            launched.push((i, send, recv));
+        }
+        let mut pairs: Vec<(&Tensor, &mut Tensor)> =
+            launched.iter_mut().map(|(_, s, r)| (&*s, r)).collect();
+        if let Err(e) = g.all_reduce_into(&mut pairs) {
+            self.error = Some(e);
+        }
+        self.sums.extend(launched);
+    }
+
+    /// After the vote: the rest of the buckets, then every trainable gradient in `store` replaced
+    /// by the global batch's (`total` images).
+    pub fn finish(mut self, store: &mut ParamStore, total: usize) -> Result<(), String> {
+        for b in self.schedule.rest() {
+            self.launch(store, b);
+        }
+        self.wait_for_nccl()?;
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        if total == 0 {
+            return Ok(());
+        }
+        for (i, _, sum) in std::mem::take(&mut self.sums) {
+            store.get_mut(ParamId(i)).grad = Some(crate::ops::scale_fwd(&sum, 1.0 / total as f64));
+        }
+        Ok(())
+    }
+
+    /// The compute stream waits for everything launched on the side stream.
+    fn wait_for_nccl(&self) -> Result<(), String> {
+        let g = &self.group;
+        g.gpu
+            .stream
+            .join(&g.side)
+            .map_err(|e| format!("NCCL stream wait on rank {}: {e}", g.rank))
+    }
+}
+
+impl Drop for Overlap {
+    fn drop(&mut self) {
+        if !self.sums.is_empty() {
+            let _ = self.wait_for_nccl();
+        }
     }
 }

@@ -473,6 +473,8 @@ impl Run {
             };
             let mut stats = None;
             let mut non_finite = false;
+            #[cfg(feature = "nccl")]
+            let mut overlap: Option<dist::nccl::Overlap> = None;
             if mine > 0 {
                 if let Some(seen) = &self.ranks.hooks.trained_images {
                     seen.borrow_mut().extend_from_slice(indices);
@@ -493,6 +495,17 @@ impl Run {
                     bail!("--detect-anomaly on rank {rank} at {at}: {a}. {advice}");
                 }
                 let loss_t = l.value().clone();
+                // GPU ranks with NCCL start summing each bucket of gradients as soon as the
+                // backward pass has finished it (`dist::nccl::Overlap`).
+                #[cfg(feature = "nccl")]
+                if let Some(g) = self.ranks.nccl.clone() {
+                    let mut o = g.overlap(&self.ps, mine);
+                    tape.backward_then(&l, &mut self.ps, &mut |ps, id| o.grad_ready(ps, id));
+                    overlap = Some(o);
+                } else {
+                    tape.backward(&l, &mut self.ps);
+                }
+                #[cfg(not(feature = "nccl"))]
                 tape.backward(&l, &mut self.ps);
                 if let Some(a) = tape.anomaly() {
                     bail!("--detect-anomaly on rank {rank} at {at}: {a}. {advice}");
@@ -525,6 +538,14 @@ impl Run {
             }
             tally.next_batch = (first_batch + (k + 1) * ranks).min(total_batches);
             if verdict.total > 0 {
+                #[cfg(feature = "nccl")]
+                if let Some(o) = overlap.take() {
+                    o.finish(&mut self.ps, verdict.total)
+                        .map_err(|e| anyhow!("{e}. {advice}"))?;
+                } else {
+                    self.combine_gradients(mine, verdict.total, &advice)?;
+                }
+                #[cfg(not(feature = "nccl"))]
                 self.combine_gradients(mine, verdict.total, &advice)?;
                 if let Some(max_norm) = cfg.clip_grad {
                     crate::optim::clip_grad_norm(&mut self.ps, max_norm);
