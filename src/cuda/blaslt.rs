@@ -37,6 +37,19 @@ unsafe impl Send for Handle {}
 
 static HANDLES: OnceLock<Mutex<HashMap<usize, Handle>>> = OnceLock::new();
 
+/// The heuristic's pick per device and product (m, k, n, input type, compute type), asked for
+/// once: the query costs more host time than a small product's launch, and the step asks for the
+/// same few shapes every time. The pick depends on the descriptors' attributes too, which are the
+/// same for every call here (transposes, the bias epilogue, f32 bias and output; the pool's
+/// buffers are aligned alike).
+type AlgoKey = (usize, [usize; 3], u32, u32);
+
+// SAFETY: plain data (the algorithm's opaque words); only used under `ALGOS`'s lock.
+struct Algo(sys::cublasLtMatmulHeuristicResult_t);
+unsafe impl Send for Algo {}
+
+static ALGOS: OnceLock<Mutex<HashMap<AlgoKey, Algo>>> = OnceLock::new();
+
 /// Descriptors that destroy themselves.
 struct Layout(sys::cublasLtMatrixLayout_t);
 struct Desc(sys::cublasLtMatmulDesc_t);
@@ -195,9 +208,24 @@ fn run(
         )
     }
     .map_err(err("workspace preference"))?;
-    // SAFETY: live descriptors describing the buffers below.
-    let h = unsafe { lt::get_matmul_algo_heuristic(handle, desc.0, a.0, bl.0, d.0, d.0, pref.0) }
-        .map_err(err("no algorithm for this product (heuristic)"))?;
+    let key: AlgoKey = (gpu.ordinal, [m, k, n], ty as u32, compute as u32);
+    let mut algos = ALGOS
+        .get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let h = match algos.get(&key) {
+        Some(a) => a.0,
+        None => {
+            // SAFETY: live descriptors describing the buffers below.
+            let h = unsafe {
+                lt::get_matmul_algo_heuristic(handle, desc.0, a.0, bl.0, d.0, d.0, pref.0)
+            }
+            .map_err(err("no algorithm for this product (heuristic)"))?;
+            algos.insert(key, Algo(h));
+            h
+        }
+    };
+    drop(algos);
     let ws = gpu
         .try_alloc(h.workspaceSize.div_ceil(4))
         .map_err(|_| "cuBLASLt workspace: out of GPU memory".to_string())?;
