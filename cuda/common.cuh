@@ -123,3 +123,26 @@ __device__ __forceinline__ unsigned short f32_to_bf16_bits(float x) {
 __device__ __forceinline__ float bf16_bits_to_f32(unsigned short b) {
     return __uint_as_float(((unsigned int)b) << 16);
 }
+
+// Element access of the two activation storage types: load as f32, store rounded (bf16) or as is.
+// Kernels templated on the storage type read and write through these.
+__device__ __forceinline__ float load(const float* p, i64 i) { return p[i]; }
+__device__ __forceinline__ float load(const unsigned short* p, i64 i) { return bf16_bits_to_f32(p[i]); }
+__device__ __forceinline__ void store(float* p, i64 i, float v) { p[i] = v; }
+__device__ __forceinline__ void store(unsigned short* p, i64 i, float v) { p[i] = f32_to_bf16_bits(v); }
+
+// The pool kernels' geometry parameters (pool.cu, nhwc.cu), and passing them on.
+#define POOL_ARGS int N, int C, int H, int W, int OH, int OW, int kh, int kw, int sh, int sw, int ph, int pw
+#define POOL_PASS N, C, H, W, OH, OW, kh, kw, sh, sw, ph, pw
+
+// Pooling windows (pool.cu, nhwc.cu): the outputs along one axis whose window of k taps at
+// stride s with padding p covers input row h are [*lo, *hi] (empty when *lo > *hi).
+__device__ __forceinline__ void covering(int h, int k, int s, int p, int OH, int* lo, int* hi) {
+    const int hp = h + p;
+    int l = hp - k + 1;
+    l = l <= 0 ? 0 : (l + s - 1) / s;
+    int u = hp / s;
+    if (u > OH - 1) u = OH - 1;
+    *lo = l;
+    *hi = u;
+}

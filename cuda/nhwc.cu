@@ -1,14 +1,8 @@
 // Channels-last (NHWC) images on the GPU: the layout changes at the network's input (the image,
 // NCHW → NHWC; the weights, KCRS → KRSC for cuDNN's NHWC convolutions, and their gradients back),
 // and the pools that read NHWC activations. Every kernel exists for f32 (`float`) and bf16 storage
-// (`unsigned short`, rounded as in common.cuh); the pools compute in f32 and round once, as their
+// (`unsigned short`; `load`/`store` in common.cuh); the pools compute in f32 and round once, as their
 // NCHW forms in pool.cu and bf16.cu do, with the same window, tie and NaN rules.
-
-// Element access of the two storage types: load as f32, store rounded.
-__device__ __forceinline__ float load(const float* p, i64 i) { return p[i]; }
-__device__ __forceinline__ float load(const unsigned short* p, i64 i) { return bf16_bits_to_f32(p[i]); }
-__device__ __forceinline__ void store(float* p, i64 i, float v) { p[i] = v; }
-__device__ __forceinline__ void store(unsigned short* p, i64 i, float v) { p[i] = f32_to_bf16_bits(v); }
 
 // y[n, h, w, c] = x[n, c, h, w] (a copy of the stored element, no rounding). One thread per
 // output element, so the writes are coalesced.
@@ -91,10 +85,9 @@ __device__ void maxpool_bwd_nhwc(T* __restrict__ dx, const T* __restrict__ dy, c
         const int w = p % W, h = (p / W) % H;
         const i64 n = p / ((i64)H * W);
         const int me = h * W + w;
-        int oh0 = h + ph - kh + 1, ow0 = w + pw - kw + 1;
-        oh0 = oh0 <= 0 ? 0 : (oh0 + sh - 1) / sh;
-        ow0 = ow0 <= 0 ? 0 : (ow0 + sw - 1) / sw;
-        const int oh1 = min((h + ph) / sh, OH - 1), ow1 = min((w + pw) / sw, OW - 1);
+        int oh0, oh1, ow0, ow1;
+        covering(h, kh, sh, ph, OH, &oh0, &oh1);
+        covering(w, kw, sw, pw, OW, &ow0, &ow1);
         float g = 0.0f;
         for (int oh = oh0; oh <= oh1; oh++)
             for (int ow = ow0; ow <= ow1; ow++) {
@@ -105,8 +98,6 @@ __device__ void maxpool_bwd_nhwc(T* __restrict__ dx, const T* __restrict__ dy, c
     }
 }
 
-#define POOL_ARGS int N, int C, int H, int W, int OH, int OW, int kh, int kw, int sh, int sw, int ph, int pw
-#define POOL_PASS N, C, H, W, OH, OW, kh, kw, sh, sw, ph, pw
 
 extern "C" __global__ void maxpool2d_fwd_nhwc_f32(float* y, int* argmax, const float* x, POOL_ARGS) {
     maxpool_fwd_nhwc(y, argmax, x, POOL_PASS);

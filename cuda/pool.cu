@@ -1,27 +1,20 @@
-// Pooling over NCHW images. Geometry arguments, in order: N, C, H, W (input), OH, OW (output),
+// Pooling over NCHW images, f32 or bf16 storage (the max and global pools; `_f32` / `_bf16`
+// kernels). Geometry arguments, in order: N, C, H, W (input), OH, OW (output),
 // kh, kw (window), sh, sw (stride), ph, pw (zero padding). Backward kernels gather (one thread per
 // input element, summing the windows that cover it) instead of scattering with atomics: deterministic.
 
-// Windows that cover input row h: oh in [oh_lo, oh_hi].
-__device__ __forceinline__ void covering(int h, int k, int s, int p, int OH, int* lo, int* hi) {
-    const int hp = h + p;
-    int l = hp - k + 1;
-    l = l <= 0 ? 0 : (l + s - 1) / s;
-    int u = hp / s;
-    if (u > OH - 1) u = OH - 1;
-    *lo = l;
-    *hi = u;
-}
-
 // Max pooling; argmax[o] = h * W + w of the chosen input within its plane (padding never wins; the
 // first maximum in row-major window order wins ties, as PyTorch). A window of padding only gives -inf.
-extern "C" __global__ void maxpool2d_fwd_f32(float* __restrict__ y, int* __restrict__ argmax,
-                                             const float* __restrict__ x, int N, int C, int H, int W,
-                                             int OH, int OW, int kh, int kw, int sh, int sw, int ph, int pw) {
+// T is the storage (float, or unsigned short for bf16: the maximum of bf16 values is one of them,
+// so storing it is exact).
+template <typename T>
+__device__ void maxpool_fwd(T* __restrict__ y, int* __restrict__ argmax, const T* __restrict__ x, int N,
+                            int C, int H, int W, int OH, int OW, int kh, int kw, int sh, int sw, int ph,
+                            int pw) {
     FOR_N(o, (i64)N * C * OH * OW) {
         const int ow = o % OW, oh = (o / OW) % OH;
         const i64 plane = o / ((i64)OH * OW);
-        const float* xp = x + plane * H * W;
+        const T* xp = x + plane * H * W;
         float best = -PODGPU_INF;
         int bi = -1;
         for (int i = 0; i < kh; i++) {
@@ -30,18 +23,21 @@ extern "C" __global__ void maxpool2d_fwd_f32(float* __restrict__ y, int* __restr
             for (int j = 0; j < kw; j++) {
                 const int w = ow * sw - pw + j;
                 if (w < 0 || w >= W) continue;
-                const float v = xp[h * W + w];
+                const float v = load(xp, h * W + w);
                 if (bi < 0 || v > best || v != v) { best = v; bi = h * W + w; }  // NaN wins, the last one as on the host
             }
         }
-        y[o] = best;
+        store(y, o, best);
         argmax[o] = bi;
     }
 }
 
-extern "C" __global__ void maxpool2d_bwd_f32(float* __restrict__ dx, const float* __restrict__ dy,
-                                             const int* __restrict__ argmax, int N, int C, int H, int W,
-                                             int OH, int OW, int kh, int kw, int sh, int sw, int ph, int pw) {
+// dx of max pooling: each input gathers the dy of the windows whose argmax it is, summed in f32
+// (rounded once for bf16).
+template <typename T>
+__device__ void maxpool_bwd(T* __restrict__ dx, const T* __restrict__ dy, const int* __restrict__ argmax,
+                            int N, int C, int H, int W, int OH, int OW, int kh, int kw, int sh, int sw,
+                            int ph, int pw) {
     FOR_N(i, (i64)N * C * H * W) {
         const int w = i % W, h = (i / W) % H;
         const i64 plane = i / ((i64)H * W);
@@ -53,10 +49,26 @@ extern "C" __global__ void maxpool2d_bwd_f32(float* __restrict__ dx, const float
         for (int oh = oh0; oh <= oh1; oh++)
             for (int ow = ow0; ow <= ow1; ow++) {
                 const i64 o = plane * OH * OW + oh * OW + ow;
-                if (argmax[o] == me) g += dy[o];
+                if (argmax[o] == me) g += load(dy, o);
             }
-        dx[i] = g;
+        store(dx, i, g);
     }
+}
+
+
+extern "C" __global__ void maxpool2d_fwd_f32(float* y, int* argmax, const float* x, POOL_ARGS) {
+    maxpool_fwd(y, argmax, x, POOL_PASS);
+}
+extern "C" __global__ void maxpool2d_fwd_bf16(unsigned short* y, int* argmax, const unsigned short* x,
+                                              POOL_ARGS) {
+    maxpool_fwd(y, argmax, x, POOL_PASS);
+}
+extern "C" __global__ void maxpool2d_bwd_f32(float* dx, const float* dy, const int* argmax, POOL_ARGS) {
+    maxpool_bwd(dx, dy, argmax, POOL_PASS);
+}
+extern "C" __global__ void maxpool2d_bwd_bf16(unsigned short* dx, const unsigned short* dy,
+                                              const int* argmax, POOL_ARGS) {
+    maxpool_bwd(dx, dy, argmax, POOL_PASS);
 }
 
 // Average pooling. count_include_pad != 0 divides by kh*kw (PyTorch's default), else by the number
@@ -112,22 +124,36 @@ extern "C" __global__ void avgpool2d_bwd_f32(float* __restrict__ dx, const float
     }
 }
 
-// Global average pool: y[p] = mean of plane p (p over N*C planes of HW values). One warp per plane,
-// 8 planes per 256-thread block.
-extern "C" __global__ void global_avgpool_fwd_f32(float* __restrict__ y, const float* __restrict__ x,
-                                                  int planes, int HW) {
+// Global average pool: y[p] = mean of plane p (p over N*C planes of HW values), f32 whatever the
+// storage T of x. One warp per plane, 8 planes per 256-thread block.
+template <typename T>
+__device__ void gap_fwd(float* __restrict__ y, const T* __restrict__ x, int planes, int HW) {
     const int p = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (p >= planes) return;  // whole warp leaves together: warp_sum below stays convergent
-    const float* xp = x + (i64)p * HW;
+    const T* xp = x + (i64)p * HW;
     float s = 0.0f;
-    for (int i = lane; i < HW; i += 32) s += xp[i];
+    for (int i = lane; i < HW; i += 32) s += load(xp, i);
     s = warp_sum(s);
     if (lane == 0) y[p] = s / (float)HW;
 }
 
-extern "C" __global__ void global_avgpool_bwd_f32(float* __restrict__ dx, const float* __restrict__ dy,
-                                                  int planes, int HW) {
+// dx = dy[plane] / HW for every element of the plane (dy f32 [planes]; rounded once for bf16).
+template <typename T>
+__device__ void gap_bwd(T* __restrict__ dx, const float* __restrict__ dy, int planes, int HW) {
     const float inv = 1.0f / (float)HW;
-    FOR_N(i, (i64)planes * HW) dx[i] = dy[i / HW] * inv;
+    FOR_N(i, (i64)planes * HW) store(dx, i, dy[i / HW] * inv);
+}
+
+extern "C" __global__ void global_avgpool_fwd_f32(float* y, const float* x, int planes, int HW) {
+    gap_fwd(y, x, planes, HW);
+}
+extern "C" __global__ void global_avgpool_fwd_bf16(float* y, const unsigned short* x, int planes, int HW) {
+    gap_fwd(y, x, planes, HW);
+}
+extern "C" __global__ void global_avgpool_bwd_f32(float* dx, const float* dy, int planes, int HW) {
+    gap_bwd(dx, dy, planes, HW);
+}
+extern "C" __global__ void global_avgpool_bwd_bf16(unsigned short* dx, const float* dy, int planes, int HW) {
+    gap_bwd(dx, dy, planes, HW);
 }

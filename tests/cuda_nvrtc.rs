@@ -155,6 +155,34 @@ fn launchers_only_name_existing_kernels() {
     );
 }
 
+/// Where a launcher names its module and kernel together (`func(&gpu, "pool", "maxpool2d_fwd_f32")`),
+/// the kernel is defined in that module's source: a kernel moved to another .cu file without its
+/// launcher fails here, not on the first GPU run.
+#[test]
+fn launchers_ask_each_module_for_its_own_kernels() {
+    let mut checked = 0;
+    for (file, text) in LAUNCHERS {
+        let mut rest = *text;
+        while let Some(i) = rest.find("func(") {
+            rest = &rest[i + "func(".len()..];
+            let call = &rest[..rest.find(')').unwrap_or(rest.len())];
+            let lits: Vec<&str> = call.split('"').skip(1).step_by(2).collect();
+            let [module, kernel] = lits[..] else { continue };
+            let src = nvrtc::source(module)
+                .unwrap_or_else(|| panic!("{file}: func(…, {module:?}, …) names no cuda/*.cu"));
+            assert!(
+                kernel_names(src.src).iter().any(|k| k == kernel),
+                "{file}: kernel {kernel:?} is not in cuda/{module}.cu"
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked > 40,
+        "only {checked} func(…) calls with literal names found"
+    );
+}
+
 /// LAUNCHERS lists every file of src/cuda (and its folders). Checked where the sources are (the build machine); a
 /// packed test executable elsewhere has no sources to compare with and says so.
 #[test]

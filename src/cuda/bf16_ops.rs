@@ -1,8 +1,9 @@
-//! Launchers of the ops on bf16 activations (kernels in cuda/bf16.cu): what the GPU's bf16 step
-//! (`--precision bf16`) runs between its convolutions and batch norms, which are cuDNN's bf16
-//! calls (`dnn::conv2d_fwd_bf16`, `dnn::batch_norm_fwd_train_bf16`, …). Every tensor here is a
-//! `DType::Bf16` GPU tensor (`Bf16Buf`) unless said otherwise; each kernel computes in f32 and
-//! rounds its result once, where the CPU emulation (`cpu::bf16`) rounds the same f32 value.
+//! Launchers of the ops on bf16 activations (kernels in cuda/bf16.cu, the pools in cuda/pool.cu):
+//! what the GPU's bf16 step (`--precision bf16`) runs between its convolutions and batch norms,
+//! which are cuDNN's bf16 calls (`dnn::conv2d_fwd_bf16`, `dnn::batch_norm_fwd_train_bf16`, …).
+//! Every tensor here is a `DType::Bf16` GPU tensor (`Bf16Buf`) unless said otherwise; each kernel
+//! computes in f32 and rounds its result once, where the CPU emulation (`cpu::bf16`) rounds the
+//! same f32 value.
 //!
 //! The f32 launchers (`kernels::add`, `kernels::relu`, `nn_kernels::max_pool2d_fwd`, …) hand bf16
 //! tensors to these, so an op's dispatch stays one call whatever the storage.
@@ -94,7 +95,7 @@ pub fn max_pool2d_fwd(x: &Tensor, d: [usize; 4], a: [i32; 12]) -> (Tensor, Tenso
     let mut y = Bf16Buf::alloc(&gpu, n);
     let mut am = gpu.alloc(n);
     if n > 0 {
-        let f = func(&gpu, "bf16", "maxpool2d_fwd_bf16");
+        let f = func(&gpu, "pool", "maxpool2d_fwd_bf16");
         let mut l = gpu.stream.launch_builder(&f);
         l.arg(y.words_mut().raw_mut())
             .arg(am.raw_mut())
@@ -116,7 +117,7 @@ pub fn max_pool2d_bwd(dy: &Tensor, argmax: &Tensor, d: [usize; 4], a: [i32; 12])
     let n = d.iter().product::<usize>();
     let mut dx = Bf16Buf::alloc(&gpu, n);
     if n > 0 {
-        let f = func(&gpu, "bf16", "maxpool2d_bwd_bf16");
+        let f = func(&gpu, "pool", "maxpool2d_bwd_bf16");
         let mut l = gpu.stream.launch_builder(&f);
         l.arg(dx.words_mut().raw_mut())
             .arg(bf16_buf(dy).words().raw())
@@ -138,7 +139,7 @@ pub fn global_avg_pool_fwd(x: &Tensor, d: [usize; 4]) -> Tensor {
     let (planes, hw) = (d[0] * d[1], d[2] * d[3]);
     let mut y = gpu.alloc(planes);
     if planes > 0 {
-        let f = func(&gpu, "bf16", "global_avgpool_fwd_bf16");
+        let f = func(&gpu, "pool", "global_avgpool_fwd_bf16");
         let (p32, hw32) = (planes as i32, hw as i32);
         let warps_per_block = (THREADS / 32) as usize;
         let cfg = LaunchConfig {
@@ -170,7 +171,7 @@ pub fn global_avg_pool_bwd(dy: &Tensor, d: [usize; 4]) -> Tensor {
     let n = planes * hw;
     let mut dx = Bf16Buf::alloc(&gpu, n);
     if n > 0 {
-        let f = func(&gpu, "bf16", "global_avgpool_bwd_bf16");
+        let f = func(&gpu, "pool", "global_avgpool_bwd_bf16");
         let (p32, hw32) = (planes as i32, hw as i32);
         let mut l = gpu.stream.launch_builder(&f);
         l.arg(dx.words_mut().raw_mut())

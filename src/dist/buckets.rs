@@ -112,11 +112,7 @@ mod tests {
             } else {
                 ParamKind::Trainable
             };
-            ps.add(
-                format!("p{i}"),
-                Tensor::from_vec(&[n], vec![0f32; n]),
-                kind,
-            );
+            ps.add(format!("p{i}"), Tensor::from_vec(&[n], vec![0f32; n]), kind);
         }
         ps
     }

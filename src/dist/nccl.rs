@@ -232,50 +232,49 @@ impl DeviceGroup {
     /// as they were, for its finite check), on the side stream after the compute stream's work so
     /// far. The compute stream does not wait here: `Overlap::finish` joins it once.
     fn all_reduce_into(&self, pairs: &mut [(&Tensor, &mut Tensor)]) -> Result<(), String> {
+        self.in_group(pairs.iter_mut().map(|(send, recv)| {
+            let n = send.numel();
+            let src = cuda::buf(send).raw().slice(0..n);
+            let mut dst = cuda::buf_mut(recv).raw_mut().slice_mut(0..n);
+            self.comm.all_reduce(&src, &mut dst, &ReduceOp::Sum)
+        }))
+    }
+
+    /// One NCCL group summing `ts` in place; the compute stream then waits for the side stream.
+    fn all_reduce_tensors(&self, ts: &mut [&mut Tensor]) -> Result<(), String> {
+        self.in_group(ts.iter_mut().map(|t| {
+            let b = cuda::buf_mut(t);
+            let n = b.len();
+            let mut view = b.raw_mut().slice_mut(0..n);
+            self.comm.all_reduce_in_place(&mut view, &ReduceOp::Sum)
+        }))?;
+        self.gpu
+            .stream
+            .join(&self.side)
+            .map_err(|e| format!("NCCL stream wait on rank {}: {e}", self.rank))
+    }
+
+    /// Runs the NCCL `calls` (consumed in order, each issuing one collective) as one group on the
+    /// side stream, after the compute stream's work so far. The group is closed even after a
+    /// failed call, so NCCL is not left inside it.
+    fn in_group<E: std::fmt::Debug, R>(
+        &self,
+        calls: impl Iterator<Item = Result<R, E>>,
+    ) -> Result<(), String> {
         let fail = |what: &str, e: String| format!("NCCL {what} on rank {}: {e}", self.rank);
         self.side
             .join(&self.gpu.stream)
             .map_err(|e| fail("stream wait", e.to_string()))?;
         cudarc::nccl::group_start().map_err(|e| fail("group start", format!("{e:?}")))?;
         let mut result = Ok(());
-        for (send, recv) in pairs.iter_mut() {
-            let n = send.numel();
-            let src = cuda::buf(send).raw().slice(0..n);
-            let mut dst = cuda::buf_mut(recv).raw_mut().slice_mut(0..n);
-            if let Err(e) = self.comm.all_reduce(&src, &mut dst, &ReduceOp::Sum) {
+        for call in calls {
+            if let Err(e) = call {
                 result = Err(fail("all-reduce", format!("{e:?}")));
                 break;
             }
         }
         let end = cudarc::nccl::group_end().map_err(|e| fail("group end", format!("{e:?}")));
         result.and(end.map(|_| ()))
-    }
-
-    /// One NCCL group summing `ts` in place: the side stream waits for the compute stream, the
-    /// compute stream then waits for the side stream.
-    fn all_reduce_tensors(&self, ts: &mut [&mut Tensor]) -> Result<(), String> {
-        let fail = |what: &str, e: String| format!("NCCL {what} on rank {}: {e}", self.rank);
-        self.side
-            .join(&self.gpu.stream)
-            .map_err(|e| fail("stream wait", e.to_string()))?;
-        cudarc::nccl::group_start().map_err(|e| fail("group start", format!("{e:?}")))?;
-        let mut result = Ok(());
-        for t in ts.iter_mut() {
-            let b = cuda::buf_mut(t);
-            let n = b.len();
-            let mut view = b.raw_mut().slice_mut(0..n);
-            if let Err(e) = self.comm.all_reduce_in_place(&mut view, &ReduceOp::Sum) {
-                result = Err(fail("all-reduce", format!("{e:?}")));
-                break;
-            }
-        }
-        // The group is closed even after a failed call, so NCCL is not left inside it.
-        let end = cudarc::nccl::group_end().map_err(|e| fail("group end", format!("{e:?}")));
-        result.and(end)?;
-        self.gpu
-            .stream
-            .join(&self.side)
-            .map_err(|e| fail("stream wait", e.to_string()))
     }
 }
 

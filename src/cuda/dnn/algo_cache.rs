@@ -168,115 +168,31 @@ mod tests {
     fn keys_tell_passes_shapes_and_modes_apart() {
         let x = [128, 64, 32, 32];
         let w = [64, 64, 3, 3];
-        let k = key(
-            Pass::Forward,
-            x,
-            w,
-            &G,
-            MathMode::Tf32,
-            Storage::F32,
-            Layout::RowMajor,
+        let (f32_nchw, bf16, nhwc) = (
+            (Storage::F32, Layout::RowMajor),
+            (Storage::Bf16, Layout::RowMajor),
+            (Storage::Bf16, Layout::Nhwc),
         );
-        assert_ne!(
-            k,
-            key(
-                Pass::BackwardData,
-                x,
-                w,
-                &G,
-                MathMode::Tf32,
-                Storage::F32,
-                Layout::RowMajor
-            )
-        );
-        assert_ne!(
-            k,
-            key(
-                Pass::Forward,
-                x,
-                w,
-                &G,
-                MathMode::Fp32,
-                Storage::F32,
-                Layout::RowMajor
-            )
-        );
-        assert_ne!(
-            k,
-            key(
-                Pass::Forward,
-                [64, 64, 32, 32],
-                w,
-                &G,
-                MathMode::Tf32,
-                Storage::F32,
-                Layout::RowMajor
-            )
-        );
+        let at = |pass, x, g: &ConvGeom, mode, (storage, layout): (Storage, Layout)| {
+            key(pass, x, w, g, mode, storage, layout)
+        };
+        let k = at(Pass::Forward, x, &G, MathMode::Tf32, f32_nchw);
+        assert_ne!(k, at(Pass::BackwardData, x, &G, MathMode::Tf32, f32_nchw));
+        assert_ne!(k, at(Pass::Forward, x, &G, MathMode::Fp32, f32_nchw));
+        let other_x = [64, 64, 32, 32];
+        assert_ne!(k, at(Pass::Forward, other_x, &G, MathMode::Tf32, f32_nchw));
         let strided = ConvGeom {
             stride: [2, 2],
             ..G
         };
-        assert_ne!(
-            k,
-            key(
-                Pass::Forward,
-                x,
-                w,
-                &strided,
-                MathMode::Tf32,
-                Storage::F32,
-                Layout::RowMajor
-            )
-        );
-        assert_eq!(
-            k,
-            key(
-                Pass::Forward,
-                x,
-                w,
-                &G,
-                MathMode::Tf32,
-                Storage::F32,
-                Layout::RowMajor
-            )
-        );
-        // bf16 data is measured apart from f32 data; an f32 key is the pre-bf16 one.
-        assert_ne!(
-            k,
-            key(
-                Pass::Forward,
-                x,
-                w,
-                &G,
-                MathMode::Tf32,
-                Storage::Bf16,
-                Layout::RowMajor
-            )
-        );
-        // Channels-last data too; an NCHW key is the pre-NHWC one.
-        let nhwc = key(
-            Pass::Forward,
-            x,
-            w,
-            &G,
-            MathMode::Tf32,
-            Storage::Bf16,
-            Layout::Nhwc,
-        );
-        assert_ne!(
-            nhwc,
-            key(
-                Pass::Forward,
-                x,
-                w,
-                &G,
-                MathMode::Tf32,
-                Storage::Bf16,
-                Layout::RowMajor
-            )
-        );
-        assert!(nhwc.ends_with("Tf32 bf16 nhwc"), "{nhwc}");
+        assert_ne!(k, at(Pass::Forward, x, &strided, MathMode::Tf32, f32_nchw));
+        assert_eq!(k, at(Pass::Forward, x, &G, MathMode::Tf32, f32_nchw));
+        // bf16 data is measured apart from f32 data, channels-last apart from NCHW; the f32 NCHW
+        // key is the one the first caches wrote.
+        let kb = at(Pass::Forward, x, &G, MathMode::Tf32, bf16);
+        let kn = at(Pass::Forward, x, &G, MathMode::Tf32, nhwc);
+        assert!(k != kb && kb != kn && k != kn);
+        assert!(kn.ends_with("Tf32 bf16 nhwc"), "{kn}");
         assert!(k.ends_with("Tf32"), "{k}");
     }
 
