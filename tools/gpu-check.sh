@@ -663,7 +663,7 @@ bench_main() {
     begin bench "$BENCH_BUDGET"
     prepare
     detect_device
-    # Per-step limits (s): device 20 + 130 + 170 + 40 + 35 + 60 + 15 = 470 (10 to spare).
+    # Per-step limits (s): device 20 + 130 + 170 + 40 + 50 + 60 = 470 (10 to spare).
     bench_compare_eager
     bench_compile
     # Channels-last (PODGPU_GPU_LAYOUT=nhwc, opt-in until measured): the rows to set beside the
@@ -671,12 +671,12 @@ bench_main() {
     # recorded on 2026-11-30 and gave its time to this one.)
     step "bench: NHWC steps (resnet50)" 40 1 env PODGPU_GPU_LAYOUT=nhwc "$BIN/bench-step" --device cuda \
         --models resnet50 --batch 128 --steps 20 --warmup 3 --check-batch 2 --precision tf32,bf16
-    # Microbenchmarks: the shortest sampling that still gives a median of several samples.
-    step "bench: convolutions (resnet50)" 35 1 "$BIN/bench-conv" --device cuda --samples 5 \
-        --min-sample-ms 5 --max-case-s 1
+    # Microbenchmarks: the shortest sampling that still gives a median of several samples. The
+    # convolutions in the bf16 step's storage and layouts, beside TF32 (fp32 and the POD head's
+    # GEMMs were recorded on 2026-11-30; `bench-gemm` still packs and runs by hand).
+    step "bench: convolutions (resnet50)" 50 1 "$BIN/bench-conv" --device cuda --samples 5 \
+        --min-sample-ms 5 --max-case-s 1 --modes tf32,bf16,bf16-nhwc
     bench_kernels
-    step "bench: GEMMs" 15 1 "$BIN/bench-gemm" --device cuda --samples 7 --min-sample-ms 5 \
-        --max-case-s 1
     finish
 }
 

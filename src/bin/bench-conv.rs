@@ -9,7 +9,10 @@
 //! cargo run --release --bin bench-conv -- --device cpu --batch 8
 //! ```
 //!
-//! Layout: NCHW only (podgpu has no NHWC path yet).
+//! Modes: `fp32`, `tf32` (NCHW f32), `bf16` (bf16 storage, f32 accumulation: the bf16 step's
+//! convolutions) and `tf32-nhwc`, `bf16-nhwc` (channels last, as `PODGPU_GPU_LAYOUT=nhwc` runs
+//! them); the weight is given in the layout the convolution takes (its per-step cast and reorder
+//! are not timed here), the weight gradient comes back NCHW (its reorder is timed).
 
 use anyhow::{bail, Result};
 use clap::Parser;
@@ -20,7 +23,7 @@ use podgpu::gradcheck::randn;
 use podgpu::nn::{ConvShape, HeadSpec, ModelSpec, Network, Stem};
 use podgpu::ops;
 use podgpu::rng::Rng;
-use podgpu::tensor::{DType, Device, Tensor};
+use podgpu::tensor::{DType, Device, Layout, Tensor};
 
 #[derive(Parser)]
 #[command(
@@ -36,7 +39,7 @@ struct Args {
     batch: Option<usize>,
     #[arg(long, default_value_t = 32)]
     image: usize,
-    /// Math modes: fp32, tf32 (GPU only)
+    /// Modes: fp32, tf32, bf16, tf32-nhwc, bf16-nhwc (all but fp32: GPU only)
     #[arg(long, value_delimiter = ',', default_value = "fp32,tf32")]
     modes: Vec<String>,
     /// Batch of the f64 CPU reference check (0: no check)
@@ -95,6 +98,53 @@ fn with_batch(s: [usize; 4], n: usize) -> [usize; 4] {
     [n, s[1], s[2], s[3]]
 }
 
+/// How a mode stores and computes: the math mode, bf16 storage, channels-last layout.
+#[derive(Clone, Copy)]
+struct Mode {
+    name: &'static str,
+    math: MathMode,
+    bf16: bool,
+    nhwc: bool,
+}
+
+impl Mode {
+    const ALL: [Mode; 5] = [
+        Mode::of("fp32", MathMode::Fp32, false, false),
+        Mode::of("tf32", MathMode::Tf32, false, false),
+        Mode::of("bf16", MathMode::Fp32, true, false),
+        Mode::of("tf32-nhwc", MathMode::Tf32, false, true),
+        Mode::of("bf16-nhwc", MathMode::Fp32, true, true),
+    ];
+
+    const fn of(name: &'static str, math: MathMode, bf16: bool, nhwc: bool) -> Mode {
+        Mode {
+            name,
+            math,
+            bf16,
+            nhwc,
+        }
+    }
+
+    /// An f32 NCHW GPU tensor in this mode's storage and layout.
+    fn prepare(&self, t: &Tensor) -> Tensor {
+        let t = ops::store_bf16(self.bf16, t);
+        match self.nhwc {
+            true => ops::to_layout_fwd(&t, Layout::Nhwc),
+            false => t,
+        }
+    }
+
+    /// The relative error allowed against the f64 reference: fp32's, TF32's (inputs rounded to
+    /// 11 bits), bf16's (8 bits: TF32's × 8).
+    fn tolerance(&self) -> f64 {
+        match (self.bf16, self.math) {
+            (true, _) => 8e-2,
+            (false, MathMode::Tf32) => 1e-2,
+            (false, MathMode::Fp32) => 1e-4,
+        }
+    }
+}
+
 /// The three passes on (x, w, dy), as training runs them.
 fn passes(x: &Tensor, w: &Tensor, dy: &Tensor, spec: ops::Conv2dSpec) -> [Tensor; 3] {
     [
@@ -104,7 +154,7 @@ fn passes(x: &Tensor, w: &Tensor, dy: &Tensor, spec: ops::Conv2dSpec) -> [Tensor
     ]
 }
 
-fn check(d: &Distinct, n: usize, device: Device, tol: f64) -> CheckResult {
+fn check(d: &Distinct, n: usize, device: Device, mode: Mode) -> CheckResult {
     if n == 0 {
         return CheckResult::skipped("--check-batch 0");
     }
@@ -114,9 +164,11 @@ fn check(d: &Distinct, n: usize, device: Device, tol: f64) -> CheckResult {
     let w = randn(&c.w, &mut rng);
     let dy = randn(&with_batch(c.y(), n), &mut rng);
     let want = passes(&x, &w, &dy, c.spec);
-    let on = |t: &Tensor| t.to_dtype(DType::F32).to_device(device);
-    let got = passes(&on(&x), &on(&w), &on(&dy), c.spec);
-    check_outputs(&got, &want, tol)
+    let on = |t: &Tensor| mode.prepare(&t.to_dtype(DType::F32).to_device(device));
+    // Compared in NCHW order (an NHWC tensor's values are stored in NHWC order).
+    let got = passes(&on(&x), &on(&w), &on(&dy), c.spec)
+        .map(|t| ops::to_layout_fwd(&t, Layout::RowMajor));
+    check_outputs(&got, &want, mode.tolerance())
 }
 
 struct Row {
@@ -141,14 +193,19 @@ fn run() -> Result<()> {
         Device::Cuda(_) => 128,
     });
     println!("{}", bench::describe(device));
-    println!("layouts: NCHW (NHWC: not implemented in podgpu yet)");
     let mut modes = Vec::new();
     for m in &args.modes {
-        match (m.as_str(), device) {
-            ("fp32", _) => modes.push(MathMode::Fp32),
-            ("tf32", Device::Cuda(_)) => modes.push(MathMode::Tf32),
-            ("tf32", Device::Cpu) => println!("tf32: skipped (GPU only)"),
-            (other, _) => bail!("unknown math mode {other:?}: expected fp32 or tf32"),
+        let Some(mode) = Mode::ALL.iter().find(|k| k.name == m.as_str()) else {
+            bail!("unknown mode {m:?}: expected fp32, tf32, bf16, tf32-nhwc or bf16-nhwc");
+        };
+        match device {
+            Device::Cpu if mode.name != "fp32" => {
+                println!(
+                    "{}: skipped (GPU only; the CPU computes in fp32, NCHW)",
+                    mode.name
+                )
+            }
+            _ => modes.push(*mode),
         }
     }
     let convs = distinct_convs(&args, batch)?;
@@ -157,18 +214,16 @@ fn run() -> Result<()> {
     let mut rows = Vec::new();
     for (i, d) in convs.iter().enumerate() {
         let c = &d.shape;
-        let x = randn(&c.x, &mut rng).to_dtype(DType::F32).to_device(device);
-        let w = randn(&c.w, &mut rng).to_dtype(DType::F32).to_device(device);
-        let dy = randn(&c.y(), &mut rng)
+        let x32 = randn(&c.x, &mut rng).to_dtype(DType::F32).to_device(device);
+        let w32 = randn(&c.w, &mut rng).to_dtype(DType::F32).to_device(device);
+        let dy32 = randn(&c.y(), &mut rng)
             .to_dtype(DType::F32)
             .to_device(device);
         for &mode in &modes {
-            cuda::set_math_mode(mode);
-            let (name, tol) = match mode {
-                MathMode::Fp32 => ("fp32", 1e-4),
-                MathMode::Tf32 => ("tf32", 1e-2),
-            };
-            let chk = check(d, args.check_batch, device, tol);
+            cuda::set_math_mode(mode.math);
+            let name = mode.name;
+            let chk = check(d, args.check_batch, device, mode);
+            let (x, w, dy) = (mode.prepare(&x32), mode.prepare(&w32), mode.prepare(&dy32));
             let times = [
                 clock.measure(&settings, || drop(ops::conv2d_fwd(&x, &w, None, c.spec))),
                 clock.measure(&settings, || {
@@ -187,7 +242,15 @@ fn run() -> Result<()> {
                         dilation: [1, 1],
                         groups: c.spec.groups,
                     };
-                    cuda::dnn::chosen_algorithms(&gpu, c.x, c.w, &geom)
+                    let storage = match mode.bf16 {
+                        true => cuda::dnn::Storage::Bf16,
+                        false => cuda::dnn::Storage::F32,
+                    };
+                    let layout = match mode.nhwc {
+                        true => Layout::Nhwc,
+                        false => Layout::RowMajor,
+                    };
+                    cuda::dnn::chosen_algorithms(&gpu, c.x, c.w, &geom, storage, layout)
                 }
                 Device::Cpu => [None, None, None],
             };
@@ -290,11 +353,8 @@ fn run() -> Result<()> {
     }
     // Per mode: the convolutions' time in one training step.
     let mut per_mode = Vec::new();
-    for &mode in &modes {
-        let name = match mode {
-            MathMode::Fp32 => "fp32",
-            MathMode::Tf32 => "tf32",
-        };
+    for mode in &modes {
+        let name = mode.name;
         let (mut secs, mut flops) = (0.0, 0.0);
         for r in rows.iter().filter(|r| r.mode == name) {
             let d = &convs[r.d_index];
@@ -322,7 +382,8 @@ fn run() -> Result<()> {
             serde_json::json!({
                 "name": d.shape.name, "x": d.shape.x, "w": d.shape.w,
                 "stride": d.shape.spec.stride.0, "padding": d.shape.spec.padding.0,
-                "count": d.count, "mode": r.mode, "layout": "NCHW", "flops": f,
+                "count": d.count, "mode": r.mode,
+                "layout": if r.mode.ends_with("nhwc") { "NHWC" } else { "NCHW" }, "flops": f,
                 "fwd_us": r.times[0].us(), "data_us": r.times[1].us(), "filter_us": r.times[2].us(),
                 "fwd_tflops": f / r.times[0].median / 1e12,
                 "data_tflops": f / r.times[1].median / 1e12,

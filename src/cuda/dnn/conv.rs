@@ -847,27 +847,39 @@ pub fn conv2d_bwd_filter_bf16(
 }
 
 /// The algorithm and workspace bytes chosen for one convolution shape under the current math mode
-/// and determinism, per pass (forward, backward data, backward filter) as cuDNN's enum names; `None`
-/// for a pass that has not run on that shape yet. For `bench-conv`.
+/// and determinism, in `storage` and `layout`, per pass (forward, backward data, backward filter)
+/// as cuDNN's enum names; `None` for a pass that has not run on that shape yet. (A bf16
+/// convolution's backward filter runs the f32 plan with tensor ops, as `conv2d_bwd_filter_bf16`
+/// says.) For `bench-conv`.
 pub fn chosen_algorithms(
     gpu: &crate::cuda::Gpu,
     x: [usize; 4],
     w: [usize; 4],
     geom: &ConvGeom,
+    storage: Storage,
+    layout: Layout,
 ) -> [Option<(String, usize)>; 3] {
     let slot = crate::cuda::lock(&gpu.dnn);
-    let key = ConvKey {
+    let rules = match storage {
+        Storage::F32 => Rules::current(),
+        Storage::Bf16 => Rules::tensor_op(),
+    };
+    let key = |storage| ConvKey {
         x,
         w,
         geom: *geom,
-        rules: Rules::current(),
-        storage: Storage::F32,
-        layout: Layout::RowMajor,
+        rules,
+        storage,
+        layout,
     };
-    match slot.as_ref().and_then(|d| d.as_ref().ok()?.plans.get(&key)) {
-        Some(p) => Pass::ALL.map(|pass| p.algo[pass.index()].map(|(a, ws)| (a.name(), ws))),
-        None => [None, None, None],
-    }
+    let chosen = |storage, pass: Pass| {
+        let plan = slot.as_ref()?.as_ref().ok()?.plans.get(&key(storage))?;
+        plan.algo[pass.index()].map(|(a, ws)| (a.name(), ws))
+    };
+    Pass::ALL.map(|pass| match pass {
+        Pass::BackwardFilter => chosen(Storage::F32, pass),
+        _ => chosen(storage, pass),
+    })
 }
 
 #[cfg(test)]
