@@ -246,16 +246,9 @@ impl Run {
     }
 
     /// Replaces this rank's gradients (of its mean loss over `mine` images) with the global
-    /// batch's (`total` images): on the GPUs by NCCL when the ranks have it, else through the
-    /// host in f64 (`dist::grads`).
-    fn combine_gradients(&mut self, mine: usize, total: usize, advice: &str) -> Result<()> {
-        #[cfg(feature = "nccl")]
-        if let Some(g) = self.ranks.nccl.clone() {
-            return g
-                .combine_gradients(&mut self.ps, mine, total)
-                .map_err(|e| anyhow!("{e}. {advice}"));
-        }
-        let _ = total;
+    /// batch's through the host, in f64 (`dist::grads`): CPU ranks, and GPU ranks without NCCL
+    /// (GPU ranks with NCCL sum on the devices, in the step loop).
+    fn combine_gradients(&mut self, mine: usize, advice: &str) -> Result<()> {
         grads::combine_gradients(&*self.ranks.comm, &mut self.ps, mine)
             .map_err(|e| together(e, advice))?;
         Ok(())
@@ -533,20 +526,29 @@ impl Run {
                 stop: signal::stop_requested() || self.ranks.hooks.stop_at == Some(step),
             };
             let verdict = vote::vote(&*comm, ballot).map_err(|e| together(e, &advice))?;
+            // GPU ranks with NCCL issue every bucket of the step whatever the verdict: NCCL needs
+            // the same collectives on every rank, and the ranks with images started theirs during
+            // the backward pass (a rank without images sends zeros for all of them).
+            #[cfg(feature = "nccl")]
+            let summed = match (overlap.take(), self.ranks.nccl.clone()) {
+                (Some(o), _) => Some(o.finish(&mut self.ps, verdict.total)),
+                (None, Some(g)) if verdict.total > 0 => {
+                    Some(g.combine_gradients(&mut self.ps, mine, verdict.total))
+                }
+                _ => None,
+            };
             if !verdict.non_finite.is_empty() {
                 return Err(self.non_finite_on(&verdict.non_finite, &at));
             }
             tally.next_batch = (first_batch + (k + 1) * ranks).min(total_batches);
             if verdict.total > 0 {
                 #[cfg(feature = "nccl")]
-                if let Some(o) = overlap.take() {
-                    o.finish(&mut self.ps, verdict.total)
-                        .map_err(|e| anyhow!("{e}. {advice}"))?;
-                } else {
-                    self.combine_gradients(mine, verdict.total, &advice)?;
+                match summed {
+                    Some(r) => r.map_err(|e| anyhow!("{e}. {advice}"))?,
+                    None => self.combine_gradients(mine, &advice)?,
                 }
                 #[cfg(not(feature = "nccl"))]
-                self.combine_gradients(mine, verdict.total, &advice)?;
+                self.combine_gradients(mine, &advice)?;
                 if let Some(max_norm) = cfg.clip_grad {
                     crate::optim::clip_grad_norm(&mut self.ps, max_norm);
                 }
