@@ -282,3 +282,25 @@ fn mpirun_sigterm_stops_every_rank_after_the_step_with_a_checkpoint() {
         .state;
     assert_eq!((st.epoch, st.global_step), (2, 16));
 }
+
+/// Rank 0 alone speaks: with `--device auto` on a machine without a GPU every rank falls back to
+/// the CPU, and the note saying so is printed once, as the header is (with a GPU, auto picks it
+/// and no rank prints a note).
+#[test]
+fn mpirun_prints_the_device_note_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let mut args = train_args(run.to_str().unwrap(), "16", "1");
+    let device = args.iter().position(|a| *a == "--device").unwrap();
+    args[device + 1] = "auto";
+    let limit = args.iter().position(|a| *a == "--limit-train").unwrap();
+    args[limit + 1] = "64";
+    let (ok, text) = launch(2, env!("CARGO_BIN_EXE_podgpu"), &args, &[]);
+    assert!(ok, "{text}");
+    let expected = match podgpu::device::select("auto") {
+        Ok((_, Some(_))) => 1,
+        _ => 0,
+    };
+    assert_eq!(text.matches("using the CPU").count(), expected, "{text}");
+    assert_eq!(text.matches("run folder:").count(), 1, "{text}");
+}

@@ -291,7 +291,7 @@ impl Run {
         let ckpt_bytes = &msg[8 + len..];
         let mut cfg = TrainConfig::from_json(&header.config)?;
         cfg.device = device_for_rank(&cfg.device);
-        let (device, ds, train, test) = prepare(&cfg)?;
+        let (device, ds, train, test) = prepare(&cfg, false)?;
         let centroids = header
             .centroids
             .map(|(shape, values)| Tensor::from_vec(&shape, values));

@@ -198,10 +198,11 @@ pub fn resume_with(dir: &Path, opts: ResumeOptions) -> Result<RunSummary> {
 
 /// What every run does first: validate, choose the device (saying why when `auto` falls back to the
 /// CPU), size the thread pool, open the dataset.
-fn prepare(cfg: &TrainConfig) -> Result<(Device, Dataset, Split, Option<Split>)> {
+fn prepare(cfg: &TrainConfig, writer: bool) -> Result<(Device, Dataset, Split, Option<Split>)> {
     cfg.validate()?;
     let (device, note) = crate::device::select(&cfg.device)?;
-    if let Some(note) = note {
+    // The device note ("using the CPU: …") once per run: ranks other than 0 keep it to themselves.
+    if let (Some(note), true) = (note, writer) {
         println!("{note}");
     }
     set_threads(cfg.threads);
@@ -451,7 +452,7 @@ impl Run {
             .clone()
             .unwrap_or_else(crate::data::default_dataset_path);
         cfg.data = Some(identity::absolute(&data));
-        let (device, ds, train, test) = prepare(&cfg)?;
+        let (device, ds, train, test) = prepare(&cfg, true)?;
         let default_name = cfg.out.is_none();
         let dir = cfg.out.clone().unwrap_or_else(|| default_run_dir(&cfg));
         // Everything that can be wrong with the inputs is found before the run folder is touched, so
@@ -569,7 +570,7 @@ impl Run {
         cfg.data = resume.dataset_path()?;
         let pending = EpochTally::from_extra(&ckpt.state.extra)
             .with_context(|| format!("checkpoint {}", ckpt_path.display()))?;
-        let (device, ds, train, test) = prepare(&cfg)?;
+        let (device, ds, train, test) = prepare(&cfg, true)?;
         let centroids = match cfg.loss.uses_pedcc() {
             true => Some(pedcc::load(&dir.join("pedcc.safetensors")).context(
                 "the run folder's PEDCC cannot be used; restore pedcc.safetensors from a backup \
