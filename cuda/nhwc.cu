@@ -1,6 +1,7 @@
 // Channels-last (NHWC) images on the GPU: the layout changes at the network's input (the image,
 // NCHW → NHWC; the weights, KCRS → KRSC for cuDNN's NHWC convolutions, and their gradients back),
-// and the pools that read NHWC activations. Every kernel exists for f32 (`float`) and bf16 storage
+// and the global pool that reads NHWC activations (max pooling over NHWC is pool.cu's, one
+// template for both layouts). Every kernel exists for f32 (`float`) and bf16 storage
 // (`unsigned short`; `load`/`store` in common.cuh); the pools compute in f32 and round once, as their
 // NCHW forms in pool.cu and bf16.cu do, with the same window, tie and NaN rules.
 
@@ -42,76 +43,6 @@ extern "C" __global__ void nchw_to_nhwc_bf16(unsigned short* y, const unsigned s
 extern "C" __global__ void nhwc_to_nchw_bf16(unsigned short* y, const unsigned short* x, int N, int C,
                                              int H, int W) {
     to_nchw(y, x, N, C, H, W);
-}
-
-// Max pooling over NHWC x: output o = ((n·OH + oh)·OW + ow)·C + c; argmax[o] = h·W + w of the
-// chosen input within its (n, c) plane, as the NCHW kernels record it. Geometry arguments as in
-// pool.cu: N, C, H, W, OH, OW, kh, kw, sh, sw, ph, pw.
-template <typename T>
-__device__ void maxpool_fwd_nhwc(T* __restrict__ y, int* __restrict__ argmax, const T* __restrict__ x,
-                                 int N, int C, int H, int W, int OH, int OW, int kh, int kw, int sh,
-                                 int sw, int ph, int pw) {
-    FOR_N(o, (i64)N * OH * OW * C) {
-        const int c = o % C;
-        const i64 p = o / C;
-        const int ow = p % OW, oh = (p / OW) % OH;
-        const i64 n = p / ((i64)OH * OW);
-        float best = -PODGPU_INF;
-        int bi = -1;
-        for (int i = 0; i < kh; i++) {
-            const int h = oh * sh - ph + i;
-            if (h < 0 || h >= H) continue;
-            for (int j = 0; j < kw; j++) {
-                const int w = ow * sw - pw + j;
-                if (w < 0 || w >= W) continue;
-                const float v = load(x, ((n * H + h) * W + w) * C + c);
-                if (bi < 0 || v > best || v != v) { best = v; bi = h * W + w; }
-            }
-        }
-        store(y, o, best);
-        argmax[o] = bi;
-    }
-}
-
-// dx of max pooling over NHWC: each input gathers the dy of the windows whose argmax it is (f32
-// sum, one rounding for bf16): deterministic.
-template <typename T>
-__device__ void maxpool_bwd_nhwc(T* __restrict__ dx, const T* __restrict__ dy, const int* __restrict__ argmax,
-                                 int N, int C, int H, int W, int OH, int OW, int kh, int kw, int sh,
-                                 int sw, int ph, int pw) {
-    FOR_N(i, (i64)N * H * W * C) {
-        const int c = i % C;
-        const i64 p = i / C;
-        const int w = p % W, h = (p / W) % H;
-        const i64 n = p / ((i64)H * W);
-        const int me = h * W + w;
-        int oh0, oh1, ow0, ow1;
-        covering(h, kh, sh, ph, OH, &oh0, &oh1);
-        covering(w, kw, sw, pw, OW, &ow0, &ow1);
-        float g = 0.0f;
-        for (int oh = oh0; oh <= oh1; oh++)
-            for (int ow = ow0; ow <= ow1; ow++) {
-                const i64 o = ((n * OH + oh) * OW + ow) * C + c;
-                if (argmax[o] == me) g += load(dy, o);
-            }
-        store(dx, i, g);
-    }
-}
-
-
-extern "C" __global__ void maxpool2d_fwd_nhwc_f32(float* y, int* argmax, const float* x, POOL_ARGS) {
-    maxpool_fwd_nhwc(y, argmax, x, POOL_PASS);
-}
-extern "C" __global__ void maxpool2d_fwd_nhwc_bf16(unsigned short* y, int* argmax, const unsigned short* x,
-                                                   POOL_ARGS) {
-    maxpool_fwd_nhwc(y, argmax, x, POOL_PASS);
-}
-extern "C" __global__ void maxpool2d_bwd_nhwc_f32(float* dx, const float* dy, const int* argmax, POOL_ARGS) {
-    maxpool_bwd_nhwc(dx, dy, argmax, POOL_PASS);
-}
-extern "C" __global__ void maxpool2d_bwd_nhwc_bf16(unsigned short* dx, const unsigned short* dy,
-                                                   const int* argmax, POOL_ARGS) {
-    maxpool_bwd_nhwc(dx, dy, argmax, POOL_PASS);
 }
 
 // Global average pool of NHWC x into f32 y [N, C]: one thread per (n, c), neighbouring threads

@@ -1,6 +1,6 @@
-//! Launchers of the channels-last kernels (cuda/nhwc.cu): layout changes between NCHW and NHWC
-//! and the pools over NHWC activations, for f32 and bf16 GPU tensors alike (the kernel is picked by
-//! the tensor's dtype). The NCHW launchers (`nn_kernels`, `bf16_ops`) hand NHWC tensors to these,
+//! Launchers of the channels-last kernels (cuda/nhwc.cu; max pooling's are pool.cu's): layout
+//! changes between NCHW and NHWC and the pools over NHWC activations, for f32 and bf16 GPU
+//! tensors alike (the kernel is picked by the tensor's dtype). The NCHW launchers (`nn_kernels`, `bf16_ops`) hand NHWC tensors to these,
 //! so an op's dispatch stays one call whatever the layout.
 
 use super::bf16::{bf16_buf, Bf16Buf};
@@ -113,7 +113,7 @@ pub fn max_pool2d_fwd(x: &Tensor, d: [usize; 4], a: [i32; 12]) -> (Tensor, Tenso
     let mut y = Out::alloc(&gpu, x.dtype(), n);
     let mut am = gpu.alloc(n);
     if n > 0 {
-        let f = func(&gpu, "nhwc", name);
+        let f = func(&gpu, "pool", name);
         let mut l = gpu.stream.launch_builder(&f);
         l.arg(y.words_mut()).arg(am.raw_mut()).arg(words(x));
         for v in &a {
@@ -135,7 +135,7 @@ pub fn max_pool2d_bwd(dy: &Tensor, argmax: &Tensor, d: [usize; 4], a: [i32; 12])
     let n = d.iter().product::<usize>();
     let mut dx = Out::alloc(&gpu, dy.dtype(), n);
     if n > 0 {
-        let f = func(&gpu, "nhwc", name);
+        let f = func(&gpu, "pool", name);
         let mut l = gpu.stream.launch_builder(&f);
         l.arg(dx.words_mut()).arg(words(dy)).arg(buf(argmax).raw());
         for v in &a {
