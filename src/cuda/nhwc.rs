@@ -1,7 +1,7 @@
 //! Launchers of the channels-last kernels (cuda/nhwc.cu; max pooling's are pool.cu's): layout
 //! changes between NCHW and NHWC and the pools over NHWC activations, for f32 and bf16 GPU
-//! tensors alike (the kernel is picked by the tensor's dtype). The NCHW launchers (`nn_kernels`, `bf16_ops`) hand NHWC tensors to these,
-//! so an op's dispatch stays one call whatever the layout.
+//! tensors alike (the kernel is picked by the tensor's dtype). The NCHW launchers (`nn_kernels`,
+//! `bf16_ops`) hand NHWC tensors to these, so an op's dispatch stays one call whatever the layout.
 
 use super::bf16::{bf16_buf, Bf16Buf};
 use super::launch::{check, func, gpu_of, grid_1d};
