@@ -6,9 +6,12 @@
 //! ranks. `.ci/run` installs OpenMPI and runs this file.
 #![cfg(feature = "distributed")]
 
+mod common;
+
 use podgpu::train::{load_checkpoint, read_jsonl};
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 fn mpirun(ranks: usize) -> (bool, String) {
     launch(ranks, env!("CARGO_BIN_EXE_dist-check"), &[], &[])
@@ -205,13 +208,12 @@ fn mpirun_a_killed_rank_stops_the_job_and_the_checkpoint_resumes() {
 /// their third step until the signal lands, so a fast or a loaded machine cannot finish first.
 #[test]
 fn mpirun_sigterm_stops_every_rank_after_the_step_with_a_checkpoint() {
-    use std::io::BufRead;
-    use std::process::Stdio;
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let dir = run.to_str().unwrap();
     let podgpu = env!("CARGO_BIN_EXE_podgpu");
     let hold = podgpu::train::trainer::TEST_HOLD_AT_STEP_ENV;
+    let log = tmp.path().join("stderr.txt");
     let mut c = Command::new("mpirun");
     c.args([
         "-np",
@@ -228,31 +230,12 @@ fn mpirun_sigterm_stops_every_rank_after_the_step_with_a_checkpoint() {
     .current_dir(env!("CARGO_MANIFEST_DIR"))
     .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
     .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = c.spawn().expect("mpirun");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let out = child.stdout.take().unwrap();
-    let drain = std::thread::spawn(move || {
-        let mut text = String::new();
-        for line in std::io::BufReader::new(out).lines() {
-            let line = line.unwrap();
-            if line.starts_with("run folder") {
-                let _ = tx.send(());
-            }
-            text.push_str(&line);
-            text.push('\n');
-        }
-        text
-    });
-    let err = child.stderr.take().unwrap();
-    let drain_err = std::thread::spawn(move || std::io::read_to_string(err).unwrap());
-    rx.recv_timeout(std::time::Duration::from_secs(120))
-        .expect("rank 0 did not start training");
+    .stderr(std::fs::File::create(&log).unwrap());
+    let (mut child, drain) = common::spawn_until_training(&mut c, Duration::from_secs(120));
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     let status = child.wait().unwrap();
-    let text = drain.join().unwrap() + &drain_err.join().unwrap();
+    let text = drain.join().unwrap() + &std::fs::read_to_string(&log).unwrap();
     println!("--- SIGTERM to mpirun ({status}):\n{text}");
     assert!(text.contains("stopped after global batch"), "{text}");
     let ck = load_checkpoint(&run.join("last.safetensors")).unwrap();

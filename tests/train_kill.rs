@@ -227,8 +227,8 @@ fn sigint_mid_epoch_checkpoints_the_exact_step() {
     assert_eq!(exact_metrics(&reference), exact_metrics(&dir));
 }
 
-/// Starts `args` with stdout piped and returns the child once training has started (the header
-/// line; the signal handler is installed before it), with a thread draining its output.
+/// Starts `args` with its stderr into `log` and returns the child once training has started, with
+/// a thread draining its output (`common::spawn_until_training`).
 fn start_training(
     args: &[String],
     log: &Path,
@@ -238,31 +238,8 @@ fn start_training(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let (started_tx, started_rx) = std::sync::mpsc::channel();
-    let out = child.stdout.take().unwrap();
-    let drain = std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut text = String::new();
-        for line in std::io::BufReader::new(out).lines() {
-            let line = line.unwrap();
-            if line.starts_with("run folder") {
-                let _ = started_tx.send(());
-            }
-            text.push_str(&line);
-            text.push('\n');
-        }
-        text
-    });
-    started_rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("podgpu did not start training");
-    (child, drain)
+    cmd.args(args).stderr(std::fs::File::create(log).unwrap());
+    spawn_until_training(&mut cmd, Duration::from_secs(60))
 }
 
 /// SIGHUP (the terminal closed) stops a run like Ctrl-C: status 130, a checkpoint of that step.

@@ -8,7 +8,7 @@ use podgpu::rng::Rng;
 use podgpu::train::load_checkpoint;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 /// The repository root (for `datasets/...`).
 pub fn repo() -> PathBuf {
@@ -22,6 +22,39 @@ pub fn podgpu() -> Command {
         .env_remove("PODGPU_TEST_INTERNAL_PANIC")
         .current_dir(repo());
     c
+}
+
+/// Spawns `cmd` (a training run, possibly under `mpirun`) with its stdout piped and returns the
+/// child once training has started — its "run folder" header line, printed after the signal
+/// handler is installed — with a thread draining stdout to the end; panics after `wait` without
+/// it. Its stderr is the caller's.
+pub fn spawn_until_training(
+    cmd: &mut Command,
+    wait: std::time::Duration,
+) -> (Child, std::thread::JoinHandle<String>) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("cannot start the run");
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    let drain = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut text = String::new();
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line.unwrap();
+            if line.starts_with("run folder") {
+                let _ = started_tx.send(());
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    started_rx
+        .recv_timeout(wait)
+        .expect("the run did not start training");
+    (child, drain)
 }
 
 /// Runs `podgpu` with `args`; returns the output.
