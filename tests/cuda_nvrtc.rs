@@ -155,26 +155,28 @@ fn launchers_only_name_existing_kernels() {
     );
 }
 
-/// Where a launcher names its module and kernel together (`func(&gpu, "pool", "maxpool2d_fwd_f32")`),
-/// the kernel is defined in that module's source: a kernel moved to another .cu file without its
+/// Where a launcher names its module and kernel together (`func(&gpu, "pool", "maxpool2d_fwd_f32")`,
+/// `elementwise("bf16", "add_bf16", …)`), the kernel is defined in that module's source: a kernel moved to another .cu file without its
 /// launcher fails here, not on the first GPU run.
 #[test]
 fn launchers_ask_each_module_for_its_own_kernels() {
     let mut checked = 0;
     for (file, text) in LAUNCHERS {
-        let mut rest = *text;
-        while let Some(i) = rest.find("func(") {
-            rest = &rest[i + "func(".len()..];
-            let call = &rest[..rest.find(')').unwrap_or(rest.len())];
-            let lits: Vec<&str> = call.split('"').skip(1).step_by(2).collect();
-            let [module, kernel] = lits[..] else { continue };
-            let src = nvrtc::source(module)
-                .unwrap_or_else(|| panic!("{file}: func(…, {module:?}, …) names no cuda/*.cu"));
-            assert!(
-                kernel_names(src.src).iter().any(|k| k == kernel),
-                "{file}: kernel {kernel:?} is not in cuda/{module}.cu"
-            );
-            checked += 1;
+        for call in ["func(", "elementwise("] {
+            let mut rest = *text;
+            while let Some(i) = rest.find(call) {
+                rest = &rest[i + call.len()..];
+                let args = &rest[..rest.find(')').unwrap_or(rest.len())];
+                let lits: Vec<&str> = args.split('"').skip(1).step_by(2).collect();
+                let [module, kernel] = lits[..] else { continue };
+                let src = nvrtc::source(module)
+                    .unwrap_or_else(|| panic!("{file}: {call}…{module:?}…) names no cuda/*.cu"));
+                assert!(
+                    kernel_names(src.src).iter().any(|k| k == kernel),
+                    "{file}: kernel {kernel:?} is not in cuda/{module}.cu"
+                );
+                checked += 1;
+            }
         }
     }
     assert!(

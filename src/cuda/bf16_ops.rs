@@ -9,7 +9,7 @@
 //! tensors to these, so an op's dispatch stays one call whatever the storage.
 
 use super::bf16::{bf16_buf, Bf16Buf};
-use super::launch::{check, func, gpu_of, grid_1d, THREADS};
+use super::launch::{check, elementwise, func, gpu_of, grid_1d, THREADS};
 use super::{buf, tensor};
 use crate::tensor::{DType, Tensor};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -27,63 +27,18 @@ fn expect_bf16(op: &str, ts: &[&Tensor]) {
 /// y = bf16(a + b): the residual add and the tape's sum of two activation gradients.
 pub fn add(a: &Tensor, b: &Tensor) -> Tensor {
     expect_bf16("add", &[a, b]);
-    assert_eq!(a.numel(), b.numel(), "add_bf16: sizes differ");
-    let gpu = gpu_of(a);
-    let n = a.numel();
-    let mut y = Bf16Buf::alloc(&gpu, n);
-    if n > 0 {
-        let f = func(&gpu, "bf16", "add_bf16");
-        let n64 = n as i64;
-        let mut l = gpu.stream.launch_builder(&f);
-        l.arg(y.words_mut().raw_mut())
-            .arg(bf16_buf(a).words().raw())
-            .arg(bf16_buf(b).words().raw())
-            .arg(&n64);
-        // SAFETY: matches add_bf16(unsigned short*, const unsigned short*, const unsigned short*,
-        // i64); each buffer holds n bf16 values.
-        check(unsafe { l.launch(grid_1d(&gpu, n)) }, "add_bf16");
-    }
-    y.into_tensor(a.shape()).with_layout(a.layout())
+    elementwise("bf16", "add_bf16", &[a, b])
 }
 
 pub fn relu(x: &Tensor) -> Tensor {
     expect_bf16("relu", &[x]);
-    let gpu = gpu_of(x);
-    let n = x.numel();
-    let mut y = Bf16Buf::alloc(&gpu, n);
-    if n > 0 {
-        let f = func(&gpu, "bf16", "relu_bf16");
-        let n64 = n as i64;
-        let mut l = gpu.stream.launch_builder(&f);
-        l.arg(y.words_mut().raw_mut())
-            .arg(bf16_buf(x).words().raw())
-            .arg(&n64);
-        // SAFETY: matches relu_bf16(unsigned short*, const unsigned short*, i64).
-        check(unsafe { l.launch(grid_1d(&gpu, n)) }, "relu_bf16");
-    }
-    y.into_tensor(x.shape()).with_layout(x.layout())
+    elementwise("bf16", "relu_bf16", &[x])
 }
 
 /// dx = dy where y > 0 (y the ReLU's bf16 output, dy bf16).
 pub fn relu_bwd(y: &Tensor, dy: &Tensor) -> Tensor {
     expect_bf16("relu_bwd", &[y, dy]);
-    assert_eq!(y.numel(), dy.numel(), "relu_bwd_bf16: sizes differ");
-    let gpu = gpu_of(y);
-    let n = y.numel();
-    let mut dx = Bf16Buf::alloc(&gpu, n);
-    if n > 0 {
-        let f = func(&gpu, "bf16", "relu_bwd_bf16");
-        let n64 = n as i64;
-        let mut l = gpu.stream.launch_builder(&f);
-        l.arg(dx.words_mut().raw_mut())
-            .arg(bf16_buf(y).words().raw())
-            .arg(bf16_buf(dy).words().raw())
-            .arg(&n64);
-        // SAFETY: matches relu_bwd_bf16(unsigned short*, const unsigned short*, const unsigned
-        // short*, i64).
-        check(unsafe { l.launch(grid_1d(&gpu, n)) }, "relu_bwd_bf16");
-    }
-    dx.into_tensor(y.shape()).with_layout(y.layout())
+    elementwise("bf16", "relu_bwd_bf16", &[y, dy])
 }
 
 /// Max pooling of a bf16 x → (bf16 y, argmax as i32 words), as `nn_kernels::max_pool2d_fwd`.

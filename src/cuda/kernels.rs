@@ -57,45 +57,19 @@
 //! Memory figures for the trainer: `Gpu::pool_stats()` (bytes in use, peak, device allocations),
 //! `Gpu::reset_peak_memory()`. Math mode: `cuda::set_math_mode(MathMode::Fp32 | MathMode::Tf32)`.
 
-use super::launch::{check, column_tiles, func, gpu_of, grid_1d};
+use super::launch::{check, column_tiles, elementwise, func, gpu_of, grid_1d};
 use super::{blas, buf, tensor};
 use crate::tensor::{DType, Tensor};
 use cudarc::driver::PushKernelArg;
 
 /// y = f(x) elementwise with kernel `name(y, x, n)` of elementwise.cu.
 fn unary(x: &Tensor, name: &'static str) -> Tensor {
-    let gpu = gpu_of(x);
-    let n = x.numel();
-    let mut out = gpu.alloc(n);
-    if n > 0 {
-        let f = func(&gpu, "elementwise", name);
-        let n64 = n as i64;
-        let mut l = gpu.stream.launch_builder(&f);
-        l.arg(out.raw_mut()).arg(buf(x).raw()).arg(&n64);
-        // SAFETY: argument list matches `name(float*, const float*, i64)`; both buffers hold n floats.
-        check(unsafe { l.launch(grid_1d(&gpu, n)) }, name);
-    }
-    tensor(x.shape(), out).with_layout(x.layout())
+    elementwise("elementwise", name, &[x])
 }
 
 /// y = f(a, b) elementwise with kernel `name(y, a, b, n)` of elementwise.cu.
 fn binary(a: &Tensor, b: &Tensor, name: &'static str) -> Tensor {
-    assert_eq!(a.numel(), b.numel(), "{name}: sizes differ");
-    let gpu = gpu_of(a);
-    let n = a.numel();
-    let mut out = gpu.alloc(n);
-    if n > 0 {
-        let f = func(&gpu, "elementwise", name);
-        let n64 = n as i64;
-        let mut l = gpu.stream.launch_builder(&f);
-        l.arg(out.raw_mut())
-            .arg(buf(a).raw())
-            .arg(buf(b).raw())
-            .arg(&n64);
-        // SAFETY: matches `name(float*, const float*, const float*, i64)`; all hold n floats.
-        check(unsafe { l.launch(grid_1d(&gpu, n)) }, name);
-    }
-    tensor(a.shape(), out).with_layout(a.layout())
+    elementwise("elementwise", name, &[a, b])
 }
 
 /// a + b; two bf16 tensors give a bf16 sum (`bf16_ops`: the bf16 step's residual adds and the

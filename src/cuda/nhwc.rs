@@ -3,20 +3,10 @@
 //! tensors alike (the kernel is picked by the tensor's dtype). The NCHW launchers (`nn_kernels`,
 //! `bf16_ops`) hand NHWC tensors to these, so an op's dispatch stays one call whatever the layout.
 
-use super::bf16::{bf16_buf, Bf16Buf};
-use super::launch::{check, func, gpu_of, grid_1d};
-use super::{buf, tensor, CudaBuf, Gpu};
+use super::launch::{check, func, gpu_of, grid_1d, words, Out};
+use super::{buf, tensor};
 use crate::tensor::{DType, Layout, Tensor};
-use cudarc::driver::{CudaSlice, PushKernelArg};
-use std::sync::Arc;
-
-/// The 32-bit words holding a GPU tensor's values, f32 or bf16 (kernel arguments).
-fn words(t: &Tensor) -> &CudaSlice<f32> {
-    match t.dtype() {
-        DType::Bf16 => bf16_buf(t).words().raw(),
-        _ => buf(t).raw(),
-    }
-}
+use cudarc::driver::PushKernelArg;
 
 /// The kernel name for a tensor's storage: `{base}_f32` or `{base}_bf16`.
 fn kernel(base: &'static str, dtype: DType) -> &'static str {
@@ -35,36 +25,6 @@ fn kernel(base: &'static str, dtype: DType) -> &'static str {
         ("global_avgpool_bwd_nhwc", DType::Bf16) => "global_avgpool_bwd_nhwc_bf16",
         ("global_avgpool_bwd_nhwc", _) => "global_avgpool_bwd_nhwc_f32",
         _ => unreachable!("no NHWC kernel {base}"),
-    }
-}
-
-/// An output buffer in f32 or bf16 storage.
-enum Out {
-    F32(CudaBuf),
-    Bf16(Bf16Buf),
-}
-
-impl Out {
-    fn alloc(gpu: &Arc<Gpu>, dtype: DType, n: usize) -> Out {
-        match dtype {
-            DType::Bf16 => Out::Bf16(Bf16Buf::alloc(gpu, n)),
-            _ => Out::F32(gpu.alloc(n)),
-        }
-    }
-
-    fn words_mut(&mut self) -> &mut CudaSlice<f32> {
-        match self {
-            Out::F32(b) => b.raw_mut(),
-            Out::Bf16(b) => b.words_mut().raw_mut(),
-        }
-    }
-
-    fn into_tensor(self, shape: &[usize], layout: Layout) -> Tensor {
-        match self {
-            Out::F32(b) => tensor(shape, b),
-            Out::Bf16(b) => b.into_tensor(shape),
-        }
-        .with_layout(layout)
     }
 }
 
