@@ -20,6 +20,9 @@ use crate::tensor::Tensor;
 /// first convolution).
 pub type BackwardFn = Box<dyn FnOnce(&Tensor, &[bool]) -> Vec<Option<Tensor>> + Send>;
 
+/// Told that parameter `id`'s gradient in the store is final (`Tape::backward_then`).
+pub type GradReady<'a> = dyn FnMut(&mut ParamStore, ParamId) + 'a;
+
 const NO_NODE: usize = usize::MAX;
 
 /// A value produced on a tape.
@@ -214,7 +217,7 @@ impl Tape {
 
     /// Back-propagates a given output gradient.
     pub fn backward_with(&mut self, out: &Var, grad_out: Tensor, store: &mut ParamStore) {
-        self.backward_reporting(out, grad_out, store, &mut |_, _| {});
+        self.backward_reporting(out, grad_out, store, None);
     }
 
     /// `backward` that calls `ready(store, id)` as soon as parameter `id`'s gradient in `store` is
@@ -222,16 +225,11 @@ impl Tape {
     /// whether or not a gradient reached it. Data-parallel training starts summing a bucket of
     /// gradients across ranks while the backward pass goes on (`dist::buckets`). Each parameter
     /// recorded on the tape is reported once; parameters the tape never saw are not reported.
-    pub fn backward_then(
-        &mut self,
-        loss: &Var,
-        store: &mut ParamStore,
-        ready: &mut dyn FnMut(&mut ParamStore, ParamId),
-    ) {
+    pub fn backward_then(&mut self, loss: &Var, store: &mut ParamStore, ready: &mut GradReady) {
         assert_eq!(loss.value.numel(), 1, "backward() needs a scalar loss");
         let seed = Tensor::full(&[1], 1.0, loss.value.dtype(), loss.value.device())
             .reshape(loss.value.shape());
-        self.backward_reporting(loss, seed, store, ready);
+        self.backward_reporting(loss, seed, store, Some(ready));
     }
 
     fn backward_reporting(
@@ -239,17 +237,20 @@ impl Tape {
         out: &Var,
         grad_out: Tensor,
         store: &mut ParamStore,
-        ready: &mut dyn FnMut(&mut ParamStore, ParamId),
+        mut ready: Option<&mut GradReady<'_>>,
     ) {
         assert!(
             out.requires_grad(),
             "backward() of a value that does not depend on any parameter or leaf"
         );
-        // Uses of each parameter still to be back-propagated (one tape node per use).
+        // Uses of each parameter still to be back-propagated (one tape node per use), counted
+        // only when someone wants to hear of final gradients.
         let mut uses: std::collections::HashMap<ParamId, usize> = Default::default();
-        for node in &self.nodes[..=out.node] {
-            if let NodeKind::Param(pid) = node {
-                *uses.entry(*pid).or_default() += 1;
+        if ready.is_some() {
+            for node in &self.nodes[..=out.node] {
+                if let NodeKind::Param(pid) = node {
+                    *uses.entry(*pid).or_default() += 1;
+                }
             }
         }
         let mut grads: Vec<Option<Tensor>> = vec![None; out.node + 1];
@@ -261,10 +262,12 @@ impl Tape {
                 if let Some(g) = grads[id].take() {
                     store.accumulate_grad(pid, g);
                 }
-                let left = uses.get_mut(&pid).expect("counted above");
-                *left -= 1;
-                if *left == 0 {
-                    ready(store, pid);
+                if let Some(ready) = ready.as_mut() {
+                    let left = uses.get_mut(&pid).expect("counted above");
+                    *left -= 1;
+                    if *left == 0 {
+                        ready(store, pid);
+                    }
                 }
                 continue;
             }
