@@ -441,6 +441,50 @@ fn batch_norm_running_statistics_follow_pytorch_after_two_steps() {
     }
 }
 
+/// Running statistics and the batch count are written into the store's own buffers (a CUDA graph
+/// replays reads and writes of fixed addresses), by the plain and the fused batch norm alike.
+#[test]
+fn batch_norm_updates_running_statistics_in_place() {
+    let mut rng = Rng::new(5);
+    let c = 3;
+    let mut store = ParamStore::new();
+    let bn = BatchNormIds::register_as(&mut store, "bn", c, DType::F32);
+    let addr = |s: &ParamStore| -> Vec<usize> {
+        [bn.running_mean, bn.running_var, bn.num_batches_tracked]
+            .iter()
+            .map(|&id| s.value(id).host::<f32>().as_ptr() as usize)
+            .collect()
+    };
+    let before = addr(&store);
+    for (step, fused) in [false, true, false, true].into_iter().enumerate() {
+        let old_rm = store.value(bn.running_mean).to_vec_f64();
+        let x = bn_input(&[2, c, 3, 3], &mut rng).to_dtype(DType::F32);
+        let mut t = Tape::train();
+        let xv = t.leaf(x);
+        let y = if fused {
+            ops::batch_norm2d_relu(&mut t, &mut store, &xv, &bn, None)
+        } else {
+            ops::batch_norm2d(&mut t, &mut store, &xv, &bn)
+        };
+        // The tape still holds its values: the store's buffers are not shared with it.
+        assert_eq!(
+            addr(&store),
+            before,
+            "step {step} (fused: {fused}) moved a buffer"
+        );
+        assert_ne!(
+            store.value(bn.running_mean).to_vec_f64(),
+            old_rm,
+            "step {step}: no update"
+        );
+        assert_eq!(
+            store.value(bn.num_batches_tracked).item(),
+            (step + 1) as f64
+        );
+        drop((t, y));
+    }
+}
+
 // ---- pooling ----
 
 /// Distinct values (gaps of 0.05, far above the finite-difference step) in random order: no ties.

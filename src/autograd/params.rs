@@ -75,6 +75,19 @@ impl ParamStore {
         p.value = value;
     }
 
+    /// Writes `value` into the parameter's existing buffer (`Tensor::assign`), so its memory keeps
+    /// its address: what a CUDA graph replays reads and writes the same buffers every step.
+    pub fn assign_value(&mut self, id: ParamId, value: &Tensor) {
+        let p = &mut self.params[id.0];
+        assert_eq!(
+            p.value.shape(),
+            value.shape(),
+            "new value for {} has the wrong shape",
+            p.name
+        );
+        p.value.assign(value);
+    }
+
     pub fn find(&self, name: &str) -> Option<ParamId> {
         self.params.iter().position(|p| p.name == name).map(ParamId)
     }

@@ -104,6 +104,14 @@ impl DeviceBuffer for Bf16Buf {
             len: self.len,
         })
     }
+    fn copy_from(&mut self, src: &dyn DeviceBuffer) {
+        let src = src
+            .as_any()
+            .downcast_ref::<Bf16Buf>()
+            .expect("copy_from: a bf16 CUDA buffer");
+        assert_eq!(src.len, self.len, "copy_from: bf16 lengths differ");
+        self.words.copy_from_buf(&src.words);
+    }
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }

@@ -162,6 +162,28 @@ impl CudaBuf {
         out
     }
 
+    /// Overwrites the first `len` words with `src`'s (same GPU, same length) in place: a device copy
+    /// queued on the stream.
+    pub fn copy_from_buf(&mut self, src: &CudaBuf) {
+        assert!(
+            src.len == self.len && src.gpu.ordinal == self.gpu.ordinal,
+            "copy_from: {} words on cuda:{} into {} on cuda:{}",
+            src.len,
+            src.gpu.ordinal,
+            self.len,
+            self.gpu.ordinal
+        );
+        if self.len == 0 {
+            return;
+        }
+        let gpu = self.gpu.clone();
+        let from = src.view();
+        let mut to = self.raw_mut().slice_mut(0..src.len);
+        gpu.stream
+            .memcpy_dtod(&from, &mut to)
+            .unwrap_or_else(|e| panic!("copy on cuda:{} failed: {e}", gpu.ordinal));
+    }
+
     /// The buffer's words read as i32 (labels, indices, counters).
     pub fn to_host_i32(&self) -> Vec<i32> {
         self.to_host()
@@ -593,6 +615,13 @@ impl DeviceBuffer for CudaBuf {
     }
     fn duplicate(&self) -> Box<dyn DeviceBuffer> {
         Box::new(CudaBuf::duplicate(self))
+    }
+    fn copy_from(&mut self, src: &dyn DeviceBuffer) {
+        let src = src
+            .as_any()
+            .downcast_ref::<CudaBuf>()
+            .expect("copy_from: an f32 CUDA buffer");
+        self.copy_from_buf(src);
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self

@@ -262,17 +262,20 @@ pub fn increment_fwd(x: &Tensor) -> Tensor {
 }
 
 /// A training step's new running statistics into the store, and one more batch counted in
-/// `num_batches_tracked` (as PyTorch's BatchNorm2d does).
+/// `num_batches_tracked` (as PyTorch's BatchNorm2d does). Written into the store's own buffers
+/// (`ParamStore::assign_value`), so they keep their addresses from step to step: a captured CUDA
+/// graph (`cuda::graph`) reads and updates the same memory at every replay. Callers drop their
+/// clones of the old values first, or the write goes to a copy.
 pub fn store_running_stats(
     store: &mut ParamStore,
     bn: &BatchNormIds,
     running_mean: Tensor,
     running_var: Tensor,
 ) {
-    store.set_value(bn.running_mean, running_mean);
-    store.set_value(bn.running_var, running_var);
+    store.assign_value(bn.running_mean, &running_mean);
+    store.assign_value(bn.running_var, &running_var);
     let count = increment_fwd(store.value(bn.num_batches_tracked));
-    store.set_value(bn.num_batches_tracked, count);
+    store.assign_value(bn.num_batches_tracked, &count);
 }
 
 // ---- tape-level op ----
@@ -314,6 +317,9 @@ pub fn batch_norm2d_in_mode(
             BN_MOMENTUM,
             BN_EPS,
         );
+        // The clones share the store's buffers: dropped so that the new statistics are written
+        // in place rather than into copies.
+        drop((rm, rv));
         store_running_stats(store, bn, out.running_mean, out.running_var);
         let (mean, invstd) = (out.mean, out.invstd);
         let y = store_bf16(bf16, &out.y);
@@ -401,6 +407,7 @@ pub fn batch_norm2d_relu(
         BN_MOMENTUM,
         BN_EPS,
     );
+    drop((rm, rv)); // shared the store's buffers (see batch_norm2d_in_mode)
     store_running_stats(store, bn, out.running_mean, out.running_var);
     let (mean, invstd) = (out.mean, out.invstd);
     let (sx, sg, sy) = (x.value().clone(), gamma.value().clone(), out.y.clone());

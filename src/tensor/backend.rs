@@ -32,6 +32,10 @@ pub trait DeviceBuffer:
     fn to_host_f32(&self) -> Vec<f32>;
     /// A copy in fresh device memory (queued on the device, no wait).
     fn duplicate(&self) -> Box<dyn DeviceBuffer>;
+    /// Overwrites this buffer's elements with `src`'s (same device, dtype and length), keeping this
+    /// buffer's memory (queued on the device, no wait): state that must stay at one address, such
+    /// as batch norm's running statistics under a CUDA graph, is updated this way.
+    fn copy_from(&mut self, src: &dyn DeviceBuffer);
     /// The concrete buffer, for the backend that made it.
     fn as_any(&self) -> &dyn Any;
     fn as_any_mut(&mut self) -> &mut dyn Any;

@@ -342,6 +342,27 @@ impl Tensor {
         }
     }
 
+    /// Overwrites this tensor's values with `src`'s in this tensor's own memory (a host copy, or a
+    /// device copy queued on the device), so the buffer keeps its address; it is first made
+    /// unique if shared (`host_mut`, `device_buf_mut`), so clones never see the change. Shapes,
+    /// dtypes, devices and layouts must match.
+    pub fn assign(&mut self, src: &Tensor) {
+        assert!(
+            self.shape == src.shape
+                && self.dtype() == src.dtype()
+                && self.device() == src.device()
+                && self.layout == src.layout,
+            "assign: {src:?} into {self:?}"
+        );
+        match &*src.storage {
+            Storage::F32(v) => self.host_mut::<f32>().copy_from_slice(v),
+            Storage::F64(v) => self.host_mut::<f64>().copy_from_slice(v),
+            // bf16 host tensors are storage only: nothing keeps their address.
+            Storage::Bf16(v) => self.storage = Arc::new(Storage::Bf16(v.clone())),
+            Storage::Cuda(b) => self.device_buf_mut().copy_from(b.as_ref()),
+        }
+    }
+
     /// Same buffer, new shape (the element count must match). Row-major tensors only: the
     /// elements of an NHWC tensor are not in shape order, so reshaping it would mix channels.
     pub fn reshape(&self, shape: &[usize]) -> Tensor {
