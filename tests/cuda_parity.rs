@@ -19,6 +19,8 @@ mod bf16;
 mod bn_train;
 #[path = "cuda_parity/failures.rs"]
 mod failures;
+#[path = "cuda_parity/graph.rs"]
+mod graph;
 #[path = "cuda_parity/nhwc.rs"]
 mod nhwc;
 #[path = "cuda_parity/ops.rs"]

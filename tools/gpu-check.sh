@@ -634,7 +634,7 @@ bench_compare_eager() {
     else
         not_run "bench: PyTorch side" SKIPPED 1 "no PyTorch at $TORCH_PY (set PODGPU_TORCH_PYTHON)"
         step "bench: podgpu steps (resnet50)" 90 1 "$BIN/bench-step" --device cuda --models resnet50 \
-            --batch 128 --steps 20 --warmup 3 --check-batch 2 --precision fp32,tf32,bf16
+            --batch 128 --steps 20 --warmup 3 --check-batch 2 --precision fp32,tf32,bf16 --cuda-graph
     fi
 }
 
@@ -647,7 +647,7 @@ bench_compile() {
         step "bench: torch.compile (resnet50)" 170 1 env PYTHONUNBUFFERED=1 "$TORCH_PY" \
             tools/bench/compare.py --bench-step "$BIN/bench-step" --python "$TORCH_PY" --device cuda \
             --model resnet50 --batch 128 --steps 20 --warmup 3 --check-batch 2 --deadline 160 \
-            --timeout 160 --precisions tf32,bf16 --modes compile-bf16-cl --markdown \
+            --timeout 160 --precisions tf32,bf16 --modes compile-bf16-cl --cuda-graph --markdown \
             --json-out "$RESULTS/compare-compile.json"
     else
         not_run "bench: torch.compile (resnet50)" SKIPPED 1 "no PyTorch at $TORCH_PY"
@@ -655,7 +655,7 @@ bench_compile() {
 }
 
 bench_kernels() {
-    step "bench: own kernels" 60 1 "$BIN/bench-kernels" --device cuda --samples 7 \
+    step "bench: own kernels" 45 1 "$BIN/bench-kernels" --device cuda --samples 5 \
         --min-sample-ms 5 --max-case-s 1
 }
 
@@ -663,14 +663,16 @@ bench_main() {
     begin bench "$BENCH_BUDGET"
     prepare
     detect_device
-    # Per-step limits (s): device 20 + 130 + 170 + 40 + 50 + 60 = 470 (10 to spare).
+    # Per-step limits (s): device 20 + 130 + 170 + 55 + 50 + 45 = 470 (10 to spare).
     bench_compare_eager
     bench_compile
     # Channels-last (PODGPU_GPU_LAYOUT=nhwc, opt-in until measured): the rows to set beside the
-    # NCHW ones above and PyTorch's channels_last AMP row. (The resnet18 metrics-overhead step was
-    # recorded on 2026-11-30 and gave its time to this one.)
-    step "bench: NHWC steps (resnet50)" 40 1 env PODGPU_GPU_LAYOUT=nhwc "$BIN/bench-step" --device cuda \
-        --models resnet50 --batch 128 --steps 20 --warmup 3 --check-batch 2 --precision tf32,bf16
+    # NCHW ones above and PyTorch's channels_last AMP row, each also as a CUDA graph replayed
+    # (`--cuda-graph`: its check compares the loss after the replays with the eager row's). (The
+    # resnet18 metrics-overhead step was recorded on 2026-11-30 and gave its time to this one.)
+    step "bench: NHWC steps + CUDA graph (resnet50)" 55 1 env PODGPU_GPU_LAYOUT=nhwc "$BIN/bench-step" \
+        --device cuda --models resnet50 --batch 128 --steps 20 --warmup 3 --check-batch 2 \
+        --precision tf32,bf16 --cuda-graph
     # Microbenchmarks: the shortest sampling that still gives a median of several samples. The
     # convolutions in the bf16 step's storage and layouts, beside TF32 (fp32 and the POD head's
     # GEMMs were recorded on 2026-11-30; `bench-gemm` still packs and runs by hand).

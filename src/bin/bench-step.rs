@@ -73,6 +73,10 @@ struct Args {
     /// read back
     #[arg(long)]
     with_metrics: bool,
+    /// GPU: also time each precision with the step captured once as a CUDA graph and replayed
+    /// (static input buffers; the row's check compares its final loss with the eager row's)
+    #[arg(long)]
+    cuda_graph: bool,
     #[arg(long, default_value_t = 0.1)]
     lr: f64,
     #[arg(long, default_value_t = 1)]
@@ -156,15 +160,28 @@ fn forward_backward(
     device: Device,
     ledger: Option<(&mut StepLedger, u64)>,
 ) -> Tensor {
+    let x = images.to_device(device);
+    let y = loss::labels_tensor(labels, &x);
+    forward_backward_on(s, &x, &y, labels, ledger)
+}
+
+/// `forward_backward` on images and labels already on the device (a captured step's static
+/// input buffers).
+fn forward_backward_on(
+    s: &mut Setup,
+    images: &Tensor,
+    y: &Tensor,
+    labels: &[usize],
+    ledger: Option<(&mut StepLedger, u64)>,
+) -> Tensor {
     let mut tape = Tape::train();
-    let x = tape.constant(images.to_device(device));
+    let x = tape.constant(images.clone());
     let out = s.net.forward(&mut tape, &mut s.ps, &x);
-    let y = loss::labels_tensor(labels, out.features.value());
     let l = loss::pod(
         &mut tape,
         &out.features,
         &s.pedcc,
-        &y,
+        y,
         DELTA,
         &PodConfig::default(),
     )
@@ -180,7 +197,7 @@ fn forward_backward(
         ledger.add_step(
             l.value(),
             out.logits.value(),
-            &y,
+            y,
             labels,
             &norms,
             labels.len(),
@@ -262,6 +279,25 @@ fn check(
     })
 }
 
+/// The graph row's check: its loss after warm-up + `--steps` replays against the eager row's after
+/// as many eager steps (same weights, same batch). Only reordered reductions (cuDNN's algorithms
+/// may differ in how they sum) separate the two, so they agree to the loss tolerance of the
+/// precision; a replay that did not update the model, or updated it twice, is far outside it.
+fn graph_check(graph_loss: f64, eager_loss: f64, tol: f64) -> CheckResult {
+    let err = (graph_loss - eager_loss).abs() / eager_loss.abs().max(1e-12);
+    let ok = err.is_finite() && err <= tol;
+    CheckResult {
+        max_rel_error: err,
+        tolerance: tol,
+        problem: (!ok).then(|| {
+            format!(
+                "loss after the replays {graph_loss} differs from the eager steps' {eager_loss}"
+            )
+        }),
+        skipped: None,
+    }
+}
+
 struct Row {
     model: String,
     precision: String,
@@ -316,6 +352,66 @@ fn time_config(
     Ok((stats, steps_s, peak, final_loss))
 }
 
+/// `time_config` with the step captured once as a CUDA graph: the same warm-up (eager steps, which
+/// also choose the cuDNN algorithms and fill the pool's cache), then one capture and `--steps`
+/// replays. Images and labels sit in buffers made before the capture (the same batch every step,
+/// as in the eager rows). The capture must leave the parameters, momentum buffers and batch-norm
+/// statistics where they were: a replay updates them at those addresses.
+fn time_config_graph(
+    args: &Args,
+    arch: &str,
+    device: Device,
+) -> Result<(bench::Stats, Vec<f64>, Option<u64>, f64)> {
+    let Device::Cuda(ordinal) = device else {
+        bail!("--cuda-graph needs a GPU");
+    };
+    let gpu = cuda::Gpu::get(ordinal).map_err(anyhow::Error::msg)?;
+    let mut s = build(args, arch, DType::F32, device)?;
+    let (images, labels) = batch_data(args, args.batch, DType::F32);
+    let x = images.to_device(device);
+    let y = loss::labels_tensor(&labels, &x);
+    let mut sgd = Sgd::new(0.9, 5e-4, false)?;
+    let clock = Clock::for_device(device)?;
+    let step = |s: &mut Setup, sgd: &mut Sgd| {
+        let l = forward_backward_on(s, &x, &y, &labels, None);
+        sgd.step(&mut s.ps, args.lr);
+        s.ps.zero_grad();
+        l
+    };
+    // Two eager steps at least: the first makes the momentum buffers (a capture must not).
+    for _ in 0..args.common.warmup.max(2) {
+        step(&mut s, &mut sgd);
+    }
+    clock.sync();
+    let state = |s: &Setup, sgd: &Sgd| -> Vec<u64> {
+        let params = s.ps.iter().map(|p| &p.value);
+        cuda::graph::addresses(params.chain(sgd.state().momentum.values()))
+    };
+    let before = state(&s, &sgd);
+    let (graph, loss_t) = cuda::graph::StepGraph::capture(&gpu, || step(&mut s, &mut sgd))
+        .map_err(anyhow::Error::msg)?;
+    if state(&s, &sgd) != before {
+        bail!(
+            "{arch}: the captured step moved a parameter, momentum buffer or batch-norm statistic \
+             to new memory; its replays would not update the model"
+        );
+    }
+    memory::reset_peak(device);
+    let mut replay_err = None;
+    let (stats, steps_s) = clock.measure_steps(0, args.steps, || {
+        if let Err(e) = graph.replay() {
+            replay_err.get_or_insert(e);
+        }
+    });
+    if let Some(e) = replay_err {
+        bail!("{arch}: {e}");
+    }
+    let peak = memory::peak_bytes(device);
+    let final_loss = loss_t.item();
+    drop(graph);
+    Ok((stats, steps_s, peak, final_loss))
+}
+
 fn main() {
     podgpu::cuda::libs::reexec_with_chosen_libraries();
     bench::exit_on_error(run());
@@ -350,6 +446,9 @@ fn run() -> Result<()> {
             ("bf16", _) => precisions.push(("bf16", MathMode::Fp32, true)),
             (other, _) => bail!("unknown precision {other:?}: expected fp32, tf32 or bf16"),
         }
+    }
+    if args.cuda_graph && !gpu {
+        println!("--cuda-graph: skipped (GPU only; CPU steps have no graphs to replay)");
     }
     let mut rows = Vec::new();
     for arch in &args.models {
@@ -447,6 +546,31 @@ fn run() -> Result<()> {
                     check: chk.clone(),
                     final_loss,
                 });
+            }
+            if args.cuda_graph && gpu {
+                let eager_loss = rows.last().map_or(f64::NAN, |r| r.final_loss);
+                match cuda::catch_oom(|| time_config_graph(&args, arch, device)) {
+                    Ok(Ok((stats, steps_s, peak, final_loss))) => {
+                        let check = graph_check(final_loss, eager_loss, tol.0);
+                        println!(
+                            "  {name}+graph: final loss {final_loss:.6} vs eager {eager_loss:.6}: {}",
+                            check.cell()
+                        );
+                        rows.push(Row {
+                            model: arch.clone(),
+                            precision: format!("{name}+graph"),
+                            metrics: false,
+                            stats,
+                            steps_s,
+                            flops: flops.clone(),
+                            peak,
+                            check,
+                            final_loss,
+                        });
+                    }
+                    Ok(Err(e)) => println!("  {name}+graph: skipped ({e:#})"),
+                    Err(oom) => println!("  {name}+graph: skipped ({oom})"),
+                }
             }
         }
     }

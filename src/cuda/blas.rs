@@ -16,7 +16,13 @@ use std::sync::atomic::{AtomicU8, Ordering};
 pub struct Blas {
     handle: CudaBlas,
     mode: AtomicU8,
+    /// The handle's workspace, set once (`cublasSetWorkspace`): without it cuBLAS would allocate
+    /// its own inside a CUDA graph capture.
+    _workspace: cudarc::driver::CudaSlice<u8>,
 }
+
+/// cuBLAS's workspace: NVIDIA's recommendation for Hopper (32 MiB; 4 MiB suffices before it).
+const WORKSPACE_BYTES: usize = 32 << 20;
 
 impl Blas {
     fn new(gpu: &Gpu) -> Result<Blas, String> {
@@ -29,9 +35,34 @@ impl Blas {
         }
         let handle =
             CudaBlas::new(gpu.stream.clone()).map_err(|e| format!("cublasCreate: {e:?}"))?;
+        // A synchronous allocation: the handle may be created while a graph is being captured.
+        let workspace = (|| {
+            gpu.ctx.bind_to_thread()?;
+            // SAFETY: a fresh allocation owned by the returned slice (freed on drop).
+            unsafe {
+                let p = cudarc::driver::result::malloc_sync(WORKSPACE_BYTES)?;
+                Ok::<_, cudarc::driver::DriverError>(
+                    gpu.stream.upgrade_device_ptr::<u8>(p, WORKSPACE_BYTES),
+                )
+            }
+        })()
+        .map_err(|e| format!("cuBLAS workspace: {e}"))?;
+        let ws = cudarc::driver::DevicePtr::device_ptr(&workspace, &gpu.stream).0;
+        // SAFETY: valid handle; the workspace lives as long as the handle (same struct) and is only
+        // used on the handle's stream.
+        unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(
+                *handle.handle(),
+                ws as *mut std::ffi::c_void,
+                WORKSPACE_BYTES,
+            )
+        }
+        .result()
+        .map_err(|e| format!("cublasSetWorkspace: {e:?}"))?;
         Ok(Blas {
             handle,
             mode: AtomicU8::new(u8::MAX),
+            _workspace: workspace,
         })
     }
 

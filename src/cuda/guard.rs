@@ -118,7 +118,7 @@ pub fn guard(ledger: &Tensor, counts: &Tensor, guarded: &[Option<&Tensor>], step
             None => GuardEntry { p: 0, n: 0 },
         })
         .collect();
-    let dev_table = gpu.upload_owned(bytemuck::cast_slice(&table).to_vec());
+    let dev_table = gpu.upload_constant(bytemuck::cast_slice(&table).to_vec());
     let blocks_x = max_n
         .div_ceil(THREADS as usize)
         .clamp(1, gpu.info.multiprocessors.max(1) * 4);

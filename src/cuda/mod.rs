@@ -10,7 +10,7 @@
 //!
 //! Files: `libs` (finding libraries), `pool` (allocator), `nvrtc` (kernel compilation and cache),
 //! `launch` (launch helpers), `kernels` (the launchers the op dispatch calls), `blas` (cuBLAS),
-//! `dnn` (cuDNN convolution and batch norm), `nn_kernels`, `loss_kernels`, `optim` and `guard` (the
+//! `dnn` (cuDNN convolution and batch norm), `graph` (a step captured as one CUDA graph), `nn_kernels`, `loss_kernels`, `optim` and `guard` (the
 //! trainer's step ledger): launchers of our other kernels; `bf16` (bf16 storage and conversions).
 
 pub mod adamw;
@@ -21,6 +21,7 @@ pub mod blas;
 pub mod blaslt;
 pub mod bn_train;
 pub mod dnn;
+pub mod graph;
 pub mod guard;
 pub mod kernels;
 pub mod launch;
@@ -40,7 +41,7 @@ use cudarc::driver::{
 use libs::Lib;
 use pool::{Pool, PoolStats};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 /// Locks a mutex even if a thread panicked while holding it. Every lock here guards caches and
@@ -79,7 +80,17 @@ pub struct Gpu {
     funcs: Mutex<HashMap<&'static str, CudaFunction>>,
     pub(crate) blas: OnceLock<Result<blas::Blas, String>>,
     pub(crate) dnn: Mutex<Option<Result<dnn::Dnn, String>>>,
+    /// Whether a CUDA graph is being captured on the stream (`graph::StepGraph::capture`):
+    /// nothing may then wait for the device or copy host data that a replay would not see anew.
+    capturing: AtomicBool,
+    /// Host memory the capture's constant uploads read (`upload_constant`), handed to the graph.
+    pub(crate) capture_keep: Mutex<Vec<graph::PinnedWords>>,
 }
+
+/// What `upload` and `upload_owned` say during a capture: the graph would copy the capture's
+/// values at every replay. Data that changes per step goes through the graph's input buffers.
+const CAPTURED_UPLOAD: &str = "copies host data to the GPU (fixed at capture: new data must be \
+    copied into the graph's input buffers before each replay)";
 
 /// f32 data in device memory, from the caching pool (returned to it on drop).
 ///
@@ -135,6 +146,8 @@ impl CudaBuf {
 
     /// `to_host` that returns device errors (e.g. a kernel queued earlier that faulted).
     pub fn try_to_host(&self) -> Result<Vec<f32>, String> {
+        self.gpu
+            .refuse_in_capture("reads a GPU buffer to the host")?;
         let mut out = vec![0f32; self.len];
         if self.len > 0 {
             self.gpu
@@ -327,6 +340,8 @@ impl Gpu {
             funcs: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
             dnn: Mutex::new(None),
+            capturing: AtomicBool::new(false),
+            capture_keep: Mutex::new(Vec::new()),
         });
         gpus[ordinal] = Some(gpu.clone());
         // From now on the tensor can make buffers on this backend's devices.
@@ -393,6 +408,8 @@ impl Gpu {
     /// pageable memory has read it before the call returns). For data made for the copy, use
     /// `upload_owned`, which does not wait.
     pub fn upload(self: &Arc<Self>, host: &[f32]) -> CudaBuf {
+        self.refuse_in_capture(CAPTURED_UPLOAD)
+            .unwrap_or_else(|e| panic!("{e}"));
         let mut b = self.alloc(host.len());
         if !host.is_empty() {
             self.stream
@@ -408,6 +425,8 @@ impl Gpu {
     /// recorded after the copy has completed (checked, and finished buffers dropped, at each later
     /// `upload_owned` and at every wait).
     pub fn upload_owned(self: &Arc<Self>, host: Vec<f32>) -> CudaBuf {
+        self.refuse_in_capture(CAPTURED_UPLOAD)
+            .unwrap_or_else(|e| panic!("{e}"));
         let mut b = self.alloc(host.len());
         if !host.is_empty() {
             self.stream
@@ -426,6 +445,48 @@ impl Gpu {
             }
         }
         b
+    }
+
+    /// Uploads values that are the same at every replay of a CUDA graph being captured (pointer
+    /// tables of multi-tensor kernels, whose buffers the graph keeps): during a capture from
+    /// page-locked memory the graph owns, so that each replay copies them again; otherwise as
+    /// `upload_owned`.
+    pub fn upload_constant(self: &Arc<Self>, host: Vec<f32>) -> CudaBuf {
+        if !self.is_capturing() {
+            return self.upload_owned(host);
+        }
+        let mut b = self.alloc(host.len());
+        if !host.is_empty() {
+            let pinned = graph::PinnedWords::copy_of(&self.ctx, &host)
+                .unwrap_or_else(|e| panic!("page-locked copy on cuda:{}: {e}", self.ordinal));
+            pinned
+                .copy_to(b.raw_mut(), &self.stream)
+                .unwrap_or_else(|e| panic!("copy to cuda:{} failed: {e}", self.ordinal));
+            lock(&self.capture_keep).push(pinned);
+        }
+        b
+    }
+
+    /// Whether a CUDA graph is being captured on this GPU's stream.
+    pub fn is_capturing(&self) -> bool {
+        self.capturing.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_capturing(&self, on: bool) {
+        self.capturing.store(on, Ordering::Release);
+    }
+
+    /// An error saying that `what` cannot be part of a captured step, while a capture is on.
+    fn refuse_in_capture(&self, what: &str) -> Result<(), String> {
+        if self.is_capturing() {
+            return Err(format!(
+                "cuda:{}: the step {what} while it is being captured as a CUDA graph; a replay \
+                 would not repeat it. Run it before or after the captured step, or without \
+                 --cuda-graph",
+                self.ordinal
+            ));
+        }
+        Ok(())
     }
 
     /// Uploads 32-bit integers (labels) into a buffer, bit for bit, without waiting.
@@ -452,6 +513,7 @@ impl Gpu {
 
     /// Waits for all queued work; surfaces asynchronous kernel errors. Counted in `host_waits`.
     pub fn synchronize(&self) -> Result<(), String> {
+        self.refuse_in_capture("waits for the GPU")?;
         self.host_waits.fetch_add(1, Ordering::Relaxed);
         self.stream
             .synchronize()

@@ -52,7 +52,7 @@ pub struct Momentum {
 /// `sgd_step` with every setting of `optim::Sgd` (Nesterov, no momentum) and an optional skip
 /// flag: `skip` is the device address of an i32 (the numerics guard's flag in the trainer's step
 /// ledger, `cuda::guard`); while it is non-zero the kernel changes nothing. Nothing waits for the
-/// device: the pointer table goes up with `Gpu::upload_owned`.
+/// device: the pointer table goes up with `Gpu::upload_constant` (a constant of a captured graph).
 pub fn sgd_step_guarded(params: &[SgdParam], lr: f32, m: Momentum, skip: Option<u64>) {
     if params.is_empty() {
         return;
@@ -77,7 +77,7 @@ pub fn sgd_step_guarded(params: &[SgdParam], lr: f32, m: Momentum, skip: Option<
         });
     }
     let words: Vec<f32> = bytemuck::cast_slice(&table).to_vec();
-    let dev_table = gpu.upload_owned(words);
+    let dev_table = gpu.upload_constant(words);
     let count = table.len();
     assert!(
         count <= 65_535,

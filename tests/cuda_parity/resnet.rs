@@ -14,12 +14,12 @@ use podgpu::tensor::rel_error;
 use podgpu::{DType, Device, Tensor};
 
 const GPU: Device = Device::Cuda(0);
-const BATCH: usize = 8;
-const CLASSES: usize = 10;
-const DIM: usize = 32;
-const DELTA: f64 = 0.5;
+pub(super) const BATCH: usize = 8;
+pub(super) const CLASSES: usize = 10;
+pub(super) const DIM: usize = 32;
+pub(super) const DELTA: f64 = 0.5;
 
-fn network() -> (Network, ParamStore) {
+pub(super) fn network() -> (Network, ParamStore) {
     let p = pedcc::generate(CLASSES, DIM, 5, Method::Simplex)
         .expect("pedcc")
         .to_tensor();
@@ -40,7 +40,7 @@ fn network() -> (Network, ParamStore) {
 }
 
 /// A fixed batch: images [8, 3, 16, 16] and labels.
-fn batch() -> (Tensor, Vec<usize>) {
+pub(super) fn batch() -> (Tensor, Vec<usize>) {
     let mut rng = Rng::new(32);
     let n = BATCH * 3 * 16 * 16;
     let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
