@@ -62,10 +62,14 @@ extern "C" __global__ void guard_count_f32(const GuardEntry* __restrict__ table,
 
 // After guard_count_f32: when a count is non-zero and no earlier step was bad, records `step`, the
 // loss (the table's last entry) and every count in the ledger and sets the flag. Zeroes the counts
-// for the next step either way. Launch one block.
+// for the next step either way. Launch one block. `step_dev` (may be null) overrides `step` with a
+// value read on the device: a step replayed from a CUDA graph has its number written there before
+// each replay (kernel arguments are frozen at capture).
 extern "C" __global__ void guard_finalize(unsigned int* __restrict__ ledger,
                                           unsigned int* __restrict__ counts, int count, i64 step,
+                                          const i64* __restrict__ step_dev,
                                           const float* __restrict__ loss) {
+    if (step_dev) step = *step_dev;
     const unsigned int already = ledger[L_FLAG];  // read by every thread before thread 0 writes it
     int bad = 0;
     for (int t = threadIdx.x; t < count; t += blockDim.x) bad |= (counts[2 * t] | counts[2 * t + 1]) != 0;

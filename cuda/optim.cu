@@ -6,7 +6,7 @@
 // threads stride over its elements. Frozen tensors (flags & 1) are skipped: the PEDCC head and
 // BN buffers never change. The layout matches `SgdEntry` in src/cuda/optim.rs (40 bytes).
 //
-// `skip` (may be null) is the numerics guard's flag in the trainer's step ledger (cuda/guard.cu):
+// `lr_dev` (may be null) overrides `lr`. `skip` (may be null) is the numerics guard's flag in the trainer's step ledger (cuda/guard.cu):
 // while it is non-zero nothing is updated, so that the weights and momentum stay those before the
 // first step with a non-finite loss or gradient, although the host learns of it only later.
 struct SgdEntry {
@@ -19,9 +19,13 @@ struct SgdEntry {
 };
 
 extern "C" __global__ void sgd_multi_f32(const SgdEntry* __restrict__ table, int count, float lr,
-                                         float momentum, int nesterov, int with_momentum,
+                                         const float* __restrict__ lr_dev, float momentum,
+                                         int nesterov, int with_momentum,
                                          const int* __restrict__ skip) {
     if (skip && *skip) return;
+    // A step replayed from a CUDA graph reads its learning rate on the device (written before each
+    // replay; kernel arguments are frozen at capture).
+    if (lr_dev) lr = *lr_dev;
     const int t = blockIdx.y;
     if (t >= count) return;
     const SgdEntry e = table[t];

@@ -106,6 +106,7 @@ const LAUNCHERS: &[(&str, &str)] = &[
     ("dnn/bn.rs", include_str!("../src/cuda/dnn/bn.rs")),
     ("dnn/conv.rs", include_str!("../src/cuda/dnn/conv.rs")),
     ("dnn/mod.rs", include_str!("../src/cuda/dnn/mod.rs")),
+    ("graph.rs", include_str!("../src/cuda/graph.rs")),
     ("guard.rs", include_str!("../src/cuda/guard.rs")),
     ("kernels.rs", include_str!("../src/cuda/kernels.rs")),
     ("launch.rs", include_str!("../src/cuda/launch.rs")),

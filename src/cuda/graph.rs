@@ -226,3 +226,41 @@ pub fn addresses<'a>(tensors: impl Iterator<Item = &'a crate::tensor::Tensor>) -
         })
         .collect()
 }
+
+/// The per-step scalars of a replayed training step, in device memory made before the capture:
+/// the learning rate (f32, word 0) and the 1-based global step (i64, words 2–3). Kernels given
+/// their addresses (`Sgd::set_device_lr`, `StepLedger::set_device_step`) read them at every replay;
+/// `set` writes them before each replay (a copy queued on the stream, no wait).
+pub struct StepScalars {
+    words: crate::tensor::Tensor,
+}
+
+impl StepScalars {
+    pub fn new(gpu: &Arc<Gpu>) -> StepScalars {
+        StepScalars {
+            words: super::tensor(&[4], gpu.alloc_zeros(4)),
+        }
+    }
+
+    /// Queues the values of the next replay.
+    pub fn set(&mut self, lr: f64, step: u64) {
+        let s = step.to_le_bytes();
+        let words = vec![
+            lr as f32,
+            0.0,
+            f32::from_bits(u32::from_le_bytes([s[0], s[1], s[2], s[3]])),
+            f32::from_bits(u32::from_le_bytes([s[4], s[5], s[6], s[7]])),
+        ];
+        let gpu = super::buf(&self.words).gpu.clone();
+        let fresh = gpu.upload_owned(words);
+        super::buf_mut(&mut self.words).copy_from_buf(&fresh);
+    }
+
+    pub fn lr_ptr(&self) -> u64 {
+        super::buf(&self.words).device_ptr()
+    }
+
+    pub fn step_ptr(&self) -> u64 {
+        super::buf(&self.words).device_ptr() + 8
+    }
+}

@@ -5,7 +5,7 @@
 //! bit; the trainer's `train::ledger::StepLedger` owns it, runs the host versions of these kernels on
 //! the CPU, and decodes the words after one read. Nothing here synchronises.
 
-use super::launch::{check, func, gpu_of, one_block, THREADS};
+use super::launch::{check, func, gpu_of, one_block, NULL, THREADS};
 use super::loss_kernels;
 use super::{buf, Gpu};
 use crate::tensor::Tensor;
@@ -90,7 +90,16 @@ pub fn add_step(
 /// step) into `counts` [2 · entries], then records the counts, `step` and the loss in `ledger` and
 /// sets its flag when a count is non-zero and no earlier step was bad. Two launches and one table
 /// upload, no wait.
-pub fn guard(ledger: &Tensor, counts: &Tensor, guarded: &[Option<&Tensor>], step: u64) {
+///
+/// `step_dev`: the device address of an i64 that overrides `step` (a CUDA graph's step scalars,
+/// `cuda::graph::StepScalars`).
+pub fn guard(
+    ledger: &Tensor,
+    counts: &Tensor,
+    guarded: &[Option<&Tensor>],
+    step: u64,
+    step_dev: Option<u64>,
+) {
     let Some(Some(loss)) = guarded.last() else {
         panic!("guard: the loss must be the table's last entry")
     };
@@ -137,14 +146,17 @@ pub fn guard(ledger: &Tensor, counts: &Tensor, guarded: &[Option<&Tensor>], step
     check(unsafe { l.launch(cfg) }, "guard_count_f32");
     let f = func(&gpu, "guard", "guard_finalize");
     let s64 = step as i64;
+    let step_dev = step_dev.unwrap_or(NULL);
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(buf(ledger).raw())
         .arg(buf(counts).raw())
         .arg(&c32)
         .arg(&s64)
+        .arg(&step_dev)
         .arg(buf(loss).raw());
-    // SAFETY: matches guard_finalize(unsigned*, unsigned*, int, i64, const float*); the ledger has
-    // `layout::words(count)` words, the loss at least one element.
+    // SAFETY: matches guard_finalize(unsigned*, unsigned*, int, i64, const i64*, const float*); the
+    // ledger has `layout::words(count)` words, the loss at least one element; `step_dev` is null
+    // or the address of a live i64 on this GPU.
     check(unsafe { l.launch(one_block()) }, "guard_finalize");
 }
 

@@ -36,7 +36,7 @@ pub fn sgd_step(params: &[SgdParam], lr: f32, momentum: f32) {
         nesterov: false,
         buffers: true,
     };
-    sgd_step_guarded(params, lr, m, None);
+    sgd_step_guarded(params, lr, m, None, None);
 }
 
 /// The momentum settings of `sgd_step_guarded`.
@@ -53,7 +53,16 @@ pub struct Momentum {
 /// flag: `skip` is the device address of an i32 (the numerics guard's flag in the trainer's step
 /// ledger, `cuda::guard`); while it is non-zero the kernel changes nothing. Nothing waits for the
 /// device: the pointer table goes up with `Gpu::upload_constant` (a constant of a captured graph).
-pub fn sgd_step_guarded(params: &[SgdParam], lr: f32, m: Momentum, skip: Option<u64>) {
+///
+/// `lr_dev`: the device address of an f32 that overrides `lr` (a CUDA graph's step scalars,
+/// `cuda::graph::StepScalars`).
+pub fn sgd_step_guarded(
+    params: &[SgdParam],
+    lr: f32,
+    m: Momentum,
+    skip: Option<u64>,
+    lr_dev: Option<u64>,
+) {
     if params.is_empty() {
         return;
     }
@@ -94,15 +103,18 @@ pub fn sgd_step_guarded(params: &[SgdParam], lr: f32, m: Momentum, skip: Option<
     let f = func(&gpu, "optim", "sgd_multi_f32");
     let (c32, n32, b32) = (count as i32, m.nesterov as i32, m.buffers as i32);
     let skip = skip.unwrap_or(NULL);
+    let lr_dev = lr_dev.unwrap_or(NULL);
     let mut l = gpu.stream.launch_builder(&f);
     l.arg(dev_table.raw())
         .arg(&c32)
         .arg(&lr)
+        .arg(&lr_dev)
         .arg(&m.momentum)
         .arg(&n32)
         .arg(&b32)
         .arg(&skip);
-    // SAFETY: matches sgd_multi_f32(const SgdEntry*, int, float, float, int, int, const int*); every
+    // SAFETY: matches sgd_multi_f32(const SgdEntry*, int, float, const float*, float, int, int,
+    // const int*); `lr_dev` is null or the address of a live f32 on this GPU; every
     // pointer in the table is a live buffer of n floats, kept alive by `params` until the kernel is
     // queued (and by the stream order after that, as the pool only reuses blocks for later work);
     // `skip` is null or the address of a live i32 on this GPU.

@@ -60,6 +60,9 @@ pub struct Sgd {
     /// biases, position embeddings, tokens); empty for the paper's CNN recipe, which decays all.
     pub no_decay: BTreeSet<String>,
     state: SgdState,
+    /// The device address of an f32 learning rate that the one-launch GPU update reads instead
+    /// of its `lr` argument (a CUDA graph's step scalars: arguments are frozen at capture).
+    device_lr: Option<u64>,
 }
 
 impl Sgd {
@@ -81,7 +84,21 @@ impl Sgd {
             nesterov,
             no_decay: BTreeSet::new(),
             state: SgdState::default(),
+            device_lr: None,
         })
+    }
+
+    /// Makes the one-launch GPU update read its learning rate from this device address (an f32,
+    /// `cuda::graph::StepScalars::lr_ptr`) instead of the `lr` argument; `None` goes back to the
+    /// argument. The per-tensor paths always use the argument.
+    pub fn set_device_lr(&mut self, ptr: Option<u64>) {
+        self.device_lr = ptr;
+    }
+
+    /// Counts a step taken outside `step` (a replay of a captured step, which runs the update on
+    /// the device without this code), so that the saved state counts every step.
+    pub fn count_replayed_step(&mut self) {
+        self.state.steps += 1;
     }
 
     /// One update of every trainable parameter that has a gradient, at learning rate `lr`.
@@ -184,6 +201,7 @@ impl Sgd {
                 buffers: with_momentum,
             },
             skip_ptr,
+            self.device_lr,
         );
         drop(table);
         self.state.momentum.extend(bufs);

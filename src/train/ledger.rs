@@ -102,6 +102,8 @@ pub struct StepLedger {
     /// Whether anything (a step, a guard check) was added since the last read.
     dirty: bool,
     last: Reading,
+    /// See `set_device_step`.
+    device_step: Option<u64>,
 }
 
 impl StepLedger {
@@ -141,7 +143,20 @@ impl StepLedger {
             unread: 0,
             dirty: false,
             last,
+            device_step: None,
         }
+    }
+
+    /// Makes the GPU guard read the step number from this device address (an i64,
+    /// `cuda::graph::StepScalars::step_ptr`) instead of its argument: a replayed step's number.
+    pub fn set_device_step(&mut self, ptr: Option<u64>) {
+        self.device_step = ptr;
+    }
+
+    /// Counts a step added on the device by a graph replay (whose `add_step` ran only at capture).
+    pub fn count_replayed_step(&mut self) {
+        self.unread += 1;
+        self.dirty = true;
     }
 
     /// The numerics guard of global step `step` (1-based): checks every trainable gradient in
@@ -168,7 +183,7 @@ impl StepLedger {
             }
             Device::Cuda(_) => {
                 let counts = self.counts.as_ref().expect("GPU ledger has counts");
-                crate::cuda::guard::guard(&self.words, counts, &table, step);
+                crate::cuda::guard::guard(&self.words, counts, &table, step, self.device_step);
             }
         }
         self.dirty = true;
