@@ -99,6 +99,39 @@ fn assert_fresh_refused(s: &Setup, data: &Path, args: &[&str], needles: &[&str])
     err
 }
 
+// ---- CUDA graphs (PODGPU_CUDA_GRAPH) ----
+
+#[test]
+fn cuda_graph_without_a_gpu_or_with_a_bad_value() {
+    let s = Setup::new();
+    let out = s.path("run");
+    let run = |value: &str, extra: &[&str]| {
+        let mut args: Vec<String> = ["train", "resnet18", "--width", "2", "--epochs", "1"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        args.extend(["--batch-size", "16", "--device", "cpu", "--threads", "2"].map(String::from));
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args.extend(["--data".into(), s.data().display().to_string()]);
+        args.extend(["--out".into(), out.display().to_string()]);
+        podgpu()
+            .env("PODGPU_CUDA_GRAPH", value)
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    assert_refused(&run("1", &[]), 1, &["PODGPU_CUDA_GRAPH=1 needs a GPU"]);
+    assert!(!out.exists(), "a refused run left its folder");
+    assert_refused(
+        &run("yes", &[]),
+        1,
+        &["PODGPU_CUDA_GRAPH=\"yes\"", "expected 1"],
+    );
+    assert!(!out.exists(), "a refused run left its folder");
+    // 0 means off: the run trains on the CPU as usual.
+    assert_ok(&run("0", &[]));
+}
+
 // ---- dataset file ----
 
 #[test]

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod eval;
 pub mod gda;
+pub mod graphed;
 pub mod identity;
 pub mod ledger;
 pub mod metrics;

@@ -292,6 +292,12 @@ impl Run {
         let mut cfg = TrainConfig::from_json(&header.config)?;
         cfg.device = device_for_rank(&cfg.device);
         let (device, ds, train, test) = prepare(&cfg, false)?;
+        if crate::train::graphed::wanted(&cfg, device)?.is_some() {
+            bail!(
+                "PODGPU_CUDA_GRAPH=1 replays the steps of one process only; unset it for a run \
+                 with several ranks"
+            );
+        }
         let centroids = header
             .centroids
             .map(|(shape, values)| Tensor::from_vec(&shape, values));

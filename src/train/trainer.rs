@@ -213,6 +213,8 @@ fn prepare(cfg: &TrainConfig, writer: bool) -> Result<(Device, Dataset, Split, O
     });
     set_precision(cfg.precision);
     check_gpu_bf16(cfg.precision, device, &cfg.model)?;
+    // PODGPU_CUDA_GRAPH: refused here, before a run folder exists, when the run cannot replay.
+    super::graphed::wanted(cfg, device)?;
     if cfg.sync_bn && cfg.precision == super::config::Precision::Bf16 && device != Device::Cpu {
         bail!(
             "--sync-bn with --precision bf16 on a GPU is not supported yet (the synchronised \
@@ -967,6 +969,15 @@ impl Run {
         // points at.
         let mut unread_steps: Vec<(u64, usize)> = Vec::new();
         let poison = test_nan_gradient_at()?;
+        // PODGPU_CUDA_GRAPH=1: after one eager step of the epoch, full batches replay one captured
+        // step (`graphed`); `graph_gpu` is dropped (and the run goes on eagerly) if capture fails.
+        let mut graph_gpu = if poison.is_none() {
+            super::graphed::wanted(&cfg, self.device)?
+        } else {
+            None
+        };
+        let mut graphed: Option<super::graphed::Graphed> = None;
+        let mut eager_steps = 0usize;
         for batch in loader.epoch_from(epoch as u64, tally.next_batch) {
             let b = batch.labels.len();
             let index = batch.index;
@@ -992,60 +1003,105 @@ impl Run {
             let (images, labels) = batch.into_parts();
             let labels: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
             let step_lr = self.schedule.lr(epoch, index, total_batches);
-            // Drop path and dropout draw from a stream of the step: a resumed run draws the same.
-            let mut tape = Tape::train()
-                .with_anomaly_detection(cfg.detect_anomaly)
-                .with_rng(Rng::derive(
-                    cfg.seed ^ DROP_SALT,
-                    self.state.global_step + 1,
-                ));
-            let x = tape.constant(images.to_device(self.device));
-            let out = self.net.forward(&mut tape, &mut self.ps, &x);
-            let labels_t = loss::labels_tensor(&labels, out.features.value());
-            let l = self
-                .objective
-                .loss(&mut tape, &self.ps, &out, &labels_t, delta);
             let step = self.state.global_step + 1;
-            if let Some(a) = tape.anomaly() {
-                let at = step_place(epoch, index, total_batches, step);
-                bail!("--detect-anomaly at {at}: {a}. {}", self.recovery_advice());
-            }
-            let loss_t = l.value().clone();
-            tape.backward(&l, &mut self.ps);
-            if let Some(a) = tape.anomaly() {
-                let at = step_place(epoch, index, total_batches, step);
-                bail!("--detect-anomaly at {at}: {a}. {}", self.recovery_advice());
-            }
-            drop(tape);
-            if let Some((at_step, name)) = &poison {
-                if *at_step == step {
-                    poison_gradient(&mut self.ps, name.as_deref())?;
+            let replayed = match &graph_gpu {
+                Some(gpu) if eager_steps > 0 && b == cfg.batch_size => {
+                    let mut parts = super::graphed::StepParts {
+                        net: &self.net,
+                        ps: &mut self.ps,
+                        objective: &self.objective,
+                        opt: &mut self.sgd,
+                        ledger: &mut ledger,
+                        cfg: &cfg,
+                        delta,
+                    };
+                    match &mut graphed {
+                        Some(g) if g.fits(b) => {
+                            g.replay(&mut parts, &images, &labels, step_lr, step)?;
+                            true
+                        }
+                        _ => match super::graphed::Graphed::capture(
+                            gpu, &mut parts, &images, &labels, step_lr, step,
+                        ) {
+                            Ok(g) => {
+                                graphed = Some(g);
+                                true
+                            }
+                            Err(why) => {
+                                eprintln!("note: {why}; training on with eager steps");
+                                false
+                            }
+                        },
+                    }
                 }
+                _ => false,
+            };
+            if !replayed && graph_gpu.is_some() && eager_steps > 0 && b == cfg.batch_size {
+                graph_gpu = None; // the capture failed: eager from now on
             }
-            // Checked before the update, which skips while the guard's flag is set, so the weights
-            // in memory stay the last good ones until the host reads the record.
-            ledger.guard(step, &self.ps, &loss_t);
-            if let Some(max_norm) = cfg.clip_grad {
-                crate::optim::clip_grad_norm(&mut self.ps, max_norm);
+            if replayed {
+                self.state.global_step += 1;
+                self.loop_counts.steps += 1;
+                tally.seen += b;
+                unread_steps.push((step, index));
+            } else {
+                eager_steps += 1;
+                // Drop path and dropout draw from a stream of the step: a resumed run draws the same.
+                let mut tape = Tape::train()
+                    .with_anomaly_detection(cfg.detect_anomaly)
+                    .with_rng(Rng::derive(
+                        cfg.seed ^ DROP_SALT,
+                        self.state.global_step + 1,
+                    ));
+                let x = tape.constant(images.to_device(self.device));
+                let out = self.net.forward(&mut tape, &mut self.ps, &x);
+                let labels_t = loss::labels_tensor(&labels, out.features.value());
+                let l = self
+                    .objective
+                    .loss(&mut tape, &self.ps, &out, &labels_t, delta);
+                let step = self.state.global_step + 1;
+                if let Some(a) = tape.anomaly() {
+                    let at = step_place(epoch, index, total_batches, step);
+                    bail!("--detect-anomaly at {at}: {a}. {}", self.recovery_advice());
+                }
+                let loss_t = l.value().clone();
+                tape.backward(&l, &mut self.ps);
+                if let Some(a) = tape.anomaly() {
+                    let at = step_place(epoch, index, total_batches, step);
+                    bail!("--detect-anomaly at {at}: {a}. {}", self.recovery_advice());
+                }
+                drop(tape);
+                if let Some((at_step, name)) = &poison {
+                    if *at_step == step {
+                        poison_gradient(&mut self.ps, name.as_deref())?;
+                    }
+                }
+                // Checked before the update, which skips while the guard's flag is set, so the weights
+                // in memory stay the last good ones until the host reads the record.
+                ledger.guard(step, &self.ps, &loss_t);
+                if let Some(max_norm) = cfg.clip_grad {
+                    crate::optim::clip_grad_norm(&mut self.ps, max_norm);
+                }
+                self.sgd
+                    .step_unless(&mut self.ps, step_lr, Some(ledger.skip_flag()));
+                self.ps.zero_grad();
+                self.objective.after_step(
+                    &self.net,
+                    &mut self.ps,
+                    x.value(),
+                    &out,
+                    &labels_t,
+                    step_lr,
+                    Some(ledger.skip_flag()),
+                );
+                self.state.global_step += 1;
+                self.loop_counts.steps += 1;
+                let norms =
+                    loss::delta_norms(cfg.variant, out.features.value(), out.logits.value());
+                ledger.add_step(&loss_t, out.logits.value(), &labels_t, &labels, &norms, b);
+                tally.seen += b;
+                unread_steps.push((step, index));
             }
-            self.sgd
-                .step_unless(&mut self.ps, step_lr, Some(ledger.skip_flag()));
-            self.ps.zero_grad();
-            self.objective.after_step(
-                &self.net,
-                &mut self.ps,
-                x.value(),
-                &out,
-                &labels_t,
-                step_lr,
-                Some(ledger.skip_flag()),
-            );
-            self.state.global_step += 1;
-            self.loop_counts.steps += 1;
-            let norms = loss::delta_norms(cfg.variant, out.features.value(), out.logits.value());
-            ledger.add_step(&loss_t, out.logits.value(), &labels_t, &labels, &norms, b);
-            tally.seen += b;
-            unread_steps.push((step, index));
             hold_for_a_signal_in_tests(self.state.global_step);
             let stopping = signal::stop_requested() && tally.next_batch < total_batches;
             if self.cadence.step_done() || stopping {

@@ -195,3 +195,85 @@ fn training_steps_wait_for_the_gpu_only_when_the_ledger_is_read() {
     };
     assert_eq!(bits("sparse"), bits("dense"));
 }
+
+/// `PODGPU_CUDA_GRAPH=1`: after one eager step per epoch the trainer replays one captured step
+/// (`train::graphed`). In deterministic mode the epochs' numbers and the final weights are those
+/// of the eager run bit for bit, and the replays wait for the host no more than eager steps do.
+#[test]
+#[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
+fn a_run_that_replays_cuda_graphs_trains_exactly_as_an_eager_run() {
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _gpu = gpu();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("bars.bin");
+    let (epochs, images, batch) = (2usize, 100usize, 8usize); // a last batch of 4 runs eagerly
+    bars(&data, images, 16);
+    struct Unset;
+    impl Drop for Unset {
+        fn drop(&mut self) {
+            // SAFETY: GPU tests run one at a time (GPU_LOCK); nothing else reads the variable.
+            unsafe { std::env::remove_var("PODGPU_CUDA_GRAPH") };
+        }
+    }
+    let run = |name: &str, graph: bool| {
+        let _unset = Unset;
+        if graph {
+            // SAFETY: as above.
+            unsafe { std::env::set_var("PODGPU_CUDA_GRAPH", "1") };
+        }
+        let cfg = TrainConfig {
+            model: "resnet18".into(),
+            width: 4,
+            data: Some(data.clone()),
+            device: "cuda:0".into(),
+            seed: 12,
+            epochs,
+            batch_size: batch,
+            lr: 0.05,
+            milestones: vec![],
+            deterministic: true,
+            out: Some(tmp.path().join(name)),
+            ..TrainConfig::default()
+        };
+        trainer::train(cfg).unwrap_or_else(|e| panic!("{name}: {e:#}"))
+    };
+    let eager = run("eager", false);
+    let graph = run("graph", true);
+    println!("eager {:?}\ngraph {:?}", eager.step_loop, graph.step_loop);
+    assert_eq!(eager.step_loop.steps, graph.step_loop.steps);
+    assert!(graph.step_loop.host_waits <= eager.step_loop.host_waits);
+    let records = |name: &str| -> Vec<(u64, u64, u64)> {
+        read_jsonl(&tmp.path().join(name).join("metrics.jsonl"))
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r.train_loss.to_bits(),
+                    r.train_acc.to_bits(),
+                    r.mean_norm.to_bits(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(records("eager"), records("graph"), "epoch records differ");
+    let weights = |name: &str| {
+        let c = podgpu::train::load_checkpoint(&tmp.path().join(name).join("last.safetensors"))
+            .unwrap();
+        let mut all: Vec<(String, Vec<f32>)> = c
+            .tensors
+            .iter()
+            .map(|(k, t)| (k.clone(), t.to_vec_f32()))
+            .collect();
+        all.extend(
+            c.optim
+                .momentum
+                .iter()
+                .map(|(k, t)| (k.clone(), t.to_vec_f32())),
+        );
+        (all, c.optim.steps)
+    };
+    assert!(
+        weights("eager") == weights("graph"),
+        "final weights, momentum or SGD step count differ"
+    );
+}
