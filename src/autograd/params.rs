@@ -65,6 +65,12 @@ impl ParamStore {
     }
 
     pub fn set_value(&mut self, id: ParamId, value: Tensor) {
+        let p = self.same_shape(id, &value);
+        p.value = value;
+    }
+
+    /// The parameter, after checking that `value` has its shape.
+    fn same_shape(&mut self, id: ParamId, value: &Tensor) -> &mut Param {
         let p = &mut self.params[id.0];
         assert_eq!(
             p.value.shape(),
@@ -72,20 +78,13 @@ impl ParamStore {
             "new value for {} has the wrong shape",
             p.name
         );
-        p.value = value;
+        p
     }
 
     /// Writes `value` into the parameter's existing buffer (`Tensor::assign`), so its memory keeps
     /// its address: what a CUDA graph replays reads and writes the same buffers every step.
     pub fn assign_value(&mut self, id: ParamId, value: &Tensor) {
-        let p = &mut self.params[id.0];
-        assert_eq!(
-            p.value.shape(),
-            value.shape(),
-            "new value for {} has the wrong shape",
-            p.name
-        );
-        p.value.assign(value);
+        self.same_shape(id, value).value.assign(value);
     }
 
     pub fn find(&self, name: &str) -> Option<ParamId> {

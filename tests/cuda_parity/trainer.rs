@@ -130,6 +130,24 @@ fn bars(path: &Path, n_train: usize, n_test: usize) {
     write_dataset(path, &spec).unwrap();
 }
 
+/// A deterministic resnet18 (width 4) run on the bars dataset at `data`, constant lr, into `out`.
+fn bars_run(data: &Path, out: &Path, seed: u64, epochs: usize, batch: usize) -> TrainConfig {
+    TrainConfig {
+        model: "resnet18".into(),
+        width: 4,
+        data: Some(data.to_path_buf()),
+        device: "cuda:0".into(),
+        seed,
+        epochs,
+        batch_size: batch,
+        lr: 0.05,
+        milestones: vec![],
+        deterministic: true,
+        out: Some(out.to_path_buf()),
+        ..TrainConfig::default()
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
 fn training_steps_wait_for_the_gpu_only_when_the_ledger_is_read() {
@@ -141,20 +159,7 @@ fn training_steps_wait_for_the_gpu_only_when_the_ledger_is_read() {
     bars(&data, images, 16);
     let steps_per_epoch = (images / batch) as u64;
     let run = |name: &str, every: usize| {
-        let cfg = TrainConfig {
-            model: "resnet18".into(),
-            width: 4,
-            data: Some(data.clone()),
-            device: "cuda:0".into(),
-            seed: 11,
-            epochs,
-            batch_size: batch,
-            lr: 0.05,
-            milestones: vec![],
-            deterministic: true,
-            out: Some(tmp.path().join(name)),
-            ..TrainConfig::default()
-        };
+        let cfg = bars_run(&data, &tmp.path().join(name), 11, epochs, batch);
         set_read_every(Some(every));
         let s = trainer::train(cfg);
         set_read_every(None);
@@ -221,20 +226,7 @@ fn a_run_that_replays_cuda_graphs_trains_exactly_as_an_eager_run() {
             // SAFETY: as above.
             unsafe { std::env::set_var("PODGPU_CUDA_GRAPH", "1") };
         }
-        let cfg = TrainConfig {
-            model: "resnet18".into(),
-            width: 4,
-            data: Some(data.clone()),
-            device: "cuda:0".into(),
-            seed: 12,
-            epochs,
-            batch_size: batch,
-            lr: 0.05,
-            milestones: vec![],
-            deterministic: true,
-            out: Some(tmp.path().join(name)),
-            ..TrainConfig::default()
-        };
+        let cfg = bars_run(&data, &tmp.path().join(name), 12, epochs, batch);
         trainer::train(cfg).unwrap_or_else(|e| panic!("{name}: {e:#}"))
     };
     let eager = run("eager", false);
