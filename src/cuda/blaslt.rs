@@ -13,6 +13,10 @@
 //! yᵀ (n × m) = op_T(w as k × n) · (x as k × m), so the bias runs along D's rows, which is the
 //! vector the epilogue broadcasts across D's columns.
 //!
+//! The backward's weight gradient dw = gᵀ·x takes the bias gradient Σ_rows g in its epilogue
+//! (`CUBLASLT_EPILOGUE_BGRADB`, `linear_weight_and_bias_grad`), in f32; where cuBLASLt offers no
+//! algorithm for that, the caller makes the two apart (a GEMM and a column sum).
+//!
 //! One cuBLASLt handle per device (created at first use, kept for the process); descriptors are
 //! made per call and the algorithm is cuBLASLt's first heuristic pick within `WORKSPACE_LIMIT`.
 
@@ -37,12 +41,12 @@ unsafe impl Send for Handle {}
 
 static HANDLES: OnceLock<Mutex<HashMap<usize, Handle>>> = OnceLock::new();
 
-/// The heuristic's pick per device and product (m, k, n, input type, compute type), asked for
+/// The heuristic's pick per device and product (m, k, n, input type, compute type, epilogue), asked for
 /// once: the query costs more host time than a small product's launch, and the step asks for the
 /// same few shapes every time. The pick depends on the descriptors' attributes too, which are the
 /// same for every call here (transposes, the bias epilogue, f32 bias and output; the pool's
 /// buffers are aligned alike).
-type AlgoKey = (usize, [usize; 3], u32, u32);
+type AlgoKey = (usize, [usize; 3], u32, u32, u32);
 
 // SAFETY: plain data (the algorithm's opaque words); only used under `ALGOS`'s lock.
 struct Algo(sys::cublasLtMatmulHeuristicResult_t);
@@ -129,24 +133,97 @@ pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
     };
     let y = gpu.alloc(m * n);
     if m > 0 && n > 0 {
-        let yp = y.device_ptr();
-        run(&gpu, [m, k, n], xp, wp, ty, compute, bias.device_ptr(), yp)
+        // Column-major: A = w as k × n (transposed), B = x as k × m, D = y as n × m.
+        let product = Product {
+            shape: [m, k, n],
+            a: (wp, [k, n], true),
+            b: (xp, [k, m], false),
+            d: (y.device_ptr(), [n, m]),
+            ty,
+            compute,
+            epilogue: sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+            bias: bias.device_ptr(),
+        };
+        run(&gpu, &product)
             .unwrap_or_else(|e| panic!("cuda:{}: {e} (m={m} k={k} n={n})", gpu.ordinal));
     }
     tensor(&[m, n], y)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run(
-    gpu: &Arc<Gpu>,
-    [m, k, n]: [usize; 3],
-    xp: u64,
-    wp: u64,
+/// The weight and bias gradients of `linear_bias` in one call for f32 tensors: dw [n, k] = gᵀ·x
+/// and db [n] = Σ over rows of g, from g [m, n] and x [m, k]; the bias gradient is the GEMM's
+/// `CUBLASLT_EPILOGUE_BGRADB` epilogue. `None` when cuBLASLt has no algorithm with that epilogue
+/// for the product (the caller then makes the two separately); remembered per shape.
+pub fn linear_weight_and_bias_grad(g: &Tensor, x: &Tensor) -> Option<(Tensor, Tensor)> {
+    assert!(
+        g.rank() == 2 && x.rank() == 2 && g.dim(0) == x.dim(0),
+        "linear_weight_and_bias_grad: g {g:?}, x {x:?} (want g [m, n], x [m, k])"
+    );
+    if g.dtype() != DType::F32 || x.dtype() != DType::F32 {
+        return None;
+    }
+    let (m, n, k) = (g.dim(0), g.dim(1), x.dim(1));
+    let gpu = buf(g).gpu.clone();
+    if m == 0 || n == 0 || k == 0 {
+        return None;
+    }
+    let key = (gpu.ordinal, [m, k, n]);
+    let unsupported = UNSUPPORTED.get_or_init(|| Mutex::new(std::collections::HashSet::new()));
+    if unsupported
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&key)
+    {
+        return None;
+    }
+    let dw = gpu.alloc(n * k);
+    let db = gpu.alloc(n);
+    // Column-major: dw row-major [n, k] is D = k × n; A = x as k × m, B = g stored as n × m and
+    // transposed (m × n), so the bias gradient runs along D's columns and sums over m.
+    let product = Product {
+        shape: [k, m, n],
+        a: (buf(x).device_ptr(), [k, m], false),
+        b: (buf(g).device_ptr(), [n, m], true),
+        d: (dw.device_ptr(), [k, n]),
+        ty: sys::cudaDataType::CUDA_R_32F,
+        compute: match math_mode() {
+            MathMode::Fp32 => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            MathMode::Tf32 => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+        },
+        epilogue: sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BGRADB,
+        bias: db.device_ptr(),
+    };
+    match run(&gpu, &product) {
+        Ok(()) => Some((tensor(&[n, k], dw), tensor(&[n], db))),
+        Err(_) => {
+            unsupported
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key);
+            None
+        }
+    }
+}
+
+/// Products for which cuBLASLt offered no bias-gradient epilogue (device, [m, k, n]).
+type ShapeKey = (usize, [usize; 3]);
+static UNSUPPORTED: OnceLock<Mutex<std::collections::HashSet<ShapeKey>>> = OnceLock::new();
+
+/// One column-major cuBLASLt product D = op(A)·op(B) with an epilogue: each operand is (device
+/// address, [rows, cols] as stored, transposed); `shape` is the cache's (m, k, n) of the caller's
+/// product; the epilogue's vector (bias, or bias gradient) is f32 at `bias`.
+struct Product {
+    shape: [usize; 3],
+    a: (u64, [usize; 2], bool),
+    b: (u64, [usize; 2], bool),
+    d: (u64, [usize; 2]),
     ty: sys::cudaDataType,
     compute: sys::cublasComputeType_t,
+    epilogue: sys::cublasLtEpilogue_t,
     bias: u64,
-    yp: u64,
-) -> Result<(), String> {
+}
+
+fn run(gpu: &Arc<Gpu>, p: &Product) -> Result<(), String> {
     let report = libs::ensure_loaded();
     if !report.has(Lib::CublasLt) {
         return Err(format!(
@@ -167,31 +244,27 @@ fn run(
         }
     };
     let f32t = sys::cudaDataType::CUDA_R_32F;
-    // Column-major: A = w as k × n (transposed), B = x as k × m, C = D = y as n × m.
-    let a = Layout(lt::create_matrix_layout(ty, k as u64, n as u64, k as i64).map_err(err("A"))?);
-    let bl = Layout(lt::create_matrix_layout(ty, k as u64, m as u64, k as i64).map_err(err("B"))?);
-    let d = Layout(lt::create_matrix_layout(f32t, n as u64, m as u64, n as i64).map_err(err("D"))?);
-    let desc = Desc(lt::create_matmul_desc(compute, f32t).map_err(err("matmul desc"))?);
+    let layout = |ty, [rows, cols]: [usize; 2], what| {
+        lt::create_matrix_layout(ty, rows as u64, cols as u64, rows as i64)
+            .map(Layout)
+            .map_err(err(what))
+    };
+    let a = layout(p.ty, p.a.1, "A")?;
+    let bl = layout(p.ty, p.b.1, "B")?;
+    let d = layout(f32t, p.d.1, "D")?;
+    let desc = Desc(lt::create_matmul_desc(p.compute, f32t).map_err(err("matmul desc"))?);
     use sys::cublasLtMatmulDescAttributes_t as A;
-    set_desc(
-        &desc,
-        A::CUBLASLT_MATMUL_DESC_TRANSA,
-        &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T,
-    )?;
-    set_desc(
-        &desc,
-        A::CUBLASLT_MATMUL_DESC_TRANSB,
-        &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
-    )?;
-    set_desc(
-        &desc,
-        A::CUBLASLT_MATMUL_DESC_EPILOGUE,
-        &sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
-    )?;
+    let op = |t: bool| match t {
+        true => cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T,
+        false => cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+    };
+    set_desc(&desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &op(p.a.2))?;
+    set_desc(&desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &op(p.b.2))?;
+    set_desc(&desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &p.epilogue)?;
     set_desc(
         &desc,
         A::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-        &(bias as *const c_void),
+        &(p.bias as *const c_void),
     )?;
     // The bias is f32 whatever the inputs (its default would follow the output, f32 too; said
     // explicitly so that a bf16 output later cannot silently change it).
@@ -208,7 +281,13 @@ fn run(
         )
     }
     .map_err(err("workspace preference"))?;
-    let key: AlgoKey = (gpu.ordinal, [m, k, n], ty as u32, compute as u32);
+    let key: AlgoKey = (
+        gpu.ordinal,
+        p.shape,
+        p.ty as u32,
+        p.compute as u32,
+        p.epilogue as u32,
+    );
     let mut algos = ALGOS
         .get_or_init(|| Mutex::new(HashMap::new()))
         .lock()
@@ -230,22 +309,25 @@ fn run(
         .try_alloc(h.workspaceSize.div_ceil(4))
         .map_err(|_| "cuBLASLt workspace: out of GPU memory".to_string())?;
     let (one, zero) = (1.0f32, 0.0f32);
-    // SAFETY: w holds n·k and x m·k values of `ty`, y m·n floats and the bias n floats, as the
-    // layouts say; alpha and beta are f32 (the scale type); beta = 0 so C (= y) is not read; the
-    // workspace has the bytes the heuristic asked for; all on the device's stream.
+    let dp = p.d.0;
+    // SAFETY: A, B and D hold the values their layouts describe (`p`, from the callers' tensors),
+    // the epilogue's vector the length it needs (D's rows for a bias, its columns for a bias
+    // gradient of B), all f32 but A and B of `p.ty`; alpha and beta are f32 (the scale type);
+    // beta = 0 so C (= D) is not read; the workspace has the bytes the heuristic asked for; all
+    // on the device's stream.
     unsafe {
         lt::matmul(
             handle,
             desc.0,
             (&one) as *const f32 as *const c_void,
             (&zero) as *const f32 as *const c_void,
-            wp as *const c_void,
+            p.a.0 as *const c_void,
             a.0,
-            xp as *const c_void,
+            p.b.0 as *const c_void,
             bl.0,
-            yp as *const c_void,
+            dp as *const c_void,
             d.0,
-            yp as *mut c_void,
+            dp as *mut c_void,
             d.0,
             &h.algo,
             ws.device_ptr() as *mut c_void,
@@ -253,5 +335,5 @@ fn run(
             gpu.stream.cu_stream() as sys::cudaStream_t,
         )
     }
-    .map_err(err("matmul with the bias epilogue"))
+    .map_err(err("matmul with an epilogue"))
 }

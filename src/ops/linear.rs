@@ -164,7 +164,8 @@ pub fn linear(t: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Var {
 
 /// `linear` with a bias on a GPU: the forward is one cuBLASLt call with the bias in its epilogue
 /// (`cuda::blaslt::linear_bias`) instead of a GEMM and a bias kernel; the backward is the same
-/// products as `matmul`'s and the bias gradient from the unrounded gradient, as `bias_add`'s, so
+/// products as `matmul`'s (in f32 the weight's with the bias gradient in its epilogue,
+/// `linear_weight_and_bias_grad`) and the bias gradient from the unrounded gradient, as `bias_add`'s, so
 /// the numbers are those of the unfused ops up to the GEMM's summation order. On the bf16 path x, w,
 /// the gradient and dx are rounded to bf16 values (`round_bf16`) exactly where `bf16_matmul`
 /// rounds them.
@@ -174,11 +175,24 @@ fn linear_bias_gpu(t: &mut Tape, x: &Var, w: &Var, b: &Var, bf16: bool) -> Var {
     let y = cuda::blaslt::linear_bias(&sx, &sw, b.value());
     t.op(y, &[x, w, b], move || {
         Box::new(move |g, needs| {
-            let db = needs[2].then(|| sum_rows_fwd(g));
+            // In f32 both gradients of the parameters come from one cuBLASLt call (the bias's in
+            // the epilogue), when it has an algorithm for the shape; the bf16 path takes the bias
+            // gradient from the unrounded g, so it stays two calls.
+            let (mut dw, mut db) = (None, None);
+            if needs[1] && needs[2] && !bf16 {
+                if let Some((w_grad, b_grad)) = cuda::blaslt::linear_weight_and_bias_grad(g, &sx) {
+                    (dw, db) = (Some(w_grad), Some(b_grad));
+                }
+            }
+            if db.is_none() {
+                db = needs[2].then(|| sum_rows_fwd(g));
+            }
             let g = &round_bf16(bf16, g);
             // y = x wᵀ:  dx = g w,  dw = gᵀ x.
             let dx = needs[0].then(|| round_bf16(bf16, &matmul_fwd(g, false, &sw, false)));
-            let dw = needs[1].then(|| matmul_fwd(g, true, &sx, false));
+            if dw.is_none() {
+                dw = needs[1].then(|| matmul_fwd(g, true, &sx, false));
+            }
             vec![dx, dw, db]
         })
     })

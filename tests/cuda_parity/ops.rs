@@ -781,3 +781,28 @@ fn linear_with_bias_on_the_tape_matches_cpu() {
         }
     }
 }
+
+/// The weight gradient with the bias gradient in cuBLASLt's epilogue (BGRADB) against the two
+/// products made apart on the CPU; says when cuBLASLt offers no algorithm for it (the tape op
+/// then falls back, which the test above covers).
+#[test]
+#[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
+fn linear_weight_and_bias_gradient_in_one_call_match_cpu() {
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _gpu = gpu();
+    let _mode = cuda::math_mode_scope(MathMode::Fp32);
+    let mut rng = Rng::new(29);
+    for (m, k, n) in [(6, 40, 12), (128, 2048, 256)] {
+        let (hg, gg) = pair(&[m, n], &mut rng, 1.0, 0.0);
+        let (hx, gx) = pair(&[m, k], &mut rng, 1.0, 0.2);
+        match cuda::blaslt::linear_weight_and_bias_grad(&gg, &gx) {
+            Some((dw, db)) => {
+                let hdw = ops::matmul_fwd(&hg, true, &hx, false);
+                let hdb = ops::sum_rows_fwd(&hg);
+                same(&format!("BGRADB dw {m}x{k}x{n}"), &dw, &hdw, 1e-5);
+                same(&format!("BGRADB db {m}x{k}x{n}"), &db, &hdb, 1e-5);
+            }
+            None => println!("cuBLASLt has no BGRADB algorithm for {m}x{k}x{n}: two calls"),
+        }
+    }
+}
