@@ -351,6 +351,70 @@ pub fn batch_norm2d_in_mode(
     }
 }
 
+/// `batch_norm2d_relu` on a GPU through cuDNN's fused call (`cuda::dnn::bn_relu_fwd_train`):
+/// training mode, channels-last activations, f32 or bf16 storage, no `--sync-bn`, not turned off
+/// with `PODGPU_CPU_UNFUSED_BN`. `None` (nothing recorded, nothing updated) where cuDNN does not
+/// fuse the shape; the caller then runs the other paths.
+fn cudnn_fused(
+    t: &mut Tape,
+    store: &mut ParamStore,
+    x: &Var,
+    bn: &BatchNormIds,
+    residual: Option<&Var>,
+    bf16: bool,
+) -> Option<Var> {
+    let xv = x.value();
+    let applies = t.is_training()
+        && xv.is_cuda()
+        && xv.layout() == Layout::Nhwc
+        && xv.rank() == 4
+        && !crate::dist::sync_bn::is_active()
+        && !unfused_requested()
+        && residual.is_none_or(|r| {
+            let r = r.value();
+            r.shape() == xv.shape() && r.dtype() == xv.dtype() && r.layout() == xv.layout()
+        });
+    if !applies {
+        return None;
+    }
+    let out = cuda::dnn::bn_relu_fwd_train(
+        xv,
+        residual.map(|r| r.value()),
+        store.value(bn.weight),
+        store.value(bn.bias),
+        store.value(bn.running_mean),
+        store.value(bn.running_var),
+        BN_MOMENTUM,
+        BN_EPS,
+    )?;
+    store_running_stats(store, bn, out.running_mean, out.running_var);
+    let gamma = t.param(store, bn.weight);
+    let beta = t.param(store, bn.bias);
+    let (sx, sy) = (xv.clone(), out.y.clone());
+    let (sg, sb) = (gamma.value().clone(), beta.value().clone());
+    let (mean, invstd, reserve) = (out.save_mean, out.save_invstd, out.reserve);
+    let mut inputs = vec![x, &gamma, &beta];
+    inputs.extend(residual);
+    let with_z = residual.is_some();
+    Some(t.op(out.y, &inputs, move || {
+        Box::new(move |g, needs| {
+            let g = store_bf16(bf16, g);
+            let saved = (&mean, &invstd, &reserve);
+            let (dx, dz, dg, db) =
+                cuda::dnn::bn_relu_bwd(&sx, &sy, &g, &sg, &sb, saved, with_z, BN_EPS);
+            let mut grads = vec![
+                needs[0].then_some(dx),
+                needs[1].then_some(dg),
+                needs[2].then_some(db),
+            ];
+            if with_z {
+                grads.push(needs[3].then(|| dz.expect("the residual's gradient")));
+            }
+            grads
+        })
+    }))
+}
+
 /// Training-mode batch norm, then an optional residual add, then ReLU: `relu(bn(x) [+ residual])`,
 /// the tail of every ResNet conv. On the CPU in f32/f64 this is one pass over the activations
 /// forward (instead of three: affine, add, ReLU) and the backward is the ReLU mask then the
@@ -373,6 +437,9 @@ pub fn batch_norm2d_relu(
         && own_gpu_bn();
     let fused = (host || own_gpu) && t.is_training() && !unfused_requested();
     let bf16 = cpu::bf16::emulating();
+    if let Some(y) = cudnn_fused(t, store, x, bn, residual, bf16) {
+        return y;
+    }
     if !fused || crate::dist::sync_bn::is_active() || bf16 {
         let y = batch_norm2d(t, store, x, bn);
         let y = match residual {

@@ -113,3 +113,99 @@ fn nhwc_pools_match_the_nchw_pools() {
         );
     }
 }
+
+/// cuDNN's fused batch norm + residual add + ReLU on NHWC activations (`ops::batch_norm2d_relu`'s
+/// GPU path, `cuda::dnn::bn_relu_fwd_train`) against the CPU's fused op on the same values, in f32
+/// and bf16 storage, with and without a residual: y, dx, dz, dγ, dβ and the running statistics.
+/// Where cuDNN does not fuse a case the op falls back to the unfused ops, which the same
+/// comparison then checks (the test says which ran).
+#[test]
+#[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
+fn fused_batch_norm_add_relu_on_nhwc_matches_the_cpu() {
+    use podgpu::autograd::{ParamStore, Tape};
+    use podgpu::ops::BatchNormIds;
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = gpu();
+    let mut rng = Rng::new(42);
+    let shape = [4usize, 8, 5, 5];
+    let n: usize = shape.iter().product();
+    let (xv, zv, gv) = (randn(n, &mut rng), randn(n, &mut rng), randn(n, &mut rng));
+    for bf16 in [false, true] {
+        for with_z in [false, true] {
+            let _b = podgpu::cpu::bf16::scope(bf16);
+            // The CPU side runs on bf16-rounded inputs in f32 (its emulation rounds the same way).
+            let round = |v: &[f32]| -> Vec<f32> {
+                let t = dev(&shape, v);
+                if bf16 {
+                    gb::to_bf16(&t).to_vec_f32()
+                } else {
+                    v.to_vec()
+                }
+            };
+            let (xr, zr, gr) = (round(&xv), round(&zv), round(&gv));
+            let run = |gpu_side: bool| {
+                let mut store = ParamStore::new();
+                let bn = BatchNormIds::register_as(&mut store, "bn", shape[1], DType::F32);
+                let put = |v: &[f32]| -> Tensor {
+                    if !gpu_side {
+                        return Tensor::from_vec(&shape, v.to_vec());
+                    }
+                    let t = ops::to_layout_fwd(&dev(&shape, v), Layout::Nhwc);
+                    if bf16 {
+                        gb::to_bf16(&t)
+                    } else {
+                        t
+                    }
+                };
+                if gpu_side {
+                    store.to_device(podgpu::Device::Cuda(0));
+                }
+                let mut t = Tape::train();
+                let x = t.leaf(put(&xr));
+                let z = t.leaf(put(&zr));
+                let y = ops::batch_norm2d_relu(&mut t, &mut store, &x, &bn, with_z.then_some(&z));
+                t.backward_with(&y, put(&gr), &mut store);
+                let vals = |t: &Tensor| -> Vec<f64> {
+                    if t.is_cuda() && t.rank() == 4 {
+                        nchw_values(t)
+                    } else {
+                        t.to_vec_f64()
+                    }
+                };
+                let mut out = vec![
+                    ("y", vals(y.value())),
+                    ("dx", vals(t.grad_of(&x).expect("dx"))),
+                ];
+                if with_z {
+                    out.push(("dz", vals(t.grad_of(&z).expect("dz"))));
+                }
+                for (name, id) in [("dgamma", bn.weight), ("dbeta", bn.bias)] {
+                    out.push((name, store.get(id).grad.as_ref().expect(name).to_vec_f64()));
+                }
+                out.push(("running_mean", store.value(bn.running_mean).to_vec_f64()));
+                out.push(("running_var", store.value(bn.running_var).to_vec_f64()));
+                out
+            };
+            let fused = {
+                let x = ops::to_layout_fwd(&dev(&shape, &xr), Layout::Nhwc);
+                let x = if bf16 { gb::to_bf16(&x) } else { x };
+                let ones = dev(&[shape[1]], &vec![1.0; shape[1]]);
+                let zeros = dev(&[shape[1]], &vec![0.0; shape[1]]);
+                podgpu::cuda::dnn::bn_relu_fwd_train(
+                    &x, None, &ones, &zeros, &zeros, &ones, 0.1, 1e-5,
+                )
+                .is_some()
+            };
+            println!("bf16 {bf16}, residual {with_z}: cuDNN fused: {fused}");
+            let tol = if bf16 { 3e-2 } else { 1e-4 };
+            for ((name, g), (_, h)) in run(true).iter().zip(run(false).iter()) {
+                let e = podgpu::tensor::rel_error(g, h);
+                println!("  {name:<13} rel error {e:.2e}");
+                assert!(
+                    e <= tol,
+                    "{name} (bf16 {bf16}, residual {with_z}): {e:.3e} > {tol:.0e}"
+                );
+            }
+        }
+    }
+}

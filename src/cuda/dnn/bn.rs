@@ -49,7 +49,7 @@ impl Dnn {
 
     /// (x descriptor, derived per-channel descriptor) for this shape and data type; the derived
     /// descriptor is f32 for bf16 data too.
-    fn bn_descs_of(
+    pub(super) fn bn_descs_of(
         &mut self,
         d: [usize; 4],
         storage: Storage,

@@ -16,6 +16,7 @@
 
 mod algo_cache;
 mod bn;
+mod bn_ex;
 mod conv;
 
 pub use bn::{
@@ -23,6 +24,7 @@ pub use bn::{
     batch_norm_fwd_infer, batch_norm_fwd_infer_bf16, batch_norm_fwd_train,
     batch_norm_fwd_train_bf16, channel_sums, mul, BnTrain,
 };
+pub use bn_ex::{bn_relu_bwd, bn_relu_fwd_train, BnReluTrain, Reserve};
 pub use conv::{
     chosen_algorithms, conv2d_bwd_data, conv2d_bwd_data_bf16, conv2d_bwd_filter,
     conv2d_bwd_filter_bf16, conv2d_fwd, conv2d_fwd_bf16, ConvGeom, Pass,
