@@ -14,10 +14,14 @@
 //     variant 0: dc/dx = p / den - <x, p> / den^2 * x / ||x||   (x / ||x|| taken as 0 when x = 0)
 //     variant 1: dc/dx = p / den - <x, p> / den^3 * x
 //   norms[b] = ||x_b|| (for the delta schedule; may be null). One block per row.
+// When D is not null (the fused POD head, pod_loss_f32 / pod_dx_f32 below), the same pass also
+// writes SC's first step, D[b] = x_b / max(||x_b||, eps) - p: what l2norm_rows_fwd_f32 and
+// sc_diff_f32 compute, with the norm summed in the same order, so the values are theirs.
 extern "C" __global__ void nac_fwd_bwd_f32(float* __restrict__ row_loss, float* __restrict__ dx,
-                                           float* __restrict__ norms, const float* __restrict__ x,
+                                           float* __restrict__ norms, float* __restrict__ D,
+                                           const float* __restrict__ x,
                                            const float* __restrict__ P, const int* __restrict__ labels,
-                                           int B, int n, float delta, int variant) {
+                                           int B, int n, float delta, int variant, float eps) {
     const int b = blockIdx.x;
     const float* xb = x + (i64)b * n;
     const float* pb = P + (i64)labels[b] * n;
@@ -58,6 +62,16 @@ extern "C" __global__ void nac_fwd_bwd_f32(float* __restrict__ row_loss, float* 
         if (i < n) db[i] = kp * pr[j] + kx * xr[j];
     }
     for (int i = threadIdx.x + ROW_REGS * blockDim.x; i < n; i += blockDim.x) db[i] = kp * pb[i] + kx * xb[i];
+    if (D) {
+        const float inv = 1.0f / fmaxf(nx, eps);
+        float* Db = D + (i64)b * n;
+#pragma unroll
+        for (int j = 0; j < ROW_REGS; j++) {
+            const int i = threadIdx.x + j * blockDim.x;
+            if (i < n) Db[i] = xr[j] * inv - pr[j];
+        }
+        for (int i = threadIdx.x + ROW_REGS * blockDim.x; i < n; i += blockDim.x) Db[i] = xb[i] * inv - pb[i];
+    }
     if (threadIdx.x == 0) {
         row_loss[b] = (1.0f - c) * (1.0f - c) / (float)B;
         if (norms) norms[b] = nx;
@@ -115,6 +129,66 @@ extern "C" __global__ void sc_grad_f32(float* __restrict__ dD, const float* __re
                                        int B, int n, float norm) {
     const float k = 4.0f * norm;
     FOR_N(i, (i64)B * n) dD[i] = k * (GD[i] - D[i] * s[i % n]);
+}
+
+// The fused POD head (src/cuda/pod_head.rs), after nac_fwd_bwd_f32 with D, M = D D^T or D^T D
+// (cuBLAS, mm values) and s = col_sumsq_f32(D): loss, nac and sc [1] with nac = sum(row_loss)
+// (as sum_into_f32 sums it), sc as sc_loss_f32 computes it and loss = nac + lambda * sc in float,
+// as the unfused scale and add kernels do. One block of 1024 threads (sum_into_f32's launch).
+extern "C" __global__ void pod_loss_f32(float* __restrict__ loss, float* __restrict__ nac,
+                                        float* __restrict__ sc_out, const float* __restrict__ row_loss,
+                                        const float* __restrict__ M, i64 mm, const float* __restrict__ s,
+                                        int B, int n, double norm, float lambda) {
+    float r = 0.0f;
+    for (int i = threadIdx.x; i < B; i += blockDim.x) r += row_loss[i];
+    r = block_sum(r);
+    double a = 0.0;
+    for (i64 i = threadIdx.x; i < mm; i += blockDim.x) { const double g = M[i]; a += g * g; }
+    double d = 0.0;
+    for (int c = threadIdx.x; c < n; c += blockDim.x) { const double v = s[c]; d += v * v; }
+    a = block_sum_d(a);
+    d = block_sum_d(d);
+    if (threadIdx.x == 0) {
+        const float sc = (float)((a - d) * norm);
+        loss[0] = r + sc * lambda;
+        nac[0] = r;
+        sc_out[0] = sc;
+    }
+}
+
+// Its backward, one block per row b, from the upstream gradient g[0]: the SC gradient
+// k (MD - D s) (sc_grad_f32, k = 4 norm) times g lambda, taken back through the row
+// normalisation (l2norm_rows_bwd_f32, with y = x / max(||x||, eps) as the forward made it), plus
+// NaC's gradient dx_nac times g. MD is M D (Gram form) or D M (covariance form), [B, n].
+extern "C" __global__ void pod_dx_f32(float* __restrict__ dx, const float* __restrict__ g,
+                                      const float* __restrict__ dx_nac, const float* __restrict__ MD,
+                                      const float* __restrict__ D, const float* __restrict__ s,
+                                      const float* __restrict__ x, const float* __restrict__ norms,
+                                      int n, float k, float lambda, float eps) {
+    const int b = blockIdx.x;
+    const i64 o = (i64)b * n;
+    const float gl = g[0], gsc = g[0] * lambda;
+    const float nrm = norms[b];
+    const float inv_y = 1.0f / fmaxf(nrm, eps);
+    if (nrm > eps) {
+        float acc = 0.0f;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const float gr = k * (MD[o + i] - D[o + i] * s[i]) * gsc;
+            acc += x[o + i] * inv_y * gr;
+        }
+        const float yg = block_sum(acc);
+        const float inv = 1.0f / nrm;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const float gr = k * (MD[o + i] - D[o + i] * s[i]) * gsc;
+            dx[o + i] = dx_nac[o + i] * gl + (gr - x[o + i] * inv_y * yg) * inv;
+        }
+    } else {
+        const float inv = 1.0f / eps;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const float gr = k * (MD[o + i] - D[o + i] * s[i]) * gsc;
+            dx[o + i] = dx_nac[o + i] * gl + gr * inv;
+        }
+    }
 }
 
 // Softmax cross-entropy, forward and backward in one kernel. Per row b:

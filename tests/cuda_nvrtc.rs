@@ -104,6 +104,7 @@ const LAUNCHERS: &[(&str, &str)] = &[
         include_str!("../src/cuda/dnn/algo_cache.rs"),
     ),
     ("dnn/bn.rs", include_str!("../src/cuda/dnn/bn.rs")),
+    ("dnn/bn_ex.rs", include_str!("../src/cuda/dnn/bn_ex.rs")),
     ("dnn/conv.rs", include_str!("../src/cuda/dnn/conv.rs")),
     ("dnn/mod.rs", include_str!("../src/cuda/dnn/mod.rs")),
     ("graph.rs", include_str!("../src/cuda/graph.rs")),
@@ -122,6 +123,7 @@ const LAUNCHERS: &[(&str, &str)] = &[
     ("nn_kernels.rs", include_str!("../src/cuda/nn_kernels.rs")),
     ("nvrtc.rs", include_str!("../src/cuda/nvrtc.rs")),
     ("optim.rs", include_str!("../src/cuda/optim.rs")),
+    ("pod_head.rs", include_str!("../src/cuda/pod_head.rs")),
     ("pool.rs", include_str!("../src/cuda/pool.rs")),
     ("transformer.rs", include_str!("../src/cuda/transformer.rs")),
 ];

@@ -81,6 +81,36 @@ pub struct Nac {
 
 /// NaC forward and backward: x [B, n], p [K, n] (PEDCC, unit rows), labels i32 [B], δ ≥ 0.
 pub fn nac_fwd_bwd(x: &Tensor, p: &Tensor, labels: &Tensor, delta: f64, nac_form: i32) -> Nac {
+    let rows = nac_rows(x, p, labels, delta, nac_form, false);
+    Nac {
+        loss: sum(&rows.row_loss),
+        dx: rows.dx,
+        norms: rows.norms,
+    }
+}
+
+/// What one pass of `nac_fwd_bwd_f32` over the rows leaves.
+pub struct NacRows {
+    /// Each row's share of L_NaC, [B].
+    pub row_loss: Tensor,
+    /// ∂L_NaC/∂x, [B, n].
+    pub dx: Tensor,
+    /// ‖x_b‖, [B].
+    pub norms: Tensor,
+    /// With `with_d`: SC's D = x̃ − P[labels], [B, n] (x̃ = x / max(‖x‖, `SC_NORMALIZE_EPS`)).
+    pub d: Option<Tensor>,
+}
+
+/// The NaC row pass, and with `with_d` also SC's D in the same pass (the fused POD head,
+/// `cuda::pod_head`).
+pub fn nac_rows(
+    x: &Tensor,
+    p: &Tensor,
+    labels: &Tensor,
+    delta: f64,
+    nac_form: i32,
+    with_d: bool,
+) -> NacRows {
     let gpu = gpu_of(x);
     let (b, n) = (x.dim(0), x.dim(1));
     assert_eq!(p.dim(1), n, "nac: PEDCC width {} vs features {n}", p.dim(1));
@@ -93,6 +123,7 @@ pub fn nac_fwd_bwd(x: &Tensor, p: &Tensor, labels: &Tensor, delta: f64, nac_form
     let mut row_loss = gpu.alloc(b);
     let mut dx = gpu.alloc(b * n);
     let mut norms = gpu.alloc(b);
+    let mut d = with_d.then(|| gpu.alloc(b * n));
     if b > 0 {
         let f = func(&gpu, "loss", "nac_fwd_bwd_f32");
         let (b32, n32, d32) = (b as i32, n as i32, delta as f32);
@@ -100,27 +131,31 @@ pub fn nac_fwd_bwd(x: &Tensor, p: &Tensor, labels: &Tensor, delta: f64, nac_form
             nac_form == NAC_PAPER || nac_form == NAC_REFERENCE,
             "nac: unknown form {nac_form}"
         );
-        let v32 = nac_form;
+        let (v32, eps) = (nac_form, SC_NORMALIZE_EPS as f32);
+        let d_ptr = d.as_ref().map_or(NULL, |d| d.device_ptr());
         let mut l = gpu.stream.launch_builder(&f);
         l.arg(row_loss.raw_mut())
             .arg(dx.raw_mut())
             .arg(norms.raw_mut())
+            .arg(&d_ptr)
             .arg(buf(x).raw())
             .arg(buf(p).raw())
             .arg(buf(labels).raw())
             .arg(&b32)
             .arg(&n32)
             .arg(&d32)
-            .arg(&v32);
-        // SAFETY: matches nac_fwd_bwd_f32(float*, float*, float*, const float*, const float*,
-        // const int*, int, int, float, int); labels index rows of p (validated by the data loader).
+            .arg(&v32)
+            .arg(&eps);
+        // SAFETY: matches nac_fwd_bwd_f32(float*, float*, float*, float*, const float*, const
+        // float*, const int*, int, int, float, int, float); D is null or B·n floats; labels index
+        // rows of p (validated by the data loader).
         check(unsafe { l.launch(per_row(b)) }, "nac_fwd_bwd_f32");
     }
-    let row_loss = tensor(&[b], row_loss);
-    Nac {
-        loss: sum(&row_loss),
+    NacRows {
+        row_loss: tensor(&[b], row_loss),
         dx: tensor(&[b, n], dx),
         norms: tensor(&[b], norms),
+        d: d.take().map(|d| tensor(&[b, n], d)),
     }
 }
 

@@ -31,6 +31,7 @@ pub mod nhwc;
 pub mod nn_kernels;
 pub mod nvrtc;
 pub mod optim;
+pub mod pod_head;
 pub mod pool;
 pub mod transformer;
 

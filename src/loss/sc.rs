@@ -40,7 +40,7 @@ pub enum ScForm {
 }
 
 impl ScForm {
-    fn uses_gram(self, batch: usize, dim: usize) -> bool {
+    pub(super) fn uses_gram(self, batch: usize, dim: usize) -> bool {
         match self {
             ScForm::Auto => dim > batch,
             ScForm::Gram => true,
