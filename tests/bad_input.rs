@@ -102,7 +102,7 @@ fn assert_fresh_refused(s: &Setup, data: &Path, args: &[&str], needles: &[&str])
 // ---- CUDA graphs (PODGPU_CUDA_GRAPH) ----
 
 #[test]
-fn cuda_graph_without_a_gpu_or_with_a_bad_value() {
+fn cuda_graph_or_copy_stream_without_a_gpu_or_with_a_bad_value() {
     let s = Setup::new();
     let out = s.path("run");
     let run = |value: &str, extra: &[&str]| {
@@ -130,6 +130,21 @@ fn cuda_graph_without_a_gpu_or_with_a_bad_value() {
     assert!(!out.exists(), "a refused run left its folder");
     // 0 means off: the run trains on the CPU as usual.
     assert_ok(&run("0", &[]));
+    // The copy stream likewise needs a GPU.
+    let out = s.path("run-staged");
+    let o = podgpu()
+        .env("PODGPU_COPY_STREAM", "1")
+        .args([
+            "train", "resnet18", "--width", "2", "--epochs", "1", "--device", "cpu",
+        ])
+        .arg("--data")
+        .arg(s.data())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_refused(&o, 1, &["PODGPU_COPY_STREAM=1 needs a GPU"]);
+    assert!(!out.exists(), "a refused run left its folder");
 }
 
 // ---- dataset file ----

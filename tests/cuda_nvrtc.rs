@@ -123,7 +123,9 @@ const LAUNCHERS: &[(&str, &str)] = &[
     ("nn_kernels.rs", include_str!("../src/cuda/nn_kernels.rs")),
     ("nvrtc.rs", include_str!("../src/cuda/nvrtc.rs")),
     ("optim.rs", include_str!("../src/cuda/optim.rs")),
+    ("pinned.rs", include_str!("../src/cuda/pinned.rs")),
     ("pod_head.rs", include_str!("../src/cuda/pod_head.rs")),
+    ("stager.rs", include_str!("../src/cuda/stager.rs")),
     ("pool.rs", include_str!("../src/cuda/pool.rs")),
     ("transformer.rs", include_str!("../src/cuda/transformer.rs")),
 ];

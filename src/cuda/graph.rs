@@ -25,65 +25,12 @@
 //! step that fails or panics during it ends the capture, releases its memory and comes back as an
 //! error: the caller can go on with eager steps.
 
+use super::pinned::PinnedWords;
 use super::{lock, Gpu};
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtrMut, DriverError};
+use cudarc::driver::{CudaGraph, DriverError};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-
-/// Page-locked host memory holding f32 words: the source of a graph's constant uploads, alive as
-/// long as the graph.
-pub struct PinnedWords {
-    ptr: *mut f32,
-    len: usize,
-    ctx: Arc<CudaContext>,
-}
-
-// SAFETY: the memory is owned by this value alone and only read by the device (by copies the
-// graph makes) after it was written here.
-unsafe impl Send for PinnedWords {}
-unsafe impl Sync for PinnedWords {}
-
-impl PinnedWords {
-    /// Page-locked memory holding a copy of `words` (non-empty).
-    pub fn copy_of(ctx: &Arc<CudaContext>, words: &[f32]) -> Result<PinnedWords, DriverError> {
-        ctx.bind_to_thread()?;
-        // SAFETY: a fresh allocation of exactly the bytes written below.
-        let ptr = unsafe { cudarc::driver::result::malloc_host(std::mem::size_of_val(words), 0)? }
-            as *mut f32;
-        // SAFETY: `ptr` holds `words.len()` f32s and does not overlap `words`.
-        unsafe { std::ptr::copy_nonoverlapping(words.as_ptr(), ptr, words.len()) };
-        Ok(PinnedWords {
-            ptr,
-            len: words.len(),
-            ctx: ctx.clone(),
-        })
-    }
-
-    /// Queues a copy of the words into the start of `dst` on `stream`.
-    pub fn copy_to(
-        &self,
-        dst: &mut CudaSlice<f32>,
-        stream: &CudaStream,
-    ) -> Result<(), DriverError> {
-        assert!(dst.len() >= self.len, "pinned copy: destination too short");
-        let (d, _sync) = dst.device_ptr_mut(stream);
-        // SAFETY: `ptr` holds `len` f32s that live as long as this value, which the graph keeps.
-        let src = unsafe { std::slice::from_raw_parts(self.ptr, self.len) };
-        // SAFETY: `d` is a device buffer of at least `len` f32s.
-        unsafe { cudarc::driver::result::memcpy_htod_async(d, src, stream.cu_stream()) }
-    }
-}
-
-impl Drop for PinnedWords {
-    fn drop(&mut self) {
-        if self.ctx.bind_to_thread().is_ok() {
-            // SAFETY: allocated by malloc_host in `copy_of`; the owner has made sure no queued copy
-            // still reads it (`StepGraph` waits for its last replay before dropping these).
-            let _ = unsafe { cudarc::driver::result::free_host(self.ptr as _) };
-        }
-    }
-}
 
 /// The text of a panic's payload (a message, or out-of-memory's description).
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {

@@ -31,8 +31,10 @@ pub mod nhwc;
 pub mod nn_kernels;
 pub mod nvrtc;
 pub mod optim;
+pub mod pinned;
 pub mod pod_head;
 pub mod pool;
+pub mod stager;
 pub mod transformer;
 
 use crate::tensor::{DType, Device, DeviceBackend, DeviceBuffer, Storage, Tensor};
@@ -85,7 +87,7 @@ pub struct Gpu {
     /// nothing may then wait for the device or copy host data that a replay would not see anew.
     capturing: AtomicBool,
     /// Host memory the capture's constant uploads read (`upload_constant`), handed to the graph.
-    pub(crate) capture_keep: Mutex<Vec<graph::PinnedWords>>,
+    pub(crate) capture_keep: Mutex<Vec<pinned::PinnedWords>>,
 }
 
 /// What `upload` and `upload_owned` say during a capture: the graph would copy the capture's
@@ -458,7 +460,7 @@ impl Gpu {
         }
         let mut b = self.alloc(host.len());
         if !host.is_empty() {
-            let pinned = graph::PinnedWords::copy_of(&self.ctx, &host)
+            let pinned = pinned::PinnedWords::copy_of(&self.ctx, &host)
                 .unwrap_or_else(|e| panic!("page-locked copy on cuda:{}: {e}", self.ordinal));
             pinned
                 .copy_to(b.raw_mut(), &self.stream)

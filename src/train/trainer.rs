@@ -213,8 +213,12 @@ fn prepare(cfg: &TrainConfig, writer: bool) -> Result<(Device, Dataset, Split, O
     });
     set_precision(cfg.precision);
     check_gpu_bf16(cfg.precision, device, &cfg.model)?;
-    // PODGPU_CUDA_GRAPH: refused here, before a run folder exists, when the run cannot replay.
+    // PODGPU_CUDA_GRAPH and PODGPU_COPY_STREAM: refused here, before a run folder exists, when
+    // the run cannot use them.
     super::graphed::wanted(cfg, device)?;
+    if crate::cuda::stager::wanted().map_err(anyhow::Error::msg)? && device == Device::Cpu {
+        bail!("PODGPU_COPY_STREAM=1 needs a GPU (--device cuda); unset it to train on the CPU");
+    }
     if cfg.sync_bn && cfg.precision == super::config::Precision::Bf16 && device != Device::Cpu {
         bail!(
             "--sync-bn with --precision bf16 on a GPU is not supported yet (the synchronised \
@@ -978,6 +982,8 @@ impl Run {
         };
         let mut graphed: Option<super::graphed::Graphed> = None;
         let mut eager_steps = 0usize;
+        // PODGPU_COPY_STREAM=1: batches go up on a copy stream, beside the previous step's kernels.
+        let mut stager = input_stager(self.device, loader, cfg.batch_size)?;
         for batch in loader.epoch_from(epoch as u64, tally.next_batch) {
             let b = batch.labels.len();
             let index = batch.index;
@@ -1004,6 +1010,12 @@ impl Run {
             let labels: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
             let step_lr = self.schedule.lr(epoch, index, total_batches);
             let step = self.state.global_step + 1;
+            let images = match &mut stager {
+                Some(st) => st
+                    .upload(images.shape(), images.host::<f32>())
+                    .map_err(anyhow::Error::msg)?,
+                None => images,
+            };
             let replayed = match &graph_gpu {
                 Some(gpu) if eager_steps > 0 && b == cfg.batch_size => {
                     let mut parts = super::graphed::StepParts {
@@ -1290,6 +1302,26 @@ fn poison_gradient(ps: &mut ParamStore, name: Option<&str>) -> Result<()> {
     v[0] = f32::NAN;
     p.grad = Some(Tensor::from_vec(g.shape(), v).to_device(g.device()));
     Ok(())
+}
+
+/// The input stager of an epoch on a GPU when `PODGPU_COPY_STREAM=1` (`cuda::stager`), sized
+/// for a full batch of the loader's images.
+fn input_stager(
+    device: Device,
+    loader: &Loader,
+    batch: usize,
+) -> Result<Option<crate::cuda::stager::InputStager>> {
+    let Device::Cuda(ordinal) = device else {
+        return Ok(None);
+    };
+    if !crate::cuda::stager::wanted().map_err(anyhow::Error::msg)? {
+        return Ok(None);
+    }
+    let gpu = crate::cuda::Gpu::get(ordinal).map_err(anyhow::Error::msg)?;
+    let [c, h, w] = loader.image_shape();
+    let stager = crate::cuda::stager::InputStager::new(&gpu, batch * c * h * w)
+        .map_err(anyhow::Error::msg)?;
+    Ok(Some(stager))
 }
 
 fn peak_memory(device: Device) -> u64 {

@@ -202,11 +202,12 @@ fn training_steps_wait_for_the_gpu_only_when_the_ledger_is_read() {
 }
 
 /// `PODGPU_CUDA_GRAPH=1`: after one eager step per epoch the trainer replays one captured step
-/// (`train::graphed`). In deterministic mode the epochs' numbers and the final weights are those
-/// of the eager run bit for bit, and the replays wait for the host no more than eager steps do.
+/// (`train::graphed`); `PODGPU_COPY_STREAM=1`: batches go up on a copy stream (`cuda::stager`).
+/// In deterministic mode the epochs' numbers and the final weights are those of the eager run bit
+/// for bit, and the replays wait for the host no more than eager steps do.
 #[test]
 #[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
-fn a_run_that_replays_cuda_graphs_trains_exactly_as_an_eager_run() {
+fn runs_that_replay_cuda_graphs_or_stage_batches_train_exactly_as_an_eager_run() {
     let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let _gpu = gpu();
     let tmp = tempfile::tempdir().unwrap();
@@ -216,21 +217,26 @@ fn a_run_that_replays_cuda_graphs_trains_exactly_as_an_eager_run() {
     struct Unset;
     impl Drop for Unset {
         fn drop(&mut self) {
-            // SAFETY: GPU tests run one at a time (GPU_LOCK); nothing else reads the variable.
-            unsafe { std::env::remove_var("PODGPU_CUDA_GRAPH") };
+            for var in ["PODGPU_CUDA_GRAPH", "PODGPU_COPY_STREAM"] {
+                // SAFETY: GPU tests run one at a time (GPU_LOCK); nothing else reads the variables.
+                unsafe { std::env::remove_var(var) };
+            }
         }
     }
-    let run = |name: &str, graph: bool| {
+    let run = |name: &str, vars: &[&str]| {
         let _unset = Unset;
-        if graph {
+        for var in vars {
             // SAFETY: as above.
-            unsafe { std::env::set_var("PODGPU_CUDA_GRAPH", "1") };
+            unsafe { std::env::set_var(var, "1") };
         }
         let cfg = bars_run(&data, &tmp.path().join(name), 12, epochs, batch);
         trainer::train(cfg).unwrap_or_else(|e| panic!("{name}: {e:#}"))
     };
-    let eager = run("eager", false);
-    let graph = run("graph", true);
+    let eager = run("eager", &[]);
+    let graph = run("graph", &["PODGPU_CUDA_GRAPH"]);
+    // The copy stream changes how batches reach the GPU, not what is computed; with the graphs too.
+    run("staged", &["PODGPU_COPY_STREAM"]);
+    run("staged-graph", &["PODGPU_COPY_STREAM", "PODGPU_CUDA_GRAPH"]);
     println!("eager {:?}\ngraph {:?}", eager.step_loop, graph.step_loop);
     assert_eq!(eager.step_loop.steps, graph.step_loop.steps);
     assert!(graph.step_loop.host_waits <= eager.step_loop.host_waits);
@@ -247,7 +253,13 @@ fn a_run_that_replays_cuda_graphs_trains_exactly_as_an_eager_run() {
             })
             .collect()
     };
-    assert_eq!(records("eager"), records("graph"), "epoch records differ");
+    for other in ["graph", "staged", "staged-graph"] {
+        assert_eq!(
+            records("eager"),
+            records(other),
+            "epoch records of {other} differ"
+        );
+    }
     let weights = |name: &str| {
         let c = podgpu::train::load_checkpoint(&tmp.path().join(name).join("last.safetensors"))
             .unwrap();
@@ -264,8 +276,36 @@ fn a_run_that_replays_cuda_graphs_trains_exactly_as_an_eager_run() {
         );
         (all, c.optim.steps)
     };
-    assert!(
-        weights("eager") == weights("graph"),
-        "final weights, momentum or SGD step count differ"
-    );
+    for other in ["graph", "staged", "staged-graph"] {
+        assert!(
+            weights("eager") == weights(other),
+            "final weights, momentum or SGD step count of {other} differ"
+        );
+    }
+}
+
+/// The input stager delivers every batch intact while the compute stream is busy: uploads of
+/// different sizes, each followed by kernels, read back only at the end (so slots are reused while
+/// earlier copies may still be in flight); a batch over its capacity is refused.
+#[test]
+#[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
+fn the_input_stager_delivers_every_batch_intact() {
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let gpu = gpu();
+    let mut stager = podgpu::cuda::stager::InputStager::new(&gpu, 4096).unwrap();
+    let busy = Tensor::from_vec(&[1 << 22], vec![0.5f32; 1 << 22]).to_device(GPU);
+    let mut sent = Vec::new();
+    let mut got = Vec::new();
+    for (k, n) in [4096usize, 17, 4000, 1, 4096, 333].into_iter().enumerate() {
+        let v: Vec<f32> = (0..n).map(|i| (k * 10_000 + i) as f32).collect();
+        got.push(stager.upload(&[n], &v).unwrap());
+        sent.push(v);
+        // Work on the compute stream between uploads.
+        let _ = podgpu::ops::relu_fwd(&busy);
+    }
+    for (k, (t, v)) in got.iter().zip(&sent).enumerate() {
+        assert_eq!(&t.to_vec_f32(), v, "upload {k}");
+    }
+    let e = stager.upload(&[5000], &[0.0; 5000]).expect_err("too big");
+    assert!(e.contains("do not fit"), "{e}");
 }
