@@ -5,16 +5,25 @@
 // (`unsigned short`; `load`/`store` in common.cuh); the pools compute in f32 and round once, as their
 // NCHW forms in pool.cu and bf16.cu do, with the same window, tie and NaN rules.
 
-// y[n, h, w, c] = x[n, c, h, w] (a copy of the stored element, no rounding). One thread per
-// output element, so the writes are coalesced.
-template <typename T>
-__device__ void to_nhwc(T* __restrict__ y, const T* __restrict__ x, int N, int C, int H, int W) {
+// The element conversions of the layout changes: a copy of the stored element, or f32 → bf16
+// (round to nearest even) for the bf16 step's weights, cast and reordered in one pass.
+struct Same {
+    template <typename T>
+    __device__ T operator()(T v) const { return v; }
+};
+struct PackBf16 {
+    __device__ unsigned short operator()(float v) const { return f32_to_bf16_bits(v); }
+};
+
+// y[n, h, w, c] = conv(x[n, c, h, w]). One thread per output element, so the writes are coalesced.
+template <typename To, typename Ti, typename Conv>
+__device__ void to_nhwc(To* __restrict__ y, const Ti* __restrict__ x, int N, int C, int H, int W, Conv conv) {
     FOR_N(o, (i64)N * C * H * W) {
         const int c = o % C;
         const i64 p = o / C;  // (n, h, w)
         const int w = p % W, h = (p / W) % H;
         const i64 n = p / ((i64)H * W);
-        y[o] = x[((n * C + c) * H + h) * W + w];
+        y[o] = conv(x[((n * C + c) * H + h) * W + w]);
     }
 }
 
@@ -31,14 +40,19 @@ __device__ void to_nchw(T* __restrict__ y, const T* __restrict__ x, int N, int C
 }
 
 extern "C" __global__ void nchw_to_nhwc_f32(float* y, const float* x, int N, int C, int H, int W) {
-    to_nhwc(y, x, N, C, H, W);
+    to_nhwc(y, x, N, C, H, W, Same());
 }
 extern "C" __global__ void nhwc_to_nchw_f32(float* y, const float* x, int N, int C, int H, int W) {
     to_nchw(y, x, N, C, H, W);
 }
 extern "C" __global__ void nchw_to_nhwc_bf16(unsigned short* y, const unsigned short* x, int N, int C,
                                              int H, int W) {
-    to_nhwc(y, x, N, C, H, W);
+    to_nhwc(y, x, N, C, H, W, Same());
+}
+// f32 NCHW (a KCRS weight) → bf16 NHWC (KRSC): the bf16 step's weight cast and reorder in one pass.
+extern "C" __global__ void nchw_f32_to_nhwc_bf16(unsigned short* y, const float* x, int N, int C,
+                                                 int H, int W) {
+    to_nhwc(y, x, N, C, H, W, PackBf16());
 }
 extern "C" __global__ void nhwc_to_nchw_bf16(unsigned short* y, const unsigned short* x, int N, int C,
                                              int H, int W) {

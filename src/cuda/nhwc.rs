@@ -63,6 +63,35 @@ pub fn to_layout(x: &Tensor, layout: Layout) -> Tensor {
     y.into_tensor(x.shape(), layout)
 }
 
+/// An f32 NCHW tensor (a convolution's KCRS master weight) as bf16 in NHWC (KRSC) order: the bf16
+/// cast and the reorder in one kernel, the values of `to_layout(to_bf16(x), Nhwc)`.
+pub fn to_nhwc_bf16(x: &Tensor) -> Tensor {
+    assert!(
+        x.dtype() == DType::F32 && x.layout() == Layout::RowMajor,
+        "to_nhwc_bf16: an f32 NCHW tensor, got {x:?}"
+    );
+    let d = nchw(x.shape(), "the bf16 weight reorder");
+    let gpu = gpu_of(x);
+    let n = x.numel();
+    let mut y = Out::alloc(&gpu, DType::Bf16, n);
+    if n > 0 {
+        let f = func(&gpu, "nhwc", "nchw_f32_to_nhwc_bf16");
+        let a = d.map(|v| v as i32);
+        let mut l = gpu.stream.launch_builder(&f);
+        l.arg(y.words_mut()).arg(words(x));
+        for v in &a {
+            l.arg(v);
+        }
+        // SAFETY: matches nchw_f32_to_nhwc_bf16(unsigned short*, const float*, int N, int C, int H,
+        // int W); y holds n bf16 values, x n floats.
+        check(
+            unsafe { l.launch(grid_1d(&gpu, n)) },
+            "nchw_f32_to_nhwc_bf16",
+        );
+    }
+    y.into_tensor(x.shape(), Layout::Nhwc)
+}
+
 /// Max pooling of an NHWC x → (NHWC y in x's storage, argmax as i32 words, NHWC order). `a` are
 /// the 12 pool geometry arguments (`nn_kernels::pool_args`).
 pub fn max_pool2d_fwd(x: &Tensor, d: [usize; 4], a: [i32; 12]) -> (Tensor, Tensor) {

@@ -305,8 +305,8 @@ pub fn conv2d(t: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, spec: Conv2dSpec)
     let bf16 = cpu::bf16::emulating();
     let sx = store_bf16(bf16, x.value());
     // A channels-last x on a GPU (`ops::gpu_nhwc`) takes its weight in KRSC order too: reordered
-    // once per step here (after the bf16 cast) and kept for the backward.
-    let sw = super::to_layout_fwd(&store_bf16(bf16, w.value()), sx.layout());
+    // once per step here (with the bf16 cast, in one kernel) and kept for the backward.
+    let sw = super::store_bf16_in_layout(bf16, w.value(), sx.layout());
     let y = conv2d_fwd(&sx, &sw, b.map(|b| b.value()), spec);
     let y = store_bf16(bf16, &y);
     let mut inputs = vec![x, w];

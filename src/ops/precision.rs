@@ -18,7 +18,7 @@
 use crate::autograd::{Tape, Var};
 use crate::cpu;
 use crate::cuda;
-use crate::tensor::{DType, Device, Tensor};
+use crate::tensor::{DType, Device, Layout, Tensor};
 
 /// `t` in the bf16 path's storage when `on`: a host f32 tensor rounded to bf16 values (still f32),
 /// a GPU f32 tensor converted to a bf16 tensor; bf16 tensors, f64 tensors and everything when
@@ -31,6 +31,22 @@ pub fn store_bf16(on: bool, t: &Tensor) -> Tensor {
         Device::Cpu => cpu::bf16::round_if(true, t),
         Device::Cuda(_) => cuda::bf16::to_bf16(t),
     }
+}
+
+/// `store_bf16(on, t)` in `layout`: on a GPU an f32 NCHW tensor going to bf16 NHWC (a
+/// convolution's weight on the channels-last bf16 path) is cast and reordered by one kernel
+/// (`cuda::nhwc::to_nhwc_bf16`); otherwise the cast, then the layout change.
+pub fn store_bf16_in_layout(on: bool, t: &Tensor, layout: Layout) -> Tensor {
+    let fused = on
+        && t.is_cuda()
+        && t.dtype() == DType::F32
+        && t.rank() == 4
+        && t.layout() == Layout::RowMajor
+        && layout == Layout::Nhwc;
+    if fused {
+        return cuda::nhwc::to_nhwc_bf16(t);
+    }
+    super::to_layout_fwd(&store_bf16(on, t), layout)
 }
 
 /// `t`'s values rounded to bf16 and kept in f32 when `on` (a bf16 GPU tensor widened to f32,

@@ -209,3 +209,19 @@ fn fused_batch_norm_add_relu_on_nhwc_matches_the_cpu() {
         }
     }
 }
+
+/// The bf16 step's weight cast and reorder in one kernel (`cuda::nhwc::to_nhwc_bf16`) gives the
+/// bits of the cast then the reorder.
+#[test]
+#[ignore = "needs a CUDA device: tools/gpu-check.sh runs it (--include-ignored)"]
+fn the_fused_weight_cast_and_reorder_matches_the_two_steps() {
+    let _l = GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = gpu();
+    let mut rng = Rng::new(43);
+    let shape = [7usize, 5, 3, 3]; // K, C, R, S
+    let x = dev(&shape, &randn(shape.iter().product(), &mut rng));
+    let fused = podgpu::cuda::nhwc::to_nhwc_bf16(&x);
+    let two = ops::to_layout_fwd(&gb::to_bf16(&x), Layout::Nhwc);
+    assert_eq!((fused.dtype(), fused.layout()), (DType::Bf16, Layout::Nhwc));
+    assert_eq!(gb::bf16_buf(&fused).to_host_bits(), gb::bf16_buf(&two).to_host_bits());
+}
