@@ -18,7 +18,9 @@
 //! algorithm for that, the caller makes the two apart (a GEMM and a column sum).
 //!
 //! One cuBLASLt handle per device (created at first use, kept for the process); descriptors are
-//! made per call and the algorithm is cuBLASLt's first heuristic pick within `WORKSPACE_LIMIT`.
+//! made per call. The algorithm is measured once per product: the heuristic's best eight within
+//! `WORKSPACE_LIMIT` timed on the real buffers, the fastest kept (`fastest`); under
+//! `--deterministic` or inside a CUDA graph capture, the heuristic's first.
 
 use super::bf16::bf16_buf;
 use super::libs::{self, Lib};
@@ -41,9 +43,9 @@ unsafe impl Send for Handle {}
 
 static HANDLES: OnceLock<Mutex<HashMap<usize, Handle>>> = OnceLock::new();
 
-/// The heuristic's pick per device and product (m, k, n, input type, compute type, epilogue), asked for
-/// once: the query costs more host time than a small product's launch, and the step asks for the
-/// same few shapes every time. The pick depends on the descriptors' attributes too, which are the
+/// The chosen algorithm per device and product (m, k, n, input type, compute type, epilogue),
+/// chosen once: the query and the timing cost more than a small product's launch, and the step asks
+/// for the same few shapes every time. The pick depends on the descriptors' attributes too, which are the
 /// same for every call here (transposes, the bias epilogue, f32 bias and output; the pool's
 /// buffers are aligned alike).
 type AlgoKey = (usize, [usize; 3], u32, u32, u32);
@@ -292,48 +294,131 @@ fn run(gpu: &Arc<Gpu>, p: &Product) -> Result<(), String> {
         .get_or_init(|| Mutex::new(HashMap::new()))
         .lock()
         .unwrap_or_else(|e| e.into_inner());
+    let launch = |h: &sys::cublasLtMatmulHeuristicResult_t| -> Result<(), String> {
+        let ws = gpu
+            .try_alloc(h.workspaceSize.div_ceil(4))
+            .map_err(|_| "cuBLASLt workspace: out of GPU memory".to_string())?;
+        let (one, zero) = (1.0f32, 0.0f32);
+        let dp = p.d.0;
+        // SAFETY: A, B and D hold the values their layouts describe (`p`, from the callers'
+        // tensors), the epilogue's vector the length it needs (D's rows for a bias, its columns
+        // for a bias gradient of B), all f32 but A and B of `p.ty`; alpha and beta are f32 (the
+        // scale type); beta = 0 so C (= D) is not read; the workspace has the bytes the
+        // heuristic asked for; all on the device's stream.
+        unsafe {
+            lt::matmul(
+                handle,
+                desc.0,
+                (&one) as *const f32 as *const c_void,
+                (&zero) as *const f32 as *const c_void,
+                p.a.0 as *const c_void,
+                a.0,
+                p.b.0 as *const c_void,
+                bl.0,
+                dp as *const c_void,
+                d.0,
+                dp as *mut c_void,
+                d.0,
+                &h.algo,
+                ws.device_ptr() as *mut c_void,
+                h.workspaceSize,
+                gpu.stream.cu_stream() as sys::cudaStream_t,
+            )
+        }
+        .map_err(err("matmul with an epilogue"))
+    };
     let h = match algos.get(&key) {
         Some(a) => a.0,
         None => {
-            // SAFETY: live descriptors describing the buffers below.
-            let h = unsafe {
-                lt::get_matmul_algo_heuristic(handle, desc.0, a.0, bl.0, d.0, d.0, pref.0)
+            // SAFETY: live descriptors describing the buffers above.
+            let ranked = unsafe { candidates(handle, &desc, &a, &bl, &d, &pref) }?;
+            // Measured once per product, like cuDNN's convolutions; not inside a CUDA graph
+            // capture (no waiting there) and not under --deterministic (the heuristic's first,
+            // the same every run).
+            let measure = ranked.len() > 1 && !gpu.is_capturing() && !crate::cpu::deterministic();
+            let h = if measure {
+                fastest(gpu, &ranked, &launch)?
+            } else {
+                ranked[0]
+            };
+            if !gpu.is_capturing() {
+                algos.insert(key, Algo(h));
             }
-            .map_err(err("no algorithm for this product (heuristic)"))?;
-            algos.insert(key, Algo(h));
             h
         }
     };
     drop(algos);
-    let ws = gpu
-        .try_alloc(h.workspaceSize.div_ceil(4))
-        .map_err(|_| "cuBLASLt workspace: out of GPU memory".to_string())?;
-    let (one, zero) = (1.0f32, 0.0f32);
-    let dp = p.d.0;
-    // SAFETY: A, B and D hold the values their layouts describe (`p`, from the callers' tensors),
-    // the epilogue's vector the length it needs (D's rows for a bias, its columns for a bias
-    // gradient of B), all f32 but A and B of `p.ty`; alpha and beta are f32 (the scale type);
-    // beta = 0 so C (= D) is not read; the workspace has the bytes the heuristic asked for; all
-    // on the device's stream.
-    unsafe {
-        lt::matmul(
-            handle,
-            desc.0,
-            (&one) as *const f32 as *const c_void,
-            (&zero) as *const f32 as *const c_void,
-            p.a.0 as *const c_void,
-            a.0,
-            p.b.0 as *const c_void,
-            bl.0,
-            dp as *const c_void,
-            d.0,
-            dp as *mut c_void,
-            d.0,
-            &h.algo,
-            ws.device_ptr() as *mut c_void,
-            h.workspaceSize,
-            gpu.stream.cu_stream() as sys::cudaStream_t,
-        )
+    launch(&h)
+}
+
+/// How many of the heuristic's ranked algorithms are timed.
+const MEASURED_CANDIDATES: usize = 8;
+
+/// The heuristic's ranked algorithms for a product (those it says will run), best first.
+///
+/// # Safety
+/// The descriptors are live and describe the product.
+unsafe fn candidates(
+    handle: sys::cublasLtHandle_t,
+    desc: &Desc,
+    a: &Layout,
+    b: &Layout,
+    d: &Layout,
+    pref: &Pref,
+) -> Result<Vec<sys::cublasLtMatmulHeuristicResult_t>, String> {
+    // SAFETY: a plain C struct; all-zero is a valid (empty) value, overwritten below.
+    let mut out: Vec<sys::cublasLtMatmulHeuristicResult_t> =
+        vec![std::mem::zeroed(); MEASURED_CANDIDATES];
+    let mut count = 0i32;
+    sys::cublasLtMatmulAlgoGetHeuristic(
+        handle,
+        desc.0,
+        a.0,
+        b.0,
+        d.0,
+        d.0,
+        pref.0,
+        MEASURED_CANDIDATES as i32,
+        out.as_mut_ptr(),
+        &mut count,
+    )
+    .result()
+    .map_err(err("no algorithm for this product (heuristic)"))?;
+    out.truncate(count.max(0) as usize);
+    out.retain(|h| h.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS);
+    if out.is_empty() {
+        return Err("cuBLASLt: no algorithm for this product (heuristic)".into());
     }
-    .map_err(err("matmul with an epilogue"))
+    Ok(out)
+}
+
+/// The fastest of `ranked` on the real buffers: each launched once to warm up, then timed over
+/// three launches with CUDA events (a wait for each, once per product and process, as cuDNN's
+/// measured search does). A candidate that fails to launch is passed over.
+fn fastest(
+    gpu: &Arc<Gpu>,
+    ranked: &[sys::cublasLtMatmulHeuristicResult_t],
+    launch: &dyn Fn(&sys::cublasLtMatmulHeuristicResult_t) -> Result<(), String>,
+) -> Result<sys::cublasLtMatmulHeuristicResult_t, String> {
+    let e = |e: cudarc::driver::DriverError| format!("cuBLASLt timing: {e}");
+    let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let (start, end) = (
+        gpu.ctx.new_event(timing).map_err(e)?,
+        gpu.ctx.new_event(timing).map_err(e)?,
+    );
+    let mut best: Option<(f32, sys::cublasLtMatmulHeuristicResult_t)> = None;
+    for h in ranked {
+        if launch(h).is_err() {
+            continue;
+        }
+        start.record(&gpu.stream).map_err(e)?;
+        let ran = (0..3).all(|_| launch(h).is_ok());
+        end.record(&gpu.stream).map_err(e)?;
+        let ms = start.elapsed_ms(&end).map_err(e)?;
+        if ran && best.is_none_or(|(b, _)| ms < b) {
+            best = Some((ms, *h));
+        }
+    }
+    best.map(|(_, h)| h)
+        .ok_or_else(|| "cuBLASLt: no algorithm of the heuristic's ran".to_string())
 }

@@ -223,5 +223,8 @@ fn the_fused_weight_cast_and_reorder_matches_the_two_steps() {
     let fused = podgpu::cuda::nhwc::to_nhwc_bf16(&x);
     let two = ops::to_layout_fwd(&gb::to_bf16(&x), Layout::Nhwc);
     assert_eq!((fused.dtype(), fused.layout()), (DType::Bf16, Layout::Nhwc));
-    assert_eq!(gb::bf16_buf(&fused).to_host_bits(), gb::bf16_buf(&two).to_host_bits());
+    assert_eq!(
+        gb::bf16_buf(&fused).to_host_bits(),
+        gb::bf16_buf(&two).to_host_bits()
+    );
 }
