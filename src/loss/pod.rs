@@ -82,11 +82,7 @@ fn pod_gpu(
     let norm = super::sc::sc_coefficient(b, n, cfg.variant);
     let gram = cfg.sc_form.uses_gram(b, n);
     let fp32 = cuda::math_mode_scope(cuda::MathMode::Fp32);
-    let m = if gram {
-        ops::matmul_fwd(&d, false, &d, true) // G = DDᵀ, B×B
-    } else {
-        ops::matmul_fwd(&d, true, &d, false) // C = DᵀD, n×n
-    };
+    let m = super::sc::sc_product(&d, gram);
     let s = super::sc::col_sumsq_fwd(&d);
     let [loss, nac, sc] = cuda::pod_head::loss(&rows.row_loss, &m, &s, norm, cfg.lambda);
     drop(fp32);
@@ -94,11 +90,7 @@ fn pod_gpu(
     let loss = t.op(loss, &[x], move || {
         Box::new(move |g, _| {
             let _fp32 = cuda::math_mode_scope(cuda::MathMode::Fp32);
-            let md = if gram {
-                ops::matmul_fwd(&m, false, &d, false) // G·D
-            } else {
-                ops::matmul_fwd(&d, false, &m, false) // D·C
-            };
+            let md = super::sc::sc_product_back(&m, &d, gram);
             let eps = cuda::loss_kernels::SC_NORMALIZE_EPS;
             let dx =
                 cuda::pod_head::dx(g, &dx_nac, &md, &d, &s, &saved_x, &norms, norm, lambda, eps);

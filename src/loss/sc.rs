@@ -186,6 +186,24 @@ fn sc_grad_host<T: Elem>(md: &Tensor, d: &Tensor, s: &Tensor, g: &Tensor, coef4:
     Tensor::from_vec(d.shape(), out)
 }
 
+/// SC's product of D [B, n]: the Gram matrix G = DDᵀ (B×B) or the covariance C = DᵀD (n×n).
+pub(super) fn sc_product(d: &Tensor, gram: bool) -> Tensor {
+    if gram {
+        ops::matmul_fwd(d, false, d, true)
+    } else {
+        ops::matmul_fwd(d, true, d, false)
+    }
+}
+
+/// The backward's product of `sc_product`'s M with D: G·D or D·C, [B, n].
+pub(super) fn sc_product_back(m: &Tensor, d: &Tensor, gram: bool) -> Tensor {
+    if gram {
+        ops::matmul_fwd(m, false, d, false)
+    } else {
+        ops::matmul_fwd(d, false, m, false)
+    }
+}
+
 // ---- on the tape ----
 
 /// The SC loss of features x [B, n] (normalised inside) against PEDCC p [K, n] and labels [B].
@@ -218,22 +236,14 @@ pub fn sc_of_normalized(
     // G·D − D∘s): with TF32 inputs that would be mostly rounding error, so these small products
     // run in true fp32 whatever the math mode.
     let fp32 = cuda::math_mode_scope(cuda::MathMode::Fp32);
-    let m = if gram {
-        ops::matmul_fwd(&d, false, &d, true) // G = DDᵀ, B×B
-    } else {
-        ops::matmul_fwd(&d, true, &d, false) // C = DᵀD, n×n
-    };
+    let m = sc_product(&d, gram);
     let s = col_sumsq_fwd(&d);
     let loss = sc_value_fwd(&m, &s, coef);
     drop(fp32);
     t.op(loss, &[xn], move || {
         Box::new(move |g, _| {
             let _fp32 = cuda::math_mode_scope(cuda::MathMode::Fp32);
-            let md = if gram {
-                ops::matmul_fwd(&m, false, &d, false) // G·D
-            } else {
-                ops::matmul_fwd(&d, false, &m, false) // D·C
-            };
+            let md = sc_product_back(&m, &d, gram);
             vec![Some(sc_grad_fwd(&md, &d, &s, g, 4.0 * coef))]
         })
     })

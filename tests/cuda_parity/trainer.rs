@@ -130,6 +130,21 @@ fn bars(path: &Path, n_train: usize, n_test: usize) {
     write_dataset(path, &spec).unwrap();
 }
 
+/// Each epoch's train loss, accuracy and mean norm of the run in `dir`, as bits.
+fn epoch_bits(dir: &Path) -> Vec<(u64, u64, u64)> {
+    read_jsonl(&dir.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.train_loss.to_bits(),
+                r.train_acc.to_bits(),
+                r.mean_norm.to_bits(),
+            )
+        })
+        .collect()
+}
+
 /// A deterministic resnet18 (width 4) run on the bars dataset at `data`, constant lr, into `out`.
 fn bars_run(data: &Path, out: &Path, seed: u64, epochs: usize, batch: usize) -> TrainConfig {
     TrainConfig {
@@ -185,19 +200,7 @@ fn training_steps_wait_for_the_gpu_only_when_the_ledger_is_read() {
     println!("GPU, read every step: {:?}", dense.step_loop);
     assert!(dense.step_loop.host_waits <= epochs as u64 * (steps_per_epoch + 1));
     // The cadence changes when the host looks, not what is computed.
-    let bits = |name: &str| -> Vec<(u64, u64, u64)> {
-        read_jsonl(&tmp.path().join(name).join("metrics.jsonl"))
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r.train_loss.to_bits(),
-                    r.train_acc.to_bits(),
-                    r.mean_norm.to_bits(),
-                )
-            })
-            .collect()
-    };
+    let bits = |name: &str| epoch_bits(&tmp.path().join(name));
     assert_eq!(bits("sparse"), bits("dense"));
 }
 
@@ -240,19 +243,7 @@ fn runs_that_replay_cuda_graphs_or_stage_batches_train_exactly_as_an_eager_run()
     println!("eager {:?}\ngraph {:?}", eager.step_loop, graph.step_loop);
     assert_eq!(eager.step_loop.steps, graph.step_loop.steps);
     assert!(graph.step_loop.host_waits <= eager.step_loop.host_waits);
-    let records = |name: &str| -> Vec<(u64, u64, u64)> {
-        read_jsonl(&tmp.path().join(name).join("metrics.jsonl"))
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r.train_loss.to_bits(),
-                    r.train_acc.to_bits(),
-                    r.mean_norm.to_bits(),
-                )
-            })
-            .collect()
-    };
+    let records = |name: &str| epoch_bits(&tmp.path().join(name));
     for other in ["graph", "staged", "staged-graph"] {
         assert_eq!(
             records("eager"),
