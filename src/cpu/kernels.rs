@@ -124,6 +124,32 @@ pub fn gemm_on_thread<T: Elem>(
 ) {
     let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
     let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
+    gemm_strided(
+        kernel,
+        m,
+        k,
+        n,
+        (a, rsa, csa),
+        (b, rsb, csb),
+        beta,
+        (c, n as isize, 1),
+    );
+}
+
+/// C = A·B + beta·C on the calling thread with explicit (row, column) strides, each operand given as
+/// (slice, row stride, column stride): A is m×k, B k×n, C m×n. Strides are non-negative; the slices
+/// must hold the furthest element each operand touches (checked). With `beta == 0` C is not read.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_strided<T: Elem>(
+    kernel: GemmKernel,
+    m: usize,
+    k: usize,
+    n: usize,
+    (a, rsa, csa): (&[T], isize, isize),
+    (b, rsb, csb): (&[T], isize, isize),
+    beta: T,
+    (c, rsc, csc): (&mut [T], isize, isize),
+) {
     if kernel == GemmKernel::Portable {
         T::gemm(
             m,
@@ -138,23 +164,30 @@ pub fn gemm_on_thread<T: Elem>(
             csb,
             beta,
             c,
-            n as isize,
-            1,
+            rsc,
+            csc,
         );
         return;
     }
     if m == 0 || n == 0 {
         return;
     }
+    assert!(
+        last_index(m, n, rsc, csc) < c.len(),
+        "gemm: C out of bounds"
+    );
     if k == 0 {
         // No products: C = beta·C, and with beta = 0 C is not read (it may be uninitialised).
-        c[..m * n].iter_mut().for_each(|v| {
-            *v = if beta == T::zero() {
-                T::zero()
-            } else {
-                *v * beta
+        for i in 0..m {
+            for j in 0..n {
+                let v = &mut c[(i as isize * rsc + j as isize * csc) as usize];
+                *v = if beta == T::zero() {
+                    T::zero()
+                } else {
+                    *v * beta
+                };
             }
-        });
+        }
         return;
     }
     // Bounds of every operand, which makes the unsafe call below sound.
@@ -166,10 +199,6 @@ pub fn gemm_on_thread<T: Elem>(
         last_index(k, n, rsb, csb) < b.len(),
         "gemm: B out of bounds"
     );
-    assert!(
-        last_index(m, n, n as isize, 1) < c.len(),
-        "gemm: C out of bounds"
-    );
     // The gemm crate computes dst = alpha·dst + beta·lhs·rhs and takes (column, row) strides.
     unsafe {
         gemm::gemm(
@@ -177,8 +206,8 @@ pub fn gemm_on_thread<T: Elem>(
             n,
             k,
             c.as_mut_ptr(),
-            1,
-            n as isize,
+            csc,
+            rsc,
             beta != T::zero(),
             a.as_ptr(),
             csa,
