@@ -332,28 +332,6 @@ pub fn conv2d(t: &mut Tape, x: &Var, w: &Var, b: Option<&Var>, spec: Conv2dSpec)
 /// so several images share one GEMM, their column matrices side by side.
 const MIN_GEMM_COLS: usize = 256;
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn min_gemm_cols(g: &ConvGeom) -> usize {
-    match Path::choose(g) {
-        Path::Taps => {
-            static C: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-            *C.get_or_init(|| env_usize("PODGPU_TAPS_COLS", 4096))
-        }
-        Path::Im2col => MIN_GEMM_COLS,
-    }
-}
-
-fn taps_fold() -> bool {
-    static C: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *C.get_or_init(|| env_usize("PODGPU_TAPS_FOLD", 0) == 1)
-}
-
 /// How the images of a batch are spread over threads and GEMMs.
 #[derive(Clone, Copy, Debug)]
 struct Plan {
@@ -384,7 +362,7 @@ impl Plan {
         let per_thread = g.n.div_ceil(DETERMINISTIC_WEIGHT_RANGES).max(1);
         Plan {
             batch_par: true,
-            nb: min_gemm_cols(g).div_ceil(g.ohw()).clamp(1, per_thread),
+            nb: MIN_GEMM_COLS.div_ceil(g.ohw()).clamp(1, per_thread),
             per_thread,
         }
     }
@@ -397,7 +375,7 @@ impl Plan {
         } else {
             g.n.max(1)
         };
-        let nb = min_gemm_cols(g).div_ceil(g.ohw()).clamp(1, per_thread);
+        let nb = MIN_GEMM_COLS.div_ceil(g.ohw()).clamp(1, per_thread);
         Plan {
             batch_par,
             nb,
@@ -613,21 +591,6 @@ fn conv_chunk<T: Elem>(
     scratch: &mut Vec<T>,
     y: &mut [T],
 ) {
-    match Path::choose(g) {
-        Path::Taps => conv_chunk_taps(x, w, g, par, scratch, y),
-        Path::Im2col => conv_chunk_im2col(x, w, g, par, scratch, y),
-    }
-}
-
-/// `conv_chunk` through im2col and one GEMM per group (the reference of the per-tap path).
-fn conv_chunk_im2col<T: Elem>(
-    x: &[T],
-    w: &[T],
-    g: &ConvGeom,
-    par: bool,
-    scratch: &mut Vec<T>,
-    y: &mut [T],
-) {
     let (k, ohw, hw) = (g.k_cols(), g.ohw(), g.hw());
     let nb = y.len() / (g.cout * ohw);
     let ld = nb * ohw;
@@ -791,20 +754,13 @@ fn conv2d_bwd_data_host<T: Elem>(
 }
 
 /// dx of a stride-1 "same" convolution as a forward convolution of dy: dx[ci] = Σ_co dy[co] ⋆ W[co, ci]
-/// flipped in both axes, with padding K − 1 − p (= p here). Runs the forward's path (per-tap GEMMs,
-/// or im2col with one copy per tap) instead of a GEMM into a column matrix and a col2im that adds it
-/// back tap by tap (the slowest piece of the backward pass in perf), and writes dx once instead of
-/// zeroing it first.
+/// flipped in both axes, with padding K − 1 − p (= p here). Uses the forward's im2col (one copy per
+/// tap) and GEMM instead of a GEMM into a column matrix and a col2im that adds it back tap by tap
+/// (the slowest piece of the backward pass in perf), and writes dx once instead of zeroing it first.
 fn bwd_data_as_forward<T: Elem>(dy: &Tensor, w: &Tensor, g: &ConvGeom) -> Tensor {
-    let (wt, spec) = flipped_weights(w.host::<T>(), g);
-    let wt = Tensor::from_vec(&[g.cin, g.cout_g, g.kh, g.kw], wt);
-    conv2d_host::<T>(dy, &wt, None, spec)
-}
-
-/// The weights W' [Cin, Cout_g, KH, KW] and the spec of `bwd_data_as_forward`'s convolution: group
-/// grp's input channel ci reads output channel co of the same group, flipped in both axes.
-fn flipped_weights<T: Elem>(ws: &[T], g: &ConvGeom) -> (Vec<T>, Conv2dSpec) {
+    let ws = w.host::<T>();
     let (kh, kw, kk) = (g.kh, g.kw, g.kh * g.kw);
+    // W' [Cin, Cout_g, KH, KW]: group grp's input channel ci reads output channel co of the same group.
     let mut wt = vec![T::zero(); g.cin * g.cout_g * kk];
     for grp in 0..g.groups {
         for co in 0..g.cout_g {
@@ -818,12 +774,13 @@ fn flipped_weights<T: Elem>(ws: &[T], g: &ConvGeom) -> (Vec<T>, Conv2dSpec) {
             }
         }
     }
+    let wt = Tensor::from_vec(&[g.cin, g.cout_g, kh, kw], wt);
     let spec = Conv2dSpec {
         stride: (1, 1),
         padding: (kh - 1 - g.ph, kw - 1 - g.pw),
         groups: g.groups,
     };
-    (wt, spec)
+    conv2d_host::<T>(dy, &wt, None, spec)
 }
 
 /// Accumulates a chunk of images' contribution into dw [Cout, K]: dW_g += dy_g · colsᵀ, with the column
@@ -834,28 +791,6 @@ fn conv_bwd_weight_chunk<T: Elem>(
     dy: &[T],
     g: &ConvGeom,
     par: bool,
-    scratch: &mut Vec<T>,
-    dw: &mut [T],
-) {
-    let kernel = match kernels::current() {
-        kernels::GemmKernel::Fast if g.cout_g >= WEIGHT_GRAD_FAST_MIN_COUT => {
-            kernels::GemmKernel::Fast
-        }
-        _ => kernels::GemmKernel::Portable,
-    };
-    match Path::choose(g) {
-        Path::Taps => conv_bwd_weight_chunk_taps(x, dy, g, par, kernel, scratch, dw),
-        Path::Im2col => conv_bwd_weight_chunk_im2col(x, dy, g, par, kernel, scratch, dw),
-    }
-}
-
-/// `conv_bwd_weight_chunk` through im2col (the reference of the per-tap path).
-fn conv_bwd_weight_chunk_im2col<T: Elem>(
-    x: &[T],
-    dy: &[T],
-    g: &ConvGeom,
-    par: bool,
-    kernel: kernels::GemmKernel,
     scratch: &mut Vec<T>,
     dw: &mut [T],
 ) {
@@ -872,6 +807,12 @@ fn conv_bwd_weight_chunk_im2col<T: Elem>(
     // SAFETY: fill_cols writes every column entry and gather_dy all of dym before they are read.
     unsafe { cpu::arena::resize_for_overwrite(scratch, cols_len + dym_len) };
     let (cols, dym) = scratch.split_at_mut(cols_len);
+    let kernel = match kernels::current() {
+        kernels::GemmKernel::Fast if g.cout_g >= WEIGHT_GRAD_FAST_MIN_COUT => {
+            kernels::GemmKernel::Fast
+        }
+        _ => kernels::GemmKernel::Portable,
+    };
     for grp in 0..g.groups {
         let colm: &[T] = if cols_len == 0 {
             &x[grp * g.cin_g * hw..(grp + 1) * g.cin_g * hw]
@@ -979,303 +920,6 @@ fn conv2d_bwd_bias_host<T: Elem>(dy: &Tensor) -> Tensor {
             .sum();
     });
     Tensor::from_vec(&[c], db)
-}
-
-// ---- stride-1 "same" convolutions without a column matrix (per-tap GEMMs) ----
-//
-// The input chunk is copied once into a zero-padded buffer in which every input channel is one row:
-// the images' planes one below the other, each plane's rows `r = W + pw` long (the `pw` zero columns
-// after a row are also the left padding of the next row) and `ph` zero rows between images (and
-// before the first, after the last). The output is computed at the same positions, `n` = (image
-// row)·r + column, so that tap (kh, kw) of every output position reads the padded buffer at
-// `n + kh·r + kw`: for each tap the input is a plain strided matrix [cin_g, positions] that a GEMM
-// reads where it lies. The forward is then nine GEMMs (one per tap of a 3×3 kernel) accumulating
-// into y, the weight gradient nine GEMMs writing one tap of dw each, and the data gradient is the
-// forward of dy with the flipped weights (`bwd_data_as_forward`). The output positions that fall on
-// the padding (pw columns per row, ph rows between images) are computed and dropped: 6% more
-// products for 32×32 planes, 27% for 8×8, which the measured threshold below accounts for.
-
-/// Sizes of the padded buffer of a chunk of `nb` images (see above).
-#[derive(Clone, Copy, Debug)]
-struct Padded {
-    /// Row length: W + pw.
-    r: usize,
-    /// Rows from one image to the next: H + ph.
-    per: usize,
-    /// Output positions computed: up to the last valid one of the last image.
-    n: usize,
-    /// Length of one channel's row of the buffer: `n` plus the furthest tap offset.
-    s: usize,
-    /// Where input (image 0, row 0, column 0) lies: after ph zero rows and pw zeros.
-    base: usize,
-}
-
-impl Padded {
-    fn new(g: &ConvGeom, nb: usize) -> Padded {
-        let (r, per) = (g.w + g.pw, g.h + g.ph);
-        let n = ((nb - 1) * per + g.h - 1) * r + g.w;
-        Padded {
-            r,
-            per,
-            n,
-            s: n + (g.kh - 1) * r + g.kw - 1,
-            base: g.ph * r + g.pw,
-        }
-    }
-
-    /// Position of output (image j, row oh, column 0).
-    fn out_row(&self, j: usize, oh: usize) -> usize {
-        (j * self.per + oh) * self.r
-    }
-}
-
-/// Writes `rows(j, oh)` (the W values of row `oh` of image `j`) at `off + out_row(j, oh)` of `dst`
-/// for every row of `nb` images, and zeroes everything else of `dst`.
-#[inline(always)]
-fn scatter_rows<'a, T: Elem>(
-    p: &Padded,
-    g: &ConvGeom,
-    nb: usize,
-    off: usize,
-    dst: &mut [T],
-    rows: impl Fn(usize, usize) -> &'a [T],
-) {
-    let mut pos = 0;
-    for j in 0..nb {
-        for oh in 0..g.h {
-            let d = off + p.out_row(j, oh);
-            zero_edge(&mut dst[pos..d]);
-            dst[d..d + g.w].copy_from_slice(rows(j, oh));
-            pos = d + g.w;
-        }
-    }
-    dst[pos..].fill(T::zero());
-}
-
-/// The padded buffer [cin_g, s] of group `grp` of a chunk x [nb, Cin, H, W].
-fn fill_padded<T: Elem>(x: &[T], g: &ConvGeom, grp: usize, nb: usize, p: &Padded, out: &mut [T]) {
-    let (hw, w) = (g.hw(), g.w);
-    for (ci, row) in out.chunks_exact_mut(p.s).enumerate() {
-        let c = grp * g.cin_g + ci;
-        scatter_rows(p, g, nb, p.base, row, |j, ih| {
-            &x[(j * g.cin + c) * hw + ih * w..][..w]
-        });
-    }
-}
-
-/// Smallest input channels per group for which the per-tap GEMMs beat im2col + one GEMM (each tap's
-/// product has K = cin_g; the stem's 3 input channels would make nine very thin products).
-const TAPS_MIN_CIN: usize = 8;
-
-/// Smallest planes (H·W) for which the per-tap GEMMs beat im2col: on small planes the padding
-/// positions computed and dropped become a large share (56% extra at 4×4).
-const TAPS_MIN_HW: usize = 64;
-
-/// `PODGPU_CPU_CONV=im2col` runs every convolution through im2col (the previous path, kept as the
-/// reference the per-tap path is tested against, and to measure the difference in one binary).
-pub const CONV_ENV: &str = "PODGPU_CPU_CONV";
-
-fn taps_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(
-        || match std::env::var(CONV_ENV).ok().as_deref().map(str::trim) {
-            None | Some("") | Some("auto") | Some("taps") => true,
-            Some("im2col") => false,
-            Some(other) => {
-                eprintln!("error: {CONV_ENV}={other:?}: use 'im2col' or 'auto' (the default)");
-                std::process::exit(2);
-            }
-        },
-    )
-}
-
-/// Which way a non-depthwise convolution's chunk runs on the CPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Path {
-    Im2col,
-    Taps,
-}
-
-impl Path {
-    /// The path for geometry `g`: per-tap GEMMs for stride-1 "same" convolutions with enough input
-    /// channels and large enough planes, im2col otherwise. It depends on the geometry only (not on
-    /// the thread count), so deterministic mode gives the same sums on any number of threads.
-    fn choose(g: &ConvGeom) -> Path {
-        if taps_enabled()
-            && is_same_stride1(g)
-            && !g.is_pointwise()
-            && !g.is_depthwise()
-            && g.cin_g >= TAPS_MIN_CIN
-            && g.hw() >= TAPS_MIN_HW
-        {
-            Path::Taps
-        } else {
-            Path::Im2col
-        }
-    }
-}
-
-/// Forward of a chunk by per-tap GEMMs: y [nb, Cout, H, W] from x [nb, Cin, H, W] (see above).
-fn conv_chunk_taps<T: Elem>(
-    x: &[T],
-    w: &[T],
-    g: &ConvGeom,
-    par: bool,
-    scratch: &mut Vec<T>,
-    y: &mut [T],
-) {
-    let (kk, hw) = (g.kh * g.kw, g.hw());
-    let nb = y.len() / (g.cout * hw);
-    let p = Padded::new(g, nb);
-    let (pad_len, yp_len, wt_len) = (g.cin_g * p.s, g.cout_g * p.n, kk * g.cout_g * g.cin_g);
-    // SAFETY: fill_padded writes all of the padded buffer, the transpose all of wt, and the first
-    // tap's GEMM (beta = 0) all of yp before any of them is read.
-    unsafe { cpu::arena::resize_for_overwrite(scratch, pad_len + yp_len + wt_len) };
-    let (pad, rest) = scratch.split_at_mut(pad_len);
-    let (yp, wt) = rest.split_at_mut(yp_len);
-    let kernel = kernels::current();
-    for grp in 0..g.groups {
-        fill_padded(x, g, grp, nb, &p, pad);
-        // wt [tap, cout_g, cin_g]: each tap's weights as a contiguous matrix.
-        let wg = &w[grp * g.cout_g * g.cin_g * kk..][..g.cout_g * g.cin_g * kk];
-        for (i, &v) in wg.iter().enumerate() {
-            wt[(i % kk) * g.cout_g * g.cin_g + i / kk] = v;
-        }
-        if taps_fold() {
-            let s3 = p.n + (g.kh - 1) * p.r;
-            let mut cols3 = vec![T::zero(); g.cin_g * g.kw * s3];
-            for ci in 0..g.cin_g {
-                for j in 0..g.kw {
-                    cols3[(ci * g.kw + j) * s3..][..s3].copy_from_slice(&pad[ci * p.s + j..][..s3]);
-                }
-            }
-            let (m, k) = (g.cout_g, g.cin_g * g.kw);
-            let mut w3 = vec![T::zero(); g.kh * m * k];
-            for co in 0..m {
-                for ci in 0..g.cin_g {
-                    for i in 0..g.kh {
-                        for j in 0..g.kw {
-                            w3[(i * m + co) * k + ci * g.kw + j] =
-                                wg[(co * g.cin_g + ci) * kk + i * g.kw + j];
-                        }
-                    }
-                }
-            }
-            for i in 0..g.kh {
-                gemm_rows(
-                    par,
-                    kernel,
-                    m,
-                    k,
-                    p.n,
-                    (&w3[i * m * k..][..m * k], k as isize, 1),
-                    (&cols3[i * p.r..], s3 as isize, 1),
-                    if i == 0 { T::zero() } else { T::one() },
-                    (&mut *yp, p.n as isize, 1),
-                );
-            }
-        } else {
-            for tap in 0..kk {
-                let off = (tap / g.kw) * p.r + tap % g.kw;
-                let (m, k) = (g.cout_g, g.cin_g);
-                gemm_rows(
-                    par,
-                    kernel,
-                    m,
-                    k,
-                    p.n,
-                    (&wt[tap * m * k..][..m * k], k as isize, 1),
-                    (&pad[off..], p.s as isize, 1),
-                    if tap == 0 { T::zero() } else { T::one() },
-                    (&mut *yp, p.n as isize, 1),
-                );
-            }
-        }
-        for j in 0..nb {
-            for co in 0..g.cout_g {
-                let yrow = &mut y[(j * g.cout + grp * g.cout_g + co) * hw..][..hw];
-                let src = &yp[co * p.n..(co + 1) * p.n];
-                for (oh, dst) in yrow.chunks_exact_mut(g.w).enumerate() {
-                    dst.copy_from_slice(&src[p.out_row(j, oh)..][..g.w]);
-                }
-            }
-        }
-    }
-}
-
-/// Weight gradient of a chunk by per-tap GEMMs: dW[co, ci, tap] += Σ_n dy[co, n] · x_tap[ci, n],
-/// with dy laid out at the padded buffer's output positions (zero where they fall on padding).
-fn conv_bwd_weight_chunk_taps<T: Elem>(
-    x: &[T],
-    dy: &[T],
-    g: &ConvGeom,
-    par: bool,
-    kernel: kernels::GemmKernel,
-    scratch: &mut Vec<T>,
-    dw: &mut [T],
-) {
-    let (kk, hw) = (g.kh * g.kw, g.hw());
-    let nb = x.len() / (g.cin * hw);
-    let p = Padded::new(g, nb);
-    let (pad_len, dyp_len) = (g.cin_g * p.s, g.cout_g * p.n);
-    // SAFETY: fill_padded and scatter_rows write all of both buffers before they are read.
-    unsafe { cpu::arena::resize_for_overwrite(scratch, pad_len + dyp_len) };
-    let (pad, dyp) = scratch.split_at_mut(pad_len);
-    for grp in 0..g.groups {
-        fill_padded(x, g, grp, nb, &p, pad);
-        for (co, row) in dyp.chunks_exact_mut(p.n).enumerate() {
-            let c = grp * g.cout_g + co;
-            scatter_rows(&p, g, nb, 0, row, |j, oh| {
-                &dy[(j * g.cout + c) * hw + oh * g.w..][..g.w]
-            });
-        }
-        let dwg = &mut dw[grp * g.cout_g * g.cin_g * kk..][..g.cout_g * g.cin_g * kk];
-        for tap in 0..kk {
-            let off = (tap / g.kw) * p.r + tap % g.kw;
-            // dW_tap [cout_g, cin_g] (strides cin_g·kk, kk in dw) += dyp [cout_g, n] · x_tapᵀ [n, cin_g]
-            gemm_rows(
-                par,
-                kernel,
-                g.cout_g,
-                p.n,
-                g.cin_g,
-                (&*dyp, p.n as isize, 1),
-                (&pad[off..], 1, p.s as isize),
-                T::one(),
-                (&mut dwg[tap..], (g.cin_g * kk) as isize, kk as isize),
-            );
-        }
-    }
-}
-
-/// `kernels::gemm_strided`, with C's rows split over rayon when `par` (a chunk of a batch smaller
-/// than the thread count). Every element is the same dot product however the rows are split.
-#[allow(clippy::too_many_arguments)]
-fn gemm_rows<T: Elem>(
-    par: bool,
-    kernel: kernels::GemmKernel,
-    m: usize,
-    k: usize,
-    n: usize,
-    (a, rsa, csa): (&[T], isize, isize),
-    b: (&[T], isize, isize),
-    beta: T,
-    (c, rsc, csc): (&mut [T], isize, isize),
-) {
-    let threads = rayon::current_num_threads();
-    if !par || threads == 1 || m < 2 * threads || m * k * n < cpu::PAR_MIN_WORK * 4 {
-        kernels::gemm_strided(kernel, m, k, n, (a, rsa, csa), b, beta, (c, rsc, csc));
-        return;
-    }
-    let rows = m.div_ceil(threads * 2);
-    c.par_chunks_mut(rows * rsc as usize)
-        .enumerate()
-        .for_each(|(blk, cb)| {
-            let r0 = blk * rows;
-            let mb = rows.min(m - r0);
-            let a = &a[r0 * rsa as usize..];
-            kernels::gemm_strided(kernel, mb, k, n, (a, rsa, csa), b, beta, (cb, rsc, csc));
-        });
 }
 
 // ---- depthwise: direct loops, one plane (image, channel) at a time ----
@@ -1390,154 +1034,4 @@ fn depthwise_bwd_weight<T: Elem>(x: &[T], dy: &[T], g: &ConvGeom, dw: &mut [T]) 
             });
         }
     });
-}
-
-#[cfg(test)]
-mod tests {
-    //! The per-tap path of stride-1 "same" convolutions against the im2col / col2im paths it
-    //! replaces (the references), in f64 and in f32, within the rounding bound of the sums: each
-    //! output is a sum of K products, so two summation orders differ by at most ≈ 2·K·ε·Σ|products|
-    //! (Σ|products| is the same convolution of |x| and |w|, computed here in f64).
-
-    use super::*;
-    use crate::rng::Rng;
-
-    struct Case {
-        x: [usize; 4],
-        cout: usize,
-        k: (usize, usize),
-        groups: usize,
-    }
-
-    fn geom(c: &Case) -> ConvGeom {
-        let spec = Conv2dSpec {
-            stride: (1, 1),
-            padding: ((c.k.0 - 1) / 2, (c.k.1 - 1) / 2),
-            groups: c.groups,
-        };
-        ConvGeom::new(&c.x, &[c.cout, c.x[1] / c.groups, c.k.0, c.k.1], spec)
-    }
-
-    fn normal(n: usize, rng: &mut Rng) -> Vec<f64> {
-        (0..n).map(|_| rng.normal()).collect()
-    }
-
-    fn cast<T: Elem>(v: &[f64]) -> Vec<T> {
-        v.iter().map(|&a| T::of(a)).collect()
-    }
-
-    fn abs(v: &[f64]) -> Vec<f64> {
-        v.iter().map(|a| a.abs()).collect()
-    }
-
-    /// Forward, data gradient and weight gradient of the whole batch as one chunk, by `path`.
-    fn passes<T: Elem>(
-        taps: bool,
-        g: &ConvGeom,
-        par: bool,
-        kernel: kernels::GemmKernel,
-        x: &[T],
-        w: &[T],
-        dy: &[T],
-    ) -> [Vec<T>; 3] {
-        let mut s = Vec::new();
-        let mut y = vec![T::zero(); g.n * g.cout * g.ohw()];
-        let mut dx = vec![T::zero(); g.n * g.cin * g.hw()];
-        let mut dw = vec![T::zero(); g.cout * g.k_cols()];
-        if taps {
-            conv_chunk_taps(x, w, g, par, &mut s, &mut y);
-            let (wt, spec) = flipped_weights(w, g);
-            let gd = ConvGeom::new(&g.y_shape(), &[g.cin, g.cout_g, g.kh, g.kw], spec);
-            conv_chunk_taps(dy, &wt, &gd, par, &mut s, &mut dx);
-            conv_bwd_weight_chunk_taps(x, dy, g, par, kernel, &mut s, &mut dw);
-        } else {
-            conv_chunk_im2col(x, w, g, par, &mut s, &mut y);
-            conv_bwd_data_chunk(dy, w, g, par, &mut s, &mut dx);
-            conv_bwd_weight_chunk_im2col(x, dy, g, par, kernel, &mut s, &mut dw);
-        }
-        [y, dx, dw]
-    }
-
-    fn check(c: &Case, par: bool, seed: u64) {
-        let g = geom(c);
-        let mut rng = Rng::new(seed);
-        let x = normal(g.n * g.cin * g.hw(), &mut rng);
-        let w = normal(g.cout * g.k_cols(), &mut rng);
-        let dy = normal(g.n * g.cout * g.ohw(), &mut rng);
-        let kk = g.kh * g.kw;
-        let p = Padded::new(&g, g.n);
-        // Terms per output of the three passes (the per-tap weight gradient also sums the zeros at
-        // the padding positions).
-        let terms = [g.cin_g * kk, g.cout_g * kk, p.n.max(g.n * g.ohw())];
-        let portable = kernels::GemmKernel::Portable;
-        let reference = passes(false, &g, par, portable, &x, &w, &dy);
-        let bound = passes(false, &g, par, portable, &abs(&x), &abs(&w), &abs(&dy));
-        for kernel in [kernels::GemmKernel::Fast, portable] {
-            let got64 = passes(true, &g, par, kernel, &x, &w, &dy);
-            let got32 = passes::<f32>(true, &g, par, kernel, &cast(&x), &cast(&w), &cast(&dy));
-            for i in 0..3 {
-                assert_eq!(got64[i].len(), reference[i].len());
-                for (j, (&r, &b)) in reference[i].iter().zip(&bound[i]).enumerate() {
-                    let k = terms[i] as f64;
-                    let tol64 = 2.0 * k * f64::EPSILON * b + f64::MIN_POSITIVE;
-                    // f32: the sum's rounding plus the rounding of both factors to f32.
-                    let tol32 = (k + 2.0) * f32::EPSILON as f64 * b + f64::MIN_POSITIVE;
-                    let (e64, e32) = ((got64[i][j] - r).abs(), (got32[i][j] as f64 - r).abs());
-                    assert!(
-                        e64 <= tol64 && e32 <= tol32,
-                        "{:?} par {par} {kernel:?}, pass {i}, element {j}: reference {r}, \
-                         f64 {} (error {e64:e}, bound {tol64:e}), f32 {} (error {e32:e}, bound \
-                         {tol32:e})",
-                        c.x,
-                        got64[i][j],
-                        got32[i][j]
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn per_tap_convolution_matches_im2col_in_all_three_passes() {
-        let case = |x, cout, k, groups| Case { x, cout, k, groups };
-        let cases = [
-            // Several images in one chunk; a rectangular plane with two groups; one image with a
-            // 5×5 kernel; a 3×1 kernel (no padding columns); a 1×1 plane (every tap but the centre
-            // reads padding).
-            case([3, 8, 8, 8], 6, (3, 3), 1),
-            case([2, 8, 5, 7], 4, (3, 3), 2),
-            case([1, 3, 6, 9], 5, (5, 5), 1),
-            case([2, 4, 7, 5], 3, (3, 1), 1),
-            case([2, 4, 1, 1], 3, (3, 3), 1),
-        ];
-        for (i, c) in cases.iter().enumerate() {
-            check(c, false, 500 + i as u64);
-        }
-        // A chunk whose products are split by rows over threads (a batch smaller than the thread
-        // count): large enough for the split.
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .unwrap();
-        pool.install(|| check(&case([1, 16, 24, 24], 16, (3, 3), 1), true, 510));
-    }
-
-    #[test]
-    fn per_tap_path_is_chosen_by_geometry() {
-        let g = |x: [usize; 4], cout, k: usize, stride, pad| {
-            ConvGeom::new(&x, &[cout, x[1], k, k], Conv2dSpec::new(stride, pad))
-        };
-        let taps = Path::choose(&g([2, 16, 32, 32], 16, 3, 1, 1));
-        let expected = if taps_enabled() {
-            Path::Taps
-        } else {
-            Path::Im2col
-        };
-        assert_eq!(taps, expected);
-        // The stem (3 input channels), stride 2, no padding, small planes: im2col.
-        assert_eq!(Path::choose(&g([2, 3, 32, 32], 16, 3, 1, 1)), Path::Im2col);
-        assert_eq!(Path::choose(&g([2, 16, 32, 32], 16, 3, 2, 1)), Path::Im2col);
-        assert_eq!(Path::choose(&g([2, 16, 32, 32], 16, 3, 1, 0)), Path::Im2col);
-        assert_eq!(Path::choose(&g([2, 16, 4, 4], 16, 3, 1, 1)), Path::Im2col);
-    }
 }
