@@ -357,13 +357,7 @@ impl Plan {
     /// not depend on how the images are spread.
     fn for_weight_grad(g: &ConvGeom) -> Plan {
         if !cpu::deterministic() {
-            let mut p = Plan::new(g);
-            let cols: usize = std::env::var("PODGPU_NT_COLS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(256);
-            p.nb = cols.div_ceil(g.ohw()).clamp(1, p.per_thread);
-            return p;
+            return Plan::new(g);
         }
         let per_thread = g.n.div_ceil(DETERMINISTIC_WEIGHT_RANGES).max(1);
         Plan {
@@ -819,10 +813,6 @@ fn conv_bwd_weight_chunk<T: Elem>(
         }
         _ => kernels::GemmKernel::Portable,
     };
-    // Fewer output channels than the gemm crate is good at: rows-by-rows dot products (no packing).
-    let nt = kernels::current() == kernels::GemmKernel::Fast
-        && g.cout_g < WEIGHT_GRAD_FAST_MIN_COUT
-        && nt_enabled();
     for grp in 0..g.groups {
         let colm: &[T] = if cols_len == 0 {
             &x[grp * g.cin_g * hw..(grp + 1) * g.cin_g * hw]
@@ -851,7 +841,7 @@ fn conv_bwd_weight_chunk<T: Elem>(
                 T::one(),
                 dwg,
             );
-        } else if !(nt && gemm_nt_add(g.cout_g, k, ld, dyg, colm, dwg)) {
+        } else {
             kernels::gemm_on_thread(
                 kernel,
                 g.cout_g,
@@ -866,26 +856,6 @@ fn conv_bwd_weight_chunk<T: Elem>(
             );
         }
     }
-}
-
-fn nt_enabled() -> bool {
-    static C: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *C.get_or_init(|| std::env::var("PODGPU_NT").map_or(true, |v| v != "0"))
-}
-
-/// dW [m, k] += dy [m, n] · colsᵀ (cols [k, n]) with `kernels::gemm_nt_add` when T is f32 and the CPU
-/// has it; false (nothing done) otherwise.
-fn gemm_nt_add<T: Elem>(m: usize, k: usize, n: usize, dy: &[T], cols: &[T], dw: &mut [T]) -> bool {
-    if T::DTYPE != DType::F32 || !kernels::has_nt_f32() {
-        return false;
-    }
-    let f32s = |v: &[T]| {
-        // SAFETY: T is f32 (DTYPE checked above): same size, alignment and bit validity.
-        unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<f32>(), v.len()) }
-    };
-    // SAFETY: as above, for the mutable slice.
-    let dw = unsafe { std::slice::from_raw_parts_mut(dw.as_mut_ptr().cast::<f32>(), dw.len()) };
-    kernels::gemm_nt_add(m, k, n, f32s(dy), n, f32s(cols), n, dw, k)
 }
 
 fn conv2d_bwd_weight_host<T: Elem>(
