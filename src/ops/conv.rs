@@ -591,6 +591,10 @@ fn conv_chunk<T: Elem>(
     scratch: &mut Vec<T>,
     y: &mut [T],
 ) {
+    if is_winograd(g) {
+        conv_chunk_winograd(x, w, g, par, scratch, y);
+        return;
+    }
     let (k, ohw, hw) = (g.k_cols(), g.ohw(), g.hw());
     let nb = y.len() / (g.cout * ohw);
     let ld = nb * ohw;
@@ -920,6 +924,186 @@ fn conv2d_bwd_bias_host<T: Elem>(dy: &Tensor) -> Tensor {
             .sum();
     });
     Tensor::from_vec(&[c], db)
+}
+
+// ---- Winograd F(2×2, 3×3) for 3×3 stride-1 convolutions with padding 1 ----
+//
+// y = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A for each 2×2 output tile, d its 4×4 input window: the 16 products
+// of each tile become 16 GEMMs M[ξ] = U[ξ]·V[ξ] (U: transformed weights [cout_g, cin_g], V:
+// transformed input [cin_g, tiles]) with 16 instead of 36 multiplications per tile and channel pair
+// (2.25× fewer), for two transforms that cost O(channels · positions).
+
+/// Geometry `g` takes the Winograd path (3×3, stride 1, padding 1, enough channels).
+fn is_winograd(g: &ConvGeom) -> bool {
+    g.kh == 3
+        && g.kw == 3
+        && g.sh == 1
+        && g.sw == 1
+        && g.ph == 1
+        && g.pw == 1
+        && !g.is_depthwise()
+        && g.cin_g >= wino_min_cin()
+        && wino_enabled()
+}
+
+fn wino_min_cin() -> usize {
+    static C: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *C.get_or_init(|| {
+        std::env::var("PODGPU_WINO_MIN_CIN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(16)
+    })
+}
+
+fn wino_enabled() -> bool {
+    static C: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *C.get_or_init(|| std::env::var("PODGPU_WINO").map_or(true, |v| v != "0"))
+}
+
+/// U [16, cout_g, cin_g] of group `grp`: G g Gᵀ for every (co, ci).
+fn wino_weights<T: Elem>(w: &[T], g: &ConvGeom, grp: usize, u: &mut [T]) {
+    let h = T::of(0.5);
+    let (m, k) = (g.cout_g, g.cin_g);
+    for co in 0..m {
+        for ci in 0..k {
+            let f = &w[((grp * m + co) * k + ci) * 9..][..9];
+            // G f: 4×3
+            let mut t = [[T::zero(); 3]; 4];
+            for c in 0..3 {
+                let (a, b, d) = (f[c], f[3 + c], f[6 + c]);
+                t[0][c] = a;
+                t[1][c] = h * (a + b + d);
+                t[2][c] = h * (a - b + d);
+                t[3][c] = d;
+            }
+            // (G f) Gᵀ: 4×4
+            for (r, row) in t.iter().enumerate() {
+                let (a, b, d) = (row[0], row[1], row[2]);
+                let v = [a, h * (a + b + d), h * (a - b + d), d];
+                for (c, &x) in v.iter().enumerate() {
+                    u[((r * 4 + c) * m + co) * k + ci] = x;
+                }
+            }
+        }
+    }
+}
+
+/// Forward of a chunk of images by Winograd F(2×2, 3×3): y [nb, Cout, H, W] from x [nb, Cin, H, W].
+fn conv_chunk_winograd<T: Elem>(
+    x: &[T],
+    w: &[T],
+    g: &ConvGeom,
+    par: bool,
+    scratch: &mut Vec<T>,
+    y: &mut [T],
+) {
+    let hw = g.hw();
+    let nb = y.len() / (g.cout * hw);
+    let (th, tw) = (g.h.div_ceil(2), g.w.div_ceil(2));
+    let tiles = th * tw;
+    let nt = nb * tiles;
+    // The padded plane: one zero row/column before, enough after for whole tiles.
+    let (pr, pc) = (2 * th + 2, 2 * tw + 2);
+    let (m, k) = (g.cout_g, g.cin_g);
+    let (u_len, v_len, m_len) = (16 * m * k, 16 * k * nt, 16 * m * nt);
+    // SAFETY: wino_weights writes all of u, the input transform all of v, the GEMMs (beta = 0)
+    // all of mm, and each padded plane is written whole before it is read.
+    unsafe { cpu::arena::resize_for_overwrite(scratch, u_len + v_len + m_len + pr * pc) };
+    let (u, rest) = scratch.split_at_mut(u_len);
+    let (v, rest) = rest.split_at_mut(v_len);
+    let (mm, pad) = rest.split_at_mut(m_len);
+    for grp in 0..g.groups {
+        wino_weights(w, g, grp, u);
+        // Input transform: V[ξ][ci][tile] = (Bᵀ d B)[ξ].
+        for j in 0..nb {
+            for ci in 0..k {
+                let plane = &x[(j * g.cin + grp * k + ci) * hw..][..hw];
+                pad.fill(T::zero());
+                for (r, src) in plane.chunks_exact(g.w).enumerate() {
+                    pad[(r + 1) * pc + 1..][..g.w].copy_from_slice(src);
+                }
+                for a in 0..th {
+                    let rows = [0, 1, 2, 3].map(|i| &pad[(2 * a + i) * pc..][..pc]);
+                    for b in 0..tw {
+                        let c0 = 2 * b;
+                        // Bᵀ d: rows combined.
+                        let mut t = [[T::zero(); 4]; 4];
+                        for c in 0..4 {
+                            let (d0, d1, d2, d3) = (
+                                rows[0][c0 + c],
+                                rows[1][c0 + c],
+                                rows[2][c0 + c],
+                                rows[3][c0 + c],
+                            );
+                            t[0][c] = d0 - d2;
+                            t[1][c] = d1 + d2;
+                            t[2][c] = d2 - d1;
+                            t[3][c] = d1 - d3;
+                        }
+                        let col = j * tiles + a * tw + b;
+                        for (r, row) in t.iter().enumerate() {
+                            let vv = [
+                                row[0] - row[2],
+                                row[1] + row[2],
+                                row[2] - row[1],
+                                row[1] - row[3],
+                            ];
+                            for (c, &val) in vv.iter().enumerate() {
+                                v[((r * 4 + c) * k + ci) * nt + col] = val;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for xi in 0..16 {
+            gemm(
+                par,
+                m,
+                k,
+                nt,
+                &u[xi * m * k..][..m * k],
+                false,
+                &v[xi * k * nt..][..k * nt],
+                false,
+                T::zero(),
+                &mut mm[xi * m * nt..][..m * nt],
+            );
+        }
+        // Output transform: the 2×2 tile Aᵀ M A.
+        for j in 0..nb {
+            for co in 0..m {
+                let yp = &mut y[(j * g.cout + grp * m + co) * hw..][..hw];
+                for a in 0..th {
+                    for b in 0..tw {
+                        let col = j * tiles + a * tw + b;
+                        let e = |xi: usize| mm[(xi * m + co) * nt + col];
+                        // Aᵀ M: 2×4
+                        let mut t = [[T::zero(); 4]; 2];
+                        for c in 0..4 {
+                            let (m0, m1, m2, m3) = (e(c), e(4 + c), e(8 + c), e(12 + c));
+                            t[0][c] = m0 + m1 + m2;
+                            t[1][c] = m1 - m2 - m3;
+                        }
+                        for (r, row) in t.iter().enumerate() {
+                            let oh = 2 * a + r;
+                            if oh >= g.h {
+                                continue;
+                            }
+                            let out = [row[0] + row[1] + row[2], row[1] - row[2] - row[3]];
+                            for (c, &val) in out.iter().enumerate() {
+                                let ow = 2 * b + c;
+                                if ow < g.w {
+                                    yp[oh * g.w + ow] = val;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 // ---- depthwise: direct loops, one plane (image, channel) at a time ----
