@@ -60,6 +60,19 @@ fn conv_cases() -> Vec<ConvCase> {
         case([2, 6, 16, 16], 4, 1, spec(1, 0, 2), false),
         // Channel multiplier 2 (one input channel per group, two outputs): the im2col path.
         case([2, 3, 5, 5], 6, 3, spec(1, 1, 3), true),
+        // A non-square "same" kernel: the data gradient as a forward convolution with the taps
+        // flipped in both axes (3×1 here).
+        ConvCase {
+            x: [2, 3, 5, 6],
+            cout: 4,
+            k: (3, 1),
+            spec: Conv2dSpec {
+                stride: (1, 1),
+                padding: (1, 0),
+                groups: 1,
+            },
+            bias: false,
+        },
     ]
 }
 

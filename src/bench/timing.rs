@@ -98,6 +98,25 @@ pub enum Clock {
     Cuda(Arc<Gpu>),
 }
 
+/// `PODGPU_BENCH_CLOCK=cpu`: the host clock measures the CPU time the process is charged instead of
+/// the wall clock. On a machine that other jobs share, with one thread (`--threads 1`), that is what
+/// the work itself costs; with several threads it also counts time spent waiting at a barrier.
+fn host_cpu_clock() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("PODGPU_BENCH_CLOCK").is_ok_and(|v| v.trim() == "cpu"))
+}
+
+/// CPU seconds (user + system) of this process so far.
+fn process_cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
 impl Clock {
     pub fn for_device(device: Device) -> Result<Clock> {
         Ok(match device {
@@ -108,6 +127,7 @@ impl Clock {
 
     pub fn name(&self) -> &'static str {
         match self {
+            Clock::Host if host_cpu_clock() => "process CPU time (PODGPU_BENCH_CLOCK=cpu)",
             Clock::Host => "wall clock",
             Clock::Cuda(_) => "CUDA events",
         }
@@ -124,6 +144,13 @@ impl Clock {
     /// Seconds for `reps` calls of `f`, back to back.
     pub fn time<F: FnMut()>(&self, reps: usize, f: &mut F) -> f64 {
         match self {
+            Clock::Host if host_cpu_clock() => {
+                let t0 = process_cpu_s();
+                for _ in 0..reps {
+                    f();
+                }
+                process_cpu_s() - t0
+            }
             Clock::Host => {
                 let t0 = Instant::now();
                 for _ in 0..reps {

@@ -760,20 +760,23 @@ fn conv2d_bwd_data_host<T: Elem>(
 fn bwd_data_as_forward<T: Elem>(dy: &Tensor, w: &Tensor, g: &ConvGeom) -> Tensor {
     let ws = w.host::<T>();
     let (kh, kw, kk) = (g.kh, g.kw, g.kh * g.kw);
-    // W' [Cin, Cout_g, KH, KW]: group grp's input channel ci reads output channel co of the same group.
-    let mut wt = vec![T::zero(); g.cin * g.cout_g * kk];
-    for grp in 0..g.groups {
-        for co in 0..g.cout_g {
-            for ci in 0..g.cin_g {
-                let src = &ws[((grp * g.cout_g + co) * g.cin_g + ci) * kk..][..kk];
-                let dst = &mut wt[((grp * g.cin_g + ci) * g.cout_g + co) * kk..][..kk];
-                for (t, d) in dst.iter_mut().enumerate() {
-                    let (i, j) = (t / kw, t % kw);
-                    *d = src[(kh - 1 - i) * kw + (kw - 1 - j)];
-                }
-            }
+    // W' [Cin, Cout_g, KH, KW]: group grp's input channel ci reads output channel co of the same group,
+    // its KH×KW taps flipped in both axes, which is the tap block reversed (tap (i, j) = i·KW + j
+    // takes (KH−1−i)·KW + KW−1−j = KH·KW − 1 − (i·KW + j)). Written one input channel's row at a
+    // time (sequential stores) and in parallel: with an index division per element this loop took a
+    // third of the backward-data time of 512-channel convolutions on 4×4 planes.
+    let per_ci = g.cout_g * kk;
+    // SAFETY: every chunk of `per_ci` values is written whole below before the tensor is read.
+    let mut wt = unsafe { cpu::arena::vec_for_overwrite(g.cin * per_ci) };
+    cpu::par_chunks(&mut wt, per_ci, per_ci, |c, dst| {
+        let (grp, ci) = (c / g.cin_g, c % g.cin_g);
+        for (co, d) in dst.chunks_exact_mut(kk).enumerate() {
+            let src = &ws[((grp * g.cout_g + co) * g.cin_g + ci) * kk..][..kk];
+            d.iter_mut()
+                .zip(src.iter().rev())
+                .for_each(|(d, &s)| *d = s);
         }
-    }
+    });
     let wt = Tensor::from_vec(&[g.cin, g.cout_g, kh, kw], wt);
     let spec = Conv2dSpec {
         stride: (1, 1),
