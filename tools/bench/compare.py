@@ -16,9 +16,11 @@ still print.
 
 Pairs: podgpu fp32 vs torch eager-fp32 (true fp32) and compile-fp32; podgpu tf32 vs eager-tf32; podgpu
 bf16 vs amp-bf16-cl and compile-bf16-cl (like with like: bf16 convolution/GEMM inputs and activations,
-f32 master weights, the loss in f32). Where podgpu has no bf16 row (bench-step skips bf16 on a GPU until
-its bf16 kernels exist) those rows take the faster podgpu precision and say that the precisions differ. Goals (issue 6): >= 1.5x eager AMP bf16 + channels_last,
->= 1.1x torch.compile, on the CPU >= 1.0x eager fp32.
+f32 master weights, the loss in f32). Where podgpu has no bf16 row (bench-step skips bf16 for a network
+whose GPU bf16 step does not exist) those rows take the faster podgpu precision and say that the
+precisions differ. With --cuda-graph each podgpu precision is also timed replayed as a CUDA graph, and
+a row takes the faster of the two (the note says so). Goals (issue 6): >= 1.5x eager AMP bf16 +
+channels_last, >= 1.1x torch.compile, on the CPU >= 1.0x eager fp32.
 """
 
 import argparse
