@@ -101,6 +101,12 @@ impl Sgd {
         self.state.steps += 1;
     }
 
+    /// Sets the step count back to `steps` (what it was before a capture that failed: its host
+    /// code counted a step that never ran).
+    pub fn restore_step_count(&mut self, steps: u64) {
+        self.state.steps = steps;
+    }
+
     /// One update of every trainable parameter that has a gradient, at learning rate `lr`.
     ///
     /// When all of them are on one GPU, the whole update is one kernel launch

@@ -88,6 +88,19 @@ fn device_step(p: &mut StepParts, x: &Tensor, y: &Tensor, labels: &[usize], lr: 
         .add_step(&loss_t, out.logits.value(), y, labels, &norms, labels.len());
 }
 
+/// How a capture went.
+pub enum Captured {
+    /// Captured and run once; later full batches replay it.
+    Replaying(Graphed),
+    /// Run once (the batch is trained) but not replayable: go on eagerly.
+    RanOnce(String),
+    /// Nothing ran and nothing changed (counts put back): train this batch eagerly.
+    Failed(String),
+    /// The model's state cannot be trusted (a failed capture after state moved, or a failed
+    /// launch): stop the run; the last checkpoint is intact.
+    Broken(String),
+}
+
 /// One epoch's captured step and its input buffers.
 pub struct Graphed {
     graph: StepGraph,
@@ -98,8 +111,7 @@ pub struct Graphed {
 }
 
 impl Graphed {
-    /// Captures the step of this batch and runs it (a capture only records). `Err`: why the
-    /// step cannot be replayed; nothing was trained then, and the caller runs the batch eagerly.
+    /// Captures the step of this batch and runs it (a capture only records); see `Captured`.
     pub fn capture(
         gpu: &Arc<Gpu>,
         p: &mut StepParts,
@@ -107,7 +119,7 @@ impl Graphed {
         labels: &[usize],
         lr: f64,
         step: u64,
-    ) -> Result<Graphed, String> {
+    ) -> Captured {
         let device = Device::Cuda(gpu.ordinal);
         let x = images.to_device(device);
         let y = loss::labels_tensor(labels, &x);
@@ -121,6 +133,8 @@ impl Graphed {
             addresses(ps.iter().map(|q| &q.value).chain(momentum.iter()))
         };
         let before = state(p.ps, p.opt);
+        // What the step's host code counts during the capture; put back if the capture fails.
+        let counts = (p.opt.state().steps, p.ledger.unread());
         if let Optimizer::Sgd(s) = p.opt {
             s.set_device_lr(Some(scalars.lr_ptr()));
         }
@@ -131,12 +145,33 @@ impl Graphed {
             s.set_device_lr(None);
         }
         p.ledger.set_device_step(None);
-        let (graph, ()) = captured?;
-        if state(p.ps, p.opt) != before {
-            return Err("the captured step moved model state to new memory".into());
+        let moved = state(p.ps, p.opt) != before;
+        let graph = match captured {
+            Ok((graph, ())) => graph,
+            // State the step's host code moved to new memory holds what the recorded (never run)
+            // copies would have written: nothing. The run cannot go on from it.
+            Err(why) if moved => return Captured::Broken(why),
+            Err(why) => {
+                if let Optimizer::Sgd(s) = p.opt {
+                    s.restore_step_count(counts.0);
+                }
+                p.ledger.restore_unread(counts.1);
+                return Captured::Failed(why);
+            }
+        };
+        // Run the recorded step once: that also fills any state the step moved, so the model is
+        // whole whether or not the graph can be replayed again.
+        if let Err(why) = graph.replay() {
+            return Captured::Broken(why);
         }
-        graph.replay()?;
-        Ok(Graphed {
+        if moved {
+            return Captured::RanOnce(
+                "the captured step moved model state to new memory, so its graph cannot be \
+                 replayed"
+                    .into(),
+            );
+        }
+        Captured::Replaying(Graphed {
             graph,
             x,
             y,

@@ -153,6 +153,12 @@ impl StepLedger {
         self.device_step = ptr;
     }
 
+    /// Sets the count of unread steps back to `unread` (what it was before a capture that failed:
+    /// its `add_step` counted a step whose kernels never ran).
+    pub fn restore_unread(&mut self, unread: usize) {
+        self.unread = unread;
+    }
+
     /// Counts a step added on the device by a graph replay (whose `add_step` ran only at capture).
     pub fn count_replayed_step(&mut self) {
         self.unread += 1;

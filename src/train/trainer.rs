@@ -1016,6 +1016,7 @@ impl Run {
                     .map_err(anyhow::Error::msg)?,
                 None => images,
             };
+            let mut graph_gpu_failed = false;
             let replayed = match &graph_gpu {
                 Some(gpu) if eager_steps > 0 && b == cfg.batch_size => {
                     let mut parts = super::graphed::StepParts {
@@ -1032,24 +1033,38 @@ impl Run {
                             g.replay(&mut parts, &images, &labels, step_lr, step)?;
                             true
                         }
-                        _ => match super::graphed::Graphed::capture(
-                            gpu, &mut parts, &images, &labels, step_lr, step,
-                        ) {
-                            Ok(g) => {
-                                graphed = Some(g);
-                                true
+                        _ => {
+                            use super::graphed::{Captured, Graphed};
+                            match Graphed::capture(gpu, &mut parts, &images, &labels, step_lr, step)
+                            {
+                                Captured::Replaying(g) => {
+                                    graphed = Some(g);
+                                    true
+                                }
+                                Captured::RanOnce(why) => {
+                                    eprintln!("note: {why}; training on with eager steps");
+                                    graph_gpu_failed = true;
+                                    true
+                                }
+                                Captured::Failed(why) => {
+                                    eprintln!("note: {why}; training on with eager steps");
+                                    graph_gpu_failed = true;
+                                    false
+                                }
+                                Captured::Broken(why) => bail!(
+                                    "a CUDA graph capture at {} failed and left the model \
+                                     unusable: {why}. {} Run again without PODGPU_CUDA_GRAPH.",
+                                    step_place(epoch, index, total_batches, step),
+                                    self.recovery_advice()
+                                ),
                             }
-                            Err(why) => {
-                                eprintln!("note: {why}; training on with eager steps");
-                                false
-                            }
-                        },
+                        }
                     }
                 }
                 _ => false,
             };
-            if !replayed && graph_gpu.is_some() && eager_steps > 0 && b == cfg.batch_size {
-                graph_gpu = None; // the capture failed: eager from now on
+            if graph_gpu_failed {
+                graph_gpu = None; // the capture did not give a replayable graph: eager from now on
             }
             if replayed {
                 self.state.global_step += 1;
