@@ -44,13 +44,21 @@ pub struct BnReluTrain {
     pub reserve: Reserve,
 }
 
-/// The reserve space a fused forward leaves for its backward.
+/// Device bytes cuDNN asks for by size: a workspace, or the reserve space a fused forward leaves
+/// for its backward. No memory (a null pointer) when the size is zero.
 pub struct Reserve {
     buf: Option<CudaBuf>,
     bytes: usize,
 }
 
 impl Reserve {
+    fn alloc(gpu: &std::sync::Arc<crate::cuda::Gpu>, bytes: usize) -> Result<Reserve, Fail> {
+        let buf = (bytes > 0)
+            .then(|| alloc(gpu, bytes.div_ceil(4)))
+            .transpose()?;
+        Ok(Reserve { buf, bytes })
+    }
+
     fn ptr(&self) -> *mut c_void {
         self.buf
             .as_ref()
@@ -182,18 +190,8 @@ pub fn bn_relu_fwd_train(
         let rv = buf(running_var).duplicate();
         let sm = alloc(&gpu, c)?;
         let si = alloc(&gpu, c)?;
-        let ws = (ws_bytes > 0)
-            .then(|| alloc(&gpu, ws_bytes.div_ceil(4)))
-            .transpose()?;
-        let reserve = Reserve {
-            buf: (reserve_bytes > 0)
-                .then(|| alloc(&gpu, reserve_bytes.div_ceil(4)))
-                .transpose()?,
-            bytes: reserve_bytes,
-        };
-        let wsp = ws
-            .as_ref()
-            .map_or(std::ptr::null_mut(), |b| b.device_ptr() as *mut c_void);
+        let ws = Reserve::alloc(&gpu, ws_bytes)?;
+        let reserve = Reserve::alloc(&gpu, reserve_bytes)?;
         // SAFETY: x, z and y match xd; γ, β, the running and saved statistics hold C floats (bd);
         // the workspace and reserve have the sizes cuDNN asked for.
         ok(
@@ -224,8 +222,8 @@ pub fn bn_relu_fwd_train(
                     sm.device_ptr() as *mut c_void,
                     si.device_ptr() as *mut c_void,
                     act.0,
-                    wsp,
-                    ws_bytes,
+                    ws.ptr(),
+                    ws.bytes,
                     reserve.ptr(),
                     reserve_bytes,
                 )
@@ -305,12 +303,7 @@ pub fn bn_relu_bwd(
             .transpose()?;
         let dg = alloc(&gpu, c)?;
         let db = alloc(&gpu, c)?;
-        let ws = (ws_bytes > 0)
-            .then(|| alloc(&gpu, ws_bytes.div_ceil(4)))
-            .transpose()?;
-        let wsp = ws
-            .as_ref()
-            .map_or(std::ptr::null_mut(), |b| b.device_ptr() as *mut c_void);
+        let ws = Reserve::alloc(&gpu, ws_bytes)?;
         // SAFETY: x, y, dy, dz and dx match xd; γ, β, dγ, dβ and the saved statistics hold C
         // floats (bd); the workspace has the size cuDNN asked for and the reserve is the forward's.
         ok(
@@ -343,8 +336,8 @@ pub fn bn_relu_bwd(
                     ptr(save_mean),
                     ptr(save_invstd),
                     act.0,
-                    wsp,
-                    ws_bytes,
+                    ws.ptr(),
+                    ws.bytes,
                     reserve.ptr(),
                     reserve.bytes,
                 )
