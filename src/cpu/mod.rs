@@ -2,6 +2,7 @@
 
 pub mod arena;
 pub mod bf16;
+pub mod conv_same;
 pub mod kernels;
 
 use crate::tensor::Elem;
