@@ -83,15 +83,14 @@ fn has_avx512() -> bool {
     }
 }
 
-/// One tile of 16 output positions of one image of a call: where it starts in every copy (b·P +
-/// p0), where its output starts in y [nb, cout, h·w] (channel 0: b·cout·h·w + p0), where its
-/// output gradient starts in the gathered dy [cout, nb, h·w] (channel 0: b·h·w + p0), and which of
-/// its lanes are positions (all but in the last tile of a plane whose size is not a multiple of 16).
+/// One tile of 16 output positions of one image of a call (the forward's unit of work): where it
+/// starts in every copy (b·P + p0), where its output starts in y [nb, cout, h·w] (channel 0:
+/// b·cout·h·w + p0), and which of its lanes are positions (all but in the last tile of a plane
+/// whose size is not a multiple of 16).
 #[derive(Clone, Copy, Debug)]
 struct Tile {
     src: usize,
     dst: usize,
-    grad: usize,
     mask: u16,
 }
 
@@ -275,29 +274,31 @@ impl SameConv {
         scratch.clear();
         scratch.reserve(LANES + copies + LANES + self.cout * nb * hw);
         let lead = scratch.as_ptr().align_offset(64).min(LANES);
-        scratch.resize(lead, 0.0);
-        for ci in 0..self.cin {
-            for j in 0..self.kw {
-                // Columns c whose source column c + j − pw exists: [lo, hi).
-                let lo = pw.saturating_sub(j);
-                let hi = (w + pw).saturating_sub(j).min(w);
-                for b in 0..nb {
-                    let plane = &x[(b * self.cin + ci) * hw..][..hw];
-                    let start = scratch.len();
-                    scratch.resize(start + ph * w, 0.0);
-                    for row in plane.chunks_exact(w) {
-                        scratch.resize(scratch.len() + lo, 0.0);
-                        if lo < hi {
-                            scratch.extend_from_slice(&row[lo + j - pw..hi + j - pw]);
-                        }
-                        scratch.resize(scratch.len() + (w - hi.max(lo)), 0.0);
-                    }
-                    scratch.resize(start + p, 0.0);
+        // SAFETY: the loop below writes every float of the copies and the zero tail before anything
+        // reads them; the `lead` floats before the copies are never read.
+        unsafe { super::arena::resize_for_overwrite(scratch, lead + copies + LANES) };
+        let (planes, tail) = scratch[lead..].split_at_mut(copies);
+        tail.fill(0.0);
+        // Plane ((ci·KW + j)·nb + b): copy j of channel ci of image b, written once, row by row
+        // (the rows of the zero padding, then each of x's rows with its few edge zeros).
+        for (q, dst) in planes.chunks_exact_mut(p).enumerate() {
+            let (ci, j, b) = (q / (self.kw * nb), q / nb % self.kw, q % nb);
+            let src = &x[(b * self.cin + ci) * hw..][..hw];
+            // Columns c whose source column c + j − pw exists: [lo, hi).
+            let lo = pw.saturating_sub(j).min(w);
+            let hi = (w + pw).saturating_sub(j).min(w).max(lo);
+            let (top, rest) = dst.split_at_mut(ph * w);
+            top.fill(0.0);
+            let (rows, bottom) = rest.split_at_mut(hw);
+            bottom.fill(0.0);
+            for (out, row) in rows.chunks_exact_mut(w).zip(src.chunks_exact(w)) {
+                super::zero_edge(&mut out[..lo]);
+                if lo < hi {
+                    out[lo..hi].copy_from_slice(&row[lo + j - pw..hi + j - pw]);
                 }
+                super::zero_edge(&mut out[hi..]);
             }
         }
-        // The last tile's loads may read up to 15 floats past the last plane.
-        scratch.resize(lead + copies + LANES, 0.0);
         let mut offsets = Vec::with_capacity(self.k());
         for ci in 0..self.cin {
             for i in 0..self.kh {
@@ -313,7 +314,6 @@ impl SameConv {
                     Tile {
                         src: b * p + p0,
                         dst: b * self.cout * hw + p0,
-                        grad: b * hw + p0,
                         mask: if n == LANES {
                             u16::MAX
                         } else {
@@ -334,7 +334,7 @@ impl SameConv {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Batch, SameConv, Tile, CHANNELS_PER_PASS, MR, NV};
+    use super::{Batch, SameConv, Tile, CHANNELS_PER_PASS, LANES, MR, NV};
     use std::arch::x86_64::*;
 
     /// For each pass of input channels, the tiles NV at a time, each against every block of MR
@@ -387,9 +387,7 @@ mod avx512 {
         dy: *const f32,
         dw: *mut f32,
     ) {
-        let (k, tiles) = (c.k(), &batch.tiles[..]);
-        // Channel stride of the gathered dy [cout, nb, h·w].
-        let hw = batch.nb * c.h * c.w;
+        let (k, hw) = (c.k(), c.h * c.w);
         let per_pass = CHANNELS_PER_PASS * c.kh * c.kw;
         let full_co = c.cout / WG_CO * WG_CO;
         for pass in (0..k).step_by(per_pass) {
@@ -400,12 +398,12 @@ mod avx512 {
                     // SAFETY: the caller's bounds hold for every block.
                     unsafe {
                         if co < full_co && k0 < full_end {
-                            wg_micro::<WG_CO, WG_K>(batch, tiles, xs, dy, dw, hw, co, k0);
+                            wg_micro::<WG_CO, WG_K>(batch, c.plane, hw, xs, dy, dw, co, k0);
                             continue;
                         }
                         for m in co..(co + WG_CO).min(c.cout) {
                             for kk in k0..(k0 + WG_K).min(end) {
-                                wg_micro::<1, 1>(batch, tiles, xs, dy, dw, hw, m, kk);
+                                wg_micro::<1, 1>(batch, c.plane, hw, xs, dy, dw, m, kk);
                             }
                         }
                     }
@@ -414,36 +412,56 @@ mod avx512 {
         }
     }
 
-    /// M channels from `co`, N terms from `k0`: 16-lane partial sums over all tiles, then each
-    /// added across its lanes into dw.
+    /// M channels from `co`, N terms from `k0`: 16-lane partial sums over every position of every
+    /// image of the call, then each added across its lanes into dw. The positions of an image go
+    /// by 16 at a time with plain pointer steps (the per-tile bookkeeping of `Tile` cost as much as
+    /// the loads in this loop of only M·N FMAs per step), the last partial vector masked.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn wg_micro<const M: usize, const N: usize>(
         batch: &Batch,
-        tiles: &[Tile],
+        plane: usize,
+        hw: usize,
         xs: *const f32,
         dy: *const f32,
         dw: *mut f32,
-        hw: usize,
         co: usize,
         k0: usize,
     ) {
         let mut acc = [[_mm512_setzero_ps(); N]; M];
         let mut off = [0usize; N];
         off.copy_from_slice(&batch.offsets[k0..k0 + N]);
-        for tile in tiles {
-            let mut a = [_mm512_setzero_ps(); M];
-            for (m, a) in a.iter_mut().enumerate() {
-                *a = _mm512_maskz_loadu_ps(tile.mask, dy.add(tile.grad + (co + m) * hw));
-            }
-            let src = xs.add(tile.src);
-            for n in 0..N {
-                // Lanes past the plane's end read neighbouring values; the zero lanes of dy
-                // cancel them (masked here too, so that an inf there cannot make a NaN).
-                let b = _mm512_maskz_loadu_ps(tile.mask, src.add(off[n]));
-                for m in 0..M {
-                    acc[m][n] = _mm512_fmadd_ps(a[m], b, acc[m][n]);
+        // Channel stride of the gathered dy [cout, nb, h·w].
+        let stride = batch.nb * hw;
+        let full = hw / LANES * LANES;
+        // One vector of positions: dy of the M channels times the N terms' inputs. Under a mask
+        // (the plane's last, partial vector) the lanes past the plane read zero from both, so
+        // neighbouring values cannot reach the sums (nor an inf there make a NaN).
+        macro_rules! step {
+            ($g:expr, $src:expr, $load:expr) => {{
+                let mut a = [_mm512_setzero_ps(); M];
+                for (m, a) in a.iter_mut().enumerate() {
+                    *a = $load($g.add(m * stride));
                 }
+                for n in 0..N {
+                    let b = $load($src.add(off[n]));
+                    for m in 0..M {
+                        acc[m][n] = _mm512_fmadd_ps(a[m], b, acc[m][n]);
+                    }
+                }
+            }};
+        }
+        for b in 0..batch.nb {
+            let src = xs.add(b * plane);
+            let g = dy.add(co * stride + b * hw);
+            let mut p = 0;
+            while p < full {
+                step!(g.add(p), src.add(p), |q| _mm512_loadu_ps(q));
+                p += LANES;
+            }
+            if p < hw {
+                let mask: u16 = (1u16 << (hw - p)) - 1;
+                step!(g.add(p), src.add(p), |q| _mm512_maskz_loadu_ps(mask, q));
             }
         }
         let k = batch.offsets.len();
@@ -567,6 +585,7 @@ mod tests {
             (9, 17, 3, 3, 8, 8),
             (32, 8, 3, 3, 4, 4),
             (4, 3, 5, 5, 11, 6),
+            (2, 3, 5, 5, 3, 1),
             (2, 9, 1, 3, 5, 17),
             (1, 1, 3, 3, 1, 1),
             (6, 40, 3, 3, 2, 33),

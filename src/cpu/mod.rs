@@ -118,3 +118,19 @@ where
             .for_each(|(i, c)| f(i, c));
     }
 }
+
+/// Zeroes the few entries at a row's edge that a tap reads from the padding (at most the padding,
+/// usually one): a store or two in place, where `fill` would call `memset` for every row of every
+/// tap (millions of calls a step, 3% of a ResNet18 step in perf).
+#[inline(always)]
+pub fn zero_edge<T: Elem>(edge: &mut [T]) {
+    match edge.len() {
+        0 => {}
+        1 => edge[0] = T::zero(),
+        2 => {
+            edge[0] = T::zero();
+            edge[1] = T::zero();
+        }
+        _ => edge.fill(T::zero()),
+    }
+}
