@@ -147,9 +147,9 @@ fn main() -> Result<()> {
         }));
     }
     println!(
-        "(ops::conv keeps the im2col path for the weight gradient above 64 × 64 channels and for \
-         the forward and backward-data from 512 input channels, where it measured faster: there \
-         both columns time the im2col path)"
+        "(ops::conv keeps the im2col path for the weight gradient on planes smaller than 8×8 and \
+         for the forward and backward-data from 512 input channels, where it measured faster: \
+         there both columns time the im2col path)"
     );
     println!(
         "{}",

@@ -173,10 +173,15 @@ impl SameConv {
         self
     }
 
-    /// Images per call of `run` for planes this small: enough tiles (`NV` per micro-kernel call,
-    /// several calls) that the weights loaded for a channel block serve more than one tile.
+    /// Images per call of `run`: enough tiles for several micro-kernel calls of `NV` tiles, and a
+    /// tile count that `NV` divides where a few more images make it so (a 16×16 plane has 16
+    /// tiles: one image leaves a lone tile for a micro-kernel third as efficient, three none).
     pub fn images_per_call(&self) -> usize {
-        (4 * NV).div_ceil((self.h * self.w).div_ceil(LANES))
+        let tiles = (self.h * self.w).div_ceil(LANES);
+        let least = (4 * NV).div_ceil(tiles);
+        (least..least + NV)
+            .find(|n| n * tiles % NV == 0)
+            .unwrap_or(least)
     }
 
     /// Images per call of `weight_grad`: its partial sums are added up across lanes once per call,
@@ -356,12 +361,10 @@ mod avx512 {
                     let yb = y.add(b * MR * hw);
                     // SAFETY: the caller's bounds hold for every tile and channel block.
                     unsafe {
-                        if group.len() == NV {
-                            micro::<NV>(xs, wb, offsets, group, yb, hw, rows, add);
-                        } else {
-                            for t in group.chunks(1) {
-                                micro::<1>(xs, wb, offsets, t, yb, hw, rows, add);
-                            }
+                        match group.len() {
+                            NV => micro::<NV>(xs, wb, offsets, group, yb, hw, rows, add),
+                            2 => micro::<2>(xs, wb, offsets, group, yb, hw, rows, add),
+                            _ => micro::<1>(xs, wb, offsets, group, yb, hw, rows, add),
                         }
                     }
                 }

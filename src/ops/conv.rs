@@ -680,13 +680,13 @@ fn direct_applies<T: Elem>(g: &ConvGeom) -> bool {
     T::DTYPE == DType::F32 && fits && cpu::conv_same::available()
 }
 
-/// Where the direct kernels are faster than im2col + the gemm crate (measured one thread, batch
-/// 32, 3×3, BENCHMARKS.md "Direct convolutions"): the forward (and the backward-data, a forward)
-/// below 512 input channels (at 512 channels on 4×4 planes, 0.85×); the weight gradient up to
-/// 64 × 64 channels (1.2–1.8× there; 0.7–0.95× from 128 × 128 on, where the gemm crate's
-/// blocking does better than the direct kernel's 4 × 4 block).
+/// Where the direct kernels are faster than im2col + the gemm crate (`bench-cpu-conv`: one thread,
+/// batch 32, 3×3, BENCHMARKS.md "Direct 3×3 convolutions"): the forward (and the backward-data, a
+/// forward) below 512 input channels (at 512 channels on 4×4 planes 0.86–0.94×, 1.03–1.38×
+/// elsewhere); the weight gradient on planes of at least 8×8 (1.03–1.9×; on 4×4 planes, one
+/// vector per image, 0.8–0.92×).
 const DIRECT_FWD_MAX_CIN: usize = 511;
-const DIRECT_WGRAD_MAX_CHANNEL_PRODUCT: usize = 64 * 64;
+const DIRECT_WGRAD_MIN_POSITIONS: usize = 64;
 
 fn same_geometry(g: &ConvGeom) -> cpu::conv_same::SameConv {
     cpu::conv_same::SameConv::new(g.cout, g.cin, (g.kh, g.kw), (g.h, g.w))
@@ -926,7 +926,7 @@ fn conv2d_bwd_weight_host<T: Elem>(
         dw
     };
     let direct = (plan.batch_par || rayon::current_num_threads() == 1)
-        && g.cin * g.cout <= DIRECT_WGRAD_MAX_CHANNEL_PRODUCT
+        && g.hw() >= DIRECT_WGRAD_MIN_POSITIONS
         && direct_applies::<T>(&g);
     let dw = if let (true, Some(x32), Some(dy32)) = (direct, as_f32(xs), as_f32(dys)) {
         let conv = same_geometry(&g);
