@@ -180,7 +180,7 @@ impl SameConv {
         let tiles = (self.h * self.w).div_ceil(LANES);
         let least = (4 * NV).div_ceil(tiles);
         (least..least + NV)
-            .find(|n| n * tiles % NV == 0)
+            .find(|n| (n * tiles).is_multiple_of(NV))
             .unwrap_or(least)
     }
 
