@@ -117,6 +117,10 @@ pub struct SameConv {
     plane: usize,
     /// Weights [ceil(cout / MR)][K][MR], channels past `cout` zero (empty until `with_weights`).
     packed: Vec<f32>,
+    /// row_masks[j][v]: the lanes of the v-th vector of a plane's rows (positions 16v..16v + 16)
+    /// that copy j takes from x (its column c + j − pw exists and the position is in the plane);
+    /// the other lanes are the padding's zeros.
+    row_masks: Vec<u16>,
 }
 
 impl SameConv {
@@ -133,6 +137,18 @@ impl SameConv {
             kh % 2 == 1 && kw % 2 == 1,
             "same convolution needs odd kernel sizes"
         );
+        let (hw, pw, vectors) = (h * wd, (kw - 1) / 2, (h * wd).div_ceil(LANES));
+        let row_masks = (0..kw * vectors)
+            .map(|jv| {
+                let (j, v) = (jv / vectors, jv % vectors);
+                (0..LANES).fold(0u16, |m, l| {
+                    let pos = v * LANES + l;
+                    let c = (pos % wd + j) as isize - pw as isize;
+                    let inside = pos < hw && c >= 0 && (c as usize) < wd;
+                    m | (u16::from(inside) << l)
+                })
+            })
+            .collect();
         SameConv {
             cin,
             cout,
@@ -142,6 +158,7 @@ impl SameConv {
             kw,
             plane: ((h + kh - 1) * wd).next_multiple_of(LANES),
             packed: Vec::new(),
+            row_masks,
         }
     }
 
@@ -284,24 +301,28 @@ impl SameConv {
         unsafe { super::arena::resize_for_overwrite(scratch, lead + copies + LANES) };
         let (planes, tail) = scratch[lead..].split_at_mut(copies);
         tail.fill(0.0);
-        // Plane ((ci·KW + j)·nb + b): copy j of channel ci of image b, written once, row by row
-        // (the rows of the zero padding, then each of x's rows with its few edge zeros).
+        let (vectors, masks) = (hw.div_ceil(LANES), &self.row_masks);
+        // Plane ((ci·KW + j)·nb + b): copy j of channel ci of image b, written once: the padding
+        // rows, then x's rows shifted by j − pw as one flat run (rows are exactly w wide, so the
+        // shift moves each row's values along it, and the masks zero what crosses a row edge).
         for (q, dst) in planes.chunks_exact_mut(p).enumerate() {
             let (ci, j, b) = (q / (self.kw * nb), q / nb % self.kw, q % nb);
             let src = &x[(b * self.cin + ci) * hw..][..hw];
-            // Columns c whose source column c + j − pw exists: [lo, hi).
-            let lo = pw.saturating_sub(j).min(w);
-            let hi = (w + pw).saturating_sub(j).min(w).max(lo);
             let (top, rest) = dst.split_at_mut(ph * w);
             top.fill(0.0);
             let (rows, bottom) = rest.split_at_mut(hw);
             bottom.fill(0.0);
-            for (out, row) in rows.chunks_exact_mut(w).zip(src.chunks_exact(w)) {
-                super::zero_edge(&mut out[..lo]);
-                if lo < hi {
-                    out[lo..hi].copy_from_slice(&row[lo + j - pw..hi + j - pw]);
-                }
-                super::zero_edge(&mut out[hi..]);
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512 is present (asserted above); `shifted_rows` reads src only under
+            // masks of positions whose source (position + j − pw, same row) lies in src, and
+            // writes rows[..hw] only.
+            unsafe {
+                avx512::shifted_rows(
+                    src,
+                    rows,
+                    &masks[j * vectors..][..vectors],
+                    j as isize - pw as isize,
+                )
             }
         }
         let mut offsets = Vec::with_capacity(self.k());
@@ -368,6 +389,26 @@ mod avx512 {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// rows[p] = src[p + shift] in the lanes of `masks[p / 16]`, zero in the others: a plane's
+    /// rows shifted along themselves (see `prepare`).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn shifted_rows(src: &[f32], rows: &mut [f32], masks: &[u16], shift: isize) {
+        let hw = rows.len();
+        debug_assert!(src.len() == hw && masks.len() == hw.div_ceil(LANES));
+        for (v, &mask) in masks.iter().enumerate() {
+            let p = v * LANES;
+            // The address may lie before src or past its end; the masked-off lanes are not read.
+            let from = src.as_ptr().wrapping_offset(p as isize + shift);
+            let value = _mm512_maskz_loadu_ps(mask, from);
+            if p + LANES <= hw {
+                _mm512_storeu_ps(rows.as_mut_ptr().add(p), value);
+            } else {
+                let keep = (1u16 << (hw - p)) - 1;
+                _mm512_mask_storeu_ps(rows.as_mut_ptr().add(p), keep, value);
             }
         }
     }
