@@ -85,6 +85,9 @@ fn main() {
         panic!("test panic requested by PODGPU_TEST_INTERNAL_PANIC");
     }
     let cli = Cli::parse();
+    // This thread lives as long as the process: a training run may make it one of the CPU
+    // backend's pool threads (cpu::size_pool_with_caller).
+    podgpu::cpu::let_main_thread_join_pool();
     if !matches!(
         cli.command,
         Command::Train(_) | Command::Compare(_) | Command::Visualize(_)

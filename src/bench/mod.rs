@@ -48,15 +48,12 @@ impl CommonArgs {
     /// Sizes the rayon pool, resolves `--device` and says which clock is used. On `auto` without a
     /// GPU it prints `GPU: skipped (why)`.
     pub fn setup(&self) -> Result<Device> {
-        if let Some(n) = self.threads {
-            if n == 0 {
-                anyhow::bail!("--threads must be at least 1");
-            }
-            // Fails only when the pool already exists (then its size stays).
-            let _ = rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .build_global();
+        if self.threads == Some(0) {
+            anyhow::bail!("--threads must be at least 1");
         }
+        // Fails only when the pool already exists (then its size stays). The benchmark's main
+        // thread joins the pool, as the `podgpu` program's does in training; 0 = rayon's default.
+        crate::cpu::size_pool_with_caller(self.threads.unwrap_or(0));
         let (device, note) = crate::device::select(&self.device)?;
         if let Some(note) = note {
             println!("GPU: skipped ({note})");

@@ -24,6 +24,53 @@ pub fn deterministic() -> bool {
     DETERMINISTIC.load(Ordering::Relaxed)
 }
 
+/// Sizes rayon's global pool to `threads` (once per process; later calls keep the first size and
+/// return false) with the calling thread as one of its workers, so that a parallel op called from
+/// it runs there and on the other workers, instead of being handed to a pool thread while the
+/// caller waits. With one thread that is the difference between every op running on the thread
+/// that holds its data and every op moving to the pool's thread and back: an unpinned one-thread
+/// ResNet18 step went from 126–140 ms to 94–110 ms (BENCHMARKS.md, issue 15), since the two
+/// threads were often on different cores with different caches.
+///
+/// Only for a caller that never blocks outside rayon while another thread needs the global pool,
+/// and that lives as long as the process: such a thread's work would wait for the caller (with
+/// one thread, forever). So the data loaders take a private pool once this has run
+/// (`caller_joined_pool`), ranks that run as threads (`dist::local`) size the pool without it, and
+/// the trainer does this only in a program that said so (`let_main_thread_join_pool`: the
+/// `podgpu` binary and the benchmarks, not the test harness, whose test threads end).
+pub fn size_pool_with_caller(threads: usize) -> bool {
+    let built = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .use_current_thread()
+        .build_global()
+        .is_ok();
+    if built {
+        CALLER_JOINED_POOL.store(true, Ordering::Relaxed);
+    }
+    built
+}
+
+/// Whether `size_pool_with_caller` built the global pool (a thread of it may then block outside
+/// rayon, so other threads should not queue work on it and wait).
+pub fn caller_joined_pool() -> bool {
+    CALLER_JOINED_POOL.load(Ordering::Relaxed)
+}
+
+static CALLER_JOINED_POOL: AtomicBool = AtomicBool::new(false);
+
+/// Called by a program's main thread, which lives as long as the process: the trainer may then size
+/// the pool with that thread in it (`size_pool_with_caller`).
+pub fn let_main_thread_join_pool() {
+    MAIN_MAY_JOIN_POOL.store(true, Ordering::Relaxed);
+}
+
+/// Whether `let_main_thread_join_pool` was called.
+pub fn main_thread_may_join_pool() -> bool {
+    MAIN_MAY_JOIN_POOL.load(Ordering::Relaxed)
+}
+
+static MAIN_MAY_JOIN_POOL: AtomicBool = AtomicBool::new(false);
+
 /// Below this many multiply-adds a loop runs on one thread: rayon's fork/join costs more than it saves.
 pub const PAR_MIN_WORK: usize = 1 << 15;
 

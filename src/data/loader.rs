@@ -157,6 +157,14 @@ impl Loader {
             );
         }
         let pool = match cfg.threads {
+            // The global pool's workers include a thread that may wait for this loader's batches
+            // outside rayon (`cpu::size_pool_with_caller`): augment on a private pool of the same
+            // size, or that wait could hold up the work it waits for.
+            None if crate::cpu::caller_joined_pool() => Some(Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(rayon::current_num_threads())
+                    .build()?,
+            )),
             None => None,
             Some(0) => anyhow::bail!("thread count must be at least 1"),
             Some(k) => Some(Arc::new(

@@ -291,7 +291,7 @@ impl Run {
         let ckpt_bytes = &msg[8 + len..];
         let mut cfg = TrainConfig::from_json(&header.config)?;
         cfg.device = device_for_rank(&cfg.device);
-        let (device, ds, train, test) = prepare(&cfg, false)?;
+        let (device, ds, train, test) = prepare(&cfg, false, false)?;
         if crate::train::graphed::wanted(&cfg, device)?.is_some() {
             bail!(
                 "PODGPU_CUDA_GRAPH=1 replays the steps of one process only; unset it for a run \

@@ -198,14 +198,18 @@ pub fn resume_with(dir: &Path, opts: ResumeOptions) -> Result<RunSummary> {
 
 /// What every run does first: validate, choose the device (saying why when `auto` falls back to the
 /// CPU), size the thread pool, open the dataset.
-fn prepare(cfg: &TrainConfig, writer: bool) -> Result<(Device, Dataset, Split, Option<Split>)> {
+fn prepare(
+    cfg: &TrainConfig,
+    writer: bool,
+    single_process: bool,
+) -> Result<(Device, Dataset, Split, Option<Split>)> {
     cfg.validate()?;
     let (device, note) = crate::device::select(&cfg.device)?;
     // The device note ("using the CPU: …") once per run: ranks other than 0 keep it to themselves.
     if let (Some(note), true) = (note, writer) {
         println!("{note}");
     }
-    set_threads(cfg.threads);
+    set_threads(cfg.threads, single_process);
     crate::cpu::set_deterministic(cfg.deterministic);
     crate::cuda::set_math_mode(match cfg.precision {
         super::config::Precision::Tf32 => crate::cuda::MathMode::Tf32,
@@ -458,7 +462,7 @@ impl Run {
             .clone()
             .unwrap_or_else(crate::data::default_dataset_path);
         cfg.data = Some(identity::absolute(&data));
-        let (device, ds, train, test) = prepare(&cfg, true)?;
+        let (device, ds, train, test) = prepare(&cfg, true, true)?;
         let default_name = cfg.out.is_none();
         let dir = cfg.out.clone().unwrap_or_else(|| default_run_dir(&cfg));
         // Everything that can be wrong with the inputs is found before the run folder is touched, so
@@ -576,7 +580,7 @@ impl Run {
         cfg.data = resume.dataset_path()?;
         let pending = EpochTally::from_extra(&ckpt.state.extra)
             .with_context(|| format!("checkpoint {}", ckpt_path.display()))?;
-        let (device, ds, train, test) = prepare(&cfg, true)?;
+        let (device, ds, train, test) = prepare(&cfg, true, true)?;
         let centroids = match cfg.loss.uses_pedcc() {
             true => Some(pedcc::load(&dir.join("pedcc.safetensors")).context(
                 "the run folder's PEDCC cannot be used; restore pedcc.safetensors from a backup \
@@ -1348,14 +1352,28 @@ fn peak_memory(device: Device) -> u64 {
     }
 }
 
-/// Sizes rayon's global pool once (later calls keep the first size).
-fn set_threads(threads: Option<usize>) {
-    if let Some(n) = threads {
-        // More threads than cores only add switching; a huge count would try to start them all.
-        let (n, note) = crate::budget::useful_threads(n);
-        if let Some(note) = note {
-            println!("{note}");
+/// Sizes rayon's global pool once (later calls keep the first size). A single-process run of the
+/// `podgpu` program joins its main thread to the pool (`cpu::size_pool_with_caller`: its ops then
+/// run where their data is); ranks that are threads of one process do not (one of them blocking on
+/// another outside rayon would hold up the other's work), nor does a run started by a test thread.
+fn set_threads(threads: Option<usize>, single_process: bool) {
+    let single_process = single_process && crate::cpu::main_thread_may_join_pool();
+    let n = match threads {
+        Some(n) => {
+            // More threads than cores only add switching; a huge count would try to start them all.
+            let (n, note) = crate::budget::useful_threads(n);
+            if let Some(note) = note {
+                println!("{note}");
+            }
+            n
         }
+        // rayon's default size (RAYON_NUM_THREADS, else the cores).
+        None if single_process => 0,
+        None => return,
+    };
+    if single_process {
+        crate::cpu::size_pool_with_caller(n);
+    } else {
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global();
