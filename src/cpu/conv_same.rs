@@ -24,7 +24,9 @@
 //! pass adds to what the last stored). Each output is its K terms added in k order ((ci, kh, kw)
 //! as in the weight tensor), one FMA each: a fixed order whatever the thread count.
 //! Weight-gradient micro-kernel: 4 output channels × 4 terms, 16-lane partial sums over every
-//! tile of the call, then added across lanes into dw.
+//! position of the call (the terms in the same passes of 16 input channels), then added across
+//! lanes into dw. `ops::conv` decides which convolutions take these kernels (where they measured
+//! faster than im2col + the gemm crate: `bench-cpu-conv`).
 //!
 //! References: plain f64 loops (tests below) and the im2col path (the convolution tests run both:
 //! `PODGPU_CPU_KERNELS=portable`, which CI also runs, turns this path off, as do deterministic
