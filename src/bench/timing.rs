@@ -107,7 +107,7 @@ fn host_cpu_clock() -> bool {
 }
 
 /// CPU seconds (user + system) of this process so far.
-fn process_cpu_s() -> f64 {
+pub fn process_cpu_s() -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -14,6 +14,7 @@
 
 use anyhow::{bail, Result};
 use clap::Parser;
+use podgpu::bench::timing::process_cpu_s;
 use podgpu::cpu::conv_same;
 use podgpu::ops::{conv2d_bwd_data, conv2d_bwd_weight, conv2d_fwd, Conv2dSpec};
 use podgpu::rng::Rng;
@@ -44,20 +45,10 @@ const SHAPES: [(usize, usize); 8] = [
     (512, 4),
 ];
 
-fn cpu_seconds() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
-}
-
 fn timed(f: impl FnOnce() -> Tensor) -> f64 {
-    let t = cpu_seconds();
+    let t = process_cpu_s();
     std::hint::black_box(f());
-    cpu_seconds() - t
+    process_cpu_s() - t
 }
 
 fn main() -> Result<()> {

@@ -721,8 +721,8 @@ mod tests {
             return;
         }
         let mut rng = Rng::new(11);
-        // Blocks of 4 channels × 6 terms with and without remainders, planes whose size is not a
-        // multiple of 16 (masked tail tiles), several images per call.
+        // Blocks of 4 channels × 4 terms with and without remainders (7 channels; 27 and 45
+        // terms), planes whose size is not a multiple of 16 (masked tails), several images per call.
         let cases = [
             (16, 16, 3, 3, 32, 32, 1),
             (3, 16, 3, 3, 8, 8, 4),
