@@ -92,11 +92,9 @@ fn main() {
         cli.command,
         Command::Train(_) | Command::Compare(_) | Command::Visualize(_)
     ) {
-        // A report piped into `head` ends quietly when the reader stops, as Unix tools do, instead
-        // of a "failed printing to stdout" panic. (Training keeps Rust's default: a closed output
-        // must not kill a run between two checkpoints.)
-        // SAFETY: setting a signal disposition before any other thread exists.
-        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+        // A report piped into `head` ends quietly when the reader stops. (Training keeps Rust's
+        // default: a closed output must not kill a run between two checkpoints.)
+        podgpu::cli::end_quietly_when_output_closes();
     }
     let result: anyhow::Result<()> = match cli.command {
         Command::Train(a) => podgpu::cli::train::run(a),

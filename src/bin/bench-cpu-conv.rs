@@ -52,6 +52,8 @@ fn timed(f: impl FnOnce() -> Tensor) -> f64 {
 }
 
 fn main() -> Result<()> {
+    // A table piped into `head` ends quietly, without a panic trace.
+    podgpu::cli::end_quietly_when_output_closes();
     let args = Args::parse();
     if args.batch == 0 || args.rounds == 0 {
         bail!("--batch and --rounds must be at least 1");

@@ -52,6 +52,8 @@ fn measure(loader: &Loader, images: usize) -> (usize, f64) {
 }
 
 fn main() -> anyhow::Result<()> {
+    // A table piped into `head` ends quietly, without a panic trace.
+    podgpu::cli::end_quietly_when_output_closes();
     let args = Args::parse();
     let path = args.data.unwrap_or_else(default_dataset_path);
     let ds = Dataset::open(&path)?;

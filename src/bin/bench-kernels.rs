@@ -493,6 +493,8 @@ fn sgd_case(
 }
 
 fn main() {
+    // A table piped into `head` ends quietly, without a panic trace.
+    podgpu::cli::end_quietly_when_output_closes();
     podgpu::cuda::libs::reexec_with_chosen_libraries();
     bench::exit_on_error(run());
 }

@@ -413,6 +413,8 @@ fn time_config_graph(
 }
 
 fn main() {
+    // A table piped into `head` ends quietly, without a panic trace.
+    podgpu::cli::end_quietly_when_output_closes();
     podgpu::cuda::libs::reexec_with_chosen_libraries();
     bench::exit_on_error(run());
 }

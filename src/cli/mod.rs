@@ -10,6 +10,18 @@ pub mod pedcc;
 pub mod train;
 pub mod visualize;
 
+/// Makes a closed standard output end the process quietly, as Unix tools do (a report piped into
+/// `head`), instead of a "failed printing to stdout" panic: Rust ignores SIGPIPE, this restores its
+/// default. Call first thing in `main`, before any other thread exists; not for training, where a
+/// closed output must not kill a run between two checkpoints.
+pub fn end_quietly_when_output_closes() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal disposition before any other thread exists (the caller's promise).
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// The text after `error: ` for a failed command: the messages of the error's chain joined by ": ",
 /// leaving out a cause whose text the line already holds (decoders repeat their cause inside their
 /// own message, e.g. the image crate's "Format error decoding Png: X" whose source is X), so that
