@@ -931,7 +931,7 @@ fn conv2d_bwd_weight_host<T: Elem>(
     let dw = if let (true, Some(x32), Some(dy32)) = (direct, as_f32(xs), as_f32(dys)) {
         let conv = same_geometry(&g);
         // Each thread adds its images into its own dw (`weight_grad_images_per_call` at a time);
-        // the per-thread sums are added up in thread order, as below.
+        // the per-thread sums are added up in range order (`sum_in_order`), as below.
         let nb = conv.weight_grad_images_per_call().clamp(1, plan.per_thread);
         let range = |r: usize| {
             let (a, b) = (r * plan.per_thread, ((r + 1) * plan.per_thread).min(g.n));
@@ -947,12 +947,7 @@ fn conv2d_bwd_weight_host<T: Elem>(
             .into_par_iter()
             .map(range)
             .collect();
-        let mut parts = parts.into_iter();
-        let mut dw = parts.next().expect("at least one range");
-        for p in parts {
-            dw.iter_mut().zip(&p).for_each(|(a, &b)| *a += b);
-        }
-        return Tensor::from_vec(&g.w_shape(), dw);
+        return Tensor::from_vec(&g.w_shape(), sum_in_order(parts));
     } else if g.is_depthwise() {
         let mut dw = vec![T::zero(); w_len];
         depthwise_bwd_weight(xs, dys, &g, &mut dw);
@@ -963,16 +958,21 @@ fn conv2d_bwd_weight_host<T: Elem>(
             .into_par_iter()
             .map(|r| range(r * per, ((r + 1) * per).min(g.n), false))
             .collect();
-        let mut parts = partial.into_iter();
-        let mut dw = parts.next().expect("at least one range");
-        for p in parts {
-            dw.iter_mut().zip(&p).for_each(|(a, &b)| *a += b);
-        }
-        dw
+        sum_in_order(partial)
     } else {
         range(0, g.n, true)
     };
     Tensor::from_vec(&g.w_shape(), dw)
+}
+
+/// The per-range weight gradients added up in range order (a fixed order for a given split).
+fn sum_in_order<T: Elem>(parts: Vec<Vec<T>>) -> Vec<T> {
+    let mut parts = parts.into_iter();
+    let mut dw = parts.next().expect("at least one range");
+    for p in parts {
+        dw.iter_mut().zip(&p).for_each(|(a, &b)| *a += b);
+    }
+    dw
 }
 
 fn conv2d_bwd_bias_host<T: Elem>(dy: &Tensor) -> Tensor {
